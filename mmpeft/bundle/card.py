@@ -1,0 +1,54 @@
+"""The bundle's README.md model card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def write_card(directory: Path, manifest: dict, metrics: dict, recipe) -> None:
+    test = metrics["test"]
+    lines = [
+        f"# {manifest['run_name']}: mmpeft adapter bundle",
+        "",
+        f"Task: {manifest['task']} over {len(manifest['vocabulary'])} answers. "
+        f"Data: `{recipe.data.source}` ({metrics['data']['train']} train / {metrics['data']['eval']} validation / "
+        f"{metrics['data']['test']} test rows).",
+        "",
+        "## Encoders and methods",
+        "",
+        "| encoder | base model | method | trainable params | total params | quantization |",
+        "|---|---|---|---:|---:|---|",
+    ]
+    for name, e in manifest["encoders"].items():
+        q = e["quantization"]
+        qs = f"{q['bits']}-bit {q['quant_type'] if q['bits'] == 4 else ''}".strip() if q else "none"
+        lines.append(f"| {name} | `{e['model']}` | {e['method']} | {e['trainable_parameters']:,} | {e['total_parameters']:,} | {qs} |")
+    lines += [f"| head | {manifest['head']['type']} fusion | trained | {manifest['head']['parameters']:,} | | |", ""]
+    lines += ["## Test metrics", "", f"- accuracy: {100 * test['accuracy']:.2f}% (n={test['count']})",
+              f"- macro-F1: {100 * test['macro_f1']:.2f}%"]
+    for field in metrics.get("group_fields", []):
+        for value, m in test["groups"].get(field, {}).items():
+            lines.append(f"- {field}={value}: {100 * m['accuracy']:.2f}% (n={m['count']})")
+    if test.get("out_of_vocab"):
+        lines.append(f"- {test['out_of_vocab']} test answers never occur in training; they are kept and scored wrong.")
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```bash",
+        f"mmpeft predict {directory.name} --image IMAGE.jpg --question \"...\"",
+        f"mmpeft evaluate {directory.name}      # reproduces the metrics above",
+        f"mmpeft merge {directory.name} --out merged/",
+        "```",
+        "",
+        "```python",
+        "import mmpeft",
+        f"bundle = mmpeft.load_bundle(\"{directory.name}\")",
+        "```",
+        "",
+        "Base encoders are not included: they are loaded from their sources and checked against the "
+        "fingerprints in `manifest.json`. Files are safetensors and JSON only.",
+        "",
+        "Intended use: research. Not a medical device; not for diagnosis.",
+    ]
+    (directory / "README.md").write_text("\n".join(lines) + "\n")

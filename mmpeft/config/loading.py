@@ -1,0 +1,235 @@
+"""Read a recipe from YAML, apply dotted overrides, validate everything at once.
+
+Errors are collected (pydantic's, then the per-method and per-fusion settings)
+and raised together as one :class:`~mmpeft.errors.RecipeError`, each with its
+dotted path and, for a misspelt key, the closest valid key.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from ..errors import RecipeError
+from .schema import Recipe
+
+
+def load_recipe(source: str | Path | dict, overrides: Sequence[str] = ()) -> Recipe:
+    """Load, override and validate a recipe.
+
+    Args:
+        source: a YAML file path or an already-parsed dict.
+        overrides: ``dotted.key=value`` strings; values are parsed as YAML scalars/lists.
+
+    Returns:
+        The validated :class:`Recipe`, with every method/fusion default filled in.
+
+    Raises:
+        RecipeError: listing every problem found (exit code 2).
+    """
+    name = None
+    if isinstance(source, dict):
+        raw = copy.deepcopy(source)
+    else:
+        path = Path(source)
+        name = str(path)
+        if not path.is_file():
+            raise RecipeError([f"recipe file not found: {path}"], None)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise RecipeError([f"not valid YAML: {exc}"], name) from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise RecipeError(["the recipe must be a mapping of keys (encoders:, fusion:, ...)"], name)
+    problems = apply_overrides(raw, overrides)
+    if problems:
+        raise RecipeError(problems, name)
+    return validate_recipe(raw, name)
+
+
+def apply_overrides(raw: dict, overrides: Iterable[str]) -> list[str]:
+    """Set ``a.b.c=value`` entries in ``raw`` in place; returns problems found."""
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override {item!r}: expected key.path=value")
+            continue
+        key, _, text = item.partition("=")
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            problems.append(f"override {item!r}: empty key")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() != "" else ""
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                problems.append(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a mapping")
+                break
+            node = nxt
+        else:
+            node[parts[-1]] = value
+    return problems
+
+
+def validate_recipe(raw: dict, source: str | None = None) -> Recipe:
+    """Validate a raw recipe dict; see :func:`load_recipe`."""
+    from ..fusion import FUSIONS
+    from ..methods import METHODS
+
+    problems: list[str] = []
+    recipe = None
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        problems += [_format_error(err, Recipe) for err in exc.errors()]
+
+    # Method settings, per encoder, even if other parts failed: report all at once.
+    resolved_peft: dict[str, dict] = {}
+    encoders = raw.get("encoders") if isinstance(raw.get("encoders"), dict) else {}
+    for enc_name, block in encoders.items():
+        if not isinstance(block, dict):
+            continue
+        peft = block.get("peft", {"method": "lora"})
+        if not isinstance(peft, dict):
+            continue  # already reported by pydantic
+        where = f"encoders.{enc_name}.peft"
+        settings, errs = _validate_choice(peft, "method", "lora", METHODS, where)
+        problems += errs
+        if settings is not None:
+            resolved_peft[enc_name] = settings
+            quant = block.get("quantization")
+            method_cls = METHODS.get(settings["method"])
+            if quant and not method_cls.keeps_base_frozen:
+                problems.append(
+                    f"encoders.{enc_name}.quantization: method {settings['method']!r} trains the base weights, "
+                    "which cannot be done on a quantized base; remove quantization or choose lora, adapter, "
+                    "bitfit, prompt, ia3 or none"
+                )
+    fusion = raw.get("fusion", {"type": "gated"})
+    resolved_fusion = None
+    if isinstance(fusion, dict):
+        resolved_fusion, errs = _validate_choice(fusion, "type", "gated", FUSIONS, "fusion")
+        problems += errs
+
+    if recipe is not None:
+        problems += _semantic_checks(recipe)
+    if problems:
+        raise RecipeError(problems, source)
+    for enc_name, settings in resolved_peft.items():
+        recipe.encoders[enc_name].peft = settings
+    recipe.fusion = resolved_fusion
+    return recipe
+
+
+def _validate_choice(block: dict, key: str, default: str, registry, where: str):
+    """Validate ``{key: name, ...settings}`` against the settings class registered as ``name``."""
+    choice = block.get(key, default)
+    if choice not in registry:
+        return None, [f"{where}.{key}: {registry.unknown_message(choice)}"]
+    cls = registry.get(choice)
+    rest = {k: v for k, v in block.items() if k != key}
+    try:
+        settings = cls.Settings.model_validate(rest)
+    except ValidationError as exc:
+        return None, [_format_error(err, cls.Settings, prefix=where) for err in exc.errors()]
+    return {key: choice, **settings.model_dump()}, []
+
+
+def _semantic_checks(recipe: Recipe) -> list[str]:
+    problems = []
+    data = recipe.data
+    if data.source == "manifest":
+        for split in ("train", "test"):
+            if getattr(data, split) is None:
+                problems.append(f"data.{split}: required when data.source is 'manifest' (path to a .jsonl, .csv or .json file)")
+    return problems
+
+
+# --- error formatting -------------------------------------------------------
+
+
+def _format_error(err: dict, model: type[BaseModel], prefix: str = "") -> str:
+    loc = [str(p) for p in err["loc"]]
+    path = ".".join(([prefix] if prefix else []) + loc) or "(recipe)"
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    field_type = _field_type_at(model, loc)
+    is_int = field_type is not None and "int" in str(field_type).lower()
+    if kind == "extra_forbidden":
+        allowed = _keys_at(model, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else (f"; valid keys: {', '.join(allowed)}" if allowed else "")
+        return f"{path}: unknown key{hint}"
+    if kind == "missing":
+        return f"{path}: is required"
+    if kind == "greater_than" and ctx.get("gt") == 0:
+        return f"{path}: must be a positive {'integer' if is_int else 'number'} (got {err.get('input')!r})"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return f"{path}: must be an integer (got {err.get('input')!r})"
+    if kind in ("float_parsing", "float_type"):
+        return f"{path}: must be a number (got {err.get('input')!r})"
+    if kind in ("bool_parsing", "bool_type"):
+        return f"{path}: must be true or false (got {err.get('input')!r})"
+    if kind == "literal_error":
+        return f"{path}: must be one of {ctx.get('expected')} (got {err.get('input')!r})"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return f"{path}: must be a mapping of keys (got {err.get('input')!r})"
+    return f"{path}: {err['msg'][0].lower() + err['msg'][1:]} (got {err.get('input')!r})"
+
+
+def _unwrap(tp):
+    """Find the BaseModel class inside Optional[...] / dict[str, ...] annotations."""
+    origin = typing.get_origin(tp)
+    if origin is None:
+        return tp
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin is dict and len(args) == 2:
+        return ("dict", _unwrap(args[1]))
+    return _unwrap(args[0]) if args else tp
+
+
+def _walk(model, loc: list[str]):
+    node = model
+    for part in loc:
+        if isinstance(node, tuple) and node[0] == "dict":
+            node = node[1]
+            continue
+        if not (isinstance(node, type) and issubclass(node, BaseModel)) or part not in node.model_fields:
+            return None
+        node = _unwrap(node.model_fields[part].annotation)
+    return node
+
+
+def _keys_at(model, loc: list[str]) -> list[str]:
+    node = _walk(model, loc)
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return sorted(node.model_fields)
+    return []
+
+
+def _field_type_at(model, loc: list[str]):
+    if not loc:
+        return None
+    parent = _walk(model, loc[:-1])
+    if isinstance(parent, type) and issubclass(parent, BaseModel) and loc[-1] in parent.model_fields:
+        return parent.model_fields[loc[-1]].annotation
+    return None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML (every default explicit)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

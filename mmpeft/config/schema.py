@@ -1,0 +1,116 @@
+"""The recipe schema: strict, typed, every key documented.
+
+Method and fusion settings are validated by the settings class that each
+method / fusion head registers (see ``mmpeft.methods`` and ``mmpeft.fusion``),
+so adding a method never means editing this file.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeFloat, NonNegativeInt
+
+
+class Strict(BaseModel):
+    """Base for every recipe block: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class QuantizationConfig(Strict):
+    """Load the frozen base weights quantized with bitsandbytes (QLoRA style)."""
+
+    bits: Literal[4, 8] = Field(4, description="4 (NF4/FP4) or 8 (LLM.int8) bit base weights")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
+    double_quant: bool = Field(True, description="also quantize the 4-bit quantization constants")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "float32", description="dtype of the matmuls on de-quantized weights"
+    )
+
+
+class EncoderConfig(Strict):
+    """One frozen pretrained encoder and the PEFT method attached to it."""
+
+    model: str = Field(..., description="zoo short name (minilm, efficientnet-lite0), hub id or local directory")
+    modality: Optional[Literal["text", "image"]] = Field(
+        None, description="what the encoder reads; inferred from the model when omitted"
+    )
+    revision: Optional[str] = Field(None, description="hub revision (branch, tag or commit)")
+    max_length: PositiveInt = Field(32, description="text: maximum number of tokens")
+    image_size: Optional[PositiveInt] = Field(None, description="image: resize to this square size (default: the model's own)")
+    pooling: Literal["auto", "cls", "mean", "pooler"] = Field("auto", description="how token features become one vector")
+    peft: dict[str, Any] = Field(
+        default_factory=lambda: {"method": "lora"},
+        description="method: lora|bitfit|none|full|... plus that method's own settings",
+    )
+    quantization: Optional[QuantizationConfig] = Field(None, description="load the base quantized (bitsandbytes)")
+
+
+class TaskConfig(Strict):
+    type: Literal["vqa", "classification"] = Field("vqa", description="answer classification (vqa) or label classification")
+    metric: Literal["accuracy", "macro_f1", "loss"] = Field("accuracy", description="eval metric for early stopping / best checkpoint")
+    min_answer_count: PositiveInt = Field(1, description="answers seen fewer times in training are left out of the vocabulary")
+    group_fields: list[str] = Field(default_factory=list, description="row fields reported as per-group accuracy (e.g. answer_type)")
+
+
+class DataConfig(Strict):
+    source: Literal["manifest", "easy_vqa", "vqa_rad"] = Field("manifest", description="where rows come from")
+    root: Optional[str] = Field(None, description="vqa_rad: dataset directory (or $MMPEFT_VQA_RAD_ROOT); manifest: base directory")
+    train: Optional[str] = Field(None, description="manifest: training file (.jsonl, .csv or .json)")
+    eval: Optional[str] = Field(None, description="manifest: validation file; default: a held-out part of train")
+    test: Optional[str] = Field(None, description="manifest: test file")
+    image_field: str = Field("image", description="manifest column holding the image path (relative to the manifest)")
+    text_field: str = Field("question", description="manifest column holding the text")
+    label_field: str = Field("answer", description="manifest column holding the answer / label")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of train held out for validation when no eval file")
+    on_bad_image: Literal["error", "skip"] = Field("error", description="a missing or unreadable image stops the run, or its rows are skipped")
+    max_train_samples: Optional[PositiveInt] = Field(None, description="use only the first N training rows (after shuffling)")
+    max_eval_samples: Optional[PositiveInt] = Field(None, description="cap on validation rows")
+    max_test_samples: Optional[PositiveInt] = Field(None, description="cap on test rows")
+    augment: bool = Field(False, description="light training augmentation (small crops, colour jitter; never flips: left/right matters)")
+
+
+class TrainConfig(Strict):
+    epochs: PositiveInt = Field(3, description="passes over the training data")
+    batch_size: PositiveInt = Field(32, description="per-process batch size")
+    eval_batch_size: PositiveInt = Field(64, description="batch size for evaluation")
+    lr: PositiveFloat = Field(5e-4, description="learning rate of encoder adapters")
+    head_lr: PositiveFloat = Field(1e-3, description="learning rate of the fusion head")
+    weight_decay: NonNegativeFloat = Field(0.01, description="AdamW weight decay")
+    warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0, description="share of steps with linear warm-up, then cosine decay")
+    max_grad_norm: Optional[PositiveFloat] = Field(1.0, description="gradient clipping (null: off)")
+    gradient_accumulation_steps: PositiveInt = Field(1, description="micro-batches per optimizer step")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="auto: bf16 on GPUs that support it, else off")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field("adamw", description="bitsandbytes 8-bit variants save optimizer memory")
+    gradient_checkpointing: bool = Field(False, description="recompute encoder activations in backward (saves memory)")
+    early_stopping_patience: Optional[PositiveInt] = Field(None, description="stop after N evals without improvement (null: off)")
+    eval_every_epochs: PositiveInt = Field(1, description="evaluate every N epochs")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="cross-entropy label smoothing")
+    seed: NonNegativeInt = Field(0, description="seed for weights, shuffling and dropout")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
+    num_workers: NonNegativeInt = Field(0, description="DataLoader worker processes")
+    log_every: PositiveInt = Field(20, description="steps between progress-bar/TensorBoard loss updates")
+
+
+class OutputConfig(Strict):
+    dir: str = Field("adapters", description="bundles are written to <dir>/<name>/")
+    name: Optional[str] = Field(None, description="run name (default: the recipe's name)")
+    overwrite: bool = Field(False, description="replace an existing bundle of the same name")
+    plots: bool = Field(True, description="save training-curve and per-group accuracy PNGs in the bundle")
+
+
+class Recipe(Strict):
+    """A whole run: encoders, fusion, task, data, training, output."""
+
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$", description="run name (letters, digits, _ . -)")
+    encoders: dict[str, EncoderConfig] = Field(..., min_length=1, description="one block per modality, e.g. text: and image:")
+    fusion: dict[str, Any] = Field(default_factory=lambda: {"type": "gated"}, description="type: concat|gated|... plus its settings")
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @property
+    def run_name(self) -> str:
+        return self.output.name or self.name

@@ -1,0 +1,167 @@
+"""Splits, image checking/caching and batching."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from ..encoders.images import augment
+from ..errors import DataError
+from ..tasks.vocab import Vocabulary
+from .samples import Sample, easy_vqa_samples, load_manifest, vqa_rad_samples
+
+
+@dataclass
+class Splits:
+    train: list[Sample]
+    eval: list[Sample]
+    test: list[Sample]
+
+
+def load_splits(data, group_fields, seed: int) -> Splits:
+    """Load train/eval/test rows for a recipe's ``data:`` block.
+
+    Without an eval file, ``eval_fraction`` of the (shuffled) training rows is held out.
+    """
+    if data.source == "easy_vqa":
+        train, eval_rows, test = easy_vqa_samples("train"), None, easy_vqa_samples("test")
+    elif data.source == "vqa_rad":
+        train, eval_rows, test = vqa_rad_samples(data.root, "train"), None, vqa_rad_samples(data.root, "test")
+    else:
+        def read(p):
+            from pathlib import Path
+
+            path = Path(p)
+            if data.root and not path.is_absolute():
+                path = Path(data.root) / path
+            return load_manifest(path, data.image_field, data.text_field, data.label_field, group_fields)
+
+        train, test = read(data.train), read(data.test)
+        eval_rows = read(data.eval) if data.eval else None
+    rng = random.Random(seed)
+    train = list(train)
+    rng.shuffle(train)
+    if eval_rows is None:
+        n_eval = int(round(len(train) * data.eval_fraction))
+        eval_rows, train = train[:n_eval], train[n_eval:]
+    if data.max_train_samples:
+        train = train[: data.max_train_samples]
+    if data.max_eval_samples:
+        eval_rows = eval_rows[: data.max_eval_samples]
+    if data.max_test_samples:
+        test = test[: data.max_test_samples]
+    if not train:
+        raise DataError("no training rows (check data.train and data.max_train_samples)")
+    if not test:
+        raise DataError("no test rows (check data.test)")
+    return Splits(train, eval_rows, test)
+
+
+class ImageStore:
+    """Decodes each image once, keeps a downsized RGB copy, and caches pixel tensors
+    per encoder (preprocessing is deterministic unless augmenting)."""
+
+    def __init__(self, max_side: int = 512):
+        self.max_side = max_side
+        self.images: dict[str, Image.Image] = {}
+        self.pixels: dict[tuple[str, str], torch.Tensor] = {}
+
+    def get(self, path: str) -> Image.Image:
+        image = self.images.get(path)
+        if image is None:
+            with Image.open(path) as raw:
+                image = raw.convert("RGB")
+            if max(image.size) > self.max_side:
+                image.thumbnail((self.max_side, self.max_side), Image.BICUBIC)
+            self.images[path] = image
+        return image
+
+    def check(self, splits: dict[str, list[Sample]], on_bad_image: str) -> dict[str, list[Sample]]:
+        """Open every image before training. ``error``: stop at the first bad one with its
+        file and row; ``skip``: drop rows with bad images and report how many."""
+        paths = sorted({s.image for rows in splits.values() for s in rows})
+        bad: dict[str, str] = {}
+        for path in tqdm(paths, desc="checking images", unit="img", leave=False, disable=len(paths) < 200):
+            try:
+                self.get(path)
+            except FileNotFoundError:
+                bad[path] = "file not found"
+            except (UnidentifiedImageError, OSError, ValueError) as exc:
+                bad[path] = f"unreadable image ({type(exc).__name__})"
+        if not bad:
+            return splits
+        if on_bad_image == "error":
+            for rows in splits.values():
+                for s in rows:
+                    if s.image in bad:
+                        raise DataError(
+                            f"{s.where}: {bad[s.image]}: {s.image} ({len(bad)} bad image(s) in all; "
+                            "fix the file or set data.on_bad_image: skip to leave such rows out)"
+                        )
+        kept = {name: [s for s in rows if s.image not in bad] for name, rows in splits.items()}
+        skipped = sum(len(splits[n]) - len(kept[n]) for n in splits)
+        print(f"data.on_bad_image=skip: skipped {skipped} row(s) with {len(bad)} bad image(s)")
+        return kept
+
+
+class Collator:
+    """Turns a list of sample indices into encoder inputs and labels.
+
+    Returns ``{"inputs": {encoder name: tensors}, "labels": [B] long, "index": [B] long}``.
+    """
+
+    def __init__(self, samples: list[Sample], encoders: dict, vocab: Vocabulary, store: ImageStore,
+                 augment_images: bool = False, seed: int = 0):
+        self.samples = samples
+        self.encoders = encoders
+        self.vocab = vocab
+        self.store = store
+        self.augment_images = augment_images
+        self.rng = random.Random(seed)
+
+    def __call__(self, indices: list[int]) -> dict:
+        rows = [self.samples[i] for i in indices]
+        inputs = {}
+        for name, enc in self.encoders.items():
+            if enc.modality == "text":
+                inputs[name] = enc.preprocess([r.text for r in rows])
+            else:
+                inputs[name] = {"pixel_values": torch.stack([self._pixels(name, enc, r.image) for r in rows])}
+        labels = torch.tensor([self.vocab.encode(r.answer) for r in rows], dtype=torch.long)
+        return {"inputs": inputs, "labels": labels, "index": torch.tensor(indices, dtype=torch.long)}
+
+    def _pixels(self, name: str, enc, path: str) -> torch.Tensor:
+        if self.augment_images:
+            return enc.pixels(augment(self.store.get(path), self.rng))
+        key = (name, path)
+        cached = self.store.pixels.get(key)
+        if cached is None:
+            cached = self.store.pixels[key] = enc.pixels(self.store.get(path))
+        return cached
+
+
+class IndexDataset(torch.utils.data.Dataset):
+    """Yields row indices; the :class:`Collator` does the work in batches."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def make_loader(samples, collator, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0):
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        IndexDataset(len(samples)), batch_size=batch_size, shuffle=shuffle, collate_fn=collator,
+        num_workers=num_workers, generator=generator,
+    )

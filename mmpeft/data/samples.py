@@ -1,0 +1,165 @@
+"""Rows of a multimodal dataset, from user manifests or built-in datasets.
+
+Every loader returns :class:`Sample` objects with the answer normalised and a
+``where`` string (file and row) used in error messages.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..errors import DataError
+from ..tasks.vocab import normalize_answer
+
+
+@dataclass
+class Sample:
+    image: str  # absolute path
+    text: str
+    answer: str  # normalised
+    groups: dict[str, str] = field(default_factory=dict)
+    where: str = ""  # "file, row N" for error messages
+
+
+def load_manifest(
+    path: str | Path,
+    image_field: str = "image",
+    text_field: str = "question",
+    label_field: str = "answer",
+    group_fields: Sequence[str] = (),
+) -> list[Sample]:
+    """Read a JSONL, CSV or JSON-list manifest. Image paths are relative to the manifest.
+
+    Raises:
+        DataError: naming the file and row of a missing field or malformed line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path} (check data.train / data.eval / data.test in the recipe)")
+    rows = _read_rows(path)
+    base = path.parent
+    samples = []
+    for number, row in rows:
+        where = f"{path}, row {number}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object with fields {image_field!r}, {text_field!r}, {label_field!r}")
+        missing = [f for f in (image_field, text_field, label_field) if row.get(f) in (None, "")]
+        if missing:
+            raise DataError(
+                f"{where}: missing field(s) {', '.join(map(repr, missing))} "
+                f"(set data.image_field / data.text_field / data.label_field to this file's column names; it has: {', '.join(map(str, row))})"
+            )
+        groups = {g: str(row.get(g, "")).strip() for g in group_fields}
+        image = Path(str(row[image_field]))
+        image = image if image.is_absolute() else base / image
+        samples.append(Sample(str(image), str(row[text_field]), normalize_answer(row[label_field]), groups, where))
+    return samples
+
+
+def _read_rows(path: Path) -> list[tuple[int, object]]:
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((number, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
+        return rows
+    if suffix == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        return [(number, row) for number, row in enumerate(reader, start=2)]  # row 1 is the header
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of rows")
+        return list(enumerate(data, start=1))
+    raise DataError(f"{path}: unsupported manifest type {suffix!r}; use .jsonl, .csv or .json")
+
+
+# --- easy-VQA -------------------------------------------------------------
+
+EASY_VQA_COLORS = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
+
+
+def easy_vqa_samples(split: str) -> list[Sample]:
+    """easy-VQA (pip package ``easy-vqa``): 38,575 train / 9,673 test questions, 13 answers.
+
+    Each row gets a ``question_type`` group: ``yes/no``, ``shape`` or ``color``.
+    """
+    try:
+        import easy_vqa
+    except ImportError:
+        raise DataError("data.source 'easy_vqa' needs the package easy-vqa: pip install 'mmpeft[zoo]'") from None
+    if split == "train":
+        texts, answers, ids = easy_vqa.get_train_questions()
+        paths = easy_vqa.get_train_image_paths()
+    else:
+        texts, answers, ids = easy_vqa.get_test_questions()
+        paths = easy_vqa.get_test_image_paths()
+    samples = []
+    for i, (t, a, image_id) in enumerate(zip(texts, answers, ids)):
+        ans = normalize_answer(a)
+        qtype = "yes/no" if ans in ("yes", "no") else ("color" if ans in EASY_VQA_COLORS else "shape")
+        samples.append(Sample(paths[image_id], t, ans, {"question_type": qtype}, f"easy_vqa {split}, question {i}"))
+    return samples
+
+
+# --- VQA-RAD --------------------------------------------------------------
+
+VQA_RAD_ENV = "MMPEFT_VQA_RAD_ROOT"
+VQA_RAD_FILES = {"train": "trainset.json", "test": "testset.json"}
+
+
+def vqa_rad_root(root: Optional[str]) -> Path:
+    """Resolve the VQA-RAD directory: data.root, else $MMPEFT_VQA_RAD_ROOT, else ../shared/vqa_rad."""
+    chosen = root or os.environ.get(VQA_RAD_ENV) or "../shared/vqa_rad"
+    path = Path(chosen).expanduser()
+    if not (path / "trainset.json").is_file():
+        raise DataError(
+            f"VQA-RAD not found at {path.resolve()} (no trainset.json). VQA-RAD (Lau et al. 2018, CC0) comes from "
+            "OSF project 89kps (https://osf.io/89kps/); put images/, trainset.json and testset.json in one directory "
+            f"and set data.root=<that directory> in the recipe or on the command line, or ${VQA_RAD_ENV}."
+        )
+    return path
+
+
+def vqa_rad_samples(root: Optional[str], split: str) -> list[Sample]:
+    """VQA-RAD's community split (3,064 train / 451 test), handling the dataset's quirks:
+    integer answers become strings, ``"CLOSED "`` loses its trailing space, answers are
+    normalised (case, spacing), and open answers unseen in training are kept (scored wrong).
+
+    Groups: ``answer_type`` (OPEN/CLOSED), ``question_type`` (PRES, POS, ABN, ...), ``image_organ``.
+    """
+    base = vqa_rad_root(root)
+    path = base / VQA_RAD_FILES[split]
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: cannot read VQA-RAD records ({exc})") from None
+    samples = []
+    for i, rec in enumerate(records, start=1):
+        where = f"{path}, record {i} (qid {rec.get('qid')})"
+        try:
+            groups = {
+                "answer_type": str(rec["answer_type"]).strip().upper(),
+                "question_type": str(rec.get("question_type", "")).strip().upper(),
+                "image_organ": str(rec.get("image_organ", "")).strip().upper(),
+            }
+            samples.append(
+                Sample(str(base / "images" / rec["image_name"]), str(rec["question"]), normalize_answer(rec["answer"]), groups, where)
+            )
+        except KeyError as exc:
+            raise DataError(f"{where}: missing field {exc}") from None
+    return samples

@@ -1,0 +1,87 @@
+"""The encoder interface every modality backbone is wrapped in.
+
+An :class:`Encoder` owns a frozen pretrained ``model`` (the module PEFT methods
+act on), knows how to turn raw inputs (strings, PIL images) into tensors, and
+returns token features plus a pooled vector so any fusion head can consume it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class EncoderOutput:
+    """What an encoder hands to the fusion head.
+
+    Attributes:
+        tokens: ``[B, T, D]`` token (or spatial-position) features.
+        mask: ``[B, T]`` bool, True where a token is real (not padding / prompt).
+        pooled: ``[B, D]`` one vector per example.
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+
+
+class Encoder(nn.Module):
+    """A frozen backbone with its preprocessing.
+
+    Subclasses set ``modality`` ("text" or "image"), ``arch`` (a short family
+    name used for default PEFT targets), ``hidden_size`` and ``model``.
+
+    ``input_prompt`` is an optional hook PEFT methods may install (prompt tuning):
+    a module mapping ``(embeds [B,T,D], mask [B,T]) -> (embeds, mask)`` applied to
+    the input embeddings (text) or pixels (CNN).
+    """
+
+    modality: str = "text"
+    arch: str = "unknown"
+    hidden_size: int = 0
+
+    def __init__(self, source: str, pooling: str = "auto"):
+        super().__init__()
+        self.source = source
+        self.pooling = pooling
+        self.input_prompt: Optional[nn.Module] = None
+        # Number of leading tokens added by a prompt method, dropped before pooling.
+        self.num_prompt_tokens = 0
+
+    # The module that PEFT methods see (possibly replaced by a peft wrapper).
+    model: nn.Module
+
+    def preprocess(self, items: list[Any]) -> dict[str, torch.Tensor]:
+        """Turn a list of raw inputs into model tensors (batched)."""
+        raise NotImplementedError
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> EncoderOutput:
+        raise NotImplementedError
+
+    def base_model(self) -> nn.Module:
+        """The underlying pretrained model, without any peft wrapper."""
+        model = self.model
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        return model
+
+    def save_base(self, directory) -> None:
+        """Write the (possibly merged) base model in its native loadable format."""
+        raise NotImplementedError
+
+    def enable_gradient_checkpointing(self) -> bool:
+        model = self.base_model()
+        if hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            return True
+        return False
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens. tokens ``[B,T,D]``, mask ``[B,T]`` -> ``[B,D]``."""
+    weights = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)

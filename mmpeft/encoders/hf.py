@@ -1,0 +1,197 @@
+"""Encoders backed by Hugging Face transformers models (any hub id or local dir)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..errors import MMPeftError
+from .base import Encoder, EncoderOutput, masked_mean
+from .images import to_pixels
+
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _bnb_config(quant) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    dtype = getattr(torch, quant.compute_dtype)
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def load_hf_model(source: str, revision: Optional[str], quant, device: str) -> nn.Module:
+    """``AutoModel.from_pretrained`` with offline-friendly errors and optional bitsandbytes."""
+    from transformers import AutoModel
+
+    _quiet_transformers()
+    kwargs: dict[str, Any] = {}
+    if revision:
+        kwargs["revision"] = revision
+    if quant is not None:
+        kwargs["quantization_config"] = _bnb_config(quant)
+        kwargs["device_map"] = {"": device}
+    try:
+        return AutoModel.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        if Path(source).exists() or "/" not in source:
+            raise MMPeftError(f"cannot load encoder model {source!r}: {exc}") from None
+        raise MMPeftError(
+            f"cannot load encoder model {source!r} from the Hugging Face hub ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0]}). Without internet, use a local directory or an offline zoo "
+            "model (minilm, efficientnet-lite0)."
+        ) from None
+
+
+def hf_modality(config) -> str:
+    if getattr(config, "model_type", "") in ("clip", "siglip"):
+        return "image"
+    if hasattr(config, "num_channels") or hasattr(config, "image_size"):
+        return "image"
+    return "text"
+
+
+class HFTextEncoder(Encoder):
+    """A transformers text model (BERT, RoBERTa, MiniLM, ...) with its tokenizer."""
+
+    modality = "text"
+
+    def __init__(self, source: str, model: nn.Module, tokenizer, max_length: int, pooling: str = "auto"):
+        super().__init__(source, pooling)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.arch = model.config.model_type
+        self.hidden_size = model.config.hidden_size
+
+    def preprocess(self, items: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(
+            [str(t) for t in items], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> EncoderOutput:
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        if self.input_prompt is not None:
+            embeds = self.base_model().get_input_embeddings()(ids)
+            embeds, full_mask = self.input_prompt(embeds, mask)
+            out = self.model(inputs_embeds=embeds, attention_mask=full_mask)
+        else:
+            out = self.model(input_ids=ids, attention_mask=mask)
+        tokens = out.last_hidden_state[:, self.num_prompt_tokens :]
+        bool_mask = mask.bool()
+        if self.pooling in ("auto", "mean"):
+            pooled = masked_mean(tokens, bool_mask)
+        elif self.pooling == "cls":
+            pooled = tokens[:, 0]
+        else:
+            pooled = out.pooler_output
+        return EncoderOutput(tokens=tokens, mask=bool_mask, pooled=pooled)
+
+    def save_base(self, directory) -> None:
+        self.base_model().save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+
+class HFImageEncoder(Encoder):
+    """A transformers vision model (ViT, CLIP/SigLIP vision tower, DINOv2, ConvNeXt, ResNet...)."""
+
+    modality = "image"
+
+    def __init__(self, source: str, model: nn.Module, processor_config: dict, image_size: Optional[int], pooling: str = "auto"):
+        super().__init__(source, pooling)
+        if getattr(model.config, "model_type", "") in ("clip", "siglip"):
+            model = model.vision_model  # a full dual-encoder checkpoint: keep its vision tower
+        self.model = model
+        cfg = model.config
+        self.arch = cfg.model_type
+        self.hidden_size = getattr(cfg, "hidden_size", None) or cfg.hidden_sizes[-1]
+        self.processor_config = processor_config
+        self.mean = processor_config.get("image_mean", [0.5, 0.5, 0.5])
+        self.std = processor_config.get("image_std", [0.5, 0.5, 0.5])
+        self.image_size = image_size or _processor_size(processor_config) or getattr(cfg, "image_size", 224)
+        # Prompt tokens (VPT) are inserted after the CLS token of ViT-style models.
+        self.prompt_offset = 1 if self.arch in ("vit", "deit", "dinov2", "clip_vision_model") else 0
+
+    def preprocess(self, items: list[Any]) -> dict[str, torch.Tensor]:
+        return {"pixel_values": torch.stack([self.pixels(im) for im in items])}
+
+    def pixels(self, image) -> torch.Tensor:
+        return to_pixels(image, self.image_size, self.mean, self.std)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> EncoderOutput:
+        pixel_values = inputs["pixel_values"]
+        if self.input_prompt is not None:
+            pixel_values, _ = self.input_prompt(pixel_values, None)
+        out = self.model(pixel_values=pixel_values)
+        hidden = out.last_hidden_state
+        if hidden.dim() == 4:  # CNN feature map [B, C, H, W] -> tokens [B, HW, C]
+            tokens = hidden.flatten(2).transpose(1, 2)
+        else:
+            tokens = hidden
+            if self.num_prompt_tokens:
+                o, p = self.prompt_offset, self.num_prompt_tokens
+                tokens = torch.cat([tokens[:, :o], tokens[:, o + p :]], dim=1)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        pooling = self.pooling
+        if pooling == "auto":
+            if hidden.dim() == 4 or self.arch in ("clip_vision_model", "siglip_vision_model", "convnext"):
+                pooling = "pooler"
+            else:
+                pooling = "cls"
+        if pooling == "pooler" and getattr(out, "pooler_output", None) is not None:
+            pooled = out.pooler_output.flatten(1)
+        elif pooling == "cls":
+            pooled = tokens[:, 0]
+        else:
+            pooled = tokens.mean(1)
+        return EncoderOutput(tokens=tokens, mask=mask, pooled=pooled)
+
+    def save_base(self, directory) -> None:
+        self.base_model().save_pretrained(directory)
+        config = dict(self.processor_config)
+        config.setdefault("image_mean", self.mean)
+        config.setdefault("image_std", self.std)
+        (Path(directory) / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
+
+
+def _processor_size(cfg: dict) -> Optional[int]:
+    for key in ("crop_size", "size"):
+        val = cfg.get(key)
+        if isinstance(val, int):
+            return val
+        if isinstance(val, dict):
+            for k in ("height", "shortest_edge", "width"):
+                if k in val:
+                    return int(val[k])
+    return None
+
+
+def load_processor_config(source: str, revision: Optional[str]) -> dict:
+    """The model's preprocessor_config.json as a dict ({} when it has none)."""
+    path = Path(source) / "preprocessor_config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if Path(source).exists():
+        return {}
+    try:
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(source, revision=revision).to_dict()
+    except Exception:  # noqa: BLE001 - fall back to neutral normalisation
+        return {}

@@ -1,0 +1,118 @@
+"""Use a trained bundle: evaluate it on its test data, or answer new questions."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .bundle.io import load_bundle
+from .data import Collator, ImageStore, load_manifest, load_splits, make_loader
+from .errors import DataError, MMPeftError
+from .tasks import Vocabulary
+
+
+def evaluate_bundle(path, overrides: Sequence[str] = (), device: str = "cpu", allow_base_mismatch: bool = False) -> dict:
+    """Rebuild the bundle's model, score its recipe's test split, compare to the stored metrics.
+
+    Returns:
+        ``{"metrics": ..., "stored": ..., "max_abs_diff": float}`` (diff over headline numbers).
+    """
+    from accelerate import Accelerator
+
+    from .train import _group_fields, predict_logits, score
+
+    bundle = load_bundle(path, device=device, allow_base_mismatch=allow_base_mismatch, overrides=overrides)
+    recipe = bundle.recipe
+    vocab = Vocabulary(bundle.vocab)
+    splits = load_splits(recipe.data, recipe.task.group_fields, recipe.train.seed)
+    store = ImageStore(max_side=max(256, 2 * max((getattr(e, "image_size", 0) for e in bundle.model.encoders.values()), default=0)))
+    checked = store.check({"test": splits.test}, recipe.data.on_bad_image)
+    test = checked["test"]
+    stored = json.loads((bundle.path / "metrics.json").read_text())
+    group_fields = stored.get("group_fields") or _group_fields(recipe, test)
+    loader = make_loader(test, Collator(test, dict(bundle.model.encoders.items()), vocab, store),
+                         stored.get("eval_batch_size", recipe.train.eval_batch_size), False, 0)
+    accelerator = Accelerator(cpu=device == "cpu")
+    logits, index = predict_logits(bundle.model, loader, accelerator, desc="test")
+    metrics = score(logits, index, test, vocab, group_fields)
+    old = stored["test"]
+    diffs = [abs(metrics["accuracy"] - old["accuracy"]), abs(metrics["macro_f1"] - old["macro_f1"])]
+    for field, values in old.get("groups", {}).items():
+        for value, m in values.items():
+            new = metrics["groups"].get(field, {}).get(value)
+            diffs.append(abs(new["accuracy"] - m["accuracy"]) if new else 1.0)
+    return {"metrics": metrics, "stored": old, "max_abs_diff": max(diffs), "group_fields": group_fields}
+
+
+class Predictor:
+    """Answers questions about images with a loaded bundle."""
+
+    def __init__(self, path, device: str = "cpu", allow_base_mismatch: bool = False):
+        self.bundle = load_bundle(path, device=device, allow_base_mismatch=allow_base_mismatch)
+        self.model = self.bundle.model
+        self.vocab = Vocabulary(self.bundle.vocab)
+        self.store = ImageStore()
+        self.device = device
+
+    @torch.no_grad()
+    def predict(self, images: Sequence[str], texts: Sequence[str], top_k: int = 3, batch_size: int = 32) -> list[dict]:
+        """Top-k answers with probabilities for each (image path, text) pair."""
+        from .data.samples import Sample
+
+        rows = [Sample(str(i), str(t), "", {}, f"input {n + 1}") for n, (i, t) in enumerate(zip(images, texts))]
+        self.store.check({"input": rows}, "error")
+        collator = Collator(rows, dict(self.model.encoders.items()), self.vocab, self.store)
+        results = []
+        for start in range(0, len(rows), batch_size):
+            batch = collator(list(range(start, min(start + batch_size, len(rows)))))
+            inputs = {k: {n: t.to(self.device) for n, t in v.items()} for k, v in batch["inputs"].items()}
+            probs = self.model(inputs).float().softmax(-1).cpu()
+            top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+            for i, (p, idx) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+                row = rows[start + i]
+                results.append({
+                    "image": row.image, "question": row.text, "answer": self.vocab.answers[idx[0]],
+                    "top_k": [{"answer": self.vocab.answers[j], "probability": round(q, 6)} for j, q in zip(idx, p)],
+                })
+        return results
+
+
+def predict_manifest(predictor: Predictor, manifest: Path, out: Optional[Path], top_k: int, image_field="image", text_field="question") -> list[dict]:
+    """Predict every row of a manifest; write JSONL or CSV (by ``out``'s suffix) atomically."""
+    import os
+    import tempfile
+
+    path = Path(manifest)
+    from .data.samples import _read_rows
+
+    if not path.is_file():
+        raise DataError(f"input manifest not found: {path}")
+    rows = _read_rows(path)
+    images, texts = [], []
+    for number, row in rows:
+        if not isinstance(row, dict) or image_field not in row or text_field not in row:
+            raise DataError(f"{path}, row {number}: needs fields {image_field!r} and {text_field!r} (--image-field / --text-field)")
+        img = Path(str(row[image_field]))
+        images.append(str(img if img.is_absolute() else path.parent / img))
+        texts.append(str(row[text_field]))
+    results = predictor.predict(images, texts, top_k)
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+        with os.fdopen(fd, "w", newline="") as handle:
+            if out.suffix.lower() == ".csv":
+                writer = csv.writer(handle)
+                writer.writerow(["image", "question", "answer", "probability", "top_k"])
+                for r in results:
+                    writer.writerow([r["image"], r["question"], r["answer"], r["top_k"][0]["probability"],
+                                     json.dumps(r["top_k"])])
+            else:
+                for r in results:
+                    handle.write(json.dumps(r) + "\n")
+        os.replace(tmp, out)
+    return results

@@ -1,0 +1,108 @@
+"""LoRA (and its DoRA / rsLoRA variants) through Hugging Face peft.
+
+Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022.
+DoRA: Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024.
+rsLoRA: Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", 2023.
+
+``B`` starts at zero so the adapted encoder equals the frozen one at init. Saved in
+peft's own layout (``adapter_config.json`` + ``adapter_model.safetensors``) so that
+``peft.PeftModel.from_pretrained(base_encoder, path)`` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+from pydantic import Field, PositiveFloat, PositiveInt
+
+from ..encoders.targets import default_targets, leaf_names, match_targets
+from ..errors import BundleError, MMPeftError
+from .base import METHODS, MethodSettings, PeftMethod, read_safetensors
+
+
+class LoraSettings(MethodSettings):
+    rank: PositiveInt = Field(8, description="rank r of the update B @ A")
+    alpha: PositiveFloat = Field(16.0, description="scaling numerator: update is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
+    target_modules: Optional[Union[list[str], str]] = Field(None, description="module names (list) or a regex; default per architecture")
+    use_dora: bool = Field(False, description="DoRA: learn a magnitude vector too")
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r)")
+
+
+def resolve_targets(method: PeftMethod, encoder, requested, kind: str = "lora"):
+    """Targets from the recipe or the architecture default; error listing real names if none match."""
+    targets = requested or default_targets(encoder.arch, kind)
+    if kind == "ia3" and targets and not requested:
+        targets = targets[0]
+    available = leaf_names(encoder.model)
+    if not targets:
+        raise MMPeftError(
+            f"{method.where}.target_modules: no default targets for architecture {encoder.arch!r}; "
+            f"set it to some of: {', '.join(available)}"
+        )
+    matched = match_targets(encoder.model, targets)
+    if not matched:
+        raise MMPeftError(
+            f"{method.where}.target_modules: {targets!r} matches no layer of {encoder.source!r} ({encoder.arch}); "
+            f"available module names: {', '.join(available)}"
+        )
+    return targets, matched
+
+
+@METHODS.register("lora")
+class LoRA(PeftMethod):
+    Settings = LoraSettings
+    mergeable = True
+    paper = "Hu et al. 2022, arXiv:2106.09685 (DoRA: arXiv:2402.09353, rsLoRA: arXiv:2312.03732)"
+
+    def peft_config(self, targets):
+        from peft import LoraConfig
+
+        s = self.settings
+        return LoraConfig(
+            r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=targets,
+            use_dora=s.use_dora, use_rslora=s.use_rslora, bias="none",
+        )
+
+    def apply(self, encoder) -> None:
+        from peft import get_peft_model
+
+        targets, matched = resolve_targets(self, encoder, self.settings.target_modules)
+        encoder.model = get_peft_model(encoder.model, self.peft_config(targets))
+        self.touched = matched
+
+    def train_modules(self, encoder):
+        # lora_dropout lives inside each LoRA layer: switch those on, keep the base in eval.
+        return [m for n, m in encoder.model.named_modules() if n.endswith("lora_dropout")]
+
+    def save(self, encoder, directory: Path) -> list[str]:
+        encoder.model.save_pretrained(str(directory), safe_serialization=True)
+        card = directory / "README.md"
+        if card.exists():  # peft's generic card; the bundle has its own
+            card.unlink()
+        return ["adapter_config.json", "adapter_model.safetensors"]
+
+    def load(self, encoder, directory: Path) -> None:
+        from peft import set_peft_model_state_dict
+
+        cfg_path = directory / "adapter_config.json"
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BundleError(f"{cfg_path}: unreadable adapter config ({exc})") from None
+        if cfg.get("r") != self.settings.rank:
+            raise BundleError(f"{cfg_path}: rank {cfg.get('r')} differs from the recipe's {self.settings.rank}")
+        state = read_safetensors(directory / "adapter_model.safetensors")
+        from peft.utils import get_peft_model_state_dict
+
+        expected = get_peft_model_state_dict(encoder.model)
+        from .base import check_state
+
+        check_state(state, {k: v.shape for k, v in expected.items()}, directory / "adapter_model.safetensors")
+        set_peft_model_state_dict(encoder.model, state)
+
+    def merge(self, encoder) -> bool:
+        encoder.model = encoder.model.merge_and_unload()
+        return True

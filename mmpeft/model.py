@@ -1,0 +1,101 @@
+"""The multimodal model: frozen encoders with their PEFT methods, plus a fusion head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .encoders import Encoder, build_encoder
+from .fusion import build_fusion
+from .methods import PeftMethod, build_method, count_parameters
+
+
+class MultimodalModel(nn.Module):
+    """``encoders[name](inputs[name]) -> EncoderOutput``, then ``head(outputs) -> logits [B, C]``."""
+
+    def __init__(self, encoders: dict[str, Encoder], methods: dict[str, PeftMethod], head: nn.Module):
+        super().__init__()
+        self.encoders = nn.ModuleDict(encoders)
+        self.methods = methods
+        self.head = head
+
+    def forward(self, inputs: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+        outputs = {name: enc(inputs[name]) for name, enc in self.encoders.items()}
+        return self.head(outputs)
+
+    def train(self, mode: bool = True):
+        """Frozen encoder parts always run in eval mode (dropout off, batch-norm statistics
+        fixed); only the modules a method owns (and the head) follow ``mode``."""
+        super().train(mode)
+        for name, enc in self.encoders.items():
+            enc.eval()
+            if mode:
+                for module in self.methods[name].train_modules(enc):
+                    module.train()
+        return self
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.head.parameters() if p.requires_grad]
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.encoders.parameters() if p.requires_grad]
+
+
+@dataclass
+class EncoderSummary:
+    name: str
+    model: str
+    method: str
+    touched: list[str]
+    trainable: int
+    total: int
+
+
+def build_model(recipe, num_outputs: int, device: str = "cpu") -> MultimodalModel:
+    """Build encoders, attach each encoder's method, and add the fusion head.
+
+    Args:
+        recipe: a validated :class:`~mmpeft.config.Recipe`.
+        num_outputs: answer-vocabulary size.
+        device: where quantized weights are placed at load.
+    """
+    encoders, methods = {}, {}
+    for name, cfg in recipe.encoders.items():
+        enc = build_encoder(
+            cfg.model, modality=cfg.modality, revision=cfg.revision, max_length=cfg.max_length,
+            image_size=cfg.image_size, pooling=cfg.pooling, quantization=cfg.quantization, device=device,
+        )
+        enc.base_fingerprint = None
+        if cfg.quantization is not None:
+            from .quant import prepare_for_kbit_training
+
+            prepare_for_kbit_training(enc)
+        from .bundle.fingerprint import fingerprint_module
+
+        enc.base_fingerprint = fingerprint_module(enc.model)
+        method = build_method(cfg.peft, where=f"encoders.{name}.peft")
+        method.apply(enc)
+        if recipe.train.gradient_checkpointing:
+            enc.enable_gradient_checkpointing()
+        encoders[name], methods[name] = enc, method
+    dims = {name: enc.hidden_size for name, enc in encoders.items()}
+    torch.manual_seed(recipe.train.seed)  # head init is reproducible
+    head = build_fusion(recipe.fusion, dims, num_outputs)
+    model = MultimodalModel(encoders, methods, head)
+    model.train(False)
+    return model
+
+
+def summarize(model: MultimodalModel, recipe) -> list[EncoderSummary]:
+    rows = []
+    for name, enc in model.encoders.items():
+        method = model.methods[name]
+        rows.append(EncoderSummary(
+            name, recipe.encoders[name].model, method.name, method.touched,
+            count_parameters(enc, trainable_only=True), count_parameters(enc),
+        ))
+    head = model.head
+    rows.append(EncoderSummary("head", recipe.fusion["type"], "trainable", ["(all)"], count_parameters(head, True), count_parameters(head)))
+    return rows

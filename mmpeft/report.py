@@ -1,0 +1,123 @@
+"""Console tables and PNG plots (training curves, per-group accuracy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(highlight=False)
+
+
+def _fmt(n: int) -> str:
+    return f"{n:,}"
+
+
+def print_summary(rows, model, recipe, vocab_size: int, splits=None) -> None:
+    """Per encoder and head: method, touched modules, trainable and total parameters."""
+    table = Table(title=f"{recipe.run_name}: model")
+    for col in ("part", "model", "method", "modules touched", "trainable", "total", "%"):
+        table.add_column(col, justify="right" if col in ("trainable", "total", "%") else "left")
+    total_train = sum(r.trainable for r in rows)
+    total_all = sum(r.total for r in rows)
+    for r in rows:
+        touched = r.touched
+        shown = ", ".join(touched[:4]) + (f", ... ({len(touched)} in all)" if len(touched) > 4 else "")
+        pct = 100.0 * r.trainable / r.total if r.total else 0.0
+        table.add_row(r.name, str(r.model), r.method, shown or "-", _fmt(r.trainable), _fmt(r.total), f"{pct:.2f}")
+    table.add_row("all", "", "", "", _fmt(total_train), _fmt(total_all), f"{100.0 * total_train / max(1, total_all):.2f}")
+    console.print(table)
+    from .quant import quantized_layers, weight_bytes
+
+    for name, enc in model.encoders.items():
+        q = recipe.encoders[name].quantization
+        if q is not None:
+            est = estimate_training_memory(enc, recipe)
+            console.print(
+                f"{name}: {q.bits}-bit base ({q.quant_type if q.bits == 4 else 'int8'}), quantized layers {quantized_layers(enc)}, "
+                f"weights {weight_bytes(enc) / 1e6:.1f} MB; est. peak training memory {est / 1e6:.0f} MB at batch {recipe.train.batch_size}"
+            )
+        else:
+            console.print(f"{name}: float32 weights {weight_bytes(enc) / 1e6:.1f} MB; est. peak training memory "
+                          f"{estimate_training_memory(enc, recipe) / 1e6:.0f} MB at batch {recipe.train.batch_size}")
+    data = f"; rows train/eval/test {len(splits.train)}/{len(splits.eval)}/{len(splits.test)}" if splits else ""
+    console.print(f"answer vocabulary: {vocab_size}{data}")
+
+
+def estimate_training_memory(encoder, recipe) -> int:
+    """Rough peak-memory estimate: weights + trainable-state (grad + 2 Adam moments) +
+    activations (~ 34 bytes x hidden x tokens x layers x batch, halved by checkpointing)."""
+    from .quant import weight_bytes
+
+    weights = weight_bytes(encoder)
+    trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad) * 4 * 3
+    hidden = encoder.hidden_size
+    if encoder.modality == "text":
+        tokens = encoder.max_length
+    else:
+        tokens = (encoder.image_size // 16) ** 2 + 1
+    layers = sum(1 for n, _ in encoder.named_modules() if n.count(".") >= 1 and n.rsplit(".", 1)[-1].isdigit()) or 12
+    act = 34 * hidden * tokens * max(1, layers // 2) * recipe.train.batch_size
+    if recipe.train.gradient_checkpointing:
+        act //= 4
+    return weights + trainable + act
+
+
+def print_epoch(row: dict) -> None:
+    parts = [f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()]
+    console.print("  ".join(parts))
+
+
+def print_test(metrics: dict, group_fields) -> None:
+    table = Table(title="test metrics")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("n", justify="right")
+    table.add_row("accuracy", f"{100 * metrics['accuracy']:.2f}", str(metrics["count"]))
+    table.add_row("macro-F1", f"{100 * metrics['macro_f1']:.2f}", "")
+    for field in group_fields:
+        for value, m in metrics["groups"].get(field, {}).items():
+            table.add_row(f"{field}={value}", f"{100 * m['accuracy']:.2f}", str(m["count"]))
+    if "out_of_vocab" in metrics:
+        table.add_row("answers outside vocabulary (scored wrong)", "", str(metrics["out_of_vocab"]))
+    console.print(table)
+
+
+def save_plots(directory: Path, history: list[dict], test_metrics: dict, group_fields) -> list[str]:
+    """Write training_curves.png (loss and eval accuracy per epoch) and group_accuracy.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    epochs = [r["epoch"] for r in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train loss")
+    if any("eval_loss" in r for r in history):
+        ax1.plot([r["epoch"] for r in history if "eval_loss" in r], [r["eval_loss"] for r in history if "eval_loss" in r], marker="o", label="eval loss")
+    ax1.set_xlabel("epoch"), ax1.set_title("loss"), ax1.legend()
+    acc_keys = sorted({k for r in history for k in r if k.startswith("eval_") and k not in ("eval_loss", "eval_macro_f1")})
+    for key in acc_keys:
+        pts = [(r["epoch"], r[key]) for r in history if key in r]
+        ax2.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=key[5:])
+    ax2.set_xlabel("epoch"), ax2.set_ylabel("accuracy (%)"), ax2.set_title("validation accuracy")
+    if acc_keys:
+        ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(directory / "training_curves.png", dpi=100)
+    plt.close(fig)
+    written.append("training_curves.png")
+    bars = [(f"{f}={v}", m["accuracy"], m["count"]) for f in group_fields for v, m in test_metrics["groups"].get(f, {}).items()]
+    if bars:
+        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(bars) + 2), 4))
+        ax.bar(range(len(bars)), [100 * b[1] for b in bars])
+        ax.set_xticks(range(len(bars)), [f"{b[0]}\n(n={b[2]})" for b in bars], rotation=60, ha="right", fontsize=7)
+        ax.axhline(100 * test_metrics["accuracy"], color="gray", linestyle="--", label=f"overall {100 * test_metrics['accuracy']:.1f}%")
+        ax.set_ylabel("test accuracy (%)"), ax.set_ylim(0, 100), ax.legend()
+        fig.tight_layout()
+        fig.savefig(directory / "group_accuracy.png", dpi=100)
+        plt.close(fig)
+        written.append("group_accuracy.png")
+    return written

@@ -1,0 +1,23 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tests import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("assets")
+    return {
+        "bert": tiny.make_bert(root / "bert"),
+        "vit": tiny.make_vit(root / "vit"),
+        "clip": tiny.make_clip_vision(root / "clip"),
+        "resnet": tiny.make_resnet(root / "resnet"),
+        "effnet": tiny.make_efficientnet(root / "effnet"),
+        "data": tiny.make_dataset(root / "data"),
+        "root": root,
+    }

@@ -1,0 +1,128 @@
+"""Tiny random encoders and a tiny image+question dataset, built locally (no hub).
+
+Each model is created from a config, saved to a directory and then loaded back
+through mmpeft's real loading code, as transformers' own tests do.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+WORDS = ["what", "color", "is", "the", "shape", "there", "a", "red", "green", "blue", "?", "yes", "no", "square", "circle"]
+
+
+def make_bert(directory: Path) -> Path:
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizer(str(directory / "vocab.txt"))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=37, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def _processor(directory: Path, size: int) -> None:
+    (directory / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "size": {"height": size, "width": size}}))
+
+
+def make_vit(directory: Path) -> Path:
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(1)
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                       image_size=32, patch_size=8)).save_pretrained(directory)
+    _processor(directory, 32)
+    return directory
+
+
+def make_clip_vision(directory: Path) -> Path:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(2)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                                     image_size=32, patch_size=8, projection_dim=16)).save_pretrained(directory)
+    _processor(directory, 32)
+    return directory
+
+
+def make_resnet(directory: Path) -> Path:
+    from transformers import ResNetConfig, ResNetModel
+
+    torch.manual_seed(3)
+    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")).save_pretrained(directory)
+    _processor(directory, 32)
+    return directory
+
+
+def make_efficientnet(directory: Path) -> Path:
+    """EfficientNet-Lite0 architecture with random weights, saved in mmpeft's CNN format."""
+    from mmpeft.encoders.zoo import LITE_MEAN, LITE_STD, EfficientNetBackbone, _build_efficientnet, save_efficientnet
+
+    torch.manual_seed(4)
+    net = _build_efficientnet("efficientnet-lite0")
+    # random running statistics so batch-norm in eval mode is not the identity
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    save_efficientnet(EfficientNetBackbone(net, "efficientnet-lite0"),
+                      {"arch": "efficientnet_lite", "variant": "efficientnet-lite0", "image_mean": LITE_MEAN,
+                       "image_std": LITE_STD, "image_size": 32}, directory)
+    return directory
+
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+
+
+def make_dataset(directory: Path, n_train: int = 48, n_test: int = 24, seed: int = 0) -> dict:
+    """Coloured shapes with two question types; answers are learnable from image + text."""
+    rng = random.Random(seed)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows = []
+        for i in range(n):
+            color = rng.choice(list(COLORS))
+            shape = rng.choice(["square", "circle"])
+            img = Image.new("RGB", (24, 24), (255, 255, 255))
+            draw = ImageDraw.Draw(img)
+            (draw.rectangle if shape == "square" else draw.ellipse)([4, 4, 20, 20], fill=COLORS[color])
+            name = f"images/{split}_{i}.png"
+            img.save(directory / name)
+            if i % 2:
+                rows.append({"image": name, "question": "what color is the shape ?", "answer": color.upper(), "kind": "color"})
+            else:
+                asked = rng.choice(list(COLORS))
+                rows.append({"image": name, "question": f"is there a {asked} shape ?", "answer": "Yes" if asked == color else " no", "kind": "yes/no"})
+        path = directory / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        files[split] = path
+    return files
+
+
+def recipe_dict(text_dir, image_dir, data_files, out_dir, text_method="lora", image_method="lora", fusion="gated", **train):
+    t = {"epochs": 2, "batch_size": 8, "eval_batch_size": 16, "lr": 5e-3, "head_lr": 5e-3, "seed": 0, "log_every": 1}
+    t.update(train)
+    return {
+        "name": "tiny",
+        "encoders": {
+            "text": {"model": str(text_dir), "max_length": 16, "peft": {"method": text_method}},
+            "image": {"model": str(image_dir), "peft": {"method": image_method}},
+        },
+        "fusion": {"type": fusion, "hidden_size": 32},
+        "task": {"type": "vqa", "group_fields": ["kind"]},
+        "data": {"source": "manifest", "train": str(data_files["train"]), "test": str(data_files["test"]), "eval_fraction": 0.25},
+        "train": t,
+        "output": {"dir": str(out_dir), "plots": False},
+    }
