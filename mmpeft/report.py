@@ -7,11 +7,19 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-console = Console(highlight=False)
+console = Console(highlight=False, width=140)
 
 
 def _fmt(n: int) -> str:
     return f"{n:,}"
+
+
+def compact_names(names: list[str]) -> str:
+    """``['a.0.query', 'a.1.query', 'a.0.value']`` -> ``'query x2, value x1'``."""
+    from collections import Counter
+
+    counts = Counter(n.rsplit(".", 1)[-1] for n in names)
+    return ", ".join(f"{k} x{v}" if v > 1 else k for k, v in counts.items())
 
 
 def print_summary(rows, model, recipe, vocab_size: int, splits=None) -> None:
@@ -22,8 +30,7 @@ def print_summary(rows, model, recipe, vocab_size: int, splits=None) -> None:
     total_train = sum(r.trainable for r in rows)
     total_all = sum(r.total for r in rows)
     for r in rows:
-        touched = r.touched
-        shown = ", ".join(touched[:4]) + (f", ... ({len(touched)} in all)" if len(touched) > 4 else "")
+        shown = compact_names(r.touched)
         pct = 100.0 * r.trainable / r.total if r.total else 0.0
         table.add_row(r.name, str(r.model), r.method, shown or "-", _fmt(r.trainable), _fmt(r.total), f"{pct:.2f}")
     table.add_row("all", "", "", "", _fmt(total_train), _fmt(total_all), f"{100.0 * total_train / max(1, total_all):.2f}")

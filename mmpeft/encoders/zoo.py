@@ -85,7 +85,27 @@ def _build_efficientnet(variant: str) -> nn.Module:
     net = EfficientNet.from_name(variant)
     del net._fc  # classifier not used: the fusion head replaces it
     net._fc = nn.Identity()
+    _plain_convolutions(net)
     return net
+
+
+def _plain_convolutions(net: nn.Module) -> None:
+    """Swap the package's TF-style static-padding Conv2d subclass for plain ``nn.Conv2d``
+    (same parameter names), padding through a forward pre-hook. peft builds LoRA layers
+    with ``type(base_layer)``, which the subclass cannot be constructed as."""
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if not (isinstance(child, nn.Conv2d) and type(child) is not nn.Conv2d and hasattr(child, "static_padding")):
+                continue
+            plain = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride, 0,
+                              child.dilation, child.groups, child.bias is not None)
+            plain.weight = child.weight
+            if child.bias is not None:
+                plain.bias = child.bias
+            if not isinstance(child.static_padding, nn.Identity):
+                pad = child.static_padding
+                plain.register_forward_pre_hook(lambda module, args, pad=pad: (pad(args[0]),) + tuple(args[1:]))
+            setattr(parent, name, plain)
 
 
 def load_efficientnet(source: str) -> tuple[EfficientNetBackbone, dict]:

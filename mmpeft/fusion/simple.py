@@ -42,11 +42,13 @@ class GatedHead(FusionHead):
         self.norms = nn.ModuleDict({m: nn.LayerNorm(d) for m, d in input_dims.items()})
         self.proj = nn.ModuleDict({m: nn.Linear(d, h) for m, d in input_dims.items()})
         self.gate = nn.Linear(sum(input_dims.values()), h * len(self.names))
+        # As in the paper, the fused vector feeds an MLP classifier (a linear one cannot
+        # express "does what the question asks match what the image shows").
+        self.mlp = nn.Sequential(nn.Dropout(settings.dropout), nn.Linear(h, h), nn.GELU())
         self.out = classifier(h, num_outputs, settings.dropout)
-        self.dropout = nn.Dropout(settings.dropout)
 
     def forward(self, outputs) -> torch.Tensor:
         xs = [self.norms[m](outputs[m].pooled) for m in self.names]
         hs = torch.stack([torch.tanh(self.proj[m](x)) for m, x in zip(self.names, xs)], dim=1)  # [B, N, H]
         z = self.gate(torch.cat(xs, dim=-1)).view(hs.shape).softmax(dim=1)  # [B, N, H]
-        return self.out(self.dropout((z * hs).sum(1)))
+        return self.out(self.mlp((z * hs).sum(1)))

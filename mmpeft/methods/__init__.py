@@ -4,7 +4,7 @@ Importing this package registers every built-in method in :data:`METHODS`.
 """
 
 from .base import METHODS, MethodSettings, PeftMethod, count_parameters
-from . import bitfit, frozen, lora  # noqa: F401  (registration side effects)
+from . import adapter, bitfit, frozen, ia3, lora, prompt  # noqa: F401  (registration side effects)
 
 
 def build_method(settings: dict, where: str = "peft") -> PeftMethod:

@@ -1,0 +1,57 @@
+"""Generate the README's recipe reference from the schema (so docs cannot drift).
+
+``python -m mmpeft.docs`` prints the Markdown; a test checks README.md contains it.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from .config.schema import DataConfig, EncoderConfig, OutputConfig, QuantizationConfig, Recipe, TaskConfig, TrainConfig
+
+
+def _default(field) -> str:
+    if field.default is PydanticUndefined:
+        if field.default_factory is not None:
+            return f"`{json.dumps(field.default_factory())}`"
+        return "required"
+    return f"`{json.dumps(field.default)}`"
+
+
+def _rows(prefix: str, model: type[BaseModel], skip=()) -> list[str]:
+    rows = []
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        rows.append(f"| `{prefix}{name}` | {_default(field)} | {field.description or ''} |")
+    return rows
+
+
+def recipe_reference() -> str:
+    from .fusion import FUSIONS
+    from .methods import METHODS
+
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    lines += _rows("", Recipe, skip=("encoders", "fusion", "task", "data", "train", "output"))
+    lines += _rows("encoders.<name>.", EncoderConfig, skip=("quantization",))
+    lines += _rows("encoders.<name>.quantization.", QuantizationConfig)
+    for method in METHODS.names():
+        cls = METHODS.get(method)
+        for name, field in cls.Settings.model_fields.items():
+            lines.append(f"| `encoders.<name>.peft.{name}` (method `{method}`) | {_default(field)} | {field.description or ''} |")
+    for fusion in FUSIONS.names():
+        cls = FUSIONS.get(fusion)
+        for name, field in cls.Settings.model_fields.items():
+            lines.append(f"| `fusion.{name}` (type `{fusion}`) | {_default(field)} | {field.description or ''} |")
+    lines += _rows("task.", TaskConfig)
+    lines += _rows("data.", DataConfig)
+    lines += _rows("train.", TrainConfig)
+    lines += _rows("output.", OutputConfig)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(recipe_reference())

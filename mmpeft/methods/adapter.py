@@ -1,0 +1,137 @@
+"""Bottleneck adapters (transformers) and residual 1x1-convolution adapters (CNNs).
+
+Houlsby et al., "Parameter-Efficient Transfer Learning for NLP", ICML 2019: a
+bottleneck (down-projection, non-linearity, up-projection, skip connection) after
+the attention output projection and after the feed-forward output of every layer.
+Pfeiffer et al., "AdapterFusion", EACL 2021: after the feed-forward output only.
+Rebuffi et al., "Learning multiple visual domains with residual adapters", NeurIPS
+2017: a 1x1 convolution with a skip connection after each block of a CNN.
+
+The up-projection (or the 1x1 convolution) is zero-initialised, so the adapted
+encoder equals the frozen one before training. Adapters cannot be folded into the
+base weights (they add a non-linearity); merged exports keep them as modules.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, Optional
+
+import torch
+from pydantic import Field, PositiveInt
+from torch import nn
+
+from ..errors import MMPeftError
+from .base import METHODS, MethodSettings, PeftMethod
+
+# (attention-output regex, feed-forward-output regex) per architecture (transformers 5 names).
+PLACEMENTS = {
+    "bert": (r".*\.attention\.output\.dense", r".*\.layer\.\d+\.output\.dense"),
+    "vit": (r".*\.attention\.o_proj", r".*\.mlp\.fc2"),
+    "deit": (r".*\.attention\.o_proj", r".*\.mlp\.fc2"),
+    "clip_vision_model": (r".*\.self_attn\.out_proj", r".*\.mlp\.fc2"),
+    "siglip_vision_model": (r".*\.self_attn\.out_proj", r".*\.mlp\.fc2"),
+}
+for _alias in ("roberta", "xlm-roberta", "electra"):
+    PLACEMENTS[_alias] = PLACEMENTS["bert"]
+# CNN blocks that get a residual adapter after them.
+CNN_BLOCKS = {"efficientnet_lite": r"net\._blocks\.\d+", "resnet": r".*stages\.\d+\.layers\.\d+"}
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "swish": nn.SiLU}
+
+
+class AdapterSettings(MethodSettings):
+    placement: Literal["houlsby", "pfeiffer"] = Field("houlsby", description="houlsby: after attention and FFN; pfeiffer: after FFN only")
+    reduction_factor: PositiveInt = Field(16, description="bottleneck = hidden size / reduction_factor")
+    bottleneck_size: Optional[PositiveInt] = Field(None, description="explicit bottleneck width (overrides reduction_factor)")
+    activation: Literal["relu", "gelu", "tanh", "swish"] = Field("relu", description="non-linearity inside the bottleneck")
+    layers: Optional[list[int]] = Field(None, description="layer/block indices that get adapters (default: all)")
+    attention_modules: Optional[str] = Field(None, description="regex of attention-output layers (default per architecture)")
+    ffn_modules: Optional[str] = Field(None, description="regex of feed-forward-output layers / CNN blocks (default per architecture)")
+
+
+class Bottleneck(nn.Module):
+    """``x + up(act(down(x)))`` on the last dimension; ``up`` starts at zero."""
+
+    def __init__(self, dim: int, bottleneck: int, activation: str):
+        super().__init__()
+        self.down = nn.Linear(dim, bottleneck)
+        self.act = ACTIVATIONS[activation]()
+        self.up = nn.Linear(bottleneck, dim)
+        nn.init.normal_(self.down.weight, std=1e-2)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(self.act(self.down(x)))
+
+
+class ConvAdapter(nn.Module):
+    """Residual adapter ``x + conv1x1(x)`` on ``[B, C, H, W]``; the conv starts at zero."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x)
+
+
+def _apply_to_output(module, args, output):
+    adapter = module.mmpeft_adapter
+    if isinstance(output, tuple):
+        return (adapter(output[0]),) + output[1:]
+    return adapter(output)
+
+
+def _layer_index(name: str) -> Optional[int]:
+    found = re.findall(r"\.(\d+)(?:\.|$)", "." + name)
+    return int(found[0]) if found else None
+
+
+def _out_channels(block: nn.Module) -> int:
+    convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+    bns = [m for m in block.modules() if isinstance(m, nn.BatchNorm2d)]
+    return bns[-1].num_features if bns else convs[-1].out_channels
+
+
+@METHODS.register("adapter")
+class BottleneckAdapter(PeftMethod):
+    Settings = AdapterSettings
+    paper = "Houlsby et al. 2019 (arXiv:1902.00751); Pfeiffer et al. 2021 (arXiv:2005.00247); Rebuffi et al. 2017 (arXiv:1705.08045)"
+
+    def apply(self, encoder) -> None:
+        s = self.settings
+        model = encoder.model
+        cnn = encoder.arch in CNN_BLOCKS
+        if cnn:
+            patterns = [s.ffn_modules or CNN_BLOCKS[encoder.arch]]
+        else:
+            default = PLACEMENTS.get(encoder.arch)
+            attn = s.attention_modules or (default[0] if default else None)
+            ffn = s.ffn_modules or (default[1] if default else None)
+            if ffn is None or (s.placement == "houlsby" and attn is None):
+                raise MMPeftError(
+                    f"{self.where}: no default adapter placement for architecture {encoder.arch!r}; set attention_modules "
+                    "and ffn_modules (regexes over module names)"
+                )
+            patterns = [ffn] + ([attn] if s.placement == "houlsby" else [])
+        targets = [(n, m) for n, m in model.named_modules() if n and any(re.fullmatch(p, n) for p in patterns)]
+        if s.layers is not None:
+            targets = [(n, m) for n, m in targets if _layer_index(n) in set(s.layers)]
+        if not targets:
+            raise MMPeftError(f"{self.where}: adapter placement {patterns} matches no module of {encoder.source!r}")
+        for p in encoder.parameters():
+            p.requires_grad_(False)
+        for name, module in targets:
+            if cnn:
+                adapter = ConvAdapter(_out_channels(module))
+            else:
+                dim = module.out_features
+                adapter = Bottleneck(dim, s.bottleneck_size or max(1, dim // s.reduction_factor), s.activation)
+            module.mmpeft_adapter = adapter  # registered as a child: saved/loaded with the encoder
+            module.register_forward_hook(_apply_to_output)
+        self.touched = [n for n, _ in targets]

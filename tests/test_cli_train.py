@@ -1,0 +1,169 @@
+"""End to end through the CLI on tiny local models: finetune, evaluate, predict, inspect,
+reproducibility, tampered and mismatched bundles, a 2-process accelerate run."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mmpeft.cli import app
+from tests import tiny
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(assets, tmp_path_factory):
+    """One tiny LoRA-text + BitFit-image run through `mmpeft finetune`."""
+    work = tmp_path_factory.mktemp("run")
+    raw = tiny.recipe_dict(assets["bert"], assets["effnet"], assets["data"], work / "adapters",
+                           text_method="lora", image_method="bitfit", epochs=3)
+    raw["encoders"]["image"]["image_size"] = 32
+    raw["output"]["plots"] = True
+    recipe = work / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    res = runner.invoke(app, ["finetune", str(recipe), "train.epochs=3"])
+    assert res.exit_code == 0, res.output
+    return {"recipe": recipe, "bundle": work / "adapters" / "tiny", "work": work}
+
+
+def test_bundle_contents(trained):
+    b = trained["bundle"]
+    names = {p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file()}
+    assert {"manifest.json", "recipe.yaml", "head.safetensors", "metrics.json", "train_log.jsonl", "README.md",
+            "encoders/text/adapter_config.json", "encoders/text/adapter_model.safetensors",
+            "encoders/image/weights.safetensors", "training_curves.png", "group_accuracy.png"} <= names
+    manifest = json.loads((b / "manifest.json").read_text())
+    assert manifest["encoders"]["text"]["method"] == "lora" and manifest["encoders"]["image"]["method"] == "bitfit"
+    assert set(manifest["versions"]) == {"mmpeft", "torch", "transformers", "peft"}
+    assert manifest["vocabulary"] == sorted(manifest["vocabulary"], key=lambda a: manifest["vocabulary"].index(a))
+    assert {"red", "green", "blue", "yes", "no"} == set(manifest["vocabulary"])
+    log = [json.loads(line) for line in (b / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    # only trained parameters are stored: the bitfit file holds exactly the image biases
+    from safetensors.torch import load_file
+
+    biases = load_file(str(b / "encoders/image/weights.safetensors"))
+    assert biases and all(k.endswith(".bias") for k in biases)
+
+
+def test_evaluate_reproduces_exactly(trained):
+    res = runner.invoke(app, ["evaluate", str(trained["bundle"])])
+    assert res.exit_code == 0, res.output
+    assert "reproduced" in res.output
+
+
+def test_same_seed_same_metrics(trained, assets):
+    again = trained["work"] / "again"
+    res = runner.invoke(app, ["finetune", str(trained["recipe"]), "train.epochs=3", f"output.dir={again}"])
+    assert res.exit_code == 0, res.output
+    a = json.loads((trained["bundle"] / "metrics.json").read_text())
+    b = json.loads((again / "tiny" / "metrics.json").read_text())
+    assert a["test"] == b["test"]
+    assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
+
+
+def test_existing_bundle_is_not_overwritten(trained):
+    res = runner.invoke(app, ["finetune", str(trained["recipe"])])
+    assert res.exit_code == 1 and "already exists" in res.output
+
+
+def test_predict_single_and_manifest(trained, assets):
+    data = Path(assets["data"]["test"]).parent
+    res = runner.invoke(app, ["predict", str(trained["bundle"]), "--image", str(data / "images/test_1.png"),
+                              "--question", "what color is the shape ?", "--top-k", "2"])
+    assert res.exit_code == 0, res.output
+    out = trained["work"] / "preds.jsonl"
+    res = runner.invoke(app, ["predict", str(trained["bundle"]), "--input", str(assets["data"]["test"]), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 24
+    assert all(abs(sum(t["probability"] for t in r["top_k"])) <= 1.0 + 1e-6 for r in rows)
+    assert all(r["answer"] == r["top_k"][0]["answer"] for r in rows)
+    res = runner.invoke(app, ["predict", str(trained["bundle"]), "--image", "nope.png", "--question", "q"])
+    assert res.exit_code == 2 and "file not found" in res.output and "Traceback" not in res.output
+
+
+def test_inspect(trained):
+    res = runner.invoke(app, ["inspect", str(trained["bundle"])])
+    assert res.exit_code == 0, res.output
+    assert "lora" in res.output and "bitfit" in res.output and "head.safetensors" in res.output
+
+
+def test_tampered_bundle_is_refused(trained, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained["bundle"], copy)
+    head = copy / "head.safetensors"
+    data = bytearray(head.read_bytes())
+    data[-1] ^= 0xFF
+    head.write_bytes(bytes(data))
+    res = runner.invoke(app, ["evaluate", str(copy)])
+    assert res.exit_code == 2 and "does not match the hash in manifest.json" in res.output
+    shutil.rmtree(copy)
+    shutil.copytree(trained["bundle"], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["head"]["file"] = "../../etc/passwd"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    res = runner.invoke(app, ["inspect", str(copy)])
+    assert res.exit_code == 2 and "outside the bundle" in res.output
+
+
+def test_pickle_is_never_read(trained, tmp_path):
+    """A bundle whose weights were swapped for a pickle is rejected before torch.load could run."""
+    import pickle
+
+    copy = tmp_path / "pickled"
+    shutil.copytree(trained["bundle"], copy)
+    target = copy / "encoders/image/weights.safetensors"
+    target.write_bytes(pickle.dumps({"x": 1}))
+    from mmpeft.bundle.io import refresh_file_hashes
+
+    refresh_file_hashes(copy)  # even with hashes fixed up, the file is not valid safetensors
+    res = runner.invoke(app, ["evaluate", str(copy)])
+    assert res.exit_code == 2 and "not a valid safetensors file" in res.output
+
+
+def test_base_mismatch_refused_unless_allowed(trained, assets, tmp_path):
+    other = tmp_path / "bert2"
+    shutil.copytree(assets["bert"], other)
+    from transformers import AutoModel
+
+    m = AutoModel.from_pretrained(str(other))
+    with __import__("torch").no_grad():
+        m.embeddings.word_embeddings.weight.add_(0.01)
+    m.save_pretrained(str(other))
+    res = runner.invoke(app, ["evaluate", str(trained["bundle"]), f"encoders.text.model={other}"])
+    assert res.exit_code == 2 and "fingerprint" in res.output and "--allow-base-mismatch" in res.output
+    from mmpeft import load_bundle
+
+    loaded = load_bundle(trained["bundle"], overrides=[f"encoders.text.model={other}"], allow_base_mismatch=True)
+    assert loaded.model is not None
+
+
+def test_dry_run_prints_methods(trained):
+    res = runner.invoke(app, ["finetune", str(trained["recipe"]), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "query x2, value x2" in res.output and "bitfit" in res.output and "trainable" in res.output
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU processes")
+def test_two_process_accelerate_run(assets, tmp_path):
+    raw = tiny.recipe_dict(assets["bert"], assets["vit"], assets["data"], tmp_path / "adapters", epochs=2)
+    recipe = tmp_path / "ddp.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mmpeft.cli", "finetune", str(recipe)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bundle = tmp_path / "adapters" / "tiny"
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    assert metrics["test"]["count"] == 24  # every test row scored once across the two processes
+    res = runner.invoke(app, ["evaluate", str(bundle)])
+    assert res.exit_code == 0, res.output

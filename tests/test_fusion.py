@@ -1,0 +1,62 @@
+"""Every registered fusion head: any number of modalities, pooled-only or token inputs."""
+
+import pytest
+import torch
+
+from mmpeft.encoders.base import EncoderOutput
+from mmpeft.fusion import FUSIONS, build_fusion
+
+
+def outputs(dims: dict[str, int], batch=3, tokens=5, pooled_only=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, (name, d) in enumerate(dims.items()):
+        t = 1 if pooled_only else tokens + i
+        toks = torch.randn(batch, t, d, generator=g)
+        mask = torch.ones(batch, t, dtype=torch.bool)
+        if t > 2:
+            mask[0, -1] = False  # padding
+        out[name] = EncoderOutput(toks, mask, toks.mean(1))
+    return out
+
+
+@pytest.mark.parametrize("fusion", FUSIONS.names())
+@pytest.mark.parametrize("dims", [{"text": 8, "image": 12}, {"text": 8, "image": 12, "audio": 6}])
+@pytest.mark.parametrize("pooled_only", [False, True])
+def test_heads_shapes_and_gradients(fusion, dims, pooled_only):
+    torch.manual_seed(0)
+    head = build_fusion({"type": fusion, "hidden_size": 16, "num_heads": 2} if fusion in ("cross_attention", "transformer")
+                        else {"type": fusion, "hidden_size": 16}, dims, num_outputs=7)
+    outs = outputs(dims, pooled_only=pooled_only)
+    logits = head(outs)
+    assert logits.shape == (3, 7)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in head.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("fusion", ["cross_attention", "transformer"])
+def test_token_heads_ignore_padding(fusion):
+    torch.manual_seed(0)
+    dims = {"text": 8, "image": 12}
+    head = build_fusion({"type": fusion, "hidden_size": 16, "num_heads": 2}, dims, 4).eval()
+    outs = outputs(dims)
+    ref = head(outs)
+    outs["text"].tokens[0, -1] = 1e3  # a padded position: must not change the result
+    assert torch.allclose(head(outs), ref, atol=1e-5)
+
+
+def test_cross_attention_bidirectional_and_bad_query():
+    dims = {"text": 8, "image": 12}
+    head = build_fusion({"type": "cross_attention", "hidden_size": 16, "num_heads": 2, "bidirectional": True, "num_layers": 2}, dims, 4)
+    assert head(outputs(dims)).shape == (3, 4)
+    with pytest.raises(ValueError, match="fusion.query: 'audio' is not an encoder"):
+        build_fusion({"type": "cross_attention", "query": "audio"}, dims, 4)
+
+
+def test_gated_gate_mixes_modalities():
+    torch.manual_seed(0)
+    dims = {"text": 8, "image": 8}
+    head = build_fusion({"type": "gated", "hidden_size": 16, "dropout": 0.0}, dims, 4).eval()
+    outs = outputs(dims)
+    z = head.gate(torch.cat([head.norms[m](outs[m].pooled) for m in head.names], -1)).view(3, 2, 16).softmax(1)
+    assert torch.allclose(z.sum(1), torch.ones(3, 16))

@@ -1,0 +1,140 @@
+"""Every registered method on every encoder kind: exact trainable sets, identity at
+init, loss goes down, save -> load gives identical logits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmpeft.bundle.io import load_bundle, write_bundle_files
+from mmpeft.encoders import build_encoder
+from mmpeft.methods import METHODS, build_method
+from mmpeft.model import build_model
+from tests.helpers import ENCODER_KINDS, fixed_batch, recipe_for
+
+ALL_METHODS = METHODS.names()
+
+
+def expected_trainable(method: str, names: list[str], kind: str) -> set[str]:
+    """What each method must (and may only) train, from the parameter names of the adapted encoder."""
+    if method == "none":
+        return set()
+    if method == "full":
+        return set(names)
+    if method == "bitfit":
+        return {n for n in names if n.endswith(".bias")}
+    if method == "lora":
+        return {n for n in names if ".lora_A." in n or ".lora_B." in n}
+    if method == "ia3":
+        return {n for n in names if ".ia3_l." in n}
+    if method == "adapter":
+        return {n for n in names if ".mmpeft_adapter." in n or n.startswith("adapters.")}
+    if method == "prompt":
+        return {n for n in names if "prompt" in n and "lora" not in n}
+    raise AssertionError(f"add the expected trainable set of new method {method!r} to this test")
+
+
+@pytest.mark.parametrize("kind", ENCODER_KINDS)
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_trainable_set_and_identity(assets, kind, method):
+    enc = build_encoder(str(assets[kind]))
+    recipe = recipe_for(assets, kind, method, "unused")  # reuse its resolved method settings
+    settings = recipe.encoders["text" if kind == "bert" else "image"].peft
+    torch.manual_seed(0)
+    inputs, _ = fixed_batch(type("M", (), {"encoders": {"x": enc}})())
+    before = enc(inputs["x"])
+    m = build_method(settings)
+    m.apply(enc)
+    names = [n for n, _ in enc.named_parameters()]
+    trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
+    assert trainable == expected_trainable(method, names, kind)
+    if method not in ("none",):
+        assert trainable, f"{method} trains nothing on {kind}"
+    if m.identity_at_init:
+        enc.eval()
+        after = enc(inputs["x"])
+        assert torch.allclose(after.pooled, before.pooled, atol=1e-5), (after.pooled - before.pooled).abs().max()
+        assert after.tokens.shape == before.tokens.shape
+
+
+@pytest.mark.parametrize("kind", ENCODER_KINDS)
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_steps_lower_loss_and_save_load_identical(assets, tmp_path, kind, method):
+    recipe = recipe_for(assets, kind, method, tmp_path)
+    model = build_model(recipe, num_outputs=3)
+    inputs, labels = fixed_batch(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    first = None
+    for _ in range(6):
+        loss = F.cross_entropy(model(inputs), labels)
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first
+    model.train(False)
+    with torch.no_grad():
+        logits = model(inputs)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    write_bundle_files(bundle, model, recipe, ["a", "b", "c"], {"test": {}})
+    loaded = load_bundle(bundle)
+    with torch.no_grad():
+        again = loaded.model(inputs)
+    assert torch.equal(logits, again)
+
+
+def test_method_registry_errors():
+    with pytest.raises(KeyError, match="unknown PEFT method 'lorra'; did you mean 'lora'"):
+        METHODS.get("lorra")
+
+
+def test_lora_target_error_lists_modules(assets):
+    from mmpeft.errors import MMPeftError
+
+    enc = build_encoder(str(assets["bert"]))
+    m = build_method({"method": "lora", "rank": 2, "target_modules": ["q_proj"]}, where="encoders.text.peft")
+    with pytest.raises(MMPeftError, match=r"encoders.text.peft.target_modules: \['q_proj'\] matches no layer .*available module names: .*query"):
+        m.apply(enc)
+
+
+def test_lora_dir_loads_with_plain_peft(assets, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    enc = build_encoder(str(assets["bert"]))
+    m = build_method({"method": "lora", "rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": None,
+                      "use_dora": False, "use_rslora": False})
+    m.apply(enc)
+    with torch.no_grad():
+        for n, p in enc.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    m.save(enc, tmp_path)
+    ids = enc.preprocess(["what color is the shape ?"])
+    ours = enc.model(**ids).last_hidden_state
+    plain = PeftModel.from_pretrained(AutoModel.from_pretrained(str(assets["bert"])), str(tmp_path)).eval()
+    theirs = plain(**ids).last_hidden_state
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert not torch.allclose(ours, AutoModel.from_pretrained(str(assets["bert"]))(**ids).last_hidden_state, atol=1e-3)
+
+
+def test_frozen_encoder_runs_in_eval_mode(assets, tmp_path):
+    recipe = recipe_for(assets, "effnet", "bitfit", tmp_path)
+    model = build_model(recipe, num_outputs=3)
+    model.train()
+    bns = [m for m in model.encoders["image"].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)
+    before = [m.running_mean.clone() for m in bns]
+    inputs, labels = fixed_batch(model)
+    F.cross_entropy(model(inputs), labels).backward()
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, bns))
+    assert model.head.training
+    # base weights never reach the optimizer
+    from mmpeft.train import make_optimizer
+    from mmpeft.config import TrainConfig
+
+    opt = make_optimizer(model, TrainConfig())
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert frozen and not any(id(p) in in_opt for p in frozen)
