@@ -18,7 +18,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parameter-ef
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (comparison of methods, memory, VQA-RAD).")
 app.add_typer(bench_app, name="bench")
 err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+console = Console(highlight=False)
 
 
 def friendly(func):
@@ -53,7 +53,7 @@ def validate(recipe: Path = typer.Argument(..., help="recipe YAML"),
 
     r = load_recipe(recipe, overrides or [])
     methods = ", ".join(f"{n}: {c.model} + {c.peft['method']}" for n, c in r.encoders.items())
-    out.print(f"{recipe}: OK ({methods}; fusion {r.fusion['type']}; task {r.task.type}; data {r.data.source})")
+    console.print(f"{recipe}: OK ({methods}; fusion {r.fusion['type']}; task {r.task.type}; data {r.data.source})")
 
 
 @app.command()
@@ -81,7 +81,7 @@ def evaluate(bundle: Path = typer.Argument(..., help="bundle directory"),
     result = evaluate_bundle(bundle, overrides or [], _device(device), allow_base_mismatch)
     print_test(result["metrics"], result["group_fields"])
     diff = result["max_abs_diff"]
-    out.print(f"stored accuracy {100 * result['stored']['accuracy']:.2f}%, now {100 * result['metrics']['accuracy']:.2f}%; "
+    console.print(f"stored accuracy {100 * result['stored']['accuracy']:.2f}%, now {100 * result['metrics']['accuracy']:.2f}%; "
               f"max difference over reported metrics {diff:.2e} -> {'reproduced' if diff < 1e-9 else 'DIFFERENT'}")
     if diff >= 1e-9:
         raise typer.Exit(1)
@@ -106,15 +106,15 @@ def predict(bundle: Path = typer.Argument(..., help="bundle (or merged model) di
     predictor = Predictor(bundle, _device(device), allow_base_mismatch)
     if input is not None:
         results = predict_manifest(predictor, input, output, top_k, image_field, text_field)
-        out.print(f"{len(results)} predictions" + (f" written to {output}" if output else ""))
+        console.print(f"{len(results)} predictions" + (f" written to {output}" if output else ""))
         if output is None:
             for r in results:
                 print(json.dumps(r))
         return
     result = predictor.predict([str(image)], [question], top_k)[0]
-    out.print(f"[bold]{result['answer']}[/]")
+    console.print(f"[bold]{result['answer']}[/]")
     for alt in result["top_k"]:
-        out.print(f"  {alt['probability']:.4f}  {alt['answer']}")
+        console.print(f"  {alt['probability']:.4f}  {alt['answer']}")
 
 
 @app.command()
@@ -126,7 +126,7 @@ def inspect(bundle: Path = typer.Argument(..., help="bundle directory")):
 
     manifest = read_manifest(bundle)
     verify_files(bundle, manifest)
-    out.print(f"[bold]{bundle}[/]  run {manifest['run_name']}  task {manifest['task']}  vocabulary {len(manifest['vocabulary'])}  "
+    console.print(f"[bold]{bundle}[/]  run {manifest['run_name']}  task {manifest['task']}  vocabulary {len(manifest['vocabulary'])}  "
               f"created {manifest['created']}  versions {manifest['versions']}")
     table = Table(title="encoders")
     for col in ("name", "base model", "method", "trainable", "total", "quantization", "fingerprint"):
@@ -136,19 +136,139 @@ def inspect(bundle: Path = typer.Argument(..., help="bundle directory")):
         table.add_row(name, e["model"], e["method"], f"{e['trainable_parameters']:,}", f"{e['total_parameters']:,}",
                       f"{q['bits']}-bit" if q else "-", e["fingerprint"][:23] + "...")
     table.add_row("head", manifest["head"]["type"], "trained", f"{manifest['head']['parameters']:,}", "", "", "")
-    out.print(table)
+    console.print(table)
     metrics_path = Path(bundle) / "metrics.json"
     if metrics_path.is_file():
         test = json.loads(metrics_path.read_text())["test"]
-        out.print(f"test accuracy {100 * test['accuracy']:.2f}%  macro-F1 {100 * test['macro_f1']:.2f}%  n={test['count']}")
+        console.print(f"test accuracy {100 * test['accuracy']:.2f}%  macro-F1 {100 * test['macro_f1']:.2f}%  n={test['count']}")
     files = Table(title="files")
     files.add_column("file")
     files.add_column("bytes", justify="right")
     for rel, info in manifest["files"].items():
         files.add_row(rel, f"{info['bytes']:,}")
-    out.print(files)
+    console.print(files)
     total = sum(i["bytes"] for i in manifest["files"].values())
-    out.print(f"total {total / 1e6:.2f} MB")
+    console.print(f"total {total / 1e6:.2f} MB")
+
+
+@app.command()
+@friendly
+def merge(bundle: Path = typer.Argument(..., help="bundle directory"),
+          out: Path = typer.Option(..., "--out", help="directory for the merged model"),
+          tolerance: float = typer.Option(1e-5, help="max |logit difference| allowed between merged and unmerged"),
+          overwrite: bool = typer.Option(False, "--overwrite"),
+          allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch")):
+    """Fold mergeable methods into the base weights; write a verified standalone model."""
+    from .bundle.merge import merge_bundle
+
+    report = merge_bundle(bundle, out, tolerance=tolerance, allow_base_mismatch=allow_base_mismatch, overwrite=overwrite)
+    for name, method in report["folded"].items():
+        console.print(f"{name}: {method} folded into the base weights")
+    for name, method in report["kept"].items():
+        console.print(f"{name}: {method} cannot be folded; kept as modules beside the merged base")
+    for name, n in report["dequantized"].items():
+        console.print(f"{name}: quantized base de-quantized to float32 ({n} layers) and merged in float32; not re-quantized")
+    console.print(f"verified on {report['probe']['size']} probe examples ({report['probe']['source']}): max |logit diff| "
+              f"{report['max_abs_logit_diff']:.2e} (tolerance {report['tolerance']:.0e}), top-1 agreement "
+              f"{100 * report['top1_agreement']:.1f}%")
+    console.print(f"merged model written to {out}")
+
+
+@app.command()
+@friendly
+def export(bundle: Path = typer.Argument(..., help="bundle directory"),
+           out: Path = typer.Option(..., "--out", help="output directory"),
+           format: str = typer.Option("onnx", "--format", help="onnx"),
+           opset: int = typer.Option(17, help="ONNX opset"),
+           overwrite: bool = typer.Option(False, "--overwrite")):
+    """Export the merged model (text + image in, answer logits out)."""
+    if format != "onnx":
+        raise MMPeftError(f"unknown export format {format!r}; available: onnx")
+    from .bundle.export import export_onnx
+
+    result = export_onnx(bundle, out, opset=opset, overwrite=overwrite)
+    diff = result["onnx_max_abs_diff"]
+    check = f"onnxruntime {result['onnxruntime']}: max |logit diff| vs PyTorch {diff:.2e}" if diff is not None else \
+        "onnxruntime not installed: parity not checked (pip install onnxruntime)"
+    console.print(f"ONNX model written to {out}/model.onnx (inputs {', '.join(result['inputs'])}); {check}")
+
+
+@app.command()
+@friendly
+def push(bundle: Path = typer.Argument(..., help="bundle directory"), repo_id: str = typer.Argument(..., help="owner/name"),
+         hub_dir: Optional[str] = typer.Option(None, help="local directory standing in for the hub (or $MMPEFT_HUB_DIR)"),
+         private: bool = typer.Option(False, "--private")):
+    """Upload a verified bundle (with its model card) to the Hugging Face Hub."""
+    from .bundle.hub import push as do_push
+
+    console.print(f"pushed {bundle} to {do_push(bundle, repo_id, hub_dir=hub_dir, private=private)}")
+
+
+@app.command()
+@friendly
+def pull(source: str = typer.Argument(..., help="owner/name, a bundle directory, or a .tar.gz of one"),
+         out: Optional[Path] = typer.Option(None, "--out", help="where to put it (default adapters/<name>)"),
+         hub_dir: Optional[str] = typer.Option(None, help="local directory standing in for the hub (or $MMPEFT_HUB_DIR)"),
+         overwrite: bool = typer.Option(False, "--overwrite")):
+    """Fetch and verify a bundle from the Hub, a directory or an archive."""
+    from .bundle.hub import pull as do_pull
+
+    name = Path(source.rstrip("/")).name
+    for suffix in (".tar.gz", ".tgz"):
+        name = name[: -len(suffix)] if name.endswith(suffix) else name
+    target = out or Path("adapters") / name
+    console.print(f"pulled {source} into {do_pull(source, target, hub_dir=hub_dir, overwrite=overwrite)} (verified)")
+
+
+@bench_app.command("quickstart")
+@friendly
+def bench_quickstart(recipe: str = typer.Option("recipes/quickstart.yaml"), out: str = typer.Option("benchmarks/results"),
+                     overrides: Optional[List[str]] = typer.Argument(None)):
+    """Time the quickstart end to end and check its 97% / 10-minute targets."""
+    from .bench.quickstart import run
+
+    r = run(recipe, out, overrides or [])
+    m = r["machine"]
+    console.print(f"{m['processor']} ({m['cpu_count']} cores, torch {m['torch']}, {m['torch_threads']} threads)")
+    console.print(f"quickstart: test accuracy {100 * r['test_accuracy']:.2f}% (target >= {100 * r['target_accuracy']:.0f}%: "
+                  f"{'met' if r['meets_accuracy'] else 'MISSED'}), wall {r['wall_seconds']:.0f} s (budget {r['budget_seconds']:.0f} s: "
+                  f"{'met' if r['meets_time'] else 'MISSED'}); written to {out}/quickstart.json")
+
+
+@bench_app.command("methods")
+@friendly
+def bench_methods(recipe: str = typer.Option("recipes/quickstart.yaml"), out: str = typer.Option("benchmarks/results"),
+                  methods: Optional[str] = typer.Option(None, help="comma-separated subset"),
+                  sides: str = typer.Option("image,text"),
+                  overrides: Optional[List[str]] = typer.Argument(None)):
+    """Fine-tune the quickstart with each method on each side; table of params, accuracy, s/epoch."""
+    from .bench.methods import run
+
+    run(recipe, out, methods.split(",") if methods else None, tuple(sides.split(",")), overrides or [])
+    console.print((Path(out) / "methods.md").read_text())
+
+
+@bench_app.command("memory")
+@friendly
+def bench_memory(out: str = typer.Option("benchmarks/results"), cpu: bool = typer.Option(False, "--cpu", help="weight bytes only"),
+                 small: bool = typer.Option(False, "--small", help="tiny models (smoke test)")):
+    """Peak memory / throughput of full, LoRA, LoRA+int8, LoRA+NF4 (CUDA); weight bytes per precision (any machine)."""
+    from .bench.memory import run
+
+    run(out, cpu_only=cpu, small=small)
+    console.print((Path(out) / "memory.md").read_text())
+
+
+@bench_app.command("vqa-rad")
+@friendly
+def bench_vqa_rad(recipe: str = typer.Option("recipes/medical_vqa.yaml"), out: str = typer.Option("benchmarks/results"),
+                  configs: Optional[str] = typer.Option(None, help="comma-separated subset of: head only,lora,bitfit,adapter,prompt,full"),
+                  seeds: str = typer.Option("0,1,2"), overrides: Optional[List[str]] = typer.Argument(None)):
+    """Each method on both encoders of the medical recipe, over seeds (resumable)."""
+    from .bench.vqa_rad import run
+
+    run(recipe, out, configs.split(",") if configs else None, tuple(int(s) for s in seeds.split(",")), overrides or [])
+    console.print((Path(out) / "vqa_rad.md").read_text())
 
 
 def main() -> None:

@@ -53,5 +53,26 @@ def recipe_reference() -> str:
     return "\n".join(lines)
 
 
+START, END = "<!-- recipe-reference:start -->", "<!-- recipe-reference:end -->"
+
+
+def update_readme(path: str = "README.md") -> bool:
+    """Rewrite the block between the markers; returns True if the file changed."""
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    new = f"{head}{START}\n{recipe_reference()}\n{END}{tail}"
+    if new != text:
+        Path(path).write_text(new)
+    return new != text
+
+
 if __name__ == "__main__":
-    print(recipe_reference())
+    import sys
+
+    if len(sys.argv) > 2 and sys.argv[1] == "--write":
+        print("updated" if update_readme(sys.argv[2]) else "up to date")
+    else:
+        print(recipe_reference())

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .encoders import Encoder, build_encoder
+from .encoders import Encoder, EncoderOutput, build_encoder
 from .fusion import build_fusion
 from .methods import PeftMethod, build_method, count_parameters
 
@@ -22,7 +22,16 @@ class MultimodalModel(nn.Module):
         self.head = head
 
     def forward(self, inputs: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
-        outputs = {name: enc(inputs[name]) for name, enc in self.encoders.items()}
+        """``inputs[name]`` are encoder tensors; an optional ``row_index`` ``[B]`` maps each
+        example to a row of a de-duplicated batch (one image, many questions)."""
+        outputs = {}
+        for name, enc in self.encoders.items():
+            tensors = dict(inputs[name])
+            rows = tensors.pop("row_index", None)
+            out = enc(tensors)
+            if rows is not None:
+                out = EncoderOutput(out.tokens[rows], out.mask[rows], out.pooled[rows])
+            outputs[name] = out
         return self.head(outputs)
 
     def train(self, mode: bool = True):

@@ -151,7 +151,7 @@ def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run
     group_fields = _group_fields(recipe, splits.test)
     encoders = dict(model.encoders.items())
     train_loader = make_loader(splits.train, Collator(splits.train, encoders, vocab, store, recipe.data.augment, t.seed),
-                               t.batch_size, True, t.seed, t.num_workers)
+                               t.batch_size, True, t.seed, t.num_workers, recipe.data.group_by_image)
     eval_loader = make_loader(splits.eval, Collator(splits.eval, encoders, vocab, store), t.eval_batch_size, False, t.seed, t.num_workers) if splits.eval else None
     test_loader = make_loader(splits.test, Collator(splits.test, encoders, vocab, store), t.eval_batch_size, False, t.seed, t.num_workers)
 
@@ -252,8 +252,18 @@ def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run
             refresh_file_hashes(tmp)
         size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
         log(f"bundle written to {out_dir} ({size / 1e6:.2f} MB)")
+        log(f"peak memory: {peak_memory_mib(accelerator.device):.0f} MiB "
+            f"({'torch.cuda.max_memory_allocated' if accelerator.device.type == 'cuda' else 'process peak RSS'})")
     accelerator.wait_for_everyone()
     return out_dir
+
+
+def peak_memory_mib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:

@@ -167,3 +167,40 @@ def test_two_process_accelerate_run(assets, tmp_path):
     assert metrics["test"]["count"] == 24  # every test row scored once across the two processes
     res = runner.invoke(app, ["evaluate", str(bundle)])
     assert res.exit_code == 0, res.output
+
+
+def test_share_round_trip(trained, tmp_path):
+    """train tiny -> push to a local hub -> pull into a fresh directory -> identical predictions."""
+    import tarfile
+
+    hub = tmp_path / "hub"
+    res = runner.invoke(app, ["push", str(trained["bundle"]), "alice/tiny-vqa", "--hub-dir", str(hub)])
+    assert res.exit_code == 0, res.output
+    fresh = tmp_path / "fresh"
+    res = runner.invoke(app, ["pull", "alice/tiny-vqa", "--hub-dir", str(hub), "--out", str(fresh)])
+    assert res.exit_code == 0, res.output
+    from mmpeft.inference import Predictor
+
+    data = Path(trained["recipe"]).parent
+    images = [str(p) for p in sorted((Path(tiny_data_dir(trained)) / "images").glob("test_*.png"))[:6]]
+    questions = ["what color is the shape ?"] * len(images)
+    a = Predictor(trained["bundle"]).predict(images, questions, top_k=3)
+    b = Predictor(fresh).predict(images, questions, top_k=3)
+    assert [r["top_k"] for r in a] == [r["top_k"] for r in b]
+    # a .tar.gz of a bundle pulls too; an archive escaping its directory is refused
+    archive = tmp_path / "b.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(trained["bundle"], arcname="tiny")
+    res = runner.invoke(app, ["pull", str(archive), "--out", str(tmp_path / "from_tar")])
+    assert res.exit_code == 0, res.output
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(evil, "w:gz") as tar:
+        tar.add(trained["bundle"] / "manifest.json", arcname="../escape.json")
+    res = runner.invoke(app, ["pull", str(evil), "--out", str(tmp_path / "evil")])
+    assert res.exit_code == 2 and "outside the archive" in res.output
+    assert not (tmp_path / "escape.json").exists()
+
+
+def tiny_data_dir(trained) -> Path:
+    recipe = yaml.safe_load(Path(trained["recipe"]).read_text())
+    return Path(recipe["data"]["train"]).parent

@@ -202,6 +202,15 @@ def load_bundle(path, *, device: str = "cpu", allow_base_mismatch: bool = False,
     bundle = Path(path)
     manifest = read_manifest(bundle)
     verify_files(bundle, manifest)
+    overrides = list(overrides)
+    if manifest.get("merged"):
+        # A merged model carries its own base encoders, named relative to the directory.
+        root = bundle.resolve()
+        for name, entry in manifest.get("encoders", {}).items():
+            base = (root / str(entry.get("model", ""))).resolve()
+            if root not in base.parents or not base.is_dir():
+                raise BundleError(f"{bundle}/manifest.json: encoder {name!r} base {entry.get('model')!r} is not a directory inside the bundle")
+            overrides.insert(0, f"encoders.{name}.model={base}")
     recipe = load_recipe(bundle / "recipe.yaml", overrides)
     vocab = manifest.get("vocabulary")
     if not isinstance(vocab, list) or not vocab:

@@ -130,8 +130,18 @@ class Collator:
         for name, enc in self.encoders.items():
             if enc.modality == "text":
                 inputs[name] = enc.preprocess([r.text for r in rows])
-            else:
+            elif self.augment_images:
                 inputs[name] = {"pixel_values": torch.stack([self._pixels(name, enc, r.image) for r in rows])}
+            else:
+                # VQA datasets ask many questions per image: encode each unique image once
+                # and let the model index rows into it (``row_index``).
+                unique = list(dict.fromkeys(r.image for r in rows))
+                if len(unique) == len(rows):
+                    inputs[name] = {"pixel_values": torch.stack([self._pixels(name, enc, p) for p in unique])}
+                else:
+                    position = {p: i for i, p in enumerate(unique)}
+                    inputs[name] = {"pixel_values": torch.stack([self._pixels(name, enc, p) for p in unique]),
+                                    "row_index": torch.tensor([position[r.image] for r in rows], dtype=torch.long)}
         labels = torch.tensor([self.vocab.encode(r.answer) for r in rows], dtype=torch.long)
         return {"inputs": inputs, "labels": labels, "index": torch.tensor(indices, dtype=torch.long)}
 
@@ -158,7 +168,50 @@ class IndexDataset(torch.utils.data.Dataset):
         return i
 
 
-def make_loader(samples, collator, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0):
+class ImageGroupedBatches(torch.utils.data.Sampler):
+    """Batches made of whole images: all questions of an image land in the same batch,
+    images in a new seeded random order every epoch. With :class:`Collator`'s
+    de-duplication, the image encoder then runs once per image per epoch."""
+
+    def __init__(self, samples: list[Sample], batch_size: int, seed: int):
+        groups: dict[str, list[int]] = {}
+        for i, s in enumerate(samples):
+            groups.setdefault(s.image, []).append(i)
+        self.groups = list(groups.values())
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self._batches = self._make(0)
+
+    def _make(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 100003 + epoch)
+        order = list(range(len(self.groups)))
+        rng.shuffle(order)
+        batches, current = [], []
+        for g in order:
+            group = self.groups[g]
+            if current and len(current) + len(group) > self.batch_size:
+                batches.append(current)
+                current = []
+            current = current + group
+        if current:
+            batches.append(current)
+        return batches
+
+    def __iter__(self):
+        batches = self._batches
+        self.epoch += 1
+        self._batches = self._make(self.epoch)
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+
+def make_loader(samples, collator, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0, group_by_image: bool = False):
+    if group_by_image and shuffle:
+        return torch.utils.data.DataLoader(IndexDataset(len(samples)), batch_sampler=ImageGroupedBatches(samples, batch_size, seed),
+                                           collate_fn=collator, num_workers=num_workers)
     generator = torch.Generator()
     generator.manual_seed(seed)
     return torch.utils.data.DataLoader(

@@ -1,0 +1,73 @@
+"""``mmpeft bench methods``: fine-tune the quickstart with each method on one side at a time.
+
+The other encoder stays frozen (``none``) so each row isolates one method on one
+encoder. Prints and writes (JSON + Markdown) method, side, trainable parameters,
+test accuracy and seconds per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from . import machine_info
+
+METHOD_ORDER = ["none", "bitfit", "lora", "ia3", "adapter", "prompt", "full"]
+
+
+def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results", methods=None, sides=("image", "text"),
+        overrides=(), work_dir: str = "benchmarks/runs") -> list[dict]:
+    from ..config import load_recipe
+    from ..train import finetune
+
+    methods = list(methods or METHOD_ORDER)
+    base = list(overrides)
+    rows = []
+    out_path = Path(out)
+    out_path.mkdir(parents=True, exist_ok=True)
+    done = {}
+    cache = out_path / "methods.json"
+    if cache.is_file():  # resume: keep rows already measured with the same settings
+        prev = json.loads(cache.read_text())
+        if prev.get("overrides") == base and prev.get("recipe") == recipe:
+            done = {(r["side"], r["method"]): r for r in prev["rows"]}
+    jobs = [(side, m) for side in sides for m in methods]
+    for side, method in tqdm(jobs, desc="methods", unit="run"):
+        if (side, method) in done:
+            rows.append(done[(side, method)])
+            continue
+        other = "text" if side == "image" else "image"
+        ov = base + [f"encoders.{side}.peft={{method: {method}}}", f"encoders.{other}.peft={{method: none}}",
+                     f"output.dir={work_dir}", f"output.name={side}_{method}", "output.plots=false"]
+        r = load_recipe(recipe, ov)
+        bundle = finetune(r, overwrite=True)
+        manifest = json.loads((Path(bundle) / "manifest.json").read_text())
+        metrics = json.loads((Path(bundle) / "metrics.json").read_text())
+        enc = manifest["encoders"][side]
+        secs = [h["epoch_seconds"] for h in metrics["history"]]
+        size = sum(i["bytes"] for k, i in manifest["files"].items() if k.startswith(f"encoders/{side}/"))
+        rows.append({
+            "side": side, "method": method, "trainable": enc["trainable_parameters"], "encoder_total": enc["total_parameters"],
+            "head_trainable": manifest["head"]["parameters"], "test_accuracy": metrics["test"]["accuracy"],
+            "seconds_per_epoch": sum(secs) / len(secs), "adapter_bytes": size,
+        })
+        cache.write_text(json.dumps({"recipe": recipe, "overrides": base, "machine": machine_info(), "rows": rows}, indent=2))
+    result = {"recipe": recipe, "overrides": base, "machine": machine_info(), "rows": rows}
+    cache.write_text(json.dumps(result, indent=2))
+    (out_path / "methods.md").write_text(markdown(result))
+    return rows
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"Quickstart recipe `{result['recipe']}` with overrides `{' '.join(result['overrides']) or '(none)'}`; "
+             f"{m['processor']}, {m['cpu_count']} cores, torch {m['torch']} ({m['torch_threads']} threads).", "",
+             "| side | method | trainable params (encoder) | % of encoder | adapter file bytes | test accuracy | s / epoch |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        pct = 100 * r["trainable"] / max(1, r["encoder_total"])
+        lines.append(f"| {r['side']} | {r['method']} | {r['trainable']:,} | {pct:.2f} | {r['adapter_bytes']:,} | "
+                     f"{100 * r['test_accuracy']:.2f} | {r['seconds_per_epoch']:.1f} |")
+    return "\n".join(lines) + "\n"

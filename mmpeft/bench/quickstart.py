@@ -1,0 +1,30 @@
+"""``mmpeft bench quickstart``: time the quickstart end to end and check its accuracy target."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from . import machine_info
+
+
+def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results", overrides=(), target: float = 0.97,
+        budget_s: float = 600.0) -> dict:
+    from ..train import finetune
+
+    start = time.perf_counter()
+    bundle = finetune(recipe, overrides=list(overrides) + ["output.name=quickstart_bench"], overwrite=True)
+    wall = time.perf_counter() - start
+    metrics = json.loads((Path(bundle) / "metrics.json").read_text())
+    result = {
+        "recipe": recipe, "overrides": list(overrides), "machine": machine_info(),
+        "wall_seconds": round(wall, 1), "test_accuracy": metrics["test"]["accuracy"],
+        "test_groups": metrics["test"]["groups"], "epochs_run": len(metrics["history"]),
+        "seconds_per_epoch": [r["epoch_seconds"] for r in metrics["history"]],
+        "target_accuracy": target, "budget_seconds": budget_s,
+        "meets_accuracy": metrics["test"]["accuracy"] >= target, "meets_time": wall <= budget_s,
+    }
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "quickstart.json").write_text(json.dumps(result, indent=2))
+    return result

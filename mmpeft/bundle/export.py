@@ -1,0 +1,85 @@
+"""Export a merged bundle to ONNX (text + image in, answer logits out), checked with onnxruntime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import MMPeftError
+from .io import atomic_directory
+from .merge import merge_in_memory
+
+
+class OnnxWrapper(nn.Module):
+    """Positional tensors -> logits, in the order given by ``input_names``."""
+
+    def __init__(self, model, layout: list[tuple[str, str]]):
+        super().__init__()
+        self.model = model
+        self.layout = layout  # (encoder name, tensor key)
+
+    def forward(self, *tensors):
+        inputs: dict = {}
+        for (name, key), tensor in zip(self.layout, tensors):
+            inputs.setdefault(name, {})[key] = tensor
+        return self.model(inputs)
+
+
+def export_onnx(bundle, out: Path, *, opset: int = 17, overwrite: bool = False, tolerance: float = 1e-4,
+                allow_base_mismatch: bool = False) -> dict:
+    """Merge, export to ``out/model.onnx`` and compare ONNX Runtime with PyTorch on the probe batch.
+
+    Returns:
+        Report with the merge report, ``onnx_max_abs_diff`` (None without onnxruntime) and file names.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise MMPeftError(f"{out} already exists; pass --overwrite or choose another --out")
+    merged, report, inputs = merge_in_memory(bundle, allow_base_mismatch=allow_base_mismatch)
+    model = merged.model.eval()
+    for name, tensors_ in inputs.items():  # the exported graph takes one image per example
+        rows = tensors_.pop("row_index", None)
+        if rows is not None:
+            tensors_["pixel_values"] = tensors_["pixel_values"][rows]
+    layout = [(name, key) for name in model.encoders for key in sorted(inputs[name])]
+    tensors = tuple(inputs[name][key] for name, key in layout)
+    names = [f"{name}.{key}" for name, key in layout]
+    dynamic = {}
+    for (name, key), n in zip(layout, names):
+        dynamic[n] = {0: "batch", 1: "tokens"} if key in ("input_ids", "attention_mask") else {0: "batch"}
+    dynamic["logits"] = {0: "batch"}
+    wrapper = OnnxWrapper(model, layout).eval()
+    with torch.no_grad():
+        expected = wrapper(*tensors).float().numpy()
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        try:
+            torch.onnx.export(wrapper, tensors, str(tmp / "model.onnx"), input_names=names, output_names=["logits"],
+                              dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+        except Exception as exc:  # noqa: BLE001 - exporter failures are reported to the user
+            raise MMPeftError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        diff = None
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            ort = None
+        if ort is not None:
+            session = ort.InferenceSession(str(tmp / "model.onnx"), providers=["CPUExecutionProvider"])
+            got = session.run(["logits"], {n: t.numpy() for n, t in zip(names, tensors)})[0]
+            diff = float(abs(got - expected).max())
+            if diff > tolerance:
+                raise MMPeftError(f"ONNX check failed: max |logit diff| vs PyTorch {diff:.3e} > {tolerance:.0e}; nothing written")
+        for name, enc in model.encoders.items():
+            if enc.modality == "text":
+                enc.tokenizer.save_pretrained(str(tmp / f"tokenizer_{name}"))
+        preprocessing = {
+            name: ({"tokenizer": f"tokenizer_{name}", "max_length": enc.max_length} if enc.modality == "text"
+                   else {"image_size": enc.image_size, "image_mean": list(enc.mean), "image_std": list(enc.std), "resize": "bicubic"})
+            for name, enc in model.encoders.items()
+        }
+        result = {"inputs": names, "output": "logits", "opset": opset, "onnx_max_abs_diff": diff,
+                  "onnxruntime": None if ort is None else ort.__version__, "merge": report}
+        (tmp / "export.json").write_text(json.dumps({**result, "preprocessing": preprocessing, "vocabulary": merged.vocab}, indent=2))
+    return result

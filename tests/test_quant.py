@@ -1,0 +1,103 @@
+"""4-bit / 8-bit quantized frozen encoders (bitsandbytes on CPU) with trainable methods on top."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("bitsandbytes")
+
+from mmpeft.bundle.io import load_bundle, write_bundle_files  # noqa: E402
+from mmpeft.config import load_recipe  # noqa: E402
+from mmpeft.model import build_model  # noqa: E402
+from mmpeft.quant import quantized_layers, weight_bytes  # noqa: E402
+from tests import tiny  # noqa: E402
+from tests.helpers import fixed_batch  # noqa: E402
+
+
+def quant_recipe(assets, tmp_path, bits, text_method="lora", image_method="bitfit", optimizer="adamw"):
+    raw = tiny.recipe_dict(assets["bert"], assets["vit"], assets["data"], tmp_path, text_method=text_method,
+                           image_method=image_method, optimizer=optimizer)
+    q = {"bits": bits, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+    raw["encoders"]["text"]["quantization"] = q
+    raw["encoders"]["image"]["quantization"] = q
+    return load_recipe(raw)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_training_and_exact_reload(assets, tmp_path, bits):
+    recipe = quant_recipe(assets, tmp_path, bits)
+    model = build_model(recipe, num_outputs=3)
+    kind = "Linear4bit" if bits == 4 else "Linear8bitLt"
+    assert quantized_layers(model.encoders["text"]).get(kind, 0) >= 8  # q,k,v,o,ffn x 2 layers
+    assert quantized_layers(model.encoders["image"]).get(kind, 0) >= 8
+    trainable = {n for n, p in model.encoders["text"].named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    inputs, labels = fixed_batch(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(6):
+        loss = F.cross_entropy(model(inputs), labels)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0]
+    model.train(False)
+    with torch.no_grad():
+        logits = model(inputs)
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    manifest = write_bundle_files(bundle, model, recipe, ["a", "b", "c"], {"test": {}})
+    assert manifest["encoders"]["text"]["quantization"]["bits"] == bits
+    loaded = load_bundle(bundle)  # quantizes a fresh base the same way
+    assert quantized_layers(loaded.model.encoders["text"]).get(kind, 0) >= 8
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(inputs), logits, atol=1e-6)
+
+
+def test_nf4_weights_are_smaller(assets, tmp_path):
+    from mmpeft.encoders import build_encoder
+    from mmpeft.config import QuantizationConfig
+
+    full = build_encoder(str(assets["bert"]))
+    q4 = build_encoder(str(assets["bert"]), quantization=QuantizationConfig(bits=4))
+    linear_fp32 = sum(m.weight.numel() * 4 for m in full.modules() if isinstance(m, torch.nn.Linear))
+    saved = weight_bytes(full) - weight_bytes(q4)
+    assert saved > 0.8 * linear_fp32 * (1 - 0.5 / 4)  # 4-bit codes + constants vs float32 weights
+
+
+def test_quantized_merge_dequantizes(assets, tmp_path):
+    from mmpeft.bundle.merge import merge_bundle
+
+    recipe = quant_recipe(assets, tmp_path, 4, image_method="lora")
+    model = build_model(recipe, num_outputs=3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    write_bundle_files(bundle, model, recipe, ["a", "b", "c"], {"test": {}})
+    report = merge_bundle(bundle, tmp_path / "merged", tolerance=1e-4)
+    assert report["dequantized"]["text"] >= 8 and report["max_abs_logit_diff"] <= 1e-4
+    merged = load_bundle(tmp_path / "merged")
+    assert not quantized_layers(merged.model.encoders["text"])
+    assert merged.recipe.encoders["text"].quantization is None
+
+
+def test_8bit_optimizer_step(assets, tmp_path):
+    from mmpeft.train import make_optimizer
+
+    recipe = quant_recipe(assets, tmp_path, 4, optimizer="adamw_8bit")
+    model = build_model(recipe, num_outputs=3)
+    opt = make_optimizer(model, recipe.train)
+    assert type(opt).__name__ == "AdamW8bit"
+    inputs, labels = fixed_batch(model)
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    F.cross_entropy(model(inputs), labels).backward()
+    opt.step()
+    after = [p for p in model.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
