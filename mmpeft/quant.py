@@ -60,6 +60,20 @@ def quantize_plain_model(model: nn.Module, quant, device: str) -> list[str]:
     return replaced
 
 
+def respect_compute_dtype(model: nn.Module, quant) -> int:
+    """bitsandbytes' CPU inference path repacks 4-bit weights on AVX512-BF16 machines and
+    then multiplies in bfloat16, whatever ``compute_dtype`` says. When float32 compute is
+    asked for, turn that path off so eval matches training and merges are exact."""
+    if quant.bits != 4 or quant.compute_dtype != "float32":
+        return 0
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit" and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
 def prepare_for_kbit_training(encoder) -> None:
     """QLoRA preparation: keep norms (and any non-quantized float16/bfloat16 weight) in
     float32 for stable training, and make input embeddings require grad so gradient

@@ -19,5 +19,8 @@ def assets(tmp_path_factory) -> dict:
         "resnet": tiny.make_resnet(root / "resnet"),
         "effnet": tiny.make_efficientnet(root / "effnet"),
         "data": tiny.make_dataset(root / "data"),
+        # bitsandbytes' CPU 4-bit kernels need layer widths of at least one block (64)
+        "bert64": tiny.make_bert(root / "bert64", hidden=64),
+        "vit64": tiny.make_vit(root / "vit64", hidden=64),
         "root": root,
     }

@@ -31,9 +31,10 @@ def fixed_batch(model, n: int = 8, seed: int = 0):
     inputs = {}
     for name, enc in model.encoders.items():
         if enc.modality == "text":
-            inputs[name] = enc.preprocess(["what color is the shape ?", "is there a red shape ?"] * (n // 2))
+            questions = ["what color is the shape ?", "is there a red shape ?", "what is the shape ?"]
+            inputs[name] = enc.preprocess([questions[i % 3] for i in range(n)])
         else:
             images = [Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)) for _ in range(n)]
             inputs[name] = enc.preprocess(images)
-    labels = torch.tensor([i % 3 for i in range(n)])
+    labels = torch.tensor([i % 3 for i in range(n)])  # learnable from the question
     return inputs, labels

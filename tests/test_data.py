@@ -101,5 +101,5 @@ def test_vqa_rad_quirks():
 
 
 def test_vqa_rad_missing_root_message(tmp_path):
-    with pytest.raises(DataError, match=r"VQA-RAD not found .*OSF .*CC0.*data.root="):
+    with pytest.raises(DataError, match=r"VQA-RAD not found .*CC0.*OSF .*data.root="):
         vqa_rad_samples(str(tmp_path / "nowhere"), "train")

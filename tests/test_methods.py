@@ -62,10 +62,10 @@ def test_steps_lower_loss_and_save_load_identical(assets, tmp_path, kind, method
     recipe = recipe_for(assets, kind, method, tmp_path)
     model = build_model(recipe, num_outputs=3)
     inputs, labels = fixed_batch(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
     first = None
-    for _ in range(6):
+    for _ in range(8):
         loss = F.cross_entropy(model(inputs), labels)
         first = loss.item() if first is None else first
         opt.zero_grad()

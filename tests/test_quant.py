@@ -17,7 +17,7 @@ from tests.helpers import fixed_batch  # noqa: E402
 
 
 def quant_recipe(assets, tmp_path, bits, text_method="lora", image_method="bitfit", optimizer="adamw"):
-    raw = tiny.recipe_dict(assets["bert"], assets["vit"], assets["data"], tmp_path, text_method=text_method,
+    raw = tiny.recipe_dict(assets["bert64"], assets["vit64"], assets["data"], tmp_path, text_method=text_method,
                            image_method=image_method, optimizer=optimizer)
     q = {"bits": bits, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
     raw["encoders"]["text"]["quantization"] = q
@@ -35,10 +35,10 @@ def test_quantized_training_and_exact_reload(assets, tmp_path, bits):
     trainable = {n for n, p in model.encoders["text"].named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     inputs, labels = fixed_batch(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
     losses = []
-    for _ in range(6):
+    for _ in range(8):
         loss = F.cross_entropy(model(inputs), labels)
         losses.append(loss.item())
         opt.zero_grad()
@@ -62,8 +62,8 @@ def test_nf4_weights_are_smaller(assets, tmp_path):
     from mmpeft.encoders import build_encoder
     from mmpeft.config import QuantizationConfig
 
-    full = build_encoder(str(assets["bert"]))
-    q4 = build_encoder(str(assets["bert"]), quantization=QuantizationConfig(bits=4))
+    full = build_encoder(str(assets["bert64"]))
+    q4 = build_encoder(str(assets["bert64"]), quantization=QuantizationConfig(bits=4))
     linear_fp32 = sum(m.weight.numel() * 4 for m in full.modules() if isinstance(m, torch.nn.Linear))
     saved = weight_bytes(full) - weight_bytes(q4)
     assert saved > 0.8 * linear_fp32 * (1 - 0.5 / 4)  # 4-bit codes + constants vs float32 weights
@@ -81,8 +81,8 @@ def test_quantized_merge_dequantizes(assets, tmp_path):
     bundle = tmp_path / "b"
     bundle.mkdir()
     write_bundle_files(bundle, model, recipe, ["a", "b", "c"], {"test": {}})
-    report = merge_bundle(bundle, tmp_path / "merged", tolerance=1e-4)
-    assert report["dequantized"]["text"] >= 8 and report["max_abs_logit_diff"] <= 1e-4
+    report = merge_bundle(bundle, tmp_path / "merged")  # default float32 tolerance: 1e-5
+    assert report["dequantized"]["text"] >= 8 and report["max_abs_logit_diff"] <= 1e-5
     merged = load_bundle(tmp_path / "merged")
     assert not quantized_layers(merged.model.encoders["text"])
     assert merged.recipe.encoders["text"].quantization is None

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 WORDS = ["what", "color", "is", "the", "shape", "there", "a", "red", "green", "blue", "?", "yes", "no", "square", "circle"]
 
 
-def make_bert(directory: Path) -> Path:
+def make_bert(directory: Path, hidden: int = 32) -> Path:
     from transformers import BertConfig, BertModel, BertTokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -24,8 +24,8 @@ def make_bert(directory: Path) -> Path:
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tok = BertTokenizer(str(directory / "vocab.txt"))
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=37, max_position_embeddings=64)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=hidden * 2 if hidden > 32 else 37, max_position_embeddings=64)
     BertModel(cfg).save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
@@ -36,11 +36,11 @@ def _processor(directory: Path, size: int) -> None:
         {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "size": {"height": size, "width": size}}))
 
 
-def make_vit(directory: Path) -> Path:
+def make_vit(directory: Path, hidden: int = 32) -> Path:
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(1)
-    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+    ViTModel(ViTConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=hidden * 2 if hidden > 32 else 37,
                        image_size=32, patch_size=8)).save_pretrained(directory)
     _processor(directory, 32)
     return directory
@@ -120,7 +120,7 @@ def recipe_dict(text_dir, image_dir, data_files, out_dir, text_method="lora", im
             "text": {"model": str(text_dir), "max_length": 16, "peft": {"method": text_method}},
             "image": {"model": str(image_dir), "peft": {"method": image_method}},
         },
-        "fusion": {"type": fusion, "hidden_size": 32},
+        "fusion": {"type": fusion, "hidden_size": 32, "dropout": 0.0},
         "task": {"type": "vqa", "group_fields": ["kind"]},
         "data": {"source": "manifest", "train": str(data_files["train"]), "test": str(data_files["test"]), "eval_fraction": 0.25},
         "train": t,

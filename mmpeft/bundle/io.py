@@ -184,7 +184,8 @@ class LoadedBundle:
     vocab: list[str]
 
 
-def load_bundle(path, *, device: str = "cpu", allow_base_mismatch: bool = False, overrides: Sequence[str] = ()) -> LoadedBundle:
+def load_bundle(path, *, device: str = "cpu", allow_base_mismatch: bool = False, overrides: Sequence[str] = (),
+                verify_base: bool = True) -> LoadedBundle:
     """Rebuild the model from its base encoders and a bundle's trained weights.
 
     Args:
@@ -192,6 +193,7 @@ def load_bundle(path, *, device: str = "cpu", allow_base_mismatch: bool = False,
         device: where to put the model.
         allow_base_mismatch: load even if a base encoder's fingerprint differs (warns).
         overrides: dotted recipe overrides that do not change the architecture (e.g. ``data.root=...``).
+        verify_base: compare base fingerprints (internal merges of a de-quantized copy turn it off).
 
     Raises:
         BundleError: missing/tampered files, wrong shapes, or a different base encoder.
@@ -221,7 +223,7 @@ def load_bundle(path, *, device: str = "cpu", allow_base_mismatch: bool = False,
     for name, enc in model.encoders.items():
         entry = manifest["encoders"][name]
         recorded = entry.get("fingerprint")
-        if recorded and recorded != enc.base_fingerprint:
+        if verify_base and recorded and recorded != enc.base_fingerprint:
             message = (
                 f"encoder {name!r}: the base model {recipe.encoders[name].model!r} loaded here has fingerprint "
                 f"{enc.base_fingerprint[:19]}..., but the bundle was trained on a base with {recorded[:19]}... "

@@ -25,30 +25,37 @@ from ..errors import MMPeftError
 from .io import atomic_directory, load_bundle, refresh_file_hashes, write_bundle_files
 
 
-def dequantize_bnb_layers(module: nn.Module) -> list[str]:
-    """Replace bitsandbytes 4-/8-bit Linear layers (also inside peft wrappers) by float32 ``nn.Linear``."""
+def dequantized_weight(layer) -> torch.Tensor:
+    """The float32 weight a bitsandbytes 4-/8-bit Linear computes with, ``[out, in]``."""
     import bitsandbytes as bnb
 
-    replaced = []
-    for parent_name, parent in list(module.named_modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
-                continue
-            if isinstance(child, bnb.nn.Linear4bit):
-                weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state).float()
-            else:
-                state = child.weight
-                scb = getattr(state, "SCB", None)
-                if scb is None:
-                    scb = child.state.SCB
-                weight = (state.data.float() * scb.float().unsqueeze(1) / 127.0)
-            plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
-            plain.weight = nn.Parameter(weight.reshape(child.out_features, child.in_features).cpu(), requires_grad=False)
-            if child.bias is not None:
-                plain.bias = nn.Parameter(child.bias.data.float().cpu(), requires_grad=False)
-            setattr(parent, name, plain)
-            replaced.append(f"{parent_name}.{name}" if parent_name else name)
-    return replaced
+    if isinstance(layer, bnb.nn.Linear4bit):
+        if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+            raise MMPeftError("this 4-bit layer was repacked by bitsandbytes' CPU bf16 kernel and cannot be de-quantized; "
+                              "merge a freshly loaded bundle")
+        weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    else:
+        scb = getattr(layer.weight, "SCB", None)
+        if scb is None:
+            scb = layer.state.SCB
+        weight = layer.weight.data.float() * scb.float().unsqueeze(1) / 127.0  # row-wise absmax int8
+    return weight.reshape(layer.out_features, layer.in_features)
+
+
+def copy_dequantized(source: nn.Module, target: nn.Module) -> int:
+    """Copy every bitsandbytes layer of ``source`` into the same-named float Linear of ``target``."""
+    import bitsandbytes as bnb
+
+    copied = 0
+    for name, module in source.named_modules():
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            dest = target.get_submodule(name)
+            with torch.no_grad():
+                dest.weight.copy_(dequantized_weight(module).to(dest.weight.dtype))
+                if module.bias is not None:
+                    dest.bias.copy_(module.bias.float())
+            copied += 1
+    return copied
 
 
 def probe_batch(loaded, size: int = 16, seed: int = 0):
@@ -94,16 +101,21 @@ def merge_in_memory(bundle, *, tolerance: float = 1e-5, allow_base_mismatch: boo
         MMPeftError: when the max |logit difference| exceeds ``tolerance``.
     """
     reference = load_bundle(bundle, allow_base_mismatch=allow_base_mismatch)
-    merged = load_bundle(bundle, allow_base_mismatch=allow_base_mismatch)
+    quantized = [n for n, c in reference.recipe.encoders.items() if c.quantization is not None]
+    report: dict = {"folded": {}, "kept": {}, "dequantized": {}}
+    if quantized:
+        # A float32 copy of the model whose quantized layers get the exact de-quantized
+        # weights the reference computes with: merging then happens in float32.
+        merged = load_bundle(bundle, overrides=[f"encoders.{n}.quantization=null" for n in quantized], verify_base=False)
+        for n in quantized:
+            report["dequantized"][n] = copy_dequantized(reference.model.encoders[n].model, merged.model.encoders[n].model)
+    else:
+        merged = load_bundle(bundle, allow_base_mismatch=allow_base_mismatch)
     inputs, source = probe_batch(reference, probe_size)
     with torch.no_grad():
         ref_logits = reference.model(inputs).float()
-    report: dict = {"folded": {}, "kept": {}, "dequantized": {}}
-    recipe = merged.recipe
     for name, enc in merged.model.encoders.items():
         method = merged.model.methods[name]
-        if recipe.encoders[name].quantization is not None:
-            report["dequantized"][name] = len(dequantize_bnb_layers(enc.model))
         if method.mergeable and method.merge(enc):
             report["folded"][name] = method.name
         else:

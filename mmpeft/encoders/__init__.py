@@ -79,6 +79,10 @@ def build_encoder(
             encoder = HFTextEncoder(model, hf_model, tokenizer, max_length, pooling)
         else:
             encoder = HFImageEncoder(model, hf_model, load_processor_config(source, revision), image_size, pooling)
+    if quantization is not None:
+        from ..quant import respect_compute_dtype
+
+        respect_compute_dtype(encoder.model, quantization)
     if modality and encoder.modality != modality:
         raise MMPeftError(f"encoder {model!r} reads {encoder.modality}, but the recipe says modality: {modality}")
     for param in encoder.parameters():

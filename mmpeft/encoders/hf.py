@@ -48,6 +48,14 @@ def load_hf_model(source: str, revision: Optional[str], quant, device: str) -> n
         kwargs["device_map"] = {"": device}
     try:
         return AutoModel.from_pretrained(source, **kwargs)
+    except (ImportError, RuntimeError, NotImplementedError) as exc:
+        if quant is None:
+            raise
+        raise MMPeftError(
+            f"cannot load {source!r} quantized to {quant.bits} bits on {device}: {str(exc).splitlines()[0]}. "
+            "bitsandbytes needs a backend for this device (CUDA, or CPU with bitsandbytes >= 0.45): "
+            "pip install -U bitsandbytes, or remove encoders.<name>.quantization from the recipe"
+        ) from None
     except (OSError, ValueError) as exc:
         if Path(source).exists() or "/" not in source:
             raise MMPeftError(f"cannot load encoder model {source!r}: {exc}") from None

@@ -36,5 +36,17 @@ class FullFineTuning(PeftMethod):
     def train_modules(self, encoder):
         return [encoder.model]
 
+    def trainable_state(self, encoder):
+        # Buffers too: batch-norm running statistics change during full fine-tuning.
+        return {n: t.detach().cpu().contiguous() for n, t in encoder.state_dict().items() if t.is_floating_point() or n.endswith("num_batches_tracked")}
+
+    def load(self, encoder, directory) -> None:
+        from .base import check_state, read_safetensors
+
+        state = read_safetensors(directory / "weights.safetensors")
+        expected = self.trainable_state(encoder)
+        check_state(state, {k: v.shape for k, v in expected.items()}, directory / "weights.safetensors")
+        encoder.load_state_dict(state, strict=False)
+
     def merge(self, encoder) -> bool:
         return True
