@@ -204,3 +204,16 @@ def test_share_round_trip(trained, tmp_path):
 def tiny_data_dir(trained) -> Path:
     recipe = yaml.safe_load(Path(trained["recipe"]).read_text())
     return Path(recipe["data"]["train"]).parent
+
+
+def test_classification_task(assets, tmp_path):
+    """task.type=classification: a label per image+text pair, through the same path."""
+    raw = tiny.recipe_dict(assets["bert"], assets["vit"], assets["data"], tmp_path / "adapters", epochs=1)
+    raw["task"] = {"type": "classification", "metric": "macro_f1"}
+    raw["data"]["label_field"] = "kind"
+    recipe = tmp_path / "cls.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    res = runner.invoke(app, ["finetune", str(recipe)])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "adapters" / "tiny" / "manifest.json").read_text())
+    assert manifest["task"] == "classification" and sorted(manifest["vocabulary"]) == ["color", "yes/no"]

@@ -82,6 +82,45 @@ def test_steps_lower_loss_and_save_load_identical(assets, tmp_path, kind, method
     with torch.no_grad():
         again = loaded.model(inputs)
     assert torch.equal(logits, again)
+    # the bundle stores only the method's own parameters: its size follows the trainable count
+    side = "text" if kind == "bert" else "image"
+    trainable = sum(p.numel() for p in model.encoders[side].parameters() if p.requires_grad)
+    stored = sum(f.stat().st_size for f in (bundle / "encoders" / side).iterdir() if f.suffix == ".safetensors")
+    if method == "full":
+        trainable += sum(b.numel() for b in model.encoders[side].buffers() if b.is_floating_point())
+    assert 4 * trainable <= stored <= 4 * trainable + 16_384 + 200 * len(list(model.encoders[side].parameters()))
+
+
+@pytest.mark.parametrize("fusion", ["concat", "gated", "cross_attention", "transformer"])
+@pytest.mark.parametrize("kind,method", [("bert", "lora"), ("vit", "prompt"), ("effnet", "adapter")])
+def test_every_fusion_saves_and_reloads(assets, tmp_path, fusion, kind, method):
+    recipe = recipe_for(assets, kind, method, tmp_path, fusion=fusion)
+    model = build_model(recipe, num_outputs=3).train(False)
+    inputs, _ = fixed_batch(model)
+    with torch.no_grad():
+        logits = model(inputs)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    write_bundle_files(bundle, model, recipe, ["a", "b", "c"], {"test": {}})
+    with torch.no_grad():
+        assert torch.equal(load_bundle(bundle).model(inputs), logits)
+
+
+def test_recipe_shape_mismatch_is_rejected(assets, tmp_path):
+    """A bundle whose tensors do not fit the model its recipe implies is refused."""
+    from mmpeft.bundle.io import refresh_file_hashes
+    from mmpeft.errors import BundleError
+
+    recipe = recipe_for(assets, "effnet", "adapter", tmp_path)
+    model = build_model(recipe, num_outputs=3)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    write_bundle_files(bundle, model, recipe, ["a", "b", "c"], {"test": {}})
+    text = (bundle / "recipe.yaml").read_text().replace("hidden_size: 32", "hidden_size: 48")
+    (bundle / "recipe.yaml").write_text(text)
+    refresh_file_hashes(bundle)
+    with pytest.raises(BundleError, match=r"head.safetensors does not match the model its recipe builds: .*shape mismatch"):
+        load_bundle(bundle)
 
 
 def test_method_registry_errors():

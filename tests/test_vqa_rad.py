@@ -1,0 +1,39 @@
+"""Integration: the medical recipe for a few steps on a small slice of the shared VQA-RAD data."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mmpeft.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+VQA_RAD = ROOT.parent / "shared" / "vqa_rad"
+
+
+@pytest.mark.skipif(not (VQA_RAD / "trainset.json").is_file(), reason="VQA-RAD not present at ../shared/vqa_rad")
+def test_medical_recipe_few_steps(assets, tmp_path):
+    res = CliRunner().invoke(app, [
+        "finetune", str(ROOT / "recipes" / "medical_vqa.yaml"),
+        f"data.root={VQA_RAD}", f"encoders.text.model={assets['bert']}", f"encoders.image.model={assets['effnet']}",
+        "encoders.image.image_size=32", "data.max_train_samples=64", "data.max_eval_samples=16", "data.max_test_samples=40",
+        "train.epochs=1", "train.batch_size=16", f"output.dir={tmp_path}", "output.plots=true",
+    ])
+    assert res.exit_code == 0, res.output
+    bundle = tmp_path / "medical_vqa"
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    test = metrics["test"]
+    assert test["count"] == 40
+    assert set(test["groups"]) == {"answer_type", "question_type", "image_organ"}
+    assert set(test["groups"]["answer_type"]) <= {"OPEN", "CLOSED"}
+    assert test["out_of_vocab"] > 0  # unseen answers are kept and scored wrong
+    assert (bundle / "training_curves.png").is_file() and (bundle / "group_accuracy.png").is_file()
+    res = CliRunner().invoke(app, ["evaluate", str(bundle), f"data.root={VQA_RAD}"])
+    assert res.exit_code == 0 and "reproduced" in res.output, res.output
+
+
+def test_missing_root_is_a_clear_error(tmp_path):
+    res = CliRunner().invoke(app, ["finetune", str(ROOT / "recipes" / "medical_vqa.yaml"), f"data.root={tmp_path / 'none'}"])
+    assert res.exit_code == 2
+    assert "VQA-RAD not found" in res.output and "CC0" in res.output and "data.root" in res.output
