@@ -20,15 +20,32 @@ class MultimodalModel(nn.Module):
         self.encoders = nn.ModuleDict(encoders)
         self.methods = methods
         self.head = head
+        self.feature_caches: dict[str, "FeatureCache"] = {}
 
-    def forward(self, inputs: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+    def enable_feature_cache(self) -> list[str]:
+        """Cache the outputs of fully frozen encoders (method ``none``): each question or image
+        is encoded once, later epochs reuse it. Returns the encoders cached."""
+        for name, method in self.methods.items():
+            if method.name == "none":
+                self.feature_caches[name] = FeatureCache()
+        return list(self.feature_caches)
+
+    def disable_feature_cache(self) -> None:
+        self.feature_caches = {}
+
+    def forward(self, inputs: dict[str, dict[str, torch.Tensor]], keys: dict[str, list] | None = None) -> torch.Tensor:
         """``inputs[name]`` are encoder tensors; an optional ``row_index`` ``[B]`` maps each
-        example to a row of a de-duplicated batch (one image, many questions)."""
+        example to a row of a de-duplicated batch (one image, many questions). ``keys[name]``
+        (question text / image path per tensor row) lets frozen encoders use the feature cache."""
         outputs = {}
         for name, enc in self.encoders.items():
             tensors = dict(inputs[name])
             rows = tensors.pop("row_index", None)
-            out = enc(tensors)
+            cache = self.feature_caches.get(name)
+            if cache is not None and keys is not None and name in keys:
+                out = cache(enc, tensors, keys[name])
+            else:
+                out = enc(tensors)
             if rows is not None:
                 out = EncoderOutput(out.tokens[rows], out.mask[rows], out.pooled[rows])
             outputs[name] = out
@@ -50,6 +67,32 @@ class MultimodalModel(nn.Module):
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.encoders.parameters() if p.requires_grad]
+
+
+class FeatureCache:
+    """Per-example outputs of a frozen encoder, keyed by its input (text or image path)."""
+
+    def __init__(self):
+        self.store: dict = {}
+
+    @torch.no_grad()
+    def __call__(self, encoder, tensors: dict[str, torch.Tensor], keys: list) -> EncoderOutput:
+        missing = [i for i, k in enumerate(keys) if k not in self.store]
+        if missing:
+            index = torch.tensor(missing, device=next(iter(tensors.values())).device)
+            out = encoder({k: v.index_select(0, index) for k, v in tensors.items()})
+            for j, i in enumerate(missing):
+                keep = out.mask[j]
+                self.store[keys[i]] = (out.tokens[j][keep].clone(), out.pooled[j].clone())
+        rows = [self.store[k] for k in keys]
+        length = max(r[0].shape[0] for r in rows)
+        first = rows[0][0]
+        tokens = first.new_zeros(len(rows), length, first.shape[-1])
+        mask = torch.zeros(len(rows), length, dtype=torch.bool, device=first.device)
+        for i, (t, _) in enumerate(rows):
+            tokens[i, : t.shape[0]] = t
+            mask[i, : t.shape[0]] = True
+        return EncoderOutput(tokens, mask, torch.stack([r[1] for r in rows]))
 
 
 @dataclass

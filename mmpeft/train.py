@@ -74,12 +74,12 @@ def make_optimizer(model, t):
 
 
 @torch.no_grad()
-def predict_logits(model, loader, accelerator, desc: str = "eval"):
+def predict_logits(model, loader, accelerator, desc: str = "eval", use_cache: bool = False):
     """Run ``loader`` through the model. Returns ``(logits [N, C], index [N])`` on every process."""
     model.eval()
     all_logits, all_index = [], []
     for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
-        logits = model(batch["inputs"]).float()
+        logits = model(batch["inputs"], batch.get("keys") if use_cache else None).float()
         logits, index = accelerator.gather_for_metrics((logits, batch["index"]))
         all_logits.append(logits.cpu())
         all_index.append(index.cpu())
@@ -159,6 +159,10 @@ def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / t.gradient_accumulation_steps)
     total_steps = steps_per_epoch * t.epochs
     scheduler = cosine_with_warmup(optimizer, int(t.warmup_ratio * total_steps), total_steps)
+    if t.cache_frozen_features and not recipe.data.augment:
+        cached = model.enable_feature_cache()
+        if cached:
+            log(f"caching features of frozen encoder(s): {', '.join(cached)}")
     model, optimizer, train_loader, test_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, test_loader, scheduler)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
@@ -175,7 +179,7 @@ def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{t.epochs}", disable=not accelerator.is_local_main_process, unit="batch")
         for batch in bar:
             with accelerator.accumulate(model):
-                logits = model(batch["inputs"])
+                logits = model(batch["inputs"], batch.get("keys"))
                 loss = F.cross_entropy(logits.float(), batch["labels"], ignore_index=-1, label_smoothing=t.label_smoothing)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.max_grad_norm:
@@ -195,7 +199,7 @@ def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run
         row = {"epoch": epoch, "step": step, "train_loss": running, "epoch_seconds": round(epoch_seconds, 2),
                "samples_per_second": round(seen / max(1e-9, epoch_seconds), 2)}
         if eval_loader is not None and (epoch % t.eval_every_epochs == 0 or epoch == t.epochs):
-            logits, index = predict_logits(model, eval_loader, accelerator)
+            logits, index = predict_logits(model, eval_loader, accelerator, use_cache=True)
             metrics = score(logits, index, splits.eval, vocab, group_fields)
             row.update({f"eval_{k}": v for k, v in summary_row(metrics, group_fields).items()})
             row["eval_loss"] = metrics["loss"]
@@ -222,6 +226,7 @@ def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run
         _load_trainable_state(raw_model, best_state)
         log(f"restored best checkpoint from epoch {best_epoch} ({recipe.task.metric}={best_value:.4f})")
 
+    # The test pass never uses the feature cache, so `mmpeft evaluate` reproduces it exactly.
     logits, index = predict_logits(model, test_loader, accelerator, desc="test")
     test_metrics = score(logits, index, splits.test, vocab, group_fields)
     if writer:

@@ -217,3 +217,19 @@ def test_classification_task(assets, tmp_path):
     assert res.exit_code == 0, res.output
     manifest = json.loads((tmp_path / "adapters" / "tiny" / "manifest.json").read_text())
     assert manifest["task"] == "classification" and sorted(manifest["vocabulary"]) == ["color", "yes/no"]
+
+
+def test_frozen_feature_cache_matches_uncached(assets, tmp_path):
+    import mmpeft
+    from mmpeft.config import load_recipe
+
+    results = []
+    for cache in (True, False):
+        raw = tiny.recipe_dict(assets["bert"], assets["effnet"], assets["data"], tmp_path / f"c{cache}", text_method="none",
+                               image_method="none", epochs=3, cache_frozen_features=cache)
+        raw["encoders"]["image"]["image_size"] = 32
+        bundle = mmpeft.finetune(load_recipe(raw))
+        results.append(json.loads((bundle / "metrics.json").read_text()))
+    cached, plain = results
+    assert [round(r["train_loss"], 4) for r in cached["history"]] == [round(r["train_loss"], 4) for r in plain["history"]]
+    assert cached["test"]["accuracy"] == plain["test"]["accuracy"]

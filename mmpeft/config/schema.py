@@ -89,6 +89,7 @@ class TrainConfig(Strict):
     eval_every_epochs: PositiveInt = Field(1, description="evaluate every N epochs")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="cross-entropy label smoothing")
     seed: NonNegativeInt = Field(0, description="seed for weights, shuffling and dropout")
+    cache_frozen_features: bool = Field(True, description="encode each input of a fully frozen (method none) encoder once and reuse it (not with data.augment)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
     num_workers: NonNegativeInt = Field(0, description="DataLoader worker processes")
     log_every: PositiveInt = Field(20, description="steps between progress-bar/TensorBoard loss updates")

@@ -126,16 +126,18 @@ class Collator:
 
     def __call__(self, indices: list[int]) -> dict:
         rows = [self.samples[i] for i in indices]
-        inputs = {}
+        inputs, keys = {}, {}
         for name, enc in self.encoders.items():
             if enc.modality == "text":
                 inputs[name] = enc.preprocess([r.text for r in rows])
+                keys[name] = [r.text for r in rows]
             elif self.augment_images:
                 inputs[name] = {"pixel_values": torch.stack([self._pixels(name, enc, r.image) for r in rows])}
             else:
                 # VQA datasets ask many questions per image: encode each unique image once
                 # and let the model index rows into it (``row_index``).
                 unique = list(dict.fromkeys(r.image for r in rows))
+                keys[name] = unique
                 if len(unique) == len(rows):
                     inputs[name] = {"pixel_values": torch.stack([self._pixels(name, enc, p) for p in unique])}
                 else:
@@ -143,7 +145,7 @@ class Collator:
                     inputs[name] = {"pixel_values": torch.stack([self._pixels(name, enc, p) for p in unique]),
                                     "row_index": torch.tensor([position[r.image] for r in rows], dtype=torch.long)}
         labels = torch.tensor([self.vocab.encode(r.answer) for r in rows], dtype=torch.long)
-        return {"inputs": inputs, "labels": labels, "index": torch.tensor(indices, dtype=torch.long)}
+        return {"inputs": inputs, "labels": labels, "index": torch.tensor(indices, dtype=torch.long), "keys": keys}
 
     def _pixels(self, name: str, enc, path: str) -> torch.Tensor:
         if self.augment_images:
