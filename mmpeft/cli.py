@@ -14,11 +14,11 @@ from rich.console import Console
 
 from .errors import MMPeftError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parameter-efficient fine-tuning of multimodal models.")
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, help="Parameter-efficient fine-tuning of multimodal models.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (comparison of methods, memory, VQA-RAD).")
 app.add_typer(bench_app, name="bench")
-err = Console(stderr=True, highlight=False)
-console = Console(highlight=False)
+err = Console(stderr=True, highlight=False, width=140)
+console = Console(highlight=False, width=140)
 
 
 def friendly(func):
@@ -271,8 +271,18 @@ def bench_vqa_rad(recipe: str = typer.Option("recipes/medical_vqa.yaml"), out: s
     console.print((Path(out) / "vqa_rad.md").read_text())
 
 
-def main() -> None:
+def quiet_third_party() -> None:
+    """Hide import-time notices of dependencies that say nothing actionable to a user."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main() -> None:
+    quiet_third_party()
     app()
 
 

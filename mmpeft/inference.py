@@ -64,7 +64,7 @@ class Predictor:
         from .data.samples import Sample
 
         rows = [Sample(str(i), str(t), "", {}, f"input {n + 1}") for n, (i, t) in enumerate(zip(images, texts))]
-        self.store.check({"input": rows}, "error")
+        self.store.check({"input": rows}, "error", hint="check the image path")
         collator = Collator(rows, dict(self.model.encoders.items()), self.vocab, self.store)
         results = []
         for start in range(0, len(rows), batch_size):

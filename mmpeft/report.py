@@ -39,7 +39,10 @@ def print_summary(rows, model, recipe, vocab_size: int, splits=None) -> None:
 
     for name, enc in model.encoders.items():
         q = recipe.encoders[name].quantization
-        if q is not None:
+        if q is not None and not quantized_layers(enc):
+            console.print(f"{name}: quantization requested, but {recipe.encoders[name].model!r} has no Linear layer to quantize "
+                          f"(convolutions, embeddings and norms stay full precision); weights {weight_bytes(enc) / 1e6:.1f} MB")
+        elif q is not None:
             est = estimate_training_memory(enc, recipe)
             console.print(
                 f"{name}: {q.bits}-bit base ({q.quant_type if q.bits == 4 else 'int8'}), quantized layers {quantized_layers(enc)}, "

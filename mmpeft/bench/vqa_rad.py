@@ -29,7 +29,7 @@ CONFIGS = {
     "full": {"text": "full", "image": "full"},
 }
 # Learning rates that suit each method (full fine-tuning needs a much smaller one).
-LR = {"none": 1e-3, "lora": 1e-3, "bitfit": 3e-3, "adapter": 1e-3, "prompt": 1e-2, "full": 5e-5}
+LR = {"none": 2e-3, "lora": 2e-3, "bitfit": 3e-3, "adapter": 2e-3, "prompt": 1e-2, "full": 5e-5}
 PUBLISHED = [("MEVF-BAN", 43.9, 75.1, 62.6), ("MMBERT", 63.1, 77.9, 72.0), ("PubMedCLIP", 60.1, 80.0, 72.1), ("M3AE", 67.2, 83.5, 77.0)]
 
 
@@ -45,14 +45,20 @@ def run(recipe: str = "recipes/medical_vqa.yaml", out: str = "benchmarks/results
         if prev.get("overrides") == base and prev.get("recipe") == recipe:
             runs = prev["runs"]
     done = {(r["config"], r["seed"]) for r in runs}
+    from ..config import load_recipe
+
+    recipe_methods = {n: e.peft["method"] for n, e in load_recipe(recipe, base).encoders.items()}
     chosen = list(configs or CONFIGS)
     jobs = [(c, s) for c in chosen for s in seeds if (c, s) not in done]
     for config, seed in tqdm(jobs, desc="vqa-rad runs", unit="run"):
         methods = CONFIGS[config]
         name = f"{config.replace(' ', '_')}_s{seed}"
         lr = LR[methods["image"]]
-        ov = base + [f"encoders.text.peft={{method: {methods['text']}}}", f"encoders.image.peft={{method: {methods['image']}}}",
-                     f"train.seed={seed}", f"train.lr={lr}", f"output.dir={work_dir}", f"output.name={name}"]
+        ov = list(base)
+        for side in ("text", "image"):  # keep the recipe's own settings where its method is the one benchmarked
+            if recipe_methods.get(side) != methods[side]:
+                ov.append(f"encoders.{side}.peft={{method: {methods[side]}}}")
+        ov += [f"train.seed={seed}", f"train.lr={lr}", f"output.dir={work_dir}", f"output.name={name}"]
         start = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "mmpeft.cli", "finetune", recipe, *ov, "--overwrite"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

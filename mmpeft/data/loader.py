@@ -81,7 +81,8 @@ class ImageStore:
             self.images[path] = image
         return image
 
-    def check(self, splits: dict[str, list[Sample]], on_bad_image: str) -> dict[str, list[Sample]]:
+    def check(self, splits: dict[str, list[Sample]], on_bad_image: str,
+              hint: str = "fix the file or set data.on_bad_image: skip to leave such rows out") -> dict[str, list[Sample]]:
         """Open every image before training. ``error``: stop at the first bad one with its
         file and row; ``skip``: drop rows with bad images and report how many."""
         paths = sorted({s.image for rows in splits.values() for s in rows})
@@ -100,8 +101,7 @@ class ImageStore:
                 for s in rows:
                     if s.image in bad:
                         raise DataError(
-                            f"{s.where}: {bad[s.image]}: {s.image} ({len(bad)} bad image(s) in all; "
-                            "fix the file or set data.on_bad_image: skip to leave such rows out)"
+                            f"{s.where}: {bad[s.image]}: {s.image} ({len(bad)} bad image(s) in all; {hint})"
                         )
         kept = {name: [s for s in rows if s.image not in bad] for name, rows in splits.items()}
         skipped = sum(len(splits[n]) - len(kept[n]) for n in splits)

@@ -115,4 +115,11 @@ def check_state(state: dict[str, torch.Tensor], shapes: dict[str, torch.Size], p
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+    """Logical parameter count (4-bit weights counted by their unpacked shape, not their bytes)."""
+    total = 0
+    for p in module.parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        state = getattr(p, "quant_state", None)
+        total += int(torch.Size(state.shape).numel()) if state is not None and getattr(state, "shape", None) is not None else p.numel()
+    return total
