@@ -114,23 +114,24 @@ def write_bundle_files(directory: Path, model, recipe, vocab: Sequence[str], met
         "vocabulary": list(vocab),
         **(extra or {}),
     }
-    manifest["files"] = {}
-    for path in sorted(directory.rglob("*")):
-        if path.is_file() and path.name != "manifest.json":
-            rel = path.relative_to(directory).as_posix()
-            manifest["files"][rel] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    manifest["files"] = file_table(directory)
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def file_table(directory: Path) -> dict[str, dict]:
+    """``{relative path: {bytes, sha256}}`` of every file but the manifest itself."""
+    table = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.name != "manifest.json":
+            table[path.relative_to(directory).as_posix()] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    return table
 
 
 def refresh_file_hashes(directory: Path) -> None:
     """Re-hash the files after adding some (README, plots) and rewrite the manifest."""
     manifest = json.loads((directory / "manifest.json").read_text())
-    manifest["files"] = {}
-    for path in sorted(directory.rglob("*")):
-        if path.is_file() and path.name != "manifest.json":
-            rel = path.relative_to(directory).as_posix()
-            manifest["files"][rel] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    manifest["files"] = file_table(directory)
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 

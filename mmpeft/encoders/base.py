@@ -81,6 +81,37 @@ class Encoder(nn.Module):
         return False
 
 
+class ImageEncoder(Encoder):
+    """Shared image preprocessing (resize + the model's own mean/std) and pixel prompts.
+
+    Subclasses set ``image_size``, ``mean``, ``std`` and implement :meth:`encode_pixels`.
+    """
+
+    modality = "image"
+    image_size: int = 224
+    mean: list = [0.5, 0.5, 0.5]
+    std: list = [0.5, 0.5, 0.5]
+    prompt_offset = 0  # where VPT tokens are inserted (1: after [CLS])
+
+    def preprocess(self, items: list[Any]) -> dict[str, torch.Tensor]:
+        return {"pixel_values": torch.stack([self.pixels(im) for im in items])}
+
+    def pixels(self, image) -> torch.Tensor:
+        """One PIL image -> ``[3, S, S]`` normalised pixels."""
+        from .images import to_pixels
+
+        return to_pixels(image, self.image_size, self.mean, self.std)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> EncoderOutput:
+        pixel_values = inputs["pixel_values"]
+        if self.input_prompt is not None:  # pixel-space prompts (CNN visual prompting)
+            pixel_values, _ = self.input_prompt(pixel_values, None)
+        return self.encode_pixels(pixel_values)
+
+    def encode_pixels(self, pixel_values: torch.Tensor) -> EncoderOutput:
+        raise NotImplementedError
+
+
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over real tokens. tokens ``[B,T,D]``, mask ``[B,T]`` -> ``[B,D]``."""
     weights = mask.to(tokens.dtype).unsqueeze(-1)

@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import MMPeftError
-from .base import Encoder, EncoderOutput, masked_mean
-from .images import to_pixels
+from .base import Encoder, EncoderOutput, ImageEncoder, masked_mean
 
 
 def _quiet_transformers():
@@ -116,10 +115,8 @@ class HFTextEncoder(Encoder):
         self.tokenizer.save_pretrained(directory)
 
 
-class HFImageEncoder(Encoder):
+class HFImageEncoder(ImageEncoder):
     """A transformers vision model (ViT, CLIP/SigLIP vision tower, DINOv2, ConvNeXt, ResNet...)."""
-
-    modality = "image"
 
     def __init__(self, source: str, model: nn.Module, processor_config: dict, image_size: Optional[int], pooling: str = "auto"):
         super().__init__(source, pooling)
@@ -136,16 +133,7 @@ class HFImageEncoder(Encoder):
         # Prompt tokens (VPT) are inserted after the CLS token of ViT-style models.
         self.prompt_offset = 1 if self.arch in ("vit", "deit", "dinov2", "clip_vision_model") else 0
 
-    def preprocess(self, items: list[Any]) -> dict[str, torch.Tensor]:
-        return {"pixel_values": torch.stack([self.pixels(im) for im in items])}
-
-    def pixels(self, image) -> torch.Tensor:
-        return to_pixels(image, self.image_size, self.mean, self.std)
-
-    def forward(self, inputs: dict[str, torch.Tensor]) -> EncoderOutput:
-        pixel_values = inputs["pixel_values"]
-        if self.input_prompt is not None:
-            pixel_values, _ = self.input_prompt(pixel_values, None)
+    def encode_pixels(self, pixel_values: torch.Tensor) -> EncoderOutput:
         out = self.model(pixel_values=pixel_values)
         hidden = out.last_hidden_state
         if hidden.dim() == 4:  # CNN feature map [B, C, H, W] -> tokens [B, HW, C]

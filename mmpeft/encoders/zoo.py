@@ -19,8 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import MMPeftError
-from .base import Encoder, EncoderOutput
-from .images import to_pixels
+from .base import EncoderOutput, ImageEncoder
 
 ZOO_ALIASES = {
     "minilm": "minilm",
@@ -140,10 +139,9 @@ def save_efficientnet(backbone: EfficientNetBackbone, meta: dict, directory) -> 
     (directory / CNN_MARKER).write_text(json.dumps(meta, indent=2))
 
 
-class EfficientNetEncoder(Encoder):
+class EfficientNetEncoder(ImageEncoder):
     """EfficientNet-Lite image encoder; tokens are the final feature-map positions."""
 
-    modality = "image"
     arch = "efficientnet_lite"
 
     def __init__(self, source: str, backbone: EfficientNetBackbone, meta: dict, image_size: Optional[int], pooling: str = "auto"):
@@ -155,16 +153,7 @@ class EfficientNetEncoder(Encoder):
         self.image_size = image_size or meta.get("image_size", 224)
         self.prompt_offset = 0
 
-    def preprocess(self, items: list[Any]) -> dict[str, torch.Tensor]:
-        return {"pixel_values": torch.stack([self.pixels(im) for im in items])}
-
-    def pixels(self, image) -> torch.Tensor:
-        return to_pixels(image, self.image_size, self.mean, self.std)
-
-    def forward(self, inputs: dict[str, torch.Tensor]) -> EncoderOutput:
-        pixel_values = inputs["pixel_values"]
-        if self.input_prompt is not None:
-            pixel_values, _ = self.input_prompt(pixel_values, None)
+    def encode_pixels(self, pixel_values: torch.Tensor) -> EncoderOutput:
         fmap = self.model(pixel_values)
         tokens = fmap.flatten(2).transpose(1, 2)
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)

@@ -14,7 +14,7 @@ from pydantic import Field
 from ..encoders.targets import match_targets
 from ..errors import MMPeftError
 from .base import METHODS, MethodSettings
-from .lora import LoRA, resolve_targets
+from .lora import LoRA, load_peft_weights, resolve_targets
 
 # Regexes keep BERT's attention output projection (attention.output.dense) out of the
 # feed-forward set: IA3 rescales the FFN's intermediate activation, i.e. the input of output.dense.
@@ -59,12 +59,4 @@ class IA3(LoRA):
         return []
 
     def load(self, encoder, directory) -> None:
-        from peft import set_peft_model_state_dict
-        from peft.utils import get_peft_model_state_dict
-
-        from .base import check_state, read_safetensors
-
-        state = read_safetensors(directory / "adapter_model.safetensors")
-        expected = get_peft_model_state_dict(encoder.model)
-        check_state(state, {k: v.shape for k, v in expected.items()}, directory / "adapter_model.safetensors")
-        set_peft_model_state_dict(encoder.model, state)
+        load_peft_weights(encoder, directory)

@@ -51,6 +51,20 @@ def resolve_targets(method: PeftMethod, encoder, requested, kind: str = "lora"):
     return targets, matched
 
 
+def load_peft_weights(encoder, directory: Path) -> None:
+    """Load ``adapter_model.safetensors`` (read as safetensors, never pickle) into a peft model,
+    after checking its tensor names and shapes against what the recipe built."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict
+
+    from .base import check_state
+
+    state = read_safetensors(directory / "adapter_model.safetensors")
+    expected = get_peft_model_state_dict(encoder.model)
+    check_state(state, {k: v.shape for k, v in expected.items()}, directory / "adapter_model.safetensors")
+    set_peft_model_state_dict(encoder.model, state)
+
+
 @METHODS.register("lora")
 class LoRA(PeftMethod):
     Settings = LoraSettings
@@ -85,8 +99,6 @@ class LoRA(PeftMethod):
         return ["adapter_config.json", "adapter_model.safetensors"]
 
     def load(self, encoder, directory: Path) -> None:
-        from peft import set_peft_model_state_dict
-
         cfg_path = directory / "adapter_config.json"
         try:
             cfg = json.loads(cfg_path.read_text())
@@ -94,14 +106,7 @@ class LoRA(PeftMethod):
             raise BundleError(f"{cfg_path}: unreadable adapter config ({exc})") from None
         if cfg.get("r") != self.settings.rank:
             raise BundleError(f"{cfg_path}: rank {cfg.get('r')} differs from the recipe's {self.settings.rank}")
-        state = read_safetensors(directory / "adapter_model.safetensors")
-        from peft.utils import get_peft_model_state_dict
-
-        expected = get_peft_model_state_dict(encoder.model)
-        from .base import check_state
-
-        check_state(state, {k: v.shape for k, v in expected.items()}, directory / "adapter_model.safetensors")
-        set_peft_model_state_dict(encoder.model, state)
+        load_peft_weights(encoder, directory)
 
     def merge(self, encoder) -> bool:
         encoder.model = encoder.model.merge_and_unload()
