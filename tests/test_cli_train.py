@@ -86,6 +86,13 @@ def test_predict_single_and_manifest(trained, assets):
     assert len(rows) == 24
     assert all(abs(sum(t["probability"] for t in r["top_k"])) <= 1.0 + 1e-6 for r in rows)
     assert all(r["answer"] == r["top_k"][0]["answer"] for r in rows)
+    csv_out = trained["work"] / "preds.csv"
+    res = runner.invoke(app, ["predict", str(trained["bundle"]), "--input", str(assets["data"]["test"]), "-o", str(csv_out)])
+    assert res.exit_code == 0, res.output
+    import csv
+
+    table = list(csv.DictReader(csv_out.read_text().splitlines()))
+    assert [r["answer"] for r in table] == [r["answer"] for r in rows]
     res = runner.invoke(app, ["predict", str(trained["bundle"]), "--image", "nope.png", "--question", "q"])
     assert res.exit_code == 2 and "file not found" in res.output and "Traceback" not in res.output
 

@@ -70,8 +70,9 @@ def weight_report(text: str, image: str) -> list[dict]:
         b32 = weight_bytes(fp32)
         b16 = weight_bytes(fp32.to(torch.bfloat16))
         del fp32
-        i8 = weight_bytes(build_encoder(src, quantization=QuantizationConfig(bits=8)))
-        n4 = weight_bytes(build_encoder(src, quantization=QuantizationConfig(bits=4, double_quant=True)))
+        # non-quantized weights (embeddings, norms) in bf16, as in a bf16 QLoRA run
+        i8 = weight_bytes(build_encoder(src, quantization=QuantizationConfig(bits=8, compute_dtype="bfloat16")))
+        n4 = weight_bytes(build_encoder(src, quantization=QuantizationConfig(bits=4, double_quant=True, compute_dtype="bfloat16")))
         rows.append({"encoder": label, "float32": b32, "bfloat16": b16, "int8": i8, "nf4": n4, "nf4_vs_bf16": n4 / b16})
         gc.collect()
     return rows

@@ -29,7 +29,7 @@ CONFIGS = {
     "full": {"text": "full", "image": "full"},
 }
 # Learning rates that suit each method (full fine-tuning needs a much smaller one).
-LR = {"none": 2e-3, "lora": 2e-3, "bitfit": 3e-3, "adapter": 2e-3, "prompt": 1e-2, "full": 5e-5}
+LR = {"none": 5e-4, "lora": 5e-4, "bitfit": 1e-3, "adapter": 5e-4, "prompt": 3e-3, "full": 5e-5}
 PUBLISHED = [("MEVF-BAN", 43.9, 75.1, 62.6), ("MMBERT", 63.1, 77.9, 72.0), ("PubMedCLIP", 60.1, 80.0, 72.1), ("M3AE", 67.2, 83.5, 77.0)]
 
 

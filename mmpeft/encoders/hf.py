@@ -45,6 +45,8 @@ def load_hf_model(source: str, revision: Optional[str], quant, device: str) -> n
     if quant is not None:
         kwargs["quantization_config"] = _bnb_config(quant)
         kwargs["device_map"] = {"": device}
+        # QLoRA practice: weights that are not quantized (embeddings, norms) live in the compute dtype
+        kwargs["dtype"] = getattr(torch, quant.compute_dtype)
     try:
         return AutoModel.from_pretrained(source, **kwargs)
     except (ImportError, RuntimeError, NotImplementedError) as exc:
