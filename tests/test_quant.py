@@ -101,3 +101,25 @@ def test_8bit_optimizer_step(assets, tmp_path):
     opt.step()
     after = [p for p in model.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("method", ["adapter", "prompt", "ia3", "bitfit", "none"])
+def test_every_frozen_base_method_on_4bit(assets, tmp_path, method):
+    recipe = quant_recipe(assets, tmp_path, 4, text_method=method, image_method=method)
+    model = build_model(recipe, num_outputs=3)
+    assert quantized_layers(model.encoders["text"]).get("Linear4bit", 0) >= 8
+    inputs, labels = fixed_batch(model)
+    model.train()
+    loss = F.cross_entropy(model(inputs), labels)
+    loss.backward()
+    if method != "none":
+        grads = [p.grad for p in model.encoders["text"].parameters() if p.requires_grad]
+        assert grads and all(g is not None for g in grads)
+    model.train(False)
+    with torch.no_grad():
+        logits = model(inputs)
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    write_bundle_files(bundle, model, recipe, ["a", "b", "c"], {"test": {}})
+    with torch.no_grad():
+        assert torch.allclose(load_bundle(bundle).model(inputs), logits, atol=1e-6)

@@ -151,6 +151,9 @@ def markdown(result: dict) -> str:
     for r in result["weights"]:
         lines.append(f"| {r['encoder']} | {r['float32'] / 1e6:.1f} | {r['bfloat16'] / 1e6:.1f} | {r['int8'] / 1e6:.1f} | "
                      f"{r['nf4'] / 1e6:.1f} | {r['nf4_vs_bf16']:.2f} |")
+    tot = {k: sum(r[k] for r in result["weights"]) for k in ("float32", "bfloat16", "int8", "nf4")}
+    lines.append(f"| both encoders | {tot['float32'] / 1e6:.1f} | {tot['bfloat16'] / 1e6:.1f} | {tot['int8'] / 1e6:.1f} | "
+                 f"{tot['nf4'] / 1e6:.1f} | {tot['nf4'] / tot['bfloat16']:.2f} |")
     if "training" in result:
         lines += ["", "| configuration | grad. checkpointing | peak MiB | samples/s | trainable |", "|---|---|---:|---:|---:|"]
         for r in result["training"]:
