@@ -108,7 +108,10 @@ def save_plots(directory: Path, history: list[dict], test_metrics: dict, group_f
     if any("eval_loss" in r for r in history):
         ax1.plot([r["epoch"] for r in history if "eval_loss" in r], [r["eval_loss"] for r in history if "eval_loss" in r], marker="o", label="eval loss")
     ax1.set_xlabel("epoch"), ax1.set_title("loss"), ax1.legend()
-    acc_keys = sorted({k for r in history for k in r if k.startswith("eval_") and k not in ("eval_loss", "eval_macro_f1")})
+    # Overall accuracy plus the first group field (e.g. open/closed); more lines are unreadable.
+    first = f"eval_{group_fields[0]}=" if group_fields else None
+    acc_keys = ["eval_accuracy"] + sorted({k for r in history for k in r if first and k.startswith(first)})
+    acc_keys = [k for k in acc_keys if any(k in r for r in history)]
     for key in acc_keys:
         pts = [(r["epoch"], r[key]) for r in history if key in r]
         ax2.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=key[5:])
@@ -119,13 +122,15 @@ def save_plots(directory: Path, history: list[dict], test_metrics: dict, group_f
     fig.savefig(directory / "training_curves.png", dpi=100)
     plt.close(fig)
     written.append("training_curves.png")
-    bars = [(f"{f}={v}", m["accuracy"], m["count"]) for f in group_fields for v, m in test_metrics["groups"].get(f, {}).items()]
+    bars = [(f"{f}={v}", m["accuracy"], m["count"]) for f in group_fields for v, m in test_metrics["groups"].get(f, {}).items()
+            if m["count"] >= 5]  # tiny groups (n < 5) say nothing and crowd the chart
     if bars:
         fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(bars) + 2), 4))
         ax.bar(range(len(bars)), [100 * b[1] for b in bars])
         ax.set_xticks(range(len(bars)), [f"{b[0]}\n(n={b[2]})" for b in bars], rotation=60, ha="right", fontsize=7)
         ax.axhline(100 * test_metrics["accuracy"], color="gray", linestyle="--", label=f"overall {100 * test_metrics['accuracy']:.1f}%")
         ax.set_ylabel("test accuracy (%)"), ax.set_ylim(0, 100), ax.legend()
+        ax.set_title("test accuracy per group (groups with n >= 5)")
         fig.tight_layout()
         fig.savefig(directory / "group_accuracy.png", dpi=100)
         plt.close(fig)

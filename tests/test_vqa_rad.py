@@ -37,3 +37,21 @@ def test_missing_root_is_a_clear_error(tmp_path):
     res = CliRunner().invoke(app, ["finetune", str(ROOT / "recipes" / "medical_vqa.yaml"), f"data.root={tmp_path / 'none'}"])
     assert res.exit_code == 2
     assert "VQA-RAD not found" in res.output and "CC0" in res.output and "data.root" in res.output
+
+
+def shipped_adapters():
+    return sorted(p for p in (ROOT / "adapters").glob("vqa_rad_*") if (p / "manifest.json").is_file())
+
+
+@pytest.mark.skipif(not (VQA_RAD / "trainset.json").is_file(), reason="VQA-RAD not present at ../shared/vqa_rad")
+def test_shipped_adapter_reproduces_and_predicts(monkeypatch):
+    bundles = shipped_adapters()
+    assert bundles, "the shipped VQA-RAD adapter is missing from adapters/"
+    monkeypatch.chdir(ROOT)  # its recipe reads ../shared/vqa_rad relative to the project root
+    res = CliRunner().invoke(app, ["evaluate", str(bundles[0]), f"data.root={VQA_RAD}"])
+    assert res.exit_code == 0 and "reproduced" in res.output, res.output
+    image = sorted((VQA_RAD / "images").iterdir())[0]
+    res = CliRunner().invoke(app, ["predict", str(bundles[0]), "--image", str(image), "--question", "is this a ct scan?"])
+    assert res.exit_code == 0, res.output
+    card = (bundles[0] / "README.md").read_text()
+    assert "not for diagnosis" in card.lower()
