@@ -29,7 +29,7 @@ def evaluate_bundle(path, overrides: Sequence[str] = (), device: str = "cpu", al
     recipe = bundle.recipe
     vocab = Vocabulary(bundle.vocab)
     splits = load_splits(recipe.data, recipe.task.group_fields, recipe.train.seed)
-    store = ImageStore(max_side=max(256, 2 * max((getattr(e, "image_size", 0) for e in bundle.model.encoders.values()), default=0)))
+    store = ImageStore.for_encoders(bundle.model.encoders.values())
     checked = store.check({"test": splits.test}, recipe.data.on_bad_image)
     test = checked["test"]
     stored = json.loads((bundle.path / "metrics.json").read_text())

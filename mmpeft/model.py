@@ -119,7 +119,6 @@ def build_model(recipe, num_outputs: int, device: str = "cpu") -> MultimodalMode
             cfg.model, modality=cfg.modality, revision=cfg.revision, max_length=cfg.max_length,
             image_size=cfg.image_size, pooling=cfg.pooling, quantization=cfg.quantization, device=device,
         )
-        enc.base_fingerprint = None
         if cfg.quantization is not None:
             from .quant import prepare_for_kbit_training
 

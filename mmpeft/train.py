@@ -145,7 +145,7 @@ def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run
     if dry_run:
         return summarize(model, recipe)
 
-    store = ImageStore(max_side=max(256, 2 * max((getattr(e, "image_size", 0) for e in model.encoders.values()), default=0)))
+    store = ImageStore.for_encoders(model.encoders.values())
     checked = store.check({"train": splits.train, "eval": splits.eval, "test": splits.test}, recipe.data.on_bad_image)
     splits.train, splits.eval, splits.test = checked["train"], checked["eval"], checked["test"]
     group_fields = _group_fields(recipe, splits.test)

@@ -38,3 +38,29 @@ def fixed_batch(model, n: int = 8, seed: int = 0):
             inputs[name] = enc.preprocess(images)
     labels = torch.tensor([i % 3 for i in range(n)])  # learnable from the question
     return inputs, labels
+
+
+def train_steps(model, inputs, labels, steps: int = 8, lr: float = 1e-3) -> list[float]:
+    """AdamW steps on one fixed batch; returns the loss seen at each step."""
+    import torch.nn.functional as F
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = F.cross_entropy(model(inputs), labels)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.train(False)
+    return losses
+
+
+def write_and_reload(model, recipe, directory):
+    """Write ``model`` as a bundle in ``directory`` and load it back; returns (manifest, loaded)."""
+    from mmpeft.bundle.io import load_bundle, write_bundle_files
+
+    directory.mkdir()
+    manifest = write_bundle_files(directory, model, recipe, ["a", "b", "c"], {"test": {}})
+    return manifest, load_bundle(directory)

@@ -9,7 +9,7 @@ from mmpeft.bundle.io import load_bundle, write_bundle_files
 from mmpeft.encoders import build_encoder
 from mmpeft.methods import METHODS, build_method
 from mmpeft.model import build_model
-from tests.helpers import ENCODER_KINDS, fixed_batch, recipe_for
+from tests.helpers import ENCODER_KINDS, fixed_batch, recipe_for, train_steps, write_and_reload
 
 ALL_METHODS = METHODS.names()
 
@@ -62,23 +62,12 @@ def test_steps_lower_loss_and_save_load_identical(assets, tmp_path, kind, method
     recipe = recipe_for(assets, kind, method, tmp_path)
     model = build_model(recipe, num_outputs=3)
     inputs, labels = fixed_batch(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    model.train()
-    first = None
-    for _ in range(8):
-        loss = F.cross_entropy(model(inputs), labels)
-        first = loss.item() if first is None else first
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < first
-    model.train(False)
+    losses = train_steps(model, inputs, labels)
+    assert losses[-1] < losses[0]
     with torch.no_grad():
         logits = model(inputs)
     bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    write_bundle_files(bundle, model, recipe, ["a", "b", "c"], {"test": {}})
-    loaded = load_bundle(bundle)
+    _, loaded = write_and_reload(model, recipe, bundle)
     with torch.no_grad():
         again = loaded.model(inputs)
     assert torch.equal(logits, again)

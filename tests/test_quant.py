@@ -13,7 +13,7 @@ from mmpeft.config import load_recipe  # noqa: E402
 from mmpeft.model import build_model  # noqa: E402
 from mmpeft.quant import quantized_layers, weight_bytes  # noqa: E402
 from tests import tiny  # noqa: E402
-from tests.helpers import fixed_batch  # noqa: E402
+from tests.helpers import fixed_batch, train_steps, write_and_reload  # noqa: E402
 
 
 def quant_recipe(assets, tmp_path, bits, text_method="lora", image_method="bitfit", optimizer="adamw"):
@@ -35,24 +35,12 @@ def test_quantized_training_and_exact_reload(assets, tmp_path, bits):
     trainable = {n for n, p in model.encoders["text"].named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     inputs, labels = fixed_batch(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    model.train()
-    losses = []
-    for _ in range(8):
-        loss = F.cross_entropy(model(inputs), labels)
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    losses = train_steps(model, inputs, labels)
     assert losses[-1] < losses[0]
-    model.train(False)
     with torch.no_grad():
         logits = model(inputs)
-    bundle = tmp_path / "b"
-    bundle.mkdir()
-    manifest = write_bundle_files(bundle, model, recipe, ["a", "b", "c"], {"test": {}})
+    manifest, loaded = write_and_reload(model, recipe, tmp_path / "b")  # reload quantizes a fresh base the same way
     assert manifest["encoders"]["text"]["quantization"]["bits"] == bits
-    loaded = load_bundle(bundle)  # quantizes a fresh base the same way
     assert quantized_layers(loaded.model.encoders["text"]).get(kind, 0) >= 8
     with torch.no_grad():
         assert torch.allclose(loaded.model(inputs), logits, atol=1e-6)
@@ -119,8 +107,6 @@ def test_every_frozen_base_method_on_4bit(assets, tmp_path, method):
     model.train(False)
     with torch.no_grad():
         logits = model(inputs)
-    bundle = tmp_path / "b"
-    bundle.mkdir()
-    write_bundle_files(bundle, model, recipe, ["a", "b", "c"], {"test": {}})
+    _, loaded = write_and_reload(model, recipe, tmp_path / "b")
     with torch.no_grad():
-        assert torch.allclose(load_bundle(bundle).model(inputs), logits, atol=1e-6)
+        assert torch.allclose(loaded.model(inputs), logits, atol=1e-6)

@@ -71,6 +71,12 @@ class ImageStore:
         self.images: dict[str, Image.Image] = {}
         self.pixels: dict[tuple[str, str], torch.Tensor] = {}
 
+    @classmethod
+    def for_encoders(cls, encoders) -> "ImageStore":
+        """Keep decoded images at twice the largest encoder input (at least 256 px)."""
+        largest = max((getattr(e, "image_size", 0) for e in encoders), default=0)
+        return cls(max_side=max(256, 2 * largest))
+
     def get(self, path: str) -> Image.Image:
         image = self.images.get(path)
         if image is None:

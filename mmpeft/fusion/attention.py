@@ -66,7 +66,7 @@ class CrossAttentionHead(FusionHead):
         ctx_mask = torch.cat([outputs[m].mask for m in self.others], dim=1)
         q0, ctx0 = q, ctx
         for layer in self.q_layers:
-            q = layer(q, q_mask, ctx0 if not self.r_layers else ctx, ctx_mask)
+            q = layer(q, q_mask, ctx0, ctx_mask)
         pooled = [masked_mean(q, q_mask)]
         if self.r_layers:
             for layer in self.r_layers:
