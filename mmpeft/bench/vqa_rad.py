@@ -49,7 +49,8 @@ def run(recipe: str = "recipes/medical_vqa.yaml", out: str = "benchmarks/results
 
     recipe_methods = {n: e.peft["method"] for n, e in load_recipe(recipe, base).encoders.items()}
     chosen = list(configs or CONFIGS)
-    jobs = [(c, s) for c in chosen for s in seeds if (c, s) not in done]
+    # seed-major, so a benchmark stopped part-way still has every configuration at the seeds it reached
+    jobs = [(c, s) for s in seeds for c in chosen if (c, s) not in done]
     for config, seed in tqdm(jobs, desc="vqa-rad runs", unit="run"):
         methods = CONFIGS[config]
         name = f"{config.replace(' ', '_')}_s{seed}"
@@ -80,10 +81,27 @@ def run(recipe: str = "recipes/medical_vqa.yaml", out: str = "benchmarks/results
             "question_type": {k: v["accuracy"] for k, v in metrics["test"]["groups"].get("question_type", {}).items()},
         })
         cache.write_text(json.dumps({"recipe": recipe, "overrides": base, "machine": machine_info(), "runs": runs}, indent=2))
-    result = {"recipe": recipe, "overrides": base, "machine": machine_info(), "runs": runs, "summary": summarize(runs)}
+    result = {"recipe": recipe, "overrides": base, "machine": machine_info(), "settings": settings(recipe, base),
+              "runs": runs, "summary": summarize(runs)}
     cache.write_text(json.dumps(result, indent=2))
     (out_path / "vqa_rad.md").write_text(markdown(result))
     return result
+
+
+def settings(recipe: str, overrides: list[str]) -> str:
+    """The training settings every run shares, printed beside the table."""
+    from ..config import load_recipe
+
+    r = load_recipe(recipe, overrides)
+    img = r.encoders.get("image")
+    txt = r.encoders.get("text")
+    t = r.train
+    lrs = ", ".join(f"{m} {lr:g}" for m, lr in LR.items())
+    return (f"text {txt.model if txt else '-'} (max {txt.max_length if txt else '-'} tokens), image "
+            f"{img.model if img else '-'} at {img.image_size if img else '-'} px; {r.fusion.get('type')} head (hidden "
+            f"{r.fusion.get('hidden_size', 'default')}); {t.epochs} epochs (early stopping patience {t.early_stopping_patience} on the "
+            f"{r.data.eval_fraction:.0%} validation split), batch {t.batch_size}, AdamW, encoder lr per method "
+            f"({lrs}), head lr {t.head_lr:g}, label smoothing {t.label_smoothing:g}")
 
 
 def _peak_rss_mib(log: str) -> float | None:
@@ -114,7 +132,10 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"Recipe `{result['recipe']}`, overrides `{' '.join(result['overrides']) or '(none)'}`; "
              f"{m['cuda'] or m['processor']}, {m['cpu_count']} CPU cores, torch {m['torch']}. Test split: 451 questions "
-             "(179 open, 272 closed); mean ± std over seeds.", "",
+             "(179 open, 272 closed); mean ± std over seeds.", ""]
+    if result.get("settings"):
+        lines += [f"Settings: {result['settings']}.", ""]
+    lines += [
              "| configuration | seeds | open | closed | overall | trainable params | % of total | peak memory MiB | s / epoch |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["summary"]:
