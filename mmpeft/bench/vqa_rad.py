@@ -144,4 +144,24 @@ def markdown(result: dict) -> str:
                      f"{r['trainable']:,} | {r['trainable_pct']:.2f} | {r['peak_mib']:.0f} | {r['epoch_seconds']:.1f} |")
     for name, o, c, a in PUBLISHED:
         lines.append(f"| {name} (published) | | {o} | {c} | {a} | | | | |")
-    return "\n".join(lines) + "\n"
+    check = goals(result["summary"])
+    return "\n".join(lines + ([""] + [check] if check else [])) + "\n"
+
+
+def goals(summary: list[dict]) -> str:
+    """The issue's goals checked against the best PEFT configuration (by mean overall accuracy)."""
+    peft = [r for r in summary if r["config"] not in ("head only", "full")]
+    if not peft:
+        return ""
+    best = max(peft, key=lambda r: r["overall"][0])
+    full = next((r for r in summary if r["config"] == "full"), None)
+    mark = lambda ok: "met" if ok else "missed"  # noqa: E731
+    parts = [f"overall >= 72: {best['overall'][0]:.1f} ({mark(best['overall'][0] >= 72)})",
+             f"closed >= 80: {best['closed'][0]:.1f} ({mark(best['closed'][0] >= 80)})",
+             f"trainable <= 2%: {best['trainable_pct']:.2f}% ({mark(best['trainable_pct'] <= 2)})"]
+    if full:
+        gap = full["overall"][0] - best["overall"][0]
+        parts.append(f"within 1 point of full fine-tuning ({full['overall'][0]:.1f}): {gap:+.1f} ({mark(gap <= 1)})")
+    else:
+        parts.append("within 1 point of full fine-tuning: full not run yet")
+    return f"Goals, best PEFT configuration `{best['config']}` ({best['seeds']} seed(s)): " + "; ".join(parts) + "."

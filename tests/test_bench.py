@@ -1,0 +1,44 @@
+"""Benchmark summaries: mean +- std over seeds and the goal check are computed, not typed in."""
+import pytest
+
+from mmpeft.bench.vqa_rad import goals, markdown, summarize
+
+
+def _run(config, seed, open_, closed, overall, trainable=100, total=10_000):
+    return {"config": config, "seed": seed, "open": open_, "closed": closed, "overall": overall, "trainable": trainable,
+            "total": total, "peak_rss_mib": 1000.0 + seed, "epoch_seconds": 10.0 + seed}
+
+
+def test_summary_mean_std_over_seeds():
+    runs = [_run("lora", 0, 0.60, 0.80, 0.72), _run("lora", 1, 0.64, 0.78, 0.74), _run("head only", 0, 0.5, 0.7, 0.6)]
+    rows = {r["config"]: r for r in summarize(runs)}
+    lora = rows["lora"]
+    assert lora["seeds"] == 2
+    assert lora["open"][0] == pytest.approx(62.0) and lora["open"][1] == pytest.approx(2.8284271, rel=1e-6)
+    assert lora["overall"][0] == pytest.approx(73.0)
+    assert lora["trainable_pct"] == pytest.approx(1.0)
+    assert lora["peak_mib"] == 1001.0 and lora["epoch_seconds"] == pytest.approx(10.5)
+    assert rows["head only"]["open"] == (pytest.approx(50.0), 0.0)
+
+
+def test_goals_pick_best_peft_and_compare_with_full():
+    runs = [_run("lora", 0, 0.6, 0.81, 0.73, trainable=150), _run("bitfit", 0, 0.6, 0.7, 0.65),
+            _run("full", 0, 0.6, 0.8, 0.745, trainable=10_000), _run("head only", 0, 0.7, 0.9, 0.9)]
+    text = goals(summarize(runs))
+    # head only and full are not PEFT configurations, so lora is the best one even though head only scores higher
+    assert "`lora`" in text
+    assert "overall >= 72: 73.0 (met)" in text and "closed >= 80: 81.0 (met)" in text
+    assert "trainable <= 2%: 1.50% (met)" in text
+    assert "(74.5): +1.5 (missed)" in text
+    assert "full not run yet" in goals(summarize(runs[:2]))
+    assert goals(summarize([runs[3]])) == ""
+
+
+def test_markdown_prints_settings_and_published_rows():
+    runs = [_run("lora", 0, 0.6, 0.8, 0.72)]
+    machine = {"cuda": None, "processor": "cpu", "cpu_count": 2, "torch": "2.x"}
+    text = markdown({"recipe": "r.yaml", "overrides": [], "machine": machine, "settings": "160 px, 15 epochs",
+                     "summary": summarize(runs)})
+    assert "Settings: 160 px, 15 epochs." in text
+    assert "| lora | 1 | 60.0 ± 0.0 | 80.0 ± 0.0 | 72.0 ± 0.0 | 100 | 1.00 | 1000 | 10.0 |" in text
+    assert "| PubMedCLIP (published) | | 60.1 | 80.0 | 72.1 |" in text
