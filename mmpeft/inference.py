@@ -55,7 +55,8 @@ class Predictor:
         self.bundle = load_bundle(path, device=device, allow_base_mismatch=allow_base_mismatch)
         self.model = self.bundle.model
         self.vocab = Vocabulary(self.bundle.vocab)
-        self.store = ImageStore()
+        # same downsizing as training and `evaluate`, so predict gives the probabilities evaluate scored
+        self.store = ImageStore.for_encoders(self.model.encoders.values())
         self.device = device
 
     @torch.no_grad()

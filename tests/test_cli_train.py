@@ -74,6 +74,34 @@ def test_existing_bundle_is_not_overwritten(trained):
     assert res.exit_code == 1 and "already exists" in res.output
 
 
+def test_predict_preprocesses_like_evaluate(trained, tmp_path):
+    """A large image is downsized the way training and `evaluate` downsize it, so predict's
+    probabilities are the ones evaluate scored (not a second, differently resized copy)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from mmpeft.data import Collator, ImageStore
+    from mmpeft.data.samples import Sample
+    from mmpeft.inference import Predictor
+
+    path = tmp_path / "large.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (700, 900, 3), dtype=np.uint8)).save(path)
+    predictor = Predictor(trained["bundle"])
+    got = predictor.predict([str(path)], ["what color is the shape ?"], top_k=3)[0]["top_k"]
+    model = predictor.model
+    training_store = ImageStore.for_encoders(model.encoders.values())
+    image_encoder = model.encoders["image"]
+    assert torch.equal(image_encoder.pixels(predictor.store.get(str(path))), image_encoder.pixels(training_store.get(str(path))))
+    rows = [Sample(str(path), "what color is the shape ?", "", {}, "row 1")]
+    batch = Collator(rows, dict(model.encoders.items()), predictor.vocab, training_store)([0])
+    with torch.no_grad():
+        probs = model(batch["inputs"]).float().softmax(-1)[0]
+    top = probs.topk(3)
+    assert [r["answer"] for r in got] == [predictor.vocab.answers[i] for i in top.indices.tolist()]
+    assert [r["probability"] for r in got] == [round(p, 6) for p in top.values.tolist()]
+
+
 def test_predict_single_and_manifest(trained, assets):
     data = Path(assets["data"]["test"]).parent
     res = runner.invoke(app, ["predict", str(trained["bundle"]), "--image", str(data / "images/test_1.png"),

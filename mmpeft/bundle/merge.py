@@ -65,16 +65,16 @@ def probe_batch(loaded, size: int = 16, seed: int = 0):
     from ..tasks import Vocabulary
 
     vocab = Vocabulary(loaded.vocab)
+    store = ImageStore.for_encoders(loaded.model.encoders.values())  # one decode per image, check and batch alike
     rows, source = None, "synthetic"
     try:
         splits = load_splits(loaded.recipe.data, loaded.recipe.task.group_fields, loaded.recipe.train.seed)
         rng = random.Random(seed)
         rows = rng.sample(splits.test, min(size, len(splits.test)))
-        ImageStore().check({"probe": rows}, "error")
+        store.check({"probe": rows}, "error")
         source = "bundle test data"
     except Exception:  # noqa: BLE001 - data not reachable here: fall back to synthetic inputs
         rows = None
-    store = ImageStore()
     if rows is None:
         import numpy as np
         from PIL import Image
