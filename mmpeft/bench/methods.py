@@ -1,8 +1,9 @@
 """``mmpeft bench methods``: fine-tune the quickstart with each method on one side at a time.
 
 The other encoder stays frozen (``none``) so each row isolates one method on one
-encoder. Every method uses the recipe's learning rates except ``full`` (``METHOD_LR``). Prints and writes (JSON + Markdown) method, side, trainable parameters,
-test accuracy and seconds per epoch.
+encoder. Every method uses the recipe's learning rates except ``full``
+(``FULL_FINETUNE_LR``). Prints and writes (JSON + Markdown) method, side, trainable
+parameters, test accuracy and seconds per epoch.
 """
 
 from __future__ import annotations
@@ -12,11 +13,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import machine_info
+from . import FULL_FINETUNE_LR, machine_info
 
 METHOD_ORDER = ["none", "bitfit", "lora", "ia3", "adapter", "prompt", "full"]
-# Full fine-tuning of a pretrained encoder needs a far smaller learning rate than adapters.
-METHOD_LR = {"full": 5e-5}
 
 
 def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results", methods=None, sides=("image", "text"),
@@ -43,8 +42,8 @@ def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results"
         other = "text" if side == "image" else "image"
         ov = base + [f"encoders.{side}.peft={{method: {method}}}", f"encoders.{other}.peft={{method: none}}",
                      f"output.dir={work_dir}", f"output.name={side}_{method}", "output.plots=false"]
-        if method in METHOD_LR:
-            ov.append(f"train.lr={METHOD_LR[method]}")
+        if method == "full":
+            ov.append(f"train.lr={FULL_FINETUNE_LR}")
         r = load_recipe(recipe, ov)
         bundle = finetune(r, overwrite=True)
         manifest = json.loads((Path(bundle) / "manifest.json").read_text())

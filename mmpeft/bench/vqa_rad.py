@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import machine_info
+from . import FULL_FINETUNE_LR, machine_info
 
 CONFIGS = {
     "head only": {"text": "none", "image": "none"},
@@ -29,7 +29,7 @@ CONFIGS = {
     "full": {"text": "full", "image": "full"},
 }
 # Learning rates that suit each method (full fine-tuning needs a much smaller one).
-LR = {"none": 5e-4, "lora": 5e-4, "bitfit": 1e-3, "adapter": 5e-4, "prompt": 3e-3, "full": 5e-5}
+LR = {"none": 5e-4, "lora": 5e-4, "bitfit": 1e-3, "adapter": 5e-4, "prompt": 3e-3, "full": FULL_FINETUNE_LR}
 PUBLISHED = [("MEVF-BAN", 43.9, 75.1, 62.6), ("MMBERT", 63.1, 77.9, 72.0), ("PubMedCLIP", 60.1, 80.0, 72.1), ("M3AE", 67.2, 83.5, 77.0)]
 
 
@@ -47,7 +47,8 @@ def run(recipe: str = "recipes/medical_vqa.yaml", out: str = "benchmarks/results
     done = {(r["config"], r["seed"]) for r in runs}
     from ..config import load_recipe
 
-    recipe_methods = {n: e.peft["method"] for n, e in load_recipe(recipe, base).encoders.items()}
+    loaded = load_recipe(recipe, base)
+    recipe_methods = {n: e.peft["method"] for n, e in loaded.encoders.items()}
     chosen = list(configs or CONFIGS)
     # seed-major, so a benchmark stopped part-way still has every configuration at the seeds it reached
     jobs = [(c, s) for s in seeds for c in chosen if (c, s) not in done]
@@ -81,18 +82,15 @@ def run(recipe: str = "recipes/medical_vqa.yaml", out: str = "benchmarks/results
             "question_type": {k: v["accuracy"] for k, v in metrics["test"]["groups"].get("question_type", {}).items()},
         })
         cache.write_text(json.dumps({"recipe": recipe, "overrides": base, "machine": machine_info(), "runs": runs}, indent=2))
-    result = {"recipe": recipe, "overrides": base, "machine": machine_info(), "settings": settings(recipe, base),
+    result = {"recipe": recipe, "overrides": base, "machine": machine_info(), "settings": settings(loaded),
               "runs": runs, "summary": summarize(runs)}
     cache.write_text(json.dumps(result, indent=2))
     (out_path / "vqa_rad.md").write_text(markdown(result))
     return result
 
 
-def settings(recipe: str, overrides: list[str]) -> str:
-    """The training settings every run shares, printed beside the table."""
-    from ..config import load_recipe
-
-    r = load_recipe(recipe, overrides)
+def settings(r) -> str:
+    """The training settings every run shares (from the loaded recipe), printed beside the table."""
     img = r.encoders.get("image")
     txt = r.encoders.get("text")
     t = r.train

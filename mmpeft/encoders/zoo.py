@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -151,7 +151,6 @@ class EfficientNetEncoder(ImageEncoder):
         self.hidden_size = backbone.net._bn1.num_features
         self.mean, self.std = meta["image_mean"], meta["image_std"]
         self.image_size = image_size or meta.get("image_size", 224)
-        self.prompt_offset = 0
 
     def encode_pixels(self, pixel_values: torch.Tensor) -> EncoderOutput:
         fmap = self.model(pixel_values)
