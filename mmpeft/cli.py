@@ -265,9 +265,10 @@ def bench_vqa_rad(recipe: str = typer.Option("recipes/medical_vqa.yaml"), out: s
                   configs: Optional[str] = typer.Option(None, help="comma-separated subset of: head only,lora,bitfit,adapter,prompt,full"),
                   seeds: str = typer.Option("0,1,2"), overrides: Optional[List[str]] = typer.Argument(None)):
     """Each method on both encoders of the medical recipe, over seeds (resumable)."""
+    from .bench import parse_seeds
     from .bench.vqa_rad import run
 
-    run(recipe, out, configs.split(",") if configs else None, tuple(int(s) for s in seeds.split(",")), overrides or [])
+    run(recipe, out, configs.split(",") if configs else None, parse_seeds(seeds), overrides or [])
     console.print((Path(out) / "vqa_rad.md").read_text())
 
 

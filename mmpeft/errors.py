@@ -37,3 +37,9 @@ class BundleError(MMPeftError):
     """A bundle is missing, malformed, tampered with or does not fit its base."""
 
     exit_code = 2
+
+
+class UsageError(MMPeftError):
+    """A command-line option has a value the command cannot use."""
+
+    exit_code = 2

@@ -42,3 +42,27 @@ def test_markdown_prints_settings_and_published_rows():
     assert "Settings: 160 px, 15 epochs." in text
     assert "| lora | 1 | 60.0 ± 0.0 | 80.0 ± 0.0 | 72.0 ± 0.0 | 100 | 1.00 | 1000 | 10.0 |" in text
     assert "| PubMedCLIP (published) | | 60.1 | 80.0 | 72.1 |" in text
+
+
+def test_bad_subset_or_override_stops_before_any_run(tmp_path):
+    """A typo in --configs, --methods, --sides, --seeds or an override is reported before
+    anything is trained or written, with the available choices."""
+    from mmpeft.bench import choose, parse_seeds
+    from mmpeft.bench import methods as bench_methods
+    from mmpeft.bench import vqa_rad
+    from mmpeft.errors import RecipeError, UsageError
+
+    assert choose(None, ["a", "b"], "--x") == ["a", "b"]
+    assert choose(["b"], ["a", "b"], "--x") == ["b"]
+    with pytest.raises(UsageError, match=r"--configs: unknown 'fulll'; did you mean 'full'\? \(available: head only, lora"):
+        vqa_rad.run(configs=["lora", "fulll"], out=str(tmp_path / "out"), work_dir=str(tmp_path / "runs"))
+    with pytest.raises(UsageError, match="--methods: unknown 'lroa'; did you mean 'lora'"):
+        bench_methods.run(methods=["lroa"], out=str(tmp_path / "out"), work_dir=str(tmp_path / "runs"))
+    with pytest.raises(UsageError, match="--sides: unknown 'audio'"):
+        bench_methods.run(sides=["audio"], out=str(tmp_path / "out"), work_dir=str(tmp_path / "runs"))
+    with pytest.raises(RecipeError, match="bach_size"):
+        vqa_rad.run(configs=["lora"], overrides=["train.bach_size=8"], out=str(tmp_path / "out"), work_dir=str(tmp_path / "runs"))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+    assert parse_seeds("0,1,2") == (0, 1, 2)
+    with pytest.raises(UsageError, match="--seeds: expected comma-separated integers"):
+        parse_seeds("0,one")

@@ -1,7 +1,10 @@
 """Benchmarks run as commands (never as timed tests); each prints the machine and settings."""
 
+import difflib
 import os
 import platform
+
+from ..errors import UsageError
 
 # Full fine-tuning of a pretrained encoder needs a far smaller learning rate than adapters
 # (2e-3 took the easy-VQA text encoder to 52.5%; 5e-5 to 82.9%).
@@ -29,3 +32,25 @@ def machine_info() -> dict:
     except OSError:
         pass
     return info
+
+
+def choose(requested, available, option: str) -> list:
+    """Check a benchmark's subset option before any run starts (a typo would otherwise fail
+    only when its turn comes, after the runs before it). ``None`` means all of ``available``."""
+    if requested is None:
+        return list(available)
+    chosen = [str(r).strip() for r in requested]
+    for name in chosen:
+        if name not in available:
+            close = difflib.get_close_matches(name, list(available), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UsageError(f"{option}: unknown {name!r}{hint} (available: {', '.join(available)})")
+    return chosen
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` -> ``(0, 1, 2)``, with an error that names the option."""
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise UsageError(f"--seeds: expected comma-separated integers such as 0,1,2 (got {text!r})") from None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import FULL_FINETUNE_LR, machine_info
+from . import FULL_FINETUNE_LR, choose, machine_info
 
 METHOD_ORDER = ["none", "bitfit", "lora", "ia3", "adapter", "prompt", "full"]
 
@@ -23,7 +23,8 @@ def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results"
     from ..config import load_recipe
     from ..train import finetune
 
-    methods = list(methods or METHOD_ORDER)
+    methods = choose(methods, METHOD_ORDER, "--methods")
+    sides = choose(sides, ("image", "text"), "--sides")
     base = list(overrides)
     rows = []
     out_path = Path(out)

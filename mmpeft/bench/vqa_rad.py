@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import FULL_FINETUNE_LR, machine_info
+from . import FULL_FINETUNE_LR, choose, machine_info
 
 CONFIGS = {
     "head only": {"text": "none", "image": "none"},
@@ -35,21 +35,22 @@ PUBLISHED = [("MEVF-BAN", 43.9, 75.1, 62.6), ("MMBERT", 63.1, 77.9, 72.0), ("Pub
 
 def run(recipe: str = "recipes/medical_vqa.yaml", out: str = "benchmarks/results", configs=None, seeds=(0, 1, 2),
         overrides=(), work_dir: str = "benchmarks/runs/vqa_rad") -> dict:
+    from ..config import load_recipe
+
+    # bad input stops here, before anything is written or trained
+    base = list(overrides)
+    chosen = choose(configs, list(CONFIGS), "--configs")
+    loaded = load_recipe(recipe, base)
     out_path = Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
     cache = out_path / "vqa_rad.json"
-    base = list(overrides)
     runs: list[dict] = []
     if cache.is_file():
         prev = json.loads(cache.read_text())
         if prev.get("overrides") == base and prev.get("recipe") == recipe:
             runs = prev["runs"]
     done = {(r["config"], r["seed"]) for r in runs}
-    from ..config import load_recipe
-
-    loaded = load_recipe(recipe, base)
     recipe_methods = {n: e.peft["method"] for n, e in loaded.encoders.items()}
-    chosen = list(configs or CONFIGS)
     # seed-major, so a benchmark stopped part-way still has every configuration at the seeds it reached
     jobs = [(c, s) for s in seeds for c in chosen if (c, s) not in done]
     for config, seed in tqdm(jobs, desc="vqa-rad runs", unit="run"):
