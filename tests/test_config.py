@@ -27,7 +27,7 @@ def test_valid_recipe_fills_method_defaults():
     assert r.encoders["text"].peft == {"method": "lora", "rank": 4, "alpha": 16.0, "dropout": 0.0,
                                        "target_modules": None, "use_dora": False, "use_rslora": False}
     assert r.encoders["image"].peft == {"method": "bitfit"}
-    assert r.fusion == {"type": "gated", "hidden_size": 256, "dropout": 0.1}
+    assert r.fusion == {"type": "gated", "hidden_size": 256, "dropout": 0.1, "gate_input": "inputs"}
 
 
 def test_all_problems_reported_with_paths_and_suggestions():

@@ -60,3 +60,38 @@ def test_gated_gate_mixes_modalities():
     outs = outputs(dims)
     z = head.gate(torch.cat([head.norms[m](outs[m].pooled) for m in head.names], -1)).view(3, 2, 16).softmax(1)
     assert torch.allclose(z.sum(1), torch.ones(3, 16))
+
+
+def test_gated_gate_on_projections():
+    """The projections gate is (N*H)^2 + N*H weights whatever the encoder widths, and
+    computes z from [tanh(W_m x_m)] exactly."""
+    torch.manual_seed(0)
+    dims = {"text": 8, "image": 40}
+    wide = build_fusion({"type": "gated", "hidden_size": 16}, dims, 4)
+    narrow = build_fusion({"type": "gated", "hidden_size": 16, "gate_input": "projections", "dropout": 0.0}, dims, 4).eval()
+    assert sum(p.numel() for p in wide.gate.parameters()) == 48 * 32 + 32
+    assert sum(p.numel() for p in narrow.gate.parameters()) == 32 * 32 + 32
+    outs = outputs(dims)
+    hs = torch.stack([torch.tanh(narrow.proj[m](narrow.norms[m](outs[m].pooled))) for m in narrow.names], 1)
+    z = narrow.gate(hs.flatten(1)).view(3, 2, 16).softmax(1)
+    assert torch.allclose(narrow(outs), narrow.out(narrow.mlp((z * hs).sum(1))), atol=1e-6)
+    with pytest.raises(Exception, match="gate_input"):
+        build_fusion({"type": "gated", "gate_input": "raw"}, dims, 4)
+
+
+def test_hadamard_is_the_product_of_projections():
+    """MLB: logits = classifier(prod_m tanh(W_m LN(x_m))); a modality whose projection
+    is zero silences the whole fused vector (multiplicative, not additive)."""
+    torch.manual_seed(0)
+    dims = {"text": 8, "image": 12, "audio": 6}
+    head = build_fusion({"type": "hadamard", "hidden_size": 16, "dropout": 0.0}, dims, 5).eval()
+    outs = outputs(dims)
+    fused = torch.ones(3, 16)
+    for m in dims:
+        fused = fused * torch.tanh(head.proj[m](head.norms[m](outs[m].pooled)))
+    assert torch.allclose(head(outs), head.out(fused), atol=1e-6)
+    assert sum(p.numel() for p in head.parameters()) == sum(2 * d + d * 16 + 16 for d in dims.values()) + 2 * 16 + 16 * 5 + 5
+    with torch.no_grad():
+        head.proj["audio"].weight.zero_()
+        head.proj["audio"].bias.zero_()
+    assert torch.allclose(head(outs), head.out(torch.zeros(3, 16)).expand(3, 5), atol=1e-6)

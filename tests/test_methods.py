@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from mmpeft.bundle.io import load_bundle, write_bundle_files
 from mmpeft.encoders import build_encoder
+from mmpeft.fusion import FUSIONS
 from mmpeft.methods import METHODS, build_method
 from mmpeft.model import build_model
 from tests.helpers import ENCODER_KINDS, fixed_batch, recipe_for, train_steps, write_and_reload
@@ -80,7 +81,7 @@ def test_steps_lower_loss_and_save_load_identical(assets, tmp_path, kind, method
     assert 4 * trainable <= stored <= 4 * trainable + 16_384 + 200 * len(list(model.encoders[side].parameters()))
 
 
-@pytest.mark.parametrize("fusion", ["concat", "gated", "cross_attention", "transformer"])
+@pytest.mark.parametrize("fusion", FUSIONS.names())
 @pytest.mark.parametrize("kind,method", [("bert", "lora"), ("vit", "prompt"), ("effnet", "adapter")])
 def test_every_fusion_saves_and_reloads(assets, tmp_path, fusion, kind, method):
     recipe = recipe_for(assets, kind, method, tmp_path, fusion=fusion)

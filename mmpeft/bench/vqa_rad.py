@@ -34,9 +34,17 @@ PUBLISHED = [("MEVF-BAN", 43.9, 75.1, 62.6), ("MMBERT", 63.1, 77.9, 72.0), ("Pub
 
 
 def run(recipe: str = "recipes/medical_vqa.yaml", out: str = "benchmarks/results", configs=None, seeds=(0, 1, 2),
-        overrides=(), work_dir: str = "benchmarks/runs/vqa_rad") -> dict:
+        overrides=(), work_dir: str | None = None) -> dict:
+    """Run (or resume) the benchmark; see the module docstring.
+
+    Bundles go to ``work_dir``: by default ``benchmarks/runs/vqa_rad`` for the default
+    ``out`` and ``<out>/runs`` for any other, so a second benchmark (other overrides,
+    another ``--out``) never overwrites the first one's bundles.
+    """
     from ..config import load_recipe
 
+    if work_dir is None:
+        work_dir = "benchmarks/runs/vqa_rad" if Path(out) == Path("benchmarks/results") else str(Path(out) / "runs")
     # bad input stops here, before anything is written or trained
     base = list(overrides)
     chosen = choose(configs, list(CONFIGS), "--configs")
@@ -96,9 +104,10 @@ def settings(r) -> str:
     txt = r.encoders.get("text")
     t = r.train
     lrs = ", ".join(f"{m} {lr:g}" for m, lr in LR.items())
+    extra = "".join(f", {k} {v}" for k, v in r.fusion.items() if k not in ("type", "hidden_size", "dropout"))
     return (f"text {txt.model if txt else '-'} (max {txt.max_length if txt else '-'} tokens), image "
             f"{img.model if img else '-'} at {img.image_size if img else '-'} px; {r.fusion.get('type')} head (hidden "
-            f"{r.fusion.get('hidden_size', 'default')}); {t.epochs} epochs (early stopping patience {t.early_stopping_patience} on the "
+            f"{r.fusion.get('hidden_size', 'default')}{extra}); {t.epochs} epochs (early stopping patience {t.early_stopping_patience} on the "
             f"{r.data.eval_fraction:.0%} validation split), batch {t.batch_size}, AdamW, encoder lr per method "
             f"({lrs}), head lr {t.head_lr:g}, label smoothing {t.label_smoothing:g}")
 
