@@ -66,3 +66,35 @@ def test_bad_subset_or_override_stops_before_any_run(tmp_path):
     assert parse_seeds("0,1,2") == (0, 1, 2)
     with pytest.raises(UsageError, match="--seeds: expected comma-separated integers"):
         parse_seeds("0,one")
+
+
+def test_resume_only_into_results_of_the_same_recipe(tmp_path):
+    """Runs resume only into a results file made with the same resolved recipe; another
+    recipe's results are refused (not overwritten), and nothing trains with no jobs left."""
+    import json
+
+    from mmpeft.bench import vqa_rad
+    from mmpeft.config import load_recipe
+    from mmpeft.errors import UsageError
+
+    recipe = "recipes/medical_vqa.yaml"
+    out = tmp_path / "out"
+    out.mkdir()
+    cache = out / "vqa_rad.json"
+    done = [_run("lora", 0, 0.6, 0.8, 0.72)]
+    other = vqa_rad.recipe_fingerprint(load_recipe(recipe, ["train.epochs=3"]))
+    assert other != vqa_rad.recipe_fingerprint(load_recipe(recipe, []))
+    # data location and output settings do not change results, so they do not change the fingerprint
+    assert other == vqa_rad.recipe_fingerprint(load_recipe(recipe, ["train.epochs=3", "data.root=/elsewhere", "output.dir=x"]))
+    cache.write_text(json.dumps({"recipe": recipe, "overrides": ["train.epochs=3"], "recipe_sha256": other, "runs": done}))
+    before = cache.read_text()
+    with pytest.raises(UsageError, match="holds runs of another recipe or other overrides .*Pass another --out"):
+        vqa_rad.run(recipe, str(out), ["lora"], seeds=(0,), work_dir=str(tmp_path / "runs"))
+    assert cache.read_text() == before
+    result = vqa_rad.run(recipe, str(out), ["lora"], seeds=(0,), overrides=["train.epochs=3"], work_dir=str(tmp_path / "runs"))
+    assert result["runs"] == done and result["summary"][0]["overall"] == (pytest.approx(72.0), 0.0)
+    # a file from before fingerprints existed matches on recipe path and overrides, and gains one
+    cache.write_text(json.dumps({"recipe": recipe, "overrides": [], "runs": done}))
+    vqa_rad.run(recipe, str(out), ["lora"], seeds=(0,), work_dir=str(tmp_path / "runs"))
+    assert json.loads(cache.read_text())["recipe_sha256"] == vqa_rad.recipe_fingerprint(load_recipe(recipe, []))
+    assert not (tmp_path / "runs").exists()
