@@ -253,7 +253,7 @@ def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run
                     handle.write(json.dumps(row) + "\n")
             if recipe.output.plots:
                 save_plots(tmp, history, test_metrics, group_fields)
-            write_card(tmp, manifest, metrics, recipe)
+            write_card(tmp, manifest, metrics, recipe, name=out_dir.name)
             refresh_file_hashes(tmp)
         size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
         log(f"bundle written to {out_dir} ({size / 1e6:.2f} MB)")

@@ -41,6 +41,9 @@ def test_bundle_contents(trained):
             "encoders/image/weights.safetensors", "training_curves.png", "group_accuracy.png"} <= names
     manifest = json.loads((b / "manifest.json").read_text())
     assert manifest["encoders"]["text"]["method"] == "lora" and manifest["encoders"]["image"]["method"] == "bitfit"
+    # the card's usage lines name the final folder, not the temporary one it was written in
+    card = (b / "README.md").read_text()
+    assert "mmpeft predict tiny --image" in card and 'load_bundle("tiny")' in card and ".tmp" not in card
     assert set(manifest["versions"]) == {"mmpeft", "torch", "transformers", "peft"}
     assert manifest["vocabulary"] == sorted(manifest["vocabulary"], key=lambda a: manifest["vocabulary"].index(a))
     assert {"red", "green", "blue", "yes", "no"} == set(manifest["vocabulary"])

@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def write_card(directory: Path, manifest: dict, metrics: dict, recipe) -> None:
+def write_card(directory: Path, manifest: dict, metrics: dict, recipe, name: str | None = None) -> None:
+    """Write ``directory/README.md``. ``name`` is the folder a user will type in the usage
+    lines (training writes into a temporary folder, renamed once complete)."""
+    folder = name or directory.name
     test = metrics["test"]
     lines = [
         f"# {manifest['run_name']}: mmpeft adapter bundle",
@@ -40,14 +43,14 @@ def write_card(directory: Path, manifest: dict, metrics: dict, recipe) -> None:
         "## Use",
         "",
         "```bash",
-        f"mmpeft predict {directory.name} --image IMAGE.jpg --question \"...\"",
-        f"mmpeft evaluate {directory.name}      # reproduces the metrics above",
-        f"mmpeft merge {directory.name} --out merged/",
+        f"mmpeft predict {folder} --image IMAGE.jpg --question \"...\"",
+        f"mmpeft evaluate {folder}      # reproduces the metrics above",
+        f"mmpeft merge {folder} --out merged/",
         "```",
         "",
         "```python",
         "import mmpeft",
-        f"bundle = mmpeft.load_bundle(\"{directory.name}\")",
+        f"bundle = mmpeft.load_bundle(\"{folder}\")",
         "```",
         "",
         "Base encoders are not included: they are loaded from their sources and checked against the "
