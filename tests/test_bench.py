@@ -73,7 +73,8 @@ def test_resume_only_into_results_of_the_same_recipe(tmp_path):
     recipe's results are refused (not overwritten), and nothing trains with no jobs left."""
     import json
 
-    from mmpeft.bench import vqa_rad
+    from mmpeft.bench import methods as bench_methods
+    from mmpeft.bench import recipe_fingerprint, vqa_rad
     from mmpeft.config import load_recipe
     from mmpeft.errors import UsageError
 
@@ -82,10 +83,10 @@ def test_resume_only_into_results_of_the_same_recipe(tmp_path):
     out.mkdir()
     cache = out / "vqa_rad.json"
     done = [_run("lora", 0, 0.6, 0.8, 0.72)]
-    other = vqa_rad.recipe_fingerprint(load_recipe(recipe, ["train.epochs=3"]))
-    assert other != vqa_rad.recipe_fingerprint(load_recipe(recipe, []))
+    other = recipe_fingerprint(load_recipe(recipe, ["train.epochs=3"]))
+    assert other != recipe_fingerprint(load_recipe(recipe, []))
     # data location and output settings do not change results, so they do not change the fingerprint
-    assert other == vqa_rad.recipe_fingerprint(load_recipe(recipe, ["train.epochs=3", "data.root=/elsewhere", "output.dir=x"]))
+    assert other == recipe_fingerprint(load_recipe(recipe, ["train.epochs=3", "data.root=/elsewhere", "output.dir=x"]))
     cache.write_text(json.dumps({"recipe": recipe, "overrides": ["train.epochs=3"], "recipe_sha256": other, "runs": done}))
     before = cache.read_text()
     with pytest.raises(UsageError, match="holds runs of another recipe or other overrides .*Pass another --out"):
@@ -96,5 +97,10 @@ def test_resume_only_into_results_of_the_same_recipe(tmp_path):
     # a file from before fingerprints existed matches on recipe path and overrides, and gains one
     cache.write_text(json.dumps({"recipe": recipe, "overrides": [], "runs": done}))
     vqa_rad.run(recipe, str(out), ["lora"], seeds=(0,), work_dir=str(tmp_path / "runs"))
-    assert json.loads(cache.read_text())["recipe_sha256"] == vqa_rad.recipe_fingerprint(load_recipe(recipe, []))
+    assert json.loads(cache.read_text())["recipe_sha256"] == recipe_fingerprint(load_recipe(recipe, []))
     assert not (tmp_path / "runs").exists()
+    # the methods benchmark resumes the same way
+    (out / "methods.json").write_text(json.dumps({"recipe": "recipes/quickstart.yaml", "overrides": [], "rows": [],
+                                                 "recipe_sha256": other}))
+    with pytest.raises(UsageError, match="methods.json holds runs of another recipe"):
+        bench_methods.run(out=str(out), methods=["lora"], work_dir=str(tmp_path / "runs"))

@@ -1,8 +1,11 @@
 """Benchmarks run as commands (never as timed tests); each prints the machine and settings."""
 
 import difflib
+import hashlib
+import json
 import os
 import platform
+from pathlib import Path
 
 from ..errors import UsageError
 
@@ -54,3 +57,40 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         return tuple(int(s) for s in text.split(","))
     except ValueError:
         raise UsageError(f"--seeds: expected comma-separated integers such as 0,1,2 (got {text!r})") from None
+
+
+def recipe_fingerprint(loaded) -> str:
+    """SHA-256 of a resolved recipe (every default filled in) without where the data
+    lives and where bundles go, so a benchmark resumes only into results made with the
+    same settings, even if the recipe file was edited in between."""
+    d = loaded.model_dump(mode="json")
+    d.pop("output", None)
+    d.get("data", {}).pop("root", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def previous_results(cache: Path, recipe: str, overrides: list, fingerprint: str) -> dict | None:
+    """The results file a benchmark resumes from, or None if there is none yet.
+
+    Raises:
+        UsageError: the file holds results of another recipe or other overrides (resuming
+            would mix them, and starting over would overwrite them).
+    """
+    if not cache.is_file():
+        return None
+    prev = json.loads(cache.read_text())
+    # files from before fingerprints were recorded match on recipe path and overrides
+    same = (prev.get("recipe_sha256") == fingerprint if "recipe_sha256" in prev
+            else prev.get("overrides") == overrides and prev.get("recipe") == recipe)
+    if not same:
+        raise UsageError(f"{cache} holds runs of another recipe or other overrides (recipe {prev.get('recipe')}, "
+                         f"overrides {' '.join(prev.get('overrides') or []) or '(none)'}); resuming would mix them. "
+                         "Pass another --out, or move that file away to start over")
+    return prev
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file, so an interrupted benchmark never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

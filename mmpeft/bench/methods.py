@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import FULL_FINETUNE_LR, choose, machine_info
+from . import FULL_FINETUNE_LR, choose, machine_info, previous_results, recipe_fingerprint, write_atomic
 
 METHOD_ORDER = ["none", "bitfit", "lora", "ia3", "adapter", "prompt", "full"]
 
@@ -26,15 +26,13 @@ def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results"
     methods = choose(methods, METHOD_ORDER, "--methods")
     sides = choose(sides, ("image", "text"), "--sides")
     base = list(overrides)
+    fingerprint = recipe_fingerprint(load_recipe(recipe, base))  # also reports a bad override before anything is written
     rows = []
     out_path = Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
-    done = {}
     cache = out_path / "methods.json"
-    if cache.is_file():  # resume: keep rows already measured with the same settings
-        prev = json.loads(cache.read_text())
-        if prev.get("overrides") == base and prev.get("recipe") == recipe:
-            done = {(r["side"], r["method"]): r for r in prev["rows"]}
+    prev = previous_results(cache, recipe, base, fingerprint)  # resume: keep rows measured with the same settings
+    done = {(r["side"], r["method"]): r for r in prev["rows"]} if prev else {}
     jobs = [(side, m) for side in sides for m in methods]
     for side, method in tqdm(jobs, desc="methods", unit="run"):
         if (side, method) in done:
@@ -57,10 +55,11 @@ def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results"
             "head_trainable": manifest["head"]["parameters"], "test_accuracy": metrics["test"]["accuracy"],
             "seconds_per_epoch": sum(secs) / len(secs), "adapter_bytes": size,
         })
-        cache.write_text(json.dumps({"recipe": recipe, "overrides": base, "machine": machine_info(), "rows": rows}, indent=2))
-    result = {"recipe": recipe, "overrides": base, "machine": machine_info(), "rows": rows}
-    cache.write_text(json.dumps(result, indent=2))
-    (out_path / "methods.md").write_text(markdown(result))
+        write_atomic(cache, json.dumps({"recipe": recipe, "overrides": base, "recipe_sha256": fingerprint,
+                                        "machine": machine_info(), "rows": rows}, indent=2))
+    result = {"recipe": recipe, "overrides": base, "recipe_sha256": fingerprint, "machine": machine_info(), "rows": rows}
+    write_atomic(cache, json.dumps(result, indent=2))
+    write_atomic(out_path / "methods.md", markdown(result))
     return rows
 
 

@@ -9,7 +9,6 @@ time per epoch, with the settings beside the table.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
 import subprocess
@@ -19,8 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..errors import UsageError
-from . import FULL_FINETUNE_LR, choose, machine_info
+from . import FULL_FINETUNE_LR, choose, machine_info, previous_results, recipe_fingerprint, write_atomic
 
 CONFIGS = {
     "head only": {"text": "none", "image": "none"},
@@ -55,17 +53,8 @@ def run(recipe: str = "recipes/medical_vqa.yaml", out: str = "benchmarks/results
     out_path.mkdir(parents=True, exist_ok=True)
     cache = out_path / "vqa_rad.json"
     fingerprint = recipe_fingerprint(loaded)
-    runs: list[dict] = []
-    if cache.is_file():
-        prev = json.loads(cache.read_text())
-        # files from before fingerprints were recorded match on recipe path and overrides
-        same = (prev.get("recipe_sha256") == fingerprint if "recipe_sha256" in prev
-                else prev.get("overrides") == base and prev.get("recipe") == recipe)
-        if not same:
-            raise UsageError(f"{cache} holds runs of another recipe or other overrides (recipe {prev.get('recipe')}, "
-                             f"overrides {' '.join(prev.get('overrides') or []) or '(none)'}); resuming would mix them. "
-                             "Pass another --out, or move that file away to start over")
-        runs = prev["runs"]
+    prev = previous_results(cache, recipe, base, fingerprint)
+    runs: list[dict] = prev["runs"] if prev else []
     done = {(r["config"], r["seed"]) for r in runs}
     recipe_methods = {n: e.peft["method"] for n, e in loaded.encoders.items()}
     # seed-major, so a benchmark stopped part-way still has every configuration at the seeds it reached
@@ -99,29 +88,13 @@ def run(recipe: str = "recipes/medical_vqa.yaml", out: str = "benchmarks/results
             "epochs": len(metrics["history"]), "best_epoch": metrics["best_epoch"], "wall_seconds": wall,
             "question_type": {k: v["accuracy"] for k, v in metrics["test"]["groups"].get("question_type", {}).items()},
         })
-        _write_atomic(cache, json.dumps({"recipe": recipe, "overrides": base, "recipe_sha256": fingerprint,
+        write_atomic(cache, json.dumps({"recipe": recipe, "overrides": base, "recipe_sha256": fingerprint,
                                          "machine": machine_info(), "runs": runs}, indent=2))
     result = {"recipe": recipe, "overrides": base, "recipe_sha256": fingerprint, "machine": machine_info(),
               "settings": settings(loaded), "runs": runs, "summary": summarize(runs)}
-    _write_atomic(cache, json.dumps(result, indent=2))
-    _write_atomic(out_path / "vqa_rad.md", markdown(result))
+    write_atomic(cache, json.dumps(result, indent=2))
+    write_atomic(out_path / "vqa_rad.md", markdown(result))
     return result
-
-
-def recipe_fingerprint(loaded) -> str:
-    """SHA-256 of the resolved recipe (every default filled in) without where the data
-    lives and where bundles go: runs resume only into a file made with the same settings,
-    even if the recipe file was edited in between."""
-    d = loaded.model_dump(mode="json")
-    d.pop("output", None)
-    d.get("data", {}).pop("root", None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def settings(r) -> str:
