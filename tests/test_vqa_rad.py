@@ -43,15 +43,18 @@ def shipped_adapters():
     return sorted(p for p in (ROOT / "adapters").glob("vqa_rad_*") if (p / "manifest.json").is_file())
 
 
+def test_adapters_are_shipped():
+    assert shipped_adapters(), "the shipped VQA-RAD adapters are missing from adapters/"
+
+
 @pytest.mark.skipif(not (VQA_RAD / "trainset.json").is_file(), reason="VQA-RAD not present at ../shared/vqa_rad")
-def test_shipped_adapter_reproduces_and_predicts(monkeypatch):
-    bundles = shipped_adapters()
-    assert bundles, "the shipped VQA-RAD adapter is missing from adapters/"
+@pytest.mark.parametrize("bundle", shipped_adapters(), ids=lambda p: p.name)
+def test_shipped_adapter_reproduces_and_predicts(monkeypatch, bundle):
     monkeypatch.chdir(ROOT)  # its recipe reads ../shared/vqa_rad relative to the project root
-    res = CliRunner().invoke(app, ["evaluate", str(bundles[0]), f"data.root={VQA_RAD}"])
+    res = CliRunner().invoke(app, ["evaluate", str(bundle), f"data.root={VQA_RAD}"])
     assert res.exit_code == 0 and "reproduced" in res.output, res.output
     image = sorted((VQA_RAD / "images").iterdir())[0]
-    res = CliRunner().invoke(app, ["predict", str(bundles[0]), "--image", str(image), "--question", "is this a ct scan?"])
+    res = CliRunner().invoke(app, ["predict", str(bundle), "--image", str(image), "--question", "is this a ct scan?"])
     assert res.exit_code == 0, res.output
-    card = (bundles[0] / "README.md").read_text()
-    assert "not for diagnosis" in card.lower()
+    card = (bundle / "README.md").read_text()
+    assert "not for diagnosis" in card.lower() and f"mmpeft predict {bundle.name} " in card
