@@ -63,6 +63,13 @@ def test_bad_subset_or_override_stops_before_any_run(tmp_path):
     with pytest.raises(RecipeError, match="bach_size"):
         vqa_rad.run(configs=["lora"], overrides=["train.bach_size=8"], out=str(tmp_path / "out"), work_dir=str(tmp_path / "runs"))
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(UsageError, match=r"--out .*a_file/out: cannot create that folder .*choose a writable folder"):
+        vqa_rad.run(configs=["lora"], out=str(blocker / "out"), work_dir=str(tmp_path / "runs"))
+    with pytest.raises(UsageError, match="cannot create that folder"):
+        bench_methods.run(methods=["lora"], out=str(blocker / "out"), work_dir=str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()
     assert parse_seeds("0,1,2") == (0, 1, 2)
     with pytest.raises(UsageError, match="--seeds: expected comma-separated integers"):
         parse_seeds("0,one")

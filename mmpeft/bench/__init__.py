@@ -89,6 +89,17 @@ def previous_results(cache: Path, recipe: str, overrides: list, fingerprint: str
     return prev
 
 
+def output_folder(out: str) -> Path:
+    """Create a benchmark's ``--out`` folder before any run, so a folder that cannot be
+    made is reported at once (as a usage error) and not after the runs have trained."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot create that folder ({exc.strerror}); choose a writable folder") from None
+    return path
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write through a temporary file, so an interrupted benchmark never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import machine_info
+from . import machine_info, output_folder, write_atomic
 
 CONFIGS = [
     # name, method, bits, mixed precision
@@ -117,6 +117,7 @@ def cuda_report(text: str, image: str, batch: int = 32, steps: int = 6) -> list[
 
 
 def run(out: str = "benchmarks/results", cpu_only: bool = False, small: bool = False) -> dict:
+    out_path = output_folder(out)
     with tempfile.TemporaryDirectory() as tmp:
         text, image = build_bases(Path(tmp), small=small)
         result = {"machine": machine_info(), "settings": {"batch": 32, "image_size": 224, "tokens": 32,
@@ -125,9 +126,8 @@ def run(out: str = "benchmarks/results", cpu_only: bool = False, small: bool = F
         if torch.cuda.is_available() and not cpu_only:
             result["training"] = cuda_report(text, image)
             result["targets"] = targets(result)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "memory.json").write_text(json.dumps(result, indent=2))
-    (Path(out) / "memory.md").write_text(markdown(result))
+    write_atomic(out_path / "memory.json", json.dumps(result, indent=2))
+    write_atomic(out_path / "memory.md", markdown(result))
     return result
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import FULL_FINETUNE_LR, choose, machine_info, previous_results, recipe_fingerprint, write_atomic
+from . import FULL_FINETUNE_LR, choose, machine_info, output_folder, previous_results, recipe_fingerprint, write_atomic
 
 METHOD_ORDER = ["none", "bitfit", "lora", "ia3", "adapter", "prompt", "full"]
 
@@ -28,8 +28,7 @@ def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results"
     base = list(overrides)
     fingerprint = recipe_fingerprint(load_recipe(recipe, base))  # also reports a bad override before anything is written
     rows = []
-    out_path = Path(out)
-    out_path.mkdir(parents=True, exist_ok=True)
+    out_path = output_folder(out)
     cache = out_path / "methods.json"
     prev = previous_results(cache, recipe, base, fingerprint)  # resume: keep rows measured with the same settings
     done = {(r["side"], r["method"]): r for r in prev["rows"]} if prev else {}

@@ -6,13 +6,14 @@ import json
 import time
 from pathlib import Path
 
-from . import machine_info
+from . import machine_info, output_folder, write_atomic
 
 
 def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results", overrides=(), target: float = 0.97,
         budget_s: float = 600.0) -> dict:
     from ..train import finetune
 
+    out_path = output_folder(out)
     start = time.perf_counter()
     bundle = finetune(recipe, overrides=list(overrides) + ["output.name=quickstart_bench"], overwrite=True)
     wall = time.perf_counter() - start
@@ -25,6 +26,5 @@ def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results"
         "target_accuracy": target, "budget_seconds": budget_s,
         "meets_accuracy": metrics["test"]["accuracy"] >= target, "meets_time": wall <= budget_s,
     }
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "quickstart.json").write_text(json.dumps(result, indent=2))
+    write_atomic(out_path / "quickstart.json", json.dumps(result, indent=2))
     return result

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import FULL_FINETUNE_LR, choose, machine_info, previous_results, recipe_fingerprint, write_atomic
+from . import FULL_FINETUNE_LR, choose, machine_info, output_folder, previous_results, recipe_fingerprint, write_atomic
 
 CONFIGS = {
     "head only": {"text": "none", "image": "none"},
@@ -49,8 +49,7 @@ def run(recipe: str = "recipes/medical_vqa.yaml", out: str = "benchmarks/results
     base = list(overrides)
     chosen = choose(configs, list(CONFIGS), "--configs")
     loaded = load_recipe(recipe, base)
-    out_path = Path(out)
-    out_path.mkdir(parents=True, exist_ok=True)
+    out_path = output_folder(out)
     cache = out_path / "vqa_rad.json"
     fingerprint = recipe_fingerprint(loaded)
     prev = previous_results(cache, recipe, base, fingerprint)
