@@ -111,3 +111,13 @@ def test_resume_only_into_results_of_the_same_recipe(tmp_path):
                                                  "recipe_sha256": other}))
     with pytest.raises(UsageError, match="methods.json holds runs of another recipe"):
         bench_methods.run(out=str(out), methods=["lora"], work_dir=str(tmp_path / "runs"))
+
+
+def test_bundles_of_another_out_stay_apart():
+    """A benchmark with a non-default --out keeps its bundles under <out>/runs, so it cannot
+    overwrite the bundles behind the committed results (both benchmarks use this helper)."""
+    from mmpeft.bench import bundle_folder
+
+    assert bundle_folder("benchmarks/results", "benchmarks/runs") == "benchmarks/runs"
+    assert bundle_folder("benchmarks/results/", "benchmarks/runs/vqa_rad") == "benchmarks/runs/vqa_rad"
+    assert bundle_folder("/tmp/other", "benchmarks/runs") == "/tmp/other/runs"

@@ -95,3 +95,18 @@ def test_shipped_recipes_validate():
 
     for path in sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml")):
         load_recipe(path)
+
+
+def test_fusion_modalities_must_be_encoders_of_the_recipe():
+    """Heads that name a modality (cross_attention.query, hadamard.attend) are checked
+    when the recipe loads, with the other problems, not when the head is built."""
+    assert problems(BASE, ["fusion={type: hadamard, attend: [audio]}", "train.epochs=0"]) == [
+        "train.epochs: must be a positive integer (got 0)",
+        "fusion.attend: 'audio' is not an encoder of this recipe (have: text, image)",
+    ]
+    assert problems(BASE, ["fusion={type: hadamard, attend: [image, text]}"]) == [
+        "fusion.attend: at least one modality must stay pooled to guide the attention; list fewer modalities"]
+    assert problems(BASE, ["fusion={type: cross_attention, query: txt}"]) == [
+        "fusion.query: 'txt' is not an encoder of this recipe (have: text, image)"]
+    assert load_recipe(BASE, ["fusion={type: hadamard, attend: [image], glimpses: 2}"]).fusion == {
+        "type": "hadamard", "hidden_size": 256, "dropout": 0.1, "attend": ["image"], "glimpses": 2}

@@ -95,3 +95,38 @@ def test_hadamard_is_the_product_of_projections():
         head.proj["audio"].weight.zero_()
         head.proj["audio"].bias.zero_()
     assert torch.allclose(head(outs), head.out(torch.zeros(3, 16)).expand(3, 5), atol=1e-6)
+
+
+def test_hadamard_attention_is_mlb_attention():
+    """``attend: [image]``: image tokens are weighted by softmax_t(w . (q * tanh(V LN(v_t))))
+    with q the text projection; padded tokens get no weight; only glimpses*(H+1)
+    weights are added (plus the wider classifier for 2 glimpses)."""
+    torch.manual_seed(0)
+    dims = {"text": 8, "image": 12}
+    plain = build_fusion({"type": "hadamard", "hidden_size": 16, "dropout": 0.0}, dims, 5)
+    head = build_fusion({"type": "hadamard", "hidden_size": 16, "dropout": 0.0, "attend": ["image"], "glimpses": 2}, dims, 5).eval()
+    outs = outputs(dims)
+    q = torch.tanh(head.proj["text"](head.norms["text"](outs["text"].pooled)))  # [B, H]
+    v = torch.tanh(head.proj["image"](head.norms["image"](outs["image"].tokens)))  # [B, T, H]
+    scores = head.attention["image"](q[:, None] * v)  # [B, T, 2]
+    mask = outs["image"].mask
+    fused = []
+    for b in range(3):
+        weights = scores[b][mask[b]].softmax(0)  # only real tokens
+        fused.append((q[b] * (weights.T @ v[b][mask[b]])).flatten())
+    assert torch.allclose(head(outs), head.out(torch.stack(fused)), atol=1e-6)
+    n_plain = sum(p.numel() for p in plain.parameters())
+    n_head = sum(p.numel() for p in head.parameters())
+    assert n_head - n_plain == 2 * (16 + 1) + 2 * 16 + 16 * 5  # attention, then LayerNorm and classifier 16 wider
+    # a padded token cannot change the answer
+    changed = {k: v for k, v in outs.items()}
+    toks = outs["image"].tokens.clone()
+    toks[0, -1] = 1e3
+    changed["image"] = EncoderOutput(toks, outs["image"].mask, outs["image"].pooled)
+    assert torch.equal(head(changed)[0], head(outs)[0])
+    with pytest.raises(ValueError, match="fusion.attend: 'audio' is not an encoder"):
+        build_fusion({"type": "hadamard", "attend": ["audio"]}, dims, 4)
+    with pytest.raises(ValueError, match="at least one modality must stay pooled"):
+        build_fusion({"type": "hadamard", "attend": ["image", "text"]}, dims, 4)
+    with pytest.raises(Exception, match="glimpses"):
+        build_fusion({"type": "hadamard", "glimpses": 0}, dims, 4)

@@ -100,6 +100,13 @@ def output_folder(out: str) -> Path:
     return path
 
 
+def bundle_folder(out: str, default: str) -> str:
+    """Where a benchmark keeps the bundles it trains: ``default`` for the default
+    ``--out`` (benchmarks/results), ``<out>/runs`` for any other, so a second benchmark
+    (other overrides, another ``--out``) never overwrites the first one's bundles."""
+    return default if Path(out) == Path("benchmarks/results") else str(Path(out) / "runs")
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write through a temporary file, so an interrupted benchmark never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")

@@ -13,16 +13,17 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import FULL_FINETUNE_LR, choose, machine_info, output_folder, previous_results, recipe_fingerprint, write_atomic
+from . import FULL_FINETUNE_LR, bundle_folder, choose, machine_info, output_folder, previous_results, recipe_fingerprint, write_atomic
 
 METHOD_ORDER = ["none", "bitfit", "lora", "ia3", "adapter", "prompt", "full"]
 
 
 def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results", methods=None, sides=("image", "text"),
-        overrides=(), work_dir: str = "benchmarks/runs") -> list[dict]:
+        overrides=(), work_dir: str | None = None) -> list[dict]:
     from ..config import load_recipe
     from ..train import finetune
 
+    work_dir = work_dir or bundle_folder(out, "benchmarks/runs")  # another --out keeps its bundles apart
     methods = choose(methods, METHOD_ORDER, "--methods")
     sides = choose(sides, ("image", "text"), "--sides")
     base = list(overrides)

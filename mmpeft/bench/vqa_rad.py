@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import FULL_FINETUNE_LR, choose, machine_info, output_folder, previous_results, recipe_fingerprint, write_atomic
+from . import FULL_FINETUNE_LR, bundle_folder, choose, machine_info, output_folder, previous_results, recipe_fingerprint, write_atomic
 
 CONFIGS = {
     "head only": {"text": "none", "image": "none"},
@@ -43,8 +43,7 @@ def run(recipe: str = "recipes/medical_vqa.yaml", out: str = "benchmarks/results
     """
     from ..config import load_recipe
 
-    if work_dir is None:
-        work_dir = "benchmarks/runs/vqa_rad" if Path(out) == Path("benchmarks/results") else str(Path(out) / "runs")
+    work_dir = work_dir or bundle_folder(out, "benchmarks/runs/vqa_rad")
     # bad input stops here, before anything is written or trained
     base = list(overrides)
     chosen = choose(configs, list(CONFIGS), "--configs")

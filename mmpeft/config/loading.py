@@ -124,6 +124,10 @@ def validate_recipe(raw: dict, source: str | None = None) -> Recipe:
     if isinstance(fusion, dict):
         resolved_fusion, errs = _validate_choice(fusion, "type", "gated", FUSIONS, "fusion")
         problems += errs
+        if resolved_fusion is not None and encoders:
+            cls = FUSIONS.get(resolved_fusion["type"])
+            settings = cls.Settings.model_validate({k: v for k, v in resolved_fusion.items() if k != "type"})
+            problems += settings.modality_problems(list(encoders))
 
     if recipe is not None:
         problems += _semantic_checks(recipe)

@@ -19,6 +19,11 @@ class CrossAttentionSettings(AttentionSettings):
     query: str = Field("text", description="modality whose tokens attend to the others")
     bidirectional: bool = Field(False, description="also let the other modalities attend to the query modality")
 
+    def modality_problems(self, encoders: list[str]) -> list[str]:
+        if self.query not in encoders:
+            return [f"fusion.query: {self.query!r} is not an encoder of this recipe (have: {', '.join(encoders)})"]
+        return []
+
 
 class CrossLayer(nn.Module):
     """Pre-norm cross-attention block: x += Attn(x, ctx); x += FFN(x)."""
@@ -47,8 +52,9 @@ class CrossAttentionHead(FusionHead):
 
     def __init__(self, input_dims, num_outputs, settings: CrossAttentionSettings):
         super().__init__(input_dims, num_outputs, settings)
-        if settings.query not in input_dims:
-            raise ValueError(f"fusion.query: {settings.query!r} is not an encoder (have: {', '.join(input_dims)})")
+        problems = settings.modality_problems(list(input_dims))
+        if problems:
+            raise ValueError("; ".join(problems))
         w = settings.hidden_size
         self.query = settings.query
         self.others = [m for m in input_dims if m != self.query]

@@ -22,6 +22,11 @@ class FusionSettings(BaseModel):
     hidden_size: PositiveInt = Field(256, description="width of the fused representation")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout inside the head")
 
+    def modality_problems(self, encoders: list[str]) -> list[str]:
+        """Settings that name modalities are checked against the recipe's encoders when
+        the recipe is loaded (so a typo is a recipe error, not a failure mid-build)."""
+        return []
+
 
 class FusionHead(nn.Module):
     Settings: ClassVar[type[FusionSettings]] = FusionSettings

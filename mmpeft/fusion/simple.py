@@ -72,6 +72,22 @@ class GatedHead(FusionHead):
         return self.out(self.mlp((z * hs).sum(1)))
 
 
+class HadamardSettings(FusionSettings):
+    attend: list[str] = Field(
+        default_factory=list, description="modalities whose tokens are pooled by attention guided by the other "
+        "modalities (MLB's attention model, e.g. [image]); empty: every modality uses its pooled vector")
+    glimpses: int = Field(1, ge=1, le=4, description="attention maps per attended modality; the fused glimpses are "
+                          "concatenated, so the classifier grows to glimpses*hidden_size")
+
+    def modality_problems(self, encoders: list[str]) -> list[str]:
+        problems = [f"fusion.attend: {m!r} is not an encoder of this recipe (have: {', '.join(encoders)})"
+                    for m in self.attend if m not in encoders]
+        if not problems and self.attend and len(set(self.attend)) >= len(encoders):
+            problems.append("fusion.attend: at least one modality must stay pooled to guide the attention; "
+                            "list fewer modalities")
+        return problems
+
+
 @FUSIONS.register("hadamard")
 class HadamardHead(FusionHead):
     """Low-rank bilinear pooling (MLB; Kim et al., "Hadamard Product for Low-rank
@@ -79,22 +95,48 @@ class HadamardHead(FusionHead):
     generalised to N modalities as the elementwise product of every modality's
     projection. Multiplicative interactions let a linear classifier ask "does the
     image show what the question asks about", which additive fusion cannot; and
-    with no gate the head is just the projections and the classifier."""
+    with no gate the head is just the projections and the classifier.
 
+    ``attend: [image]`` is the paper's attention model (its section 4): each image
+    token is projected like the pooled vector, scored by ``w_g . (q * tanh(V v_i))``
+    where ``q`` is the product of the other modalities' projections, and the
+    softmax-weighted token projection replaces the pooled one. The projections are
+    shared with the pooled path, so attention adds only ``glimpses * (hidden + 1)``
+    weights (plus the wider classifier when ``glimpses > 1``)."""
+
+    Settings = HadamardSettings
     paper = "Kim et al. 2017, arXiv:1610.04325"
 
-    def __init__(self, input_dims, num_outputs, settings: FusionSettings):
+    def __init__(self, input_dims, num_outputs, settings: HadamardSettings):
         super().__init__(input_dims, num_outputs, settings)
         h = settings.hidden_size
         self.names = list(input_dims)
+        problems = settings.modality_problems(self.names)
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.attend = list(dict.fromkeys(settings.attend))
+        self.glimpses = settings.glimpses if self.attend else 1
         self.norms = nn.ModuleDict({m: nn.LayerNorm(d) for m, d in input_dims.items()})
         self.proj = nn.ModuleDict({m: nn.Linear(d, h) for m, d in input_dims.items()})
+        self.attention = nn.ModuleDict({m: nn.Linear(h, self.glimpses) for m in self.attend})
         self.drop = nn.Dropout(settings.dropout)
-        self.out = classifier(h, num_outputs, settings.dropout)
+        self.out = classifier(h * self.glimpses, num_outputs, settings.dropout)
+
+    def project(self, m: str, x: torch.Tensor) -> torch.Tensor:
+        """``[..., D_m] -> [..., H]``: LayerNorm, dropout, linear, tanh."""
+        return torch.tanh(self.proj[m](self.drop(self.norms[m](x))))
 
     def forward(self, outputs) -> torch.Tensor:
-        fused = None
+        guide = None  # product of the pooled (non-attended) projections: [B, H]
         for m in self.names:
-            h = torch.tanh(self.proj[m](self.drop(self.norms[m](outputs[m].pooled))))  # [B, H]
-            fused = h if fused is None else fused * h
-        return self.out(fused)
+            if m not in self.attend:
+                h = self.project(m, outputs[m].pooled)
+                guide = h if guide is None else guide * h
+        fused = guide.unsqueeze(1)  # [B, 1 or G, H]
+        for m in self.attend:
+            tokens = self.project(m, outputs[m].tokens)  # [B, T, H]
+            scores = self.attention[m](self.drop(guide.unsqueeze(1) * tokens))  # [B, T, G]
+            scores = scores.masked_fill(~outputs[m].mask.unsqueeze(-1), torch.finfo(scores.dtype).min)
+            glimpse = torch.einsum("btg,bth->bgh", scores.softmax(dim=1), tokens)  # [B, G, H]
+            fused = fused * glimpse
+        return self.out(fused.flatten(1))
