@@ -35,11 +35,14 @@ def test_goals_pick_best_peft_and_compare_with_full():
 
 
 def test_markdown_prints_settings_and_published_rows():
-    runs = [_run("lora", 0, 0.6, 0.8, 0.72)]
-    machine = {"cuda": None, "processor": "cpu", "cpu_count": 2, "torch": "2.x"}
+    runs = [_run("lora", 0, 0.6, 0.8, 0.72), _run("lora", 1, 0.6, 0.8, 0.72)]
+    runs[0]["cpu_steal_pct"], runs[1]["cpu_steal_pct"] = 12.0, 74.6
+    machine = {"cuda": None, "processor": "cpu", "cpu_count": 2, "torch": "2.x", "torch_threads": 1}
     text = markdown({"recipe": "r.yaml", "overrides": [], "machine": machine, "settings": "160 px, 15 epochs",
-                     "summary": summarize(runs)})
+                     "summary": summarize(runs[:1]), "runs": runs})
+    assert "cpu, 2 CPU cores, torch 2.x (1 threads)" in text
     assert "Settings: 160 px, 15 epochs." in text
+    assert "during the runs: 12-75% (2 of 2 runs measured)" in text
     assert "| lora | 1 | 60.0 ± 0.0 | 80.0 ± 0.0 | 72.0 ± 0.0 | 100 | 1.00 | 1000 | 10.0 |" in text
     assert "| PubMedCLIP (published) | | 60.1 | 80.0 | 72.1 |" in text
 
@@ -121,3 +124,15 @@ def test_bundles_of_another_out_stay_apart():
     assert bundle_folder("benchmarks/results", "benchmarks/runs") == "benchmarks/runs"
     assert bundle_folder("benchmarks/results/", "benchmarks/runs/vqa_rad") == "benchmarks/runs/vqa_rad"
     assert bundle_folder("/tmp/other", "benchmarks/runs") == "/tmp/other/runs"
+
+
+def test_steal_percent_from_proc_stat_counters():
+    """Steal is the 8th /proc/stat counter's share of the first eight."""
+    from mmpeft.bench import cpu_ticks, steal_percent
+
+    start = [100, 0, 50, 800, 0, 0, 0, 50, 0, 0]
+    end = [200, 0, 100, 1000, 0, 0, 0, 650, 0, 0]  # +100 user, +50 system, +200 idle, +600 steal
+    assert steal_percent(start, end) == pytest.approx(63.2)
+    assert steal_percent(None, end) is None and steal_percent(start, start) is None
+    ticks = cpu_ticks()
+    assert ticks is None or (len(ticks) >= 8 and all(t >= 0 for t in ticks))

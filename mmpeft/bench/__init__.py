@@ -37,6 +37,37 @@ def machine_info() -> dict:
     return info
 
 
+def cpu_ticks() -> list[int] | None:
+    """Aggregate CPU time counters from Linux ``/proc/stat`` (user, nice, system, idle,
+    iowait, irq, softirq, steal, ...), or None where there is no such file."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = handle.readline().split()
+    except OSError:
+        return None
+    return [int(x) for x in fields[1:]] if fields and fields[0] == "cpu" and len(fields) > 8 else None
+
+
+def steal_percent(start: list[int] | None, end: list[int] | None) -> float | None:
+    """Share of CPU time the hypervisor gave to other guests between two :func:`cpu_ticks`
+    readings. On a shared VM this, not the code, can make a run several times slower, so
+    benchmarks record it beside their timings."""
+    if not start or not end:
+        return None
+    delta = [b - a for a, b in zip(start[:8], end[:8])]
+    total = sum(delta)
+    return round(100 * delta[7] / total, 1) if total > 0 else None
+
+
+def steal_line(values) -> str:
+    """One sentence on host CPU steal over the runs that recorded it ('' if none did)."""
+    seen = [v for v in values if v is not None]
+    if not seen:
+        return ""
+    return (f"Host CPU steal (time the VM's cores were given to other guests) during the runs: {min(seen):.0f}-{max(seen):.0f}% "
+            f"({len(seen)} of {len(values)} runs measured); timings of runs with high steal are slower for that reason alone.")
+
+
 def choose(requested, available, option: str) -> list:
     """Check a benchmark's subset option before any run starts (a typo would otherwise fail
     only when its turn comes, after the runs before it). ``None`` means all of ``available``."""

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import FULL_FINETUNE_LR, bundle_folder, choose, machine_info, output_folder, previous_results, recipe_fingerprint, write_atomic
+from . import (FULL_FINETUNE_LR, bundle_folder, choose, cpu_ticks, machine_info, output_folder, previous_results, recipe_fingerprint,
+               steal_line, steal_percent, write_atomic)
 
 METHOD_ORDER = ["none", "bitfit", "lora", "ia3", "adapter", "prompt", "full"]
 
@@ -44,6 +45,7 @@ def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results"
         if method == "full":
             ov.append(f"train.lr={FULL_FINETUNE_LR}")
         r = load_recipe(recipe, ov)
+        ticks = cpu_ticks()
         bundle = finetune(r, overwrite=True)
         manifest = json.loads((Path(bundle) / "manifest.json").read_text())
         metrics = json.loads((Path(bundle) / "metrics.json").read_text())
@@ -54,6 +56,7 @@ def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results"
             "side": side, "method": method, "trainable": enc["trainable_parameters"], "encoder_total": enc["total_parameters"],
             "head_trainable": manifest["head"]["parameters"], "test_accuracy": metrics["test"]["accuracy"],
             "seconds_per_epoch": sum(secs) / len(secs), "adapter_bytes": size,
+            "cpu_steal_pct": steal_percent(ticks, cpu_ticks()),
         })
         write_atomic(cache, json.dumps({"recipe": recipe, "overrides": base, "recipe_sha256": fingerprint,
                                         "machine": machine_info(), "rows": rows}, indent=2))
@@ -73,4 +76,5 @@ def markdown(result: dict) -> str:
         pct = 100 * r["trainable"] / max(1, r["encoder_total"])
         lines.append(f"| {r['side']} | {r['method']} | {r['trainable']:,} | {pct:.2f} | {r['adapter_bytes']:,} | "
                      f"{100 * r['test_accuracy']:.2f} | {r['seconds_per_epoch']:.1f} |")
-    return "\n".join(lines) + "\n"
+    steal = steal_line([r.get("cpu_steal_pct") for r in result["rows"]])
+    return "\n".join(lines + ([""] + [steal] if steal else [])) + "\n"

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import FULL_FINETUNE_LR, bundle_folder, choose, machine_info, output_folder, previous_results, recipe_fingerprint, write_atomic
+from . import (FULL_FINETUNE_LR, bundle_folder, choose, cpu_ticks, machine_info, output_folder, previous_results, recipe_fingerprint,
+               steal_line, steal_percent, write_atomic)
 
 CONFIGS = {
     "head only": {"text": "none", "image": "none"},
@@ -66,7 +67,7 @@ def run(recipe: str = "recipes/medical_vqa.yaml", out: str = "benchmarks/results
             if recipe_methods.get(side) != methods[side]:
                 ov.append(f"encoders.{side}.peft={{method: {methods[side]}}}")
         ov += [f"train.seed={seed}", f"train.lr={lr}", f"output.dir={work_dir}", f"output.name={name}"]
-        start = time.perf_counter()
+        start, ticks = time.perf_counter(), cpu_ticks()
         proc = subprocess.Popen([sys.executable, "-m", "mmpeft.cli", "finetune", recipe, *ov, "--overwrite"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         log, _ = proc.communicate()
@@ -84,6 +85,7 @@ def run(recipe: str = "recipes/medical_vqa.yaml", out: str = "benchmarks/results
             "overall": metrics["test"]["accuracy"], "trainable": trainable, "total": total,
             "peak_rss_mib": _peak_rss_mib(log), "epoch_seconds": statistics.mean(h["epoch_seconds"] for h in metrics["history"]),
             "epochs": len(metrics["history"]), "best_epoch": metrics["best_epoch"], "wall_seconds": wall,
+            "cpu_steal_pct": steal_percent(ticks, cpu_ticks()),
             "question_type": {k: v["accuracy"] for k, v in metrics["test"]["groups"].get("question_type", {}).items()},
         })
         write_atomic(cache, json.dumps({"recipe": recipe, "overrides": base, "recipe_sha256": fingerprint,
@@ -136,7 +138,7 @@ def summarize(runs: list[dict]) -> list[dict]:
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"Recipe `{result['recipe']}`, overrides `{' '.join(result['overrides']) or '(none)'}`; "
-             f"{m['cuda'] or m['processor']}, {m['cpu_count']} CPU cores, torch {m['torch']}. Test split: 451 questions "
+             f"{m['cuda'] or m['processor']}, {m['cpu_count']} CPU cores, torch {m['torch']} ({m.get('torch_threads', '?')} threads). Test split: 451 questions "
              "(179 open, 272 closed); mean ± std over seeds.", ""]
     if result.get("settings"):
         lines += [f"Settings: {result['settings']}.", ""]
@@ -150,7 +152,8 @@ def markdown(result: dict) -> str:
     for name, o, c, a in PUBLISHED:
         lines.append(f"| {name} (published) | | {o} | {c} | {a} | | | | |")
     check = goals(result["summary"])
-    return "\n".join(lines + ([""] + [check] if check else [])) + "\n"
+    steal = steal_line([r.get("cpu_steal_pct") for r in result.get("runs", [])])
+    return "\n".join(lines + ([""] + [check] if check else []) + ([""] + [steal] if steal else [])) + "\n"
 
 
 def goals(summary: list[dict]) -> str:
