@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmpeft.data import easy_vqa_samples, load_manifest, vqa_rad_samples
 from mmpeft.data.loader import ImageStore
@@ -103,3 +104,50 @@ def test_vqa_rad_quirks():
 def test_vqa_rad_missing_root_message(tmp_path):
     with pytest.raises(DataError, match=r"VQA-RAD not found .*CC0.*OSF .*data.root="):
         vqa_rad_samples(str(tmp_path / "nowhere"), "train")
+
+
+class _PixelEncoder:
+    """Stands in for an image encoder: pixels are the raw RGB values, no resizing."""
+
+    modality = "image"
+
+    def pixels(self, image):
+        import numpy as np
+        import torch
+
+        return torch.from_numpy(np.asarray(image.resize((16, 16)), dtype="float32")).permute(2, 0, 1)
+
+
+def test_augmentation_keeps_left_right_and_one_view_per_image(tmp_path):
+    """data.augment: crops and jitter but never a flip (a marker on the left stays on the
+    left); each image is augmented once per batch and shared by its questions (row_index),
+    never cached as features; two batches see different views."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from mmpeft.data.loader import Collator
+    from mmpeft.data.samples import Sample
+    from mmpeft.encoders.images import augment
+
+    arr = np.zeros((64, 64, 3), dtype=np.uint8)
+    arr[:, :16] = 255  # white band on the left
+    Image.fromarray(arr).save(tmp_path / "left.png")
+    Image.fromarray(arr[:, ::-1]).save(tmp_path / "right.png")
+    rng = random.Random(0)
+    for _ in range(20):
+        view = np.asarray(augment(Image.open(tmp_path / "left.png"), rng).convert("L"), dtype=float)
+        half = view.shape[1] // 2
+        assert view[:, :half].mean() > view[:, half:].mean() + 50
+
+    rows = [Sample(str(tmp_path / f), f"q{i}", "yes", {}, f"row {i}") for i, f in enumerate(["left.png", "left.png", "right.png"])]
+    store = ImageStore()
+    collate = Collator(rows, {"image": _PixelEncoder()}, Vocabulary(["yes"]), store, augment_images=True, seed=0)
+    first, second = collate([0, 1, 2]), collate([0, 1, 2])
+    pixels = first["inputs"]["image"]["pixel_values"]
+    assert pixels.shape[0] == 2 and first["inputs"]["image"]["row_index"].tolist() == [0, 0, 1]
+    assert "image" not in first["keys"] and not store.pixels
+    assert not torch.equal(pixels, second["inputs"]["image"]["pixel_values"])
+    plain = Collator(rows, {"image": _PixelEncoder()}, Vocabulary(["yes"]), ImageStore())([0, 1, 2])
+    assert plain["keys"]["image"] == [rows[0].image, rows[2].image]

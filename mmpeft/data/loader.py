@@ -137,13 +137,14 @@ class Collator:
             if enc.modality == "text":
                 inputs[name] = enc.preprocess([r.text for r in rows])
                 keys[name] = [r.text for r in rows]
-            elif self.augment_images:
-                inputs[name] = {"pixel_values": torch.stack([self._pixels(name, enc, r.image) for r in rows])}
             else:
                 # VQA datasets ask many questions per image: encode each unique image once
-                # and let the model index rows into it (``row_index``).
+                # and let the model index rows into it (``row_index``). With augmentation
+                # each unique image gets one random view per batch, shared by its questions:
+                # a view per question would encode the same image ~10 times (VQA-RAD).
                 unique = list(dict.fromkeys(r.image for r in rows))
-                keys[name] = unique
+                if not self.augment_images:  # augmented views must never hit the feature cache
+                    keys[name] = unique
                 if len(unique) == len(rows):
                     inputs[name] = {"pixel_values": torch.stack([self._pixels(name, enc, p) for p in unique])}
                 else:
