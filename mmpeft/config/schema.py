@@ -69,7 +69,7 @@ class DataConfig(Strict):
     max_eval_samples: Optional[PositiveInt] = Field(None, description="cap on validation rows")
     max_test_samples: Optional[PositiveInt] = Field(None, description="cap on test rows")
     group_by_image: bool = Field(False, description="batch all questions of an image together (VQA: encodes each image once per epoch)")
-    augment: bool = Field(False, description="light training augmentation (small crops, colour jitter; never flips: left/right matters)")
+    augment: bool = Field(False, description="light training augmentation (small crops, colour jitter; never flips: left/right matters); one random view per image per batch, shared by its questions")
 
 
 class TrainConfig(Strict):
