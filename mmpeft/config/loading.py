@@ -107,7 +107,7 @@ def validate_recipe(raw: dict, source: str | None = None) -> Recipe:
         if not isinstance(peft, dict):
             continue  # already reported by pydantic
         where = f"encoders.{enc_name}.peft"
-        settings, errs = _validate_choice(peft, "method", "lora", METHODS, where)
+        settings, _, errs = _validate_choice(peft, "method", "lora", METHODS, where)
         problems += errs
         if settings is not None:
             resolved_peft[enc_name] = settings
@@ -122,12 +122,10 @@ def validate_recipe(raw: dict, source: str | None = None) -> Recipe:
     fusion = raw.get("fusion", {"type": "gated"})
     resolved_fusion = None
     if isinstance(fusion, dict):
-        resolved_fusion, errs = _validate_choice(fusion, "type", "gated", FUSIONS, "fusion")
+        resolved_fusion, parsed, errs = _validate_choice(fusion, "type", "gated", FUSIONS, "fusion")
         problems += errs
-        if resolved_fusion is not None and encoders:
-            cls = FUSIONS.get(resolved_fusion["type"])
-            settings = cls.Settings.model_validate({k: v for k, v in resolved_fusion.items() if k != "type"})
-            problems += settings.modality_problems(list(encoders))
+        if parsed is not None and encoders:
+            problems += parsed.modality_problems(list(encoders))
 
     if recipe is not None:
         problems += _semantic_checks(recipe)
@@ -140,17 +138,22 @@ def validate_recipe(raw: dict, source: str | None = None) -> Recipe:
 
 
 def _validate_choice(block: dict, key: str, default: str, registry, where: str):
-    """Validate ``{key: name, ...settings}`` against the settings class registered as ``name``."""
+    """Validate ``{key: name, ...settings}`` against the settings class registered as ``name``.
+
+    Returns:
+        ``(resolved dict with every default, the parsed settings, problems)``; the first
+        two are None when there are problems.
+    """
     choice = block.get(key, default)
     if choice not in registry:
-        return None, [f"{where}.{key}: {registry.unknown_message(choice)}"]
+        return None, None, [f"{where}.{key}: {registry.unknown_message(choice)}"]
     cls = registry.get(choice)
     rest = {k: v for k, v in block.items() if k != key}
     try:
         settings = cls.Settings.model_validate(rest)
     except ValidationError as exc:
-        return None, [_format_error(err, cls.Settings, prefix=where) for err in exc.errors()]
-    return {key: choice, **settings.model_dump()}, []
+        return None, None, [_format_error(err, cls.Settings, prefix=where) for err in exc.errors()]
+    return {key: choice, **settings.model_dump()}, settings, []
 
 
 def _semantic_checks(recipe: Recipe) -> list[str]:

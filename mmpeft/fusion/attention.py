@@ -52,9 +52,6 @@ class CrossAttentionHead(FusionHead):
 
     def __init__(self, input_dims, num_outputs, settings: CrossAttentionSettings):
         super().__init__(input_dims, num_outputs, settings)
-        problems = settings.modality_problems(list(input_dims))
-        if problems:
-            raise ValueError("; ".join(problems))
         w = settings.hidden_size
         self.query = settings.query
         self.others = [m for m in input_dims if m != self.query]

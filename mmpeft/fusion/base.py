@@ -35,6 +35,9 @@ class FusionHead(nn.Module):
 
     def __init__(self, input_dims: dict[str, int], num_outputs: int, settings: FusionSettings):
         super().__init__()
+        problems = settings.modality_problems(list(input_dims))  # for heads built without a recipe
+        if problems:
+            raise ValueError("; ".join(problems))
         self.input_dims = dict(input_dims)
         self.num_outputs = num_outputs
         self.settings = settings

@@ -111,9 +111,6 @@ class HadamardHead(FusionHead):
         super().__init__(input_dims, num_outputs, settings)
         h = settings.hidden_size
         self.names = list(input_dims)
-        problems = settings.modality_problems(self.names)
-        if problems:
-            raise ValueError("; ".join(problems))
         self.attend = list(dict.fromkeys(settings.attend))
         self.glimpses = settings.glimpses if self.attend else 1
         self.norms = nn.ModuleDict({m: nn.LayerNorm(d) for m, d in input_dims.items()})
