@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .bundle.io import load_bundle
+from .bundle.io import atomic_text_file, load_bundle
 from .data import Collator, ImageStore, load_manifest, load_splits, make_loader
 from .errors import DataError, MMPeftError
 from .tasks import Vocabulary
@@ -84,9 +84,6 @@ class Predictor:
 
 def predict_manifest(predictor: Predictor, manifest: Path, out: Optional[Path], top_k: int, image_field="image", text_field="question") -> list[dict]:
     """Predict every row of a manifest; write JSONL or CSV (by ``out``'s suffix) atomically."""
-    import os
-    import tempfile
-
     path = Path(manifest)
     from .data.samples import _read_rows
 
@@ -104,8 +101,7 @@ def predict_manifest(predictor: Predictor, manifest: Path, out: Optional[Path], 
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-        with os.fdopen(fd, "w", newline="") as handle:
+        with atomic_text_file(out, newline="") as handle:
             if out.suffix.lower() == ".csv":
                 writer = csv.writer(handle)
                 writer.writerow(["image", "question", "answer", "probability", "top_k"])
@@ -115,5 +111,4 @@ def predict_manifest(predictor: Predictor, manifest: Path, out: Optional[Path], 
             else:
                 for r in results:
                     handle.write(json.dumps(r) + "\n")
-        os.replace(tmp, out)
     return results

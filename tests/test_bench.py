@@ -136,3 +136,20 @@ def test_steal_percent_from_proc_stat_counters():
     assert steal_percent(None, end) is None and steal_percent(start, start) is None
     ticks = cpu_ticks()
     assert ticks is None or (len(ticks) >= 8 and all(t >= 0 for t in ticks))
+
+
+def test_atomic_text_file_keeps_the_old_file_when_interrupted(tmp_path):
+    """Results files and prediction files are written through a sibling and renamed: an
+    error mid-write keeps the previous content and leaves no temporary file behind."""
+    from mmpeft.bench import write_atomic
+    from mmpeft.bundle.io import atomic_text_file
+
+    target = tmp_path / "results.json"
+    write_atomic(target, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_text_file(target) as handle:
+            handle.write("half")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    write_atomic(target, "new")
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["results.json"]

@@ -140,6 +140,7 @@ def bundle_folder(out: str, default: str) -> str:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write through a temporary file, so an interrupted benchmark never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    from ..bundle.io import atomic_text_file
+
+    with atomic_text_file(path) as handle:
+        handle.write(text)

@@ -66,6 +66,21 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextmanager
+def atomic_text_file(target: Path, newline: Optional[str] = None) -> Iterator:
+    """Yield a text handle on a hidden sibling of ``target``, renamed onto it once the
+    block completes: an interrupted write keeps the old file (or none), never half one."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline=newline) as handle:
+            yield handle
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, target)
+
+
 def versions() -> dict[str, str]:
     import peft
     import transformers
