@@ -1,4 +1,6 @@
 """Benchmark summaries: mean +- std over seeds and the goal check are computed, not typed in."""
+from pathlib import Path
+
 import pytest
 
 from mmpeft.bench.vqa_rad import goals, markdown, summarize
@@ -153,3 +155,19 @@ def test_atomic_text_file_keeps_the_old_file_when_interrupted(tmp_path):
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
     write_atomic(target, "new")
     assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+@pytest.mark.parametrize("results", sorted(str(p) for p in Path(__file__).resolve().parents[1].glob("benchmarks/results/**/*.json")
+                                           if "recipe_sha256" in p.read_text()))
+def test_committed_results_still_resume(results):
+    """A committed benchmark resumes only if its recorded fingerprint matches its recipe as
+    resolved today; a new recipe setting (even one whose default keeps the old behaviour)
+    changes the resolved recipe, so it must come with a checked migration of these files."""
+    import json
+
+    from mmpeft.bench import recipe_fingerprint
+    from mmpeft.config import load_recipe
+
+    res = json.loads(Path(results).read_text())
+    root = Path(__file__).resolve().parents[1]
+    assert recipe_fingerprint(load_recipe(str(root / res["recipe"]), res["overrides"])) == res["recipe_sha256"]
