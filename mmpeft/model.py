@@ -60,6 +60,8 @@ class MultimodalModel(nn.Module):
             if mode:
                 for module in self.methods[name].train_modules(enc):
                     module.train()
+                for layer in getattr(enc, "checkpointed_layers", ()):
+                    layer.training = True  # the flag alone: turns checkpointing on, leaves dropout off
         return self
 
     def head_parameters(self) -> list[nn.Parameter]:
@@ -129,7 +131,7 @@ def build_model(recipe, num_outputs: int, device: str = "cpu") -> MultimodalMode
         method = build_method(cfg.peft, where=f"encoders.{name}.peft")
         method.apply(enc)
         if recipe.train.gradient_checkpointing:
-            enc.enable_gradient_checkpointing()
+            enc.checkpointing = enc.enable_gradient_checkpointing()  # False: the model cannot (reported by dry runs)
         encoders[name], methods[name] = enc, method
     dims = {name: enc.hidden_size for name, enc in encoders.items()}
     torch.manual_seed(recipe.train.seed)  # head init is reproducible

@@ -74,11 +74,18 @@ class Encoder(nn.Module):
         raise NotImplementedError
 
     def enable_gradient_checkpointing(self) -> bool:
+        """Recompute each transformer layer's activations in backward instead of storing them.
+
+        transformers checkpoints a layer only while that layer is in training mode, but the
+        frozen parts of an encoder run in eval mode (see ``MultimodalModel.train``), so the
+        layers are listed in ``checkpointed_layers`` for the model to flag as training on
+        their own: their dropout and norm children stay in eval mode."""
         model = self.base_model()
-        if hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            return True
-        return False
+        if not hasattr(model, "gradient_checkpointing_enable") or not getattr(model, "supports_gradient_checkpointing", True):
+            return False  # e.g. transformers' ResNet
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.checkpointed_layers = [m for m in model.modules() if m is not model and getattr(m, "gradient_checkpointing", False) is True]
+        return True
 
 
 class ImageEncoder(Encoder):
