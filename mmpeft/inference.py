@@ -23,7 +23,7 @@ def evaluate_bundle(path, overrides: Sequence[str] = (), device: str = "cpu", al
     """
     from accelerate import Accelerator
 
-    from .train import _group_fields, predict_logits, score
+    from .train import _group_fields, inference_autocast, predict_logits, score
 
     bundle = load_bundle(path, device=device, allow_base_mismatch=allow_base_mismatch, overrides=overrides)
     recipe = bundle.recipe
@@ -37,7 +37,8 @@ def evaluate_bundle(path, overrides: Sequence[str] = (), device: str = "cpu", al
     loader = make_loader(test, Collator(test, dict(bundle.model.encoders.items()), vocab, store),
                          stored.get("eval_batch_size", recipe.train.eval_batch_size), False, 0)
     accelerator = Accelerator(cpu=device == "cpu")
-    logits, index = predict_logits(bundle.model, loader, accelerator, desc="test")
+    with inference_autocast(recipe, device):
+        logits, index = predict_logits(bundle.model, accelerator.prepare(loader), accelerator, desc="test")
     metrics = score(logits, index, test, vocab, group_fields)
     old = stored["test"]
     diffs = [abs(metrics["accuracy"] - old["accuracy"]), abs(metrics["macro_f1"] - old["macro_f1"])]
@@ -63,6 +64,7 @@ class Predictor:
     def predict(self, images: Sequence[str], texts: Sequence[str], top_k: int = 3, batch_size: int = 32) -> list[dict]:
         """Top-k answers with probabilities for each (image path, text) pair."""
         from .data.samples import Sample
+        from .train import inference_autocast
 
         rows = [Sample(str(i), str(t), "", {}, f"input {n + 1}") for n, (i, t) in enumerate(zip(images, texts))]
         self.store.check({"input": rows}, "error", hint="check the image path")
@@ -71,7 +73,8 @@ class Predictor:
         for start in range(0, len(rows), batch_size):
             batch = collator(list(range(start, min(start + batch_size, len(rows)))))
             inputs = {k: {n: t.to(self.device) for n, t in v.items()} for k, v in batch["inputs"].items()}
-            probs = self.model(inputs).float().softmax(-1).cpu()
+            with inference_autocast(self.bundle.recipe, self.device):
+                probs = self.model(inputs).float().softmax(-1).cpu()
             top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
             for i, (p, idx) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
                 row = rows[start + i]

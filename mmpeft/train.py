@@ -6,6 +6,7 @@ under ``accelerate launch`` (data parallel).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -29,6 +30,17 @@ def resolve_mixed_precision(setting: str, device: str) -> str:
     if device == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"
     return "no"
+
+
+def inference_autocast(recipe: Recipe, device: str):
+    """The autocast a bundle's model ran under when it was trained and scored, for
+    evaluating or predicting on ``device`` (a bf16-trained model scored in float32 gives
+    other numbers). fp16 is CUDA-only, so elsewhere it falls back to float32."""
+    precision = resolve_mixed_precision(recipe.train.mixed_precision, device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None or (precision == "fp16" and device != "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device, dtype=dtype)
 
 
 def make_accelerator(recipe: Recipe):
