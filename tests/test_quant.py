@@ -110,3 +110,25 @@ def test_every_frozen_base_method_on_4bit(assets, tmp_path, method):
     _, loaded = write_and_reload(model, recipe, tmp_path / "b")
     with torch.no_grad():
         assert torch.allclose(loaded.model(inputs), logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_layers_return_the_autocast_dtype(assets, tmp_path, bits):
+    # bitsandbytes returns its input's dtype (float32 after an autocast LayerNorm); nn.Linear
+    # returns the autocast dtype. Measured on an H100, the difference doubled activation memory.
+    recipe = quant_recipe(assets, tmp_path, bits, image_method="lora")
+    model = build_model(recipe, num_outputs=3)
+    seen = []
+    layers = [m for m in model.encoders["text"].modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+    for layer in layers:
+        layer.register_forward_hook(lambda m, a, out: seen.append(out.dtype))  # after mmpeft's own hook
+    inputs, _ = fixed_batch(model)
+    with torch.no_grad():
+        plain = model(inputs)
+        assert seen and set(seen) == {torch.float32}  # no autocast: unchanged
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(inputs)
+    assert len(seen) == len(layers) and set(seen) == {torch.bfloat16}
+    with torch.no_grad():
+        assert torch.equal(model(inputs), plain)
