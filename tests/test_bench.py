@@ -171,3 +171,46 @@ def test_committed_results_still_resume(results):
     res = json.loads(Path(results).read_text())
     root = Path(__file__).resolve().parents[1]
     assert recipe_fingerprint(load_recipe(str(root / res["recipe"]), res["overrides"])) == res["recipe_sha256"]
+
+
+def test_memory_benchmark_trains_every_configuration_on_cpu(tmp_path):
+    # the CUDA table's code path, run on CPU with tiny models (no peak memory off CUDA)
+    pytest.importorskip("bitsandbytes")
+    from mmpeft.bench import memory
+
+    text, image = memory.build_bases(tmp_path, small=True)
+    rows = memory.training_report(text, image, "cpu", batch=2, steps=2, warmup=1)
+    assert [(r["config"], r["gradient_checkpointing"]) for r in rows] == [
+        (name, ckpt) for name, _, _ in memory.CONFIGS for ckpt in (False, True)]
+    assert not [r for r in rows if "error" in r]
+    by = {(r["config"], r["gradient_checkpointing"]): r for r in rows}
+    full = by[("full (bf16 autocast)", False)]["trainable"]
+    lora = {r["trainable"] for r in rows if r["config"] != "full (bf16 autocast)"}
+    assert len(lora) == 1 and lora.pop() < full / 5
+    assert all(r["peak_mib"] is None and r["samples_per_s"] > 0 and r["dry_run_estimate_mib"] > 0 for r in rows)
+    # checkpointing is active, so the estimate shrinks with it
+    assert by[("lora bf16", True)]["dry_run_estimate_mib"] < by[("lora bf16", False)]["dry_run_estimate_mib"]
+
+
+def test_memory_targets_and_failed_runs():
+    from mmpeft.bench import memory
+
+    def run(config, ckpt, peak, rate):
+        return {"config": config, "gradient_checkpointing": ckpt, "peak_mib": peak, "samples_per_s": rate,
+                "trainable": 10, "dry_run_estimate_mib": 1.0, "model_mib": 1.0}
+
+    result = {"machine": {"cuda": "GPU X", "processor": "cpu", "cpu_count": 2, "torch": "t"}, "settings": {},
+              "weights": [{"encoder": "t", "float32": 400, "bfloat16": 200, "int8": 110, "nf4": 70, "nf4_vs_bf16": 0.35}],
+              "training": [run("full (bf16 autocast)", False, 1000, 100), run("lora bf16", False, 400, 300),
+                           run("lora bf16", True, 200, 200), run("lora + nf4 base (double quant)", False, 300, 150),
+                           {"config": "lora + nf4 base (double quant)", "gradient_checkpointing": True, "error": "OutOfMemoryError: x"}]}
+    targets = {t["target"]: t for t in memory.targets(result)}
+    assert targets["NF4 encoder weight bytes / bf16"]["measured"] == pytest.approx(0.35) and targets["NF4 encoder weight bytes / bf16"]["met"]
+    assert targets["LoRA bf16 peak / full fine-tuning peak"]["measured"] == pytest.approx(0.4)
+    assert targets["NF4 throughput / LoRA bf16 throughput"]["measured"] == pytest.approx(0.5)
+    assert not targets["NF4 throughput / LoRA bf16 throughput"]["met"]
+    failed = targets["NF4 + checkpointing peak / LoRA bf16 + checkpointing peak"]
+    assert failed["measured"] is None and not failed["met"]
+    result["targets"] = memory.targets(result)
+    text = memory.markdown(result)
+    assert "GPU X" in text and "failed: OutOfMemoryError: x" in text and "| <= 0.45 | 0.40 | met |" in text
