@@ -148,8 +148,6 @@ def training_report(text: str, image: str, device: str = "cuda", **settings) -> 
     """:func:`train_steps` for every configuration, with and without gradient checkpointing.
     A configuration that fails (out of memory, no bitsandbytes backend) is reported with
     its error instead of stopping the others."""
-    # bitsandbytes warns on every int8 matmul that bf16 inputs are cast to fp16
-    warnings.filterwarnings("ignore", message="MatMul8bitLt")
     rows = []
     for name, method, base in CONFIGS:
         for checkpointing in (False, True):
@@ -158,7 +156,9 @@ def training_report(text: str, image: str, device: str = "cuda", **settings) -> 
                 torch.cuda.empty_cache()
             row = {"config": name, "gradient_checkpointing": checkpointing}
             try:
-                row.update(train_steps(text, image, method, base, checkpointing, device, **settings))
+                with warnings.catch_warnings():  # bitsandbytes warns on every int8 matmul that it casts to fp16
+                    warnings.filterwarnings("ignore", message="MatMul8bitLt")
+                    row.update(train_steps(text, image, method, base, checkpointing, device, **settings))
             except (RuntimeError, MMPeftError) as exc:
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             print(row, flush=True)
