@@ -48,7 +48,7 @@ def print_summary(rows, model, recipe, vocab_size: int, splits=None) -> None:
             console.print(
                 f"{name}: {q.bits}-bit base ({q.quant_type if q.bits == 4 else 'int8'}), quantized layers {quantized_layers(enc)}, "
                 f"weights {weight_bytes(enc) / 1e6:.1f} MB; est. peak training memory {est / 1e6:.0f} MB at batch {recipe.train.batch_size}"
-                + (" (a lower bound: bitsandbytes' int8 backward held 2-5x this on an H100)" if q.bits == 8 else "")
+                + (" (a lower bound: bitsandbytes' int8 layers held 2-4x this on an H100)" if q.bits == 8 else "")
             )
         else:
             console.print(f"{name}: float32 weights {weight_bytes(enc) / 1e6:.1f} MB; est. peak training memory "
@@ -68,7 +68,7 @@ def estimate_training_memory(encoder, recipe) -> int:
     The constants were fitted to ``mmpeft bench memory`` on an H100 (BERT-base + ViT-B/16,
     batch 32, bf16 autocast), where the estimate came within 5% of the measured peak
     for full fine-tuning, LoRA bf16 and LoRA + NF4, with and without checkpointing.
-    bitsandbytes' int8 layers held 2-6x more activation memory than this (see README).
+    bitsandbytes' int8 layers held 2-4x this estimate on an H100 (see README).
     """
     from .quant import weight_bytes
     from .train import resolve_mixed_precision
