@@ -160,17 +160,49 @@ def test_atomic_text_file_keeps_the_old_file_when_interrupted(tmp_path):
 @pytest.mark.parametrize("results", sorted(str(p) for p in Path(__file__).resolve().parents[1].glob("benchmarks/results/**/*.json")
                                            if "recipe_sha256" in p.read_text()))
 def test_committed_results_still_resume(results):
-    """A committed benchmark resumes only if its recorded fingerprint matches its recipe as
-    resolved today; a new recipe setting (even one whose default keeps the old behaviour)
-    changes the resolved recipe, so it must come with a checked migration of these files."""
+    """Every committed benchmark still resumes: its stored settings, resolved by today's
+    schema, give the fingerprint of its recipe and overrides resolved today."""
     import json
 
-    from mmpeft.bench import recipe_fingerprint
+    from mmpeft.bench import previous_results, recipe_fingerprint
     from mmpeft.config import load_recipe
 
     res = json.loads(Path(results).read_text())
     root = Path(__file__).resolve().parents[1]
-    assert recipe_fingerprint(load_recipe(str(root / res["recipe"]), res["overrides"])) == res["recipe_sha256"]
+    assert "recipe_resolved" in res
+    fingerprint = recipe_fingerprint(load_recipe(str(root / res["recipe"]), res["overrides"]))
+    assert previous_results(Path(results), res["recipe"], res["overrides"], fingerprint) == res
+
+
+def test_resume_survives_new_settings_with_defaults(tmp_path):
+    """A setting added after a benchmark was run (absent from its stored settings) takes
+    its default on both sides and does not stop a resume; a changed value, or a setting
+    that no longer exists, still does. (Before, any new head setting broke every resume.)"""
+    import json
+
+    from mmpeft.bench import previous_results, recipe_fingerprint, resolved_settings
+    from mmpeft.config import load_recipe
+    from mmpeft.errors import UsageError
+
+    recipe = "recipes/medical_vqa.yaml"
+    loaded = load_recipe(recipe, [])
+    fingerprint = recipe_fingerprint(loaded)
+    cache = tmp_path / "vqa_rad.json"
+
+    def stored(edit):
+        settings = resolved_settings(loaded)
+        edit(settings)
+        cache.write_text(json.dumps({"recipe": recipe, "overrides": [], "recipe_sha256": "an older schema's hash",
+                                     "recipe_resolved": settings, "runs": []}))
+
+    stored(lambda s: (s["fusion"].pop("gate_input"), s["train"].pop("log_every")))  # as if added later, at defaults
+    assert previous_results(cache, recipe, [], fingerprint)["runs"] == []
+    stored(lambda s: s["train"].update(epochs=3))
+    with pytest.raises(UsageError, match="holds runs of another recipe"):
+        previous_results(cache, recipe, [], fingerprint)
+    stored(lambda s: s["train"].update(removed_setting=1))
+    with pytest.raises(UsageError, match="holds runs of another recipe"):
+        previous_results(cache, recipe, [], fingerprint)
 
 
 def test_memory_benchmark_trains_every_configuration_on_cpu(tmp_path):

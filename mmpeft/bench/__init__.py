@@ -90,14 +90,34 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         raise UsageError(f"--seeds: expected comma-separated integers such as 0,1,2 (got {text!r})") from None
 
 
-def recipe_fingerprint(loaded) -> str:
-    """SHA-256 of a resolved recipe (every default filled in) without where the data
-    lives and where bundles go, so a benchmark resumes only into results made with the
-    same settings, even if the recipe file was edited in between."""
+def resolved_settings(loaded) -> dict:
+    """A resolved recipe (every default filled in) as JSON data, without where the data
+    lives and where bundles go: what a benchmark's results depend on."""
     d = loaded.model_dump(mode="json")
     d.pop("output", None)
     d.get("data", {}).pop("root", None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+    return d
+
+
+def recipe_fingerprint(loaded) -> str:
+    """SHA-256 of :func:`resolved_settings`, so a benchmark resumes only into results made
+    with the same settings, even if the recipe file was edited in between."""
+    return hashlib.sha256(json.dumps(resolved_settings(loaded), sort_keys=True).encode()).hexdigest()
+
+
+def _stored_fingerprint(prev: dict) -> str | None:
+    """The fingerprint of a results file's settings *as today's schema resolves them*: a
+    setting added since (absent from the file) takes its default on both sides, so it does
+    not stop a resume, while any recorded value that differs still does."""
+    from ..config import load_recipe
+    from ..errors import RecipeError
+
+    if "recipe_resolved" not in prev:
+        return prev.get("recipe_sha256")
+    try:
+        return recipe_fingerprint(load_recipe(prev["recipe_resolved"]))
+    except RecipeError:  # a setting that no longer exists: not the same settings
+        return None
 
 
 def previous_results(cache: Path, recipe: str, overrides: list, fingerprint: str) -> dict | None:
@@ -111,7 +131,7 @@ def previous_results(cache: Path, recipe: str, overrides: list, fingerprint: str
         return None
     prev = json.loads(cache.read_text())
     # files from before fingerprints were recorded match on recipe path and overrides
-    same = (prev.get("recipe_sha256") == fingerprint if "recipe_sha256" in prev
+    same = (_stored_fingerprint(prev) == fingerprint if "recipe_sha256" in prev or "recipe_resolved" in prev
             else prev.get("overrides") == overrides and prev.get("recipe") == recipe)
     if not same:
         raise UsageError(f"{cache} holds runs of another recipe or other overrides (recipe {prev.get('recipe')}, "

@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import (FULL_FINETUNE_LR, bundle_folder, choose, cpu_ticks, machine_info, output_folder, previous_results, recipe_fingerprint,
-               steal_line, steal_percent, write_atomic)
+               resolved_settings, steal_line, steal_percent, write_atomic)
 
 METHOD_ORDER = ["none", "bitfit", "lora", "ia3", "adapter", "prompt", "full"]
 
@@ -28,7 +28,8 @@ def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results"
     methods = choose(methods, METHOD_ORDER, "--methods")
     sides = choose(sides, ("image", "text"), "--sides")
     base = list(overrides)
-    fingerprint = recipe_fingerprint(load_recipe(recipe, base))  # also reports a bad override before anything is written
+    loaded = load_recipe(recipe, base)  # also reports a bad override before anything is written
+    fingerprint = recipe_fingerprint(loaded)
     rows = []
     out_path = output_folder(out)
     cache = out_path / "methods.json"
@@ -59,8 +60,9 @@ def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results"
             "cpu_steal_pct": steal_percent(ticks, cpu_ticks()),
         })
         write_atomic(cache, json.dumps({"recipe": recipe, "overrides": base, "recipe_sha256": fingerprint,
-                                        "machine": machine_info(), "rows": rows}, indent=2))
-    result = {"recipe": recipe, "overrides": base, "recipe_sha256": fingerprint, "machine": machine_info(), "rows": rows}
+                                        "recipe_resolved": resolved_settings(loaded), "machine": machine_info(), "rows": rows}, indent=2))
+    result = {"recipe": recipe, "overrides": base, "recipe_sha256": fingerprint, "recipe_resolved": resolved_settings(loaded),
+              "machine": machine_info(), "rows": rows}
     write_atomic(cache, json.dumps(result, indent=2))
     write_atomic(out_path / "methods.md", markdown(result))
     return rows

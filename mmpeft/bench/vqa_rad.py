@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import (FULL_FINETUNE_LR, bundle_folder, choose, cpu_ticks, machine_info, output_folder, previous_results, recipe_fingerprint,
-               steal_line, steal_percent, write_atomic)
+               resolved_settings, steal_line, steal_percent, write_atomic)
 
 CONFIGS = {
     "head only": {"text": "none", "image": "none"},
@@ -89,8 +89,9 @@ def run(recipe: str = "recipes/medical_vqa.yaml", out: str = "benchmarks/results
             "question_type": {k: v["accuracy"] for k, v in metrics["test"]["groups"].get("question_type", {}).items()},
         })
         write_atomic(cache, json.dumps({"recipe": recipe, "overrides": base, "recipe_sha256": fingerprint,
-                                         "machine": machine_info(), "runs": runs}, indent=2))
-    result = {"recipe": recipe, "overrides": base, "recipe_sha256": fingerprint, "machine": machine_info(),
+                                         "recipe_resolved": resolved_settings(loaded), "machine": machine_info(), "runs": runs}, indent=2))
+    result = {"recipe": recipe, "overrides": base, "recipe_sha256": fingerprint, "recipe_resolved": resolved_settings(loaded),
+              "machine": machine_info(),
               "settings": settings(loaded), "runs": runs, "summary": summarize(runs)}
     write_atomic(cache, json.dumps(result, indent=2))
     write_atomic(out_path / "vqa_rad.md", markdown(result))
