@@ -271,3 +271,37 @@ def test_frozen_feature_cache_matches_uncached(assets, tmp_path):
     cached, plain = results
     assert [round(r["train_loss"], 4) for r in cached["history"]] == [round(r["train_loss"], 4) for r in plain["history"]]
     assert cached["test"]["accuracy"] == plain["test"]["accuracy"]
+
+
+def test_bf16_bundle_is_scored_under_its_autocast(assets, tmp_path):
+    # evaluate/predict once scored every bundle in float32, so a bf16-trained model could
+    # not reproduce its own test loss; they now use the autocast it was trained under
+    import torch
+
+    from mmpeft.inference import Predictor, evaluate_bundle
+
+    raw = tiny.recipe_dict(assets["bert"], assets["vit"], assets["data"], tmp_path, mixed_precision="bf16")
+    recipe = tmp_path / "bf16.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    res = runner.invoke(app, ["finetune", str(recipe)])
+    assert res.exit_code == 0, res.output
+    bundle = tmp_path / "tiny"
+    result = evaluate_bundle(bundle)
+    assert result["metrics"]["loss"] == result["stored"]["loss"] and result["max_abs_diff"] == 0.0
+
+    predictor = Predictor(bundle)
+    image, question = str(assets["data"]["test"].parent / "images/test_1.png"), "what color is the shape ?"
+    probs = predictor.predict([image], [question], top_k=3)[0]["top_k"]
+    from mmpeft.data import Collator
+    from mmpeft.data.samples import Sample
+
+    rows = [Sample(image, question, "", {}, "input 1")]  # the same preprocessing as predict
+    inputs = Collator(rows, dict(predictor.model.encoders.items()), predictor.vocab, predictor.store)([0])["inputs"]
+    with torch.no_grad():
+        fp32 = predictor.model(inputs).float().softmax(-1)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = predictor.model(inputs).float().softmax(-1)[0]
+    assert not torch.equal(fp32, bf16)
+    for entry in probs:
+        index = predictor.vocab.answers.index(entry["answer"])
+        assert entry["probability"] == round(bf16[index].item(), 6)
