@@ -21,9 +21,7 @@ def evaluate_bundle(path, overrides: Sequence[str] = (), device: str = "cpu", al
     Returns:
         ``{"metrics": ..., "stored": ..., "max_abs_diff": float}`` (diff over headline numbers).
     """
-    from accelerate import Accelerator
-
-    from .train import _group_fields, inference_autocast, predict_logits, score
+    from .train import _group_fields, fresh_accelerator, inference_autocast, predict_logits, score
 
     bundle = load_bundle(path, device=device, allow_base_mismatch=allow_base_mismatch, overrides=overrides)
     recipe = bundle.recipe
@@ -36,7 +34,7 @@ def evaluate_bundle(path, overrides: Sequence[str] = (), device: str = "cpu", al
     group_fields = stored.get("group_fields") or _group_fields(recipe, test)
     loader = make_loader(test, Collator(test, dict(bundle.model.encoders.items()), vocab, store),
                          stored.get("eval_batch_size", recipe.train.eval_batch_size), False, 0)
-    accelerator = Accelerator(cpu=device == "cpu")
+    accelerator = fresh_accelerator(cpu=device == "cpu")
     with inference_autocast(recipe, device):
         logits, index = predict_logits(bundle.model, accelerator.prepare(loader), accelerator, desc="test")
     metrics = score(logits, index, test, vocab, group_fields)

@@ -43,9 +43,22 @@ def inference_autocast(recipe: Recipe, device: str):
     return torch.autocast(device, dtype=dtype)
 
 
-def make_accelerator(recipe: Recipe):
-    from accelerate import Accelerator
+def fresh_accelerator(**settings):
+    """An ``Accelerator`` with these settings, even if this process made another before.
 
+    accelerate keeps one process-wide state and refuses a second Accelerator with other
+    settings ("AcceleratorState has already been initialized"), so ``mmpeft.finetune`` of
+    a bf16 recipe after a float32 one (or ``evaluate`` after a GPU run) failed in one
+    Python process. Each run gets its own state; the distributed (partial) state is kept.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(**settings)
+
+
+def make_accelerator(recipe: Recipe):
     t = recipe.train
     want_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
     if t.device == "cuda" and not torch.cuda.is_available():
@@ -53,7 +66,7 @@ def make_accelerator(recipe: Recipe):
     precision = resolve_mixed_precision(t.mixed_precision, "cuda" if want_cuda else "cpu")
     if precision == "fp16" and not want_cuda:
         raise MMPeftError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
-    return Accelerator(cpu=not want_cuda, mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps)
+    return fresh_accelerator(cpu=not want_cuda, mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps)
 
 
 def cosine_with_warmup(optimizer, warmup: int, total: int):

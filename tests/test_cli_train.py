@@ -280,6 +280,9 @@ def test_bf16_bundle_is_scored_under_its_autocast(assets, tmp_path):
 
     from mmpeft.inference import Predictor, evaluate_bundle
 
+    from accelerate import Accelerator
+
+    Accelerator(cpu=True)  # an earlier float32 run in this process: accelerate once refused a bf16 one after it
     raw = tiny.recipe_dict(assets["bert"], assets["vit"], assets["data"], tmp_path, mixed_precision="bf16")
     recipe = tmp_path / "bf16.yaml"
     recipe.write_text(yaml.safe_dump(raw))
