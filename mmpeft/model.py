@@ -60,7 +60,7 @@ class MultimodalModel(nn.Module):
             if mode:
                 for module in self.methods[name].train_modules(enc):
                     module.train()
-                for layer in getattr(enc, "checkpointed_layers", ()):
+                for layer in enc.checkpointed_layers:
                     layer.training = True  # the flag alone: turns checkpointing on, leaves dropout off
         return self
 

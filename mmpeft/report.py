@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -53,7 +52,7 @@ def print_summary(rows, model, recipe, vocab_size: int, splits=None) -> None:
         else:
             console.print(f"{name}: float32 weights {weight_bytes(enc) / 1e6:.1f} MB; est. peak training memory "
                           f"{estimate_training_memory(enc, recipe) / 1e6:.0f} MB at batch {recipe.train.batch_size}")
-        if recipe.train.gradient_checkpointing and not getattr(enc, "checkpointing", False):
+        if recipe.train.gradient_checkpointing and not enc.checkpointing:
             console.print(f"{name}: {type(enc.base_model()).__name__} does not support gradient checkpointing; it runs without")
     data = f"; rows train/eval/test {len(splits.train)}/{len(splits.eval)}/{len(splits.test)}" if splits else ""
     console.print(f"answer vocabulary: {vocab_size}{data}")
@@ -71,7 +70,7 @@ def estimate_training_memory(encoder, recipe) -> int:
     bitsandbytes' int8 layers held 2-4x this estimate on an H100 (see README).
     """
     from .quant import weight_bytes
-    from .train import resolve_mixed_precision
+    from .train import resolve_mixed_precision, train_device
 
     t = recipe.train
     weights = weight_bytes(encoder)
@@ -83,10 +82,9 @@ def estimate_training_memory(encoder, recipe) -> int:
         tokens = (encoder.image_size // 16) ** 2 + 1
     layers = sum(1 for n, _ in encoder.named_modules() if n.count(".") >= 1 and n.rsplit(".", 1)[-1].isdigit()) or 12
     act = 64 * hidden * tokens * max(1, layers // 2) * t.batch_size
-    if getattr(encoder, "checkpointing", False):
+    if encoder.checkpointing:
         act //= 4
-    device = "cuda" if t.device != "cpu" and torch.cuda.is_available() else "cpu"
-    if resolve_mixed_precision(t.mixed_precision, device) != "no":
+    if resolve_mixed_precision(t.mixed_precision, train_device(t)) != "no":
         act += 2 * trainable  # autocast keeps a low-precision copy of each trainable weight
     return weights + 12 * trainable + act
 

@@ -58,9 +58,14 @@ def fresh_accelerator(**settings):
     return Accelerator(**settings)
 
 
+def train_device(t) -> str:
+    """Where a recipe's ``train`` block trains: "cuda" or "cpu" (``auto``: CUDA when visible)."""
+    return "cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def make_accelerator(recipe: Recipe):
     t = recipe.train
-    want_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    want_cuda = train_device(t) == "cuda"
     if t.device == "cuda" and not torch.cuda.is_available():
         raise MMPeftError("train.device is 'cuda' but no CUDA GPU is visible; set train.device=cpu or auto")
     precision = resolve_mixed_precision(t.mixed_precision, "cuda" if want_cuda else "cpu")

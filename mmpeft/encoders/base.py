@@ -43,6 +43,8 @@ class Encoder(nn.Module):
     modality: str = "text"
     arch: str = "unknown"
     hidden_size: int = 0
+    checkpointing: bool = False  # gradient checkpointing asked for and supported (set by build_model)
+    checkpointed_layers: tuple = ()  # layers MultimodalModel.train flags as training (see below)
 
     def __init__(self, source: str, pooling: str = "auto"):
         super().__init__()
