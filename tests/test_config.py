@@ -60,6 +60,15 @@ def test_overrides_apply_and_are_validated():
     assert problems(BASE, ["train.epochs"]) == ["override 'train.epochs': expected key.path=value"]
 
 
+def test_mixed_precision_no_survives_yaml():
+    # YAML 1.1 reads a bare `no` as false; accelerate's spelling must still mean "off"
+    assert load_recipe(BASE, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    raw = yaml.safe_load(yaml.safe_dump(BASE) + "train:\n  mixed_precision: no\n")
+    assert raw["train"]["mixed_precision"] is False and load_recipe(raw).train.mixed_precision == "no"
+    assert problems(BASE, ["train.mixed_precision=yes"]) == [
+        "train.mixed_precision: must be one of 'auto', 'no', 'fp16' or 'bf16' (got True)"]
+
+
 def test_manifest_source_needs_files_and_quantized_full_is_refused():
     raw = yaml.safe_load(yaml.safe_dump(BASE))
     raw["data"] = {"source": "manifest"}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeFloat, NonNegativeInt
+from pydantic import BaseModel, ConfigDict, Field, field_validator, PositiveFloat, PositiveInt, NonNegativeFloat, NonNegativeInt
 
 
 class Strict(BaseModel):
@@ -93,6 +93,13 @@ class TrainConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
     num_workers: NonNegativeInt = Field(0, description="DataLoader worker processes")
     log_every: PositiveInt = Field(20, description="steps between progress-bar/TensorBoard loss updates")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no_is_false(cls, value):
+        # YAML 1.1 reads a bare `no` as false, so `mixed_precision: no` (accelerate's own
+        # spelling) and `train.mixed_precision=no` would otherwise be refused.
+        return "no" if value is False else value
 
 
 class OutputConfig(Strict):
