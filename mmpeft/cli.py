@@ -261,7 +261,7 @@ def bench_memory(out: str = typer.Option("benchmarks/results"), cpu: bool = type
 
 @bench_app.command("vqa-rad")
 @friendly
-def bench_vqa_rad(recipe: str = typer.Option("recipes/medical_vqa.yaml"), out: str = typer.Option("benchmarks/results"),
+def bench_vqa_rad(recipe: str = typer.Option("recipes/medical_vqa_15ep.yaml"), out: str = typer.Option("benchmarks/results"),
                   configs: Optional[str] = typer.Option(None, help="comma-separated subset of: head only,lora,bitfit,adapter,prompt,full"),
                   seeds: str = typer.Option("0,1,2"), overrides: Optional[List[str]] = typer.Argument(None)):
     """Each method on both encoders of the medical recipe, over seeds (resumable)."""
@@ -270,6 +270,21 @@ def bench_vqa_rad(recipe: str = typer.Option("recipes/medical_vqa.yaml"), out: s
 
     run(recipe, out, configs.split(",") if configs else None, parse_seeds(seeds), overrides or [])
     console.print((Path(out) / "vqa_rad.md").read_text())
+
+
+@bench_app.command("search")
+@friendly
+def bench_search(search_file: str = typer.Argument(..., help="search YAML: recipe, base overrides, seeds, named variants"),
+                 out: str = typer.Option(..., help="folder for results.jsonl, summary.md, logs and bundles"),
+                 jobs: int = typer.Option(1, help="runs at a time (several suit a GPU)"),
+                 threads: Optional[int] = typer.Option(None, help="threads per run (default: CPU cores / jobs)"),
+                 only: Optional[str] = typer.Option(None, help="comma-separated variants to run (default: all)"),
+                 overrides: Optional[List[str]] = typer.Argument(None, help="key.path=value applied to every run")):
+    """Named recipe variants x seeds, several runs at a time (resumable)."""
+    from .bench.search import run
+
+    run(search_file, out, jobs, threads, overrides or [], only.split(",") if only else None)
+    console.print((Path(out) / "summary.md").read_text())
 
 
 def quiet_third_party() -> None:

@@ -90,7 +90,7 @@ def test_resume_only_into_results_of_the_same_recipe(tmp_path):
     from mmpeft.config import load_recipe
     from mmpeft.errors import UsageError
 
-    recipe = "recipes/medical_vqa.yaml"
+    recipe = "recipes/medical_vqa_15ep.yaml"
     out = tmp_path / "out"
     out.mkdir()
     cache = out / "vqa_rad.json"
@@ -184,7 +184,7 @@ def test_resume_survives_new_settings_with_defaults(tmp_path):
     from mmpeft.config import load_recipe
     from mmpeft.errors import UsageError
 
-    recipe = "recipes/medical_vqa.yaml"
+    recipe = "recipes/medical_vqa_15ep.yaml"
     loaded = load_recipe(recipe, [])
     fingerprint = recipe_fingerprint(loaded)
     cache = tmp_path / "vqa_rad.json"
@@ -246,3 +246,58 @@ def test_memory_targets_and_failed_runs():
     result["targets"] = memory.targets(result)
     text = memory.markdown(result)
     assert "GPU X" in text and "failed: OutOfMemoryError: x" in text and "| <= 0.45 | 0.40 | met |" in text
+
+
+def test_search_runs_variants_in_parallel_and_resumes(assets, tmp_path):
+    """`mmpeft bench search`: every variant x seed trains (two at a time), one result line
+    each with its test accuracy and validation curve; a second call trains nothing."""
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from mmpeft.cli import app
+    from tests import tiny
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny.recipe_dict(assets["bert"], assets["vit"], assets["data"], tmp_path / "unused",
+                                                      text_method="bitfit", image_method="bitfit")))
+    search = tmp_path / "search.yaml"
+    search.write_text(yaml.safe_dump({"recipe": str(recipe), "base": ["train.epochs=2"], "seeds": [0],
+                                      "configs": {"slow": {"overrides": ["train.lr=0.0001"]},
+                                                  "one_epoch": {"overrides": ["train.epochs=1"], "seeds": [0, 1]}}}))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["bench", "search", str(search), "--out", str(out), "--jobs", "2", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["name"], r["seed"], r["rc"]) for r in rows) == [("one_epoch", 0, 0), ("one_epoch", 1, 0), ("slow", 0, 0)]
+    for r in rows:
+        metrics = json.loads((out / "runs" / f"{r['name']}_s{r['seed']}" / "metrics.json").read_text())
+        assert r["overall"] == metrics["test"]["accuracy"] and r["eval"] == [h["eval_accuracy"] for h in metrics["history"]]
+        assert r["epochs"] == (1 if r["name"] == "one_epoch" else 2) and r["jobs"] == 2 and r["threads"] == 1
+        assert r["overrides"][-1] == ("train.epochs=1" if r["name"] == "one_epoch" else "train.lr=0.0001")
+    one = sorted(100 * r["overall"] for r in rows if r["name"] == "one_epoch")
+    mean = sum(one) / 2
+    assert f"| one_epoch | 0,1 | - | - | {mean:.1f} ± " in (out / "summary.md").read_text()
+    res = CliRunner().invoke(app, ["bench", "search", str(search), "--out", str(out)])
+    assert res.exit_code == 0 and len((out / "results.jsonl").read_text().splitlines()) == 3
+
+
+def test_search_file_problems_are_named_before_anything_runs(tmp_path):
+    from typer.testing import CliRunner
+
+    from mmpeft.cli import app
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("recipe: recipes/medical_vqa.yaml\nseed: [0]\nconfigs:\n  a: {overides: [train.lr=1]}\n  b: {overrides: train.lr=1}\n")
+    res = CliRunner().invoke(app, ["bench", "search", str(bad), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    for problem in ("seed: unknown key", "configs.a.overides: unknown key", "configs.b.overrides: expected a list"):
+        assert problem in res.output, res.output
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("recipe: recipes/medical_vqa.yaml\nconfigs:\n  a: {overrides: [train.epoch=3]}\n")
+    res = CliRunner().invoke(app, ["bench", "search", str(typo), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "variant 'a' does not load" in res.output and "did you mean 'epochs'" in res.output
+    res = CliRunner().invoke(app, ["bench", "search", str(typo), "--out", str(tmp_path / "o"), "--only", "b"])
+    assert res.exit_code == 2 and "--only: unknown variant(s) b" in res.output
+    assert not (tmp_path / "o" / "results.jsonl").exists()

@@ -1,0 +1,223 @@
+"""``mmpeft bench search``: many named recipe variants x seeds, several runs at a time.
+
+A search file names a recipe, overrides shared by every variant, the seeds, and the
+variants (each a list of overrides; later overrides win)::
+
+    recipe: recipes/medical_vqa.yaml
+    base: ["train.epochs=25"]
+    seeds: [0, 1, 2]
+    configs:
+      lr_1e-3: {overrides: [train.lr=0.001]}
+      lr_2e-3: {overrides: [train.lr=0.002], seeds: [0, 1, 2, 3, 4]}
+      recipe_as_is: {base: false}
+
+Every run is its own ``mmpeft finetune`` process, ``--jobs`` of them at a time (a GPU
+sits mostly idle under one small run, whose speed is bound by one CPU core's Python).
+One JSON line per finished run goes to ``<out>/results.jsonl`` (so an interrupted search
+resumes: runs already there are skipped), and ``<out>/summary.md`` gets mean +- std per
+variant. Choosing a variant by its *test* accuracy is selection on the test split: the
+summary prints validation accuracy beside it for that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+from tqdm.auto import tqdm
+
+from ..errors import MMPeftError, UsageError
+from . import machine_info, output_folder, write_atomic
+
+SEARCH_KEYS = {"recipe", "base", "seeds", "configs"}
+CONFIG_KEYS = {"overrides", "seeds", "base"}
+
+
+def load_search(path: str) -> dict:
+    """Read and check a search file; every problem names the file and the key."""
+    where = Path(path)
+    if not where.is_file():
+        raise UsageError(f"{path}: search file not found")
+    try:
+        raw = yaml.safe_load(where.read_text())
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: not valid YAML ({exc})") from None
+    problems = []
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: expected a mapping with keys {', '.join(sorted(SEARCH_KEYS))}")
+    problems += [f"{k}: unknown key (allowed: {', '.join(sorted(SEARCH_KEYS))})" for k in raw if k not in SEARCH_KEYS]
+    if not isinstance(raw.get("recipe"), str):
+        problems.append("recipe: required, the path of a recipe file")
+    base = raw.get("base", [])
+    if not _strings(base):
+        problems.append("base: expected a list of key.path=value overrides")
+    seeds = raw.get("seeds", [0])
+    if not _ints(seeds):
+        problems.append("seeds: expected a list of integers")
+    configs = raw.get("configs")
+    if not isinstance(configs, dict) or not configs:
+        problems.append("configs: required, a mapping of variant name -> {overrides: [...]}")
+        configs = {}
+    variants = {}
+    for name, spec in configs.items():
+        spec = spec or {}
+        if not isinstance(spec, dict):
+            problems.append(f"configs.{name}: expected a mapping with keys {', '.join(sorted(CONFIG_KEYS))}")
+            continue
+        problems += [f"configs.{name}.{k}: unknown key (allowed: {', '.join(sorted(CONFIG_KEYS))})" for k in spec if k not in CONFIG_KEYS]
+        own = spec.get("overrides", [])
+        if not _strings(own):
+            problems.append(f"configs.{name}.overrides: expected a list of key.path=value overrides")
+        if not _ints(spec.get("seeds", seeds)):
+            problems.append(f"configs.{name}.seeds: expected a list of integers")
+        if not isinstance(spec.get("base", True), bool):
+            problems.append(f"configs.{name}.base: expected true or false")
+        if not problems:
+            shared = list(base) if spec.get("base", True) else []
+            variants[str(name)] = {"overrides": shared + list(own), "seeds": list(spec.get("seeds", seeds))}
+    if problems:
+        raise UsageError(f"{len(problems)} problem(s) in {path}:\n" + "\n".join(f"  - {p}" for p in problems))
+    return {"recipe": raw["recipe"], "configs": variants}
+
+
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _ints(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def run(search_file: str, out: str, jobs: int = 1, threads: int | None = None, overrides=(), only=None) -> list[dict]:
+    """Run (or resume) a search; returns every result row, finished earlier or now.
+
+    Args:
+        search_file: the search YAML (see the module docstring).
+        out: folder for ``results.jsonl``, ``summary.md`` and the bundles (``<out>/runs``).
+        jobs: runs at a time.
+        threads: torch/OpenMP threads per run (default: the CPU cores shared among the jobs).
+        overrides: applied to every run after the variant's own (e.g. ``data.root=...``).
+        only: names of variants to run (default: all).
+    """
+    from ..config import load_recipe
+
+    search = load_search(search_file)
+    names = list(search["configs"])
+    if only:
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise UsageError(f"--only: unknown variant(s) {', '.join(unknown)} (in {search_file}: {', '.join(names)})")
+        names = [n for n in names if n in only]
+    if jobs < 1:
+        raise UsageError("--jobs: must be at least 1")
+    # every variant must load before anything trains: a typo fails now, not an hour in
+    for name in names:
+        try:
+            load_recipe(search["recipe"], search["configs"][name]["overrides"] + list(overrides))
+        except MMPeftError as exc:
+            raise UsageError(f"{search_file}: variant {name!r} does not load:\n{exc}") from None
+    out_path = output_folder(out)
+    results = out_path / "results.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
+    done = {(r["name"], r["seed"]) for r in rows if r.get("rc") == 0}
+    todo = [(n, s) for n in names for s in search["configs"][n]["seeds"] if (n, s) not in done]
+    todo.sort(key=lambda job: job[1])  # seed-major: a stopped search has every variant at its first seeds
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    m = machine_info()
+    where = {"machine": f"{m['cuda'] or m['processor']}, {m['cpu_count']} CPU cores, torch {m['torch']}", "jobs": jobs, "threads": threads}
+    lock = threading.Lock()
+    bar = tqdm(total=len(todo), desc="search runs", unit="run")
+
+    def one(job):
+        name, seed = job
+        row = _train(search["recipe"], search["configs"][name]["overrides"] + list(overrides), name, seed, out_path, threads)
+        row.update(where)
+        with lock:
+            rows.append(row)
+            with results.open("a") as handle:  # one whole line per run; a crash loses at most the runs in flight
+                handle.write(json.dumps(row) + "\n")
+            bar.update(1)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(one, todo))
+    bar.close()
+    failed = [r for r in rows if r.get("rc") != 0]
+    summary = markdown(search_file, search, rows, list(overrides))
+    write_atomic(out_path / "summary.md", summary)
+    if failed:
+        print(f"{len(failed)} run(s) failed; their logs are in {out_path / 'logs'}")
+    return rows
+
+
+def _train(recipe: str, overrides: list, name: str, seed: int, out: Path, threads: int) -> dict:
+    tag = f"{name}_s{seed}"
+    (out / "logs").mkdir(exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, "-m", "mmpeft.cli", "finetune", recipe, *overrides, f"train.seed={seed}",
+           f"output.dir={out / 'runs'}", f"output.name={tag}", "--overwrite"]
+    start = time.perf_counter()
+    with (out / "logs" / f"{tag}.log").open("w") as log:
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    row = {"name": name, "seed": seed, "overrides": overrides, "rc": rc, "seconds": round(time.perf_counter() - start, 1)}
+    if rc != 0:
+        return row
+    metrics = json.loads((out / "runs" / tag / "metrics.json").read_text())
+    history = metrics["history"]
+    answer_type = metrics["test"].get("groups", {}).get("answer_type", {})
+    row.update(overall=metrics["test"]["accuracy"], best_epoch=metrics["best_epoch"], epochs=len(history),
+               answer_type={k: v["accuracy"] for k, v in answer_type.items()},
+               eval=[h.get("eval_accuracy") for h in history], train_loss=[round(h["train_loss"], 4) for h in history],
+               epoch_seconds=[round(h["epoch_seconds"], 1) for h in history])
+    return row
+
+
+def summarize(rows: list[dict], order: list[str]) -> list[dict]:
+    """Mean +- sample std per variant over its successful runs, in the search file's order."""
+    table = []
+    for name in order:
+        rs = sorted((r for r in rows if r["name"] == name and r.get("rc") == 0), key=lambda r: r["seed"])
+        if not rs:
+            continue
+
+        def ms(values):
+            values = [100 * v for v in values]
+            return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+        best_eval = [max(e for e in r["eval"] if e is not None) for r in rs if any(e is not None for e in r["eval"])]
+        table.append({
+            "name": name, "seeds": [r["seed"] for r in rs], "overall": ms([r["overall"] for r in rs]),
+            "open": ms([r["answer_type"]["OPEN"] for r in rs]) if all("OPEN" in r["answer_type"] for r in rs) else None,
+            "closed": ms([r["answer_type"]["CLOSED"] for r in rs]) if all("CLOSED" in r["answer_type"] for r in rs) else None,
+            "eval": ms(best_eval) if len(best_eval) == len(rs) else None,
+            "best_epochs": [r["best_epoch"] for r in rs], "epochs": [r["epochs"] for r in rs],
+        })
+    return table
+
+
+def markdown(search_file: str, search: dict, rows: list[dict], overrides: list) -> str:
+    f = lambda v: f"{v[0]:.1f} ± {v[1]:.1f}" if v else "-"  # noqa: E731
+    machines = "; ".join(sorted({r.get("machine", "machine not recorded") for r in rows})) or "no runs yet"
+    jobs = sorted({r["jobs"] for r in rows if "jobs" in r})
+    threads = sorted({r["threads"] for r in rows if "threads" in r})
+    span = lambda v: "?" if not v else str(v[0]) if len(v) == 1 else f"{v[0]}-{v[-1]}"  # noqa: E731
+    lines = [f"Search `{search_file}` on recipe `{search['recipe']}`; {machines}; {span(jobs)} run(s) at a time, "
+             f"{span(threads)} thread(s) each; extra overrides `{' '.join(overrides) or '(none)'}`. Mean ± std over seeds; "
+             "'validation' is the best validation accuracy of each run (what its best checkpoint was chosen by; '-' where "
+             "no validation split was held out).", "",
+             "| variant | seeds | open | closed | overall | validation | best epoch / epochs run |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in summarize(rows, list(search["configs"])):
+        epochs = ", ".join(f"{b}/{e}" for b, e in zip(r["best_epochs"], r["epochs"]))
+        lines.append(f"| {r['name']} | {','.join(map(str, r['seeds']))} | {f(r['open'])} | {f(r['closed'])} | "
+                     f"{f(r['overall'])} | {f(r['eval'])} | {epochs} |")
+    lines += ["", "Variants:", ""] + [f"- `{n}`: `{' '.join(c['overrides']) or '(the recipe as it is)'}`"
+                                      for n, c in search["configs"].items()]
+    return "\n".join(lines) + "\n"
