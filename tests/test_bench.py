@@ -265,12 +265,16 @@ def test_search_runs_variants_in_parallel_and_resumes(assets, tmp_path):
     search = tmp_path / "search.yaml"
     search.write_text(yaml.safe_dump({"recipe": str(recipe), "base": ["train.epochs=2"], "seeds": [0],
                                       "configs": {"slow": {"overrides": ["train.lr=0.0001"]},
-                                                  "one_epoch": {"overrides": ["train.epochs=1"], "seeds": [0, 1]}}}))
+                                                  "one_epoch": {"overrides": ["train.epochs=1"], "seeds": [0, 1]},
+                                                  "no_data": {"overrides": [f"data.train={tmp_path / 'missing.jsonl'}"]}}}))
     out = tmp_path / "out"
     res = CliRunner().invoke(app, ["bench", "search", str(search), "--out", str(out), "--jobs", "2", "--threads", "1"])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 1 and "1 of 4 run(s) failed: no_data_s0" in res.output, res.output
+    assert "no_data_s0 said: error:" in res.output and "missing.jsonl" in (out / "logs" / "no_data_s0.log").read_text()
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert sorted((r["name"], r["seed"], r["rc"]) for r in rows) == [("one_epoch", 0, 0), ("one_epoch", 1, 0), ("slow", 0, 0)]
+    assert sorted((r["name"], r["seed"], r["rc"]) for r in rows) == [
+        ("no_data", 0, 2), ("one_epoch", 0, 0), ("one_epoch", 1, 0), ("slow", 0, 0)]
+    rows = [r for r in rows if r["rc"] == 0]
     for r in rows:
         metrics = json.loads((out / "runs" / f"{r['name']}_s{r['seed']}" / "metrics.json").read_text())
         assert r["overall"] == metrics["test"]["accuracy"] and r["eval"] == [h["eval_accuracy"] for h in metrics["history"]]
@@ -279,8 +283,13 @@ def test_search_runs_variants_in_parallel_and_resumes(assets, tmp_path):
     one = sorted(100 * r["overall"] for r in rows if r["name"] == "one_epoch")
     mean = sum(one) / 2
     assert f"| one_epoch | 0,1 | - | - | {mean:.1f} ± " in (out / "summary.md").read_text()
+    assert "no_data" not in (out / "summary.md").read_text().split("Variants:")[0]
+    # resuming trains only what has no result yet: here the failed run, which fails again
     res = CliRunner().invoke(app, ["bench", "search", str(search), "--out", str(out)])
-    assert res.exit_code == 0 and len((out / "results.jsonl").read_text().splitlines()) == 3
+    assert res.exit_code == 1 and "1 of 1 run(s) failed" in res.output
+    assert len((out / "results.jsonl").read_text().splitlines()) == 5
+    res = CliRunner().invoke(app, ["bench", "search", str(search), "--out", str(out), "--only", "slow,one_epoch"])
+    assert res.exit_code == 0 and len((out / "results.jsonl").read_text().splitlines()) == 5
 
 
 def test_search_file_problems_are_named_before_anything_runs(tmp_path):

@@ -136,12 +136,16 @@ def run(search_file: str, out: str, jobs: int = 1, threads: int | None = None, o
     lock = threading.Lock()
     bar = tqdm(total=len(todo), desc="search runs", unit="run")
 
+    failed: list[dict] = []
+
     def one(job):
         name, seed = job
         row = _train(search["recipe"], search["configs"][name]["overrides"] + list(overrides), name, seed, out_path, threads)
         row.update(where)
         with lock:
             rows.append(row)
+            if row["rc"] != 0:
+                failed.append(row)
             with results.open("a") as handle:  # one whole line per run; a crash loses at most the runs in flight
                 handle.write(json.dumps(row) + "\n")
             bar.update(1)
@@ -149,12 +153,23 @@ def run(search_file: str, out: str, jobs: int = 1, threads: int | None = None, o
     with ThreadPoolExecutor(jobs) as pool:
         list(pool.map(one, todo))
     bar.close()
-    failed = [r for r in rows if r.get("rc") != 0]
-    summary = markdown(search_file, search, rows, list(overrides))
-    write_atomic(out_path / "summary.md", summary)
-    if failed:
-        print(f"{len(failed)} run(s) failed; their logs are in {out_path / 'logs'}")
+    write_atomic(out_path / "summary.md", markdown(search_file, search, rows, list(overrides)))
+    if failed:  # the others' results are kept; a new call retries only these
+        names = ", ".join(f"{r['name']}_s{r['seed']}" for r in failed)
+        first = failed[0]
+        said = _last_error(out_path / "logs" / f"{first['name']}_s{first['seed']}.log")
+        said = f"; {first['name']}_s{first['seed']} said: {said}" if said else ""
+        raise MMPeftError(f"{len(failed)} of {len(todo)} run(s) failed: {names}{said}; see their logs in {out_path / 'logs'} "
+                          f"(the other results are in {results}; run the same command again to retry the failed ones)")
     return rows
+
+
+def _last_error(log: Path) -> str:
+    """A failed run's own message: from its last line starting with 'error:' (the CLI
+    wraps long messages over several lines) to the end, or its last line."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    starts = [i for i, line in enumerate(lines) if line.startswith("error:")]
+    return " ".join(lines[starts[-1]:])[:600] if starts else (lines[-1][:600] if lines else "")
 
 
 def _train(recipe: str, overrides: list, name: str, seed: int, out: Path, threads: int) -> dict:
