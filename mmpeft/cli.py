@@ -263,12 +263,13 @@ def bench_memory(out: str = typer.Option("benchmarks/results"), cpu: bool = type
 @friendly
 def bench_vqa_rad(recipe: str = typer.Option("recipes/medical_vqa_15ep.yaml"), out: str = typer.Option("benchmarks/results"),
                   configs: Optional[str] = typer.Option(None, help="comma-separated subset of: head only,lora,bitfit,adapter,prompt,full"),
-                  seeds: str = typer.Option("0,1,2"), overrides: Optional[List[str]] = typer.Argument(None)):
+                  seeds: str = typer.Option("0,1,2"), jobs: int = typer.Option(1, help="runs at a time (several suit a GPU)"),
+                  overrides: Optional[List[str]] = typer.Argument(None)):
     """Each method on both encoders of the medical recipe, over seeds (resumable)."""
     from .bench import parse_seeds
     from .bench.vqa_rad import run
 
-    run(recipe, out, configs.split(",") if configs else None, parse_seeds(seeds), overrides or [])
+    run(recipe, out, configs.split(",") if configs else None, parse_seeds(seeds), overrides or [], jobs=jobs)
     console.print((Path(out) / "vqa_rad.md").read_text())
 
 

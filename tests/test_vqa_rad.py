@@ -58,3 +58,24 @@ def test_shipped_adapter_reproduces_and_predicts(monkeypatch, bundle):
     assert res.exit_code == 0, res.output
     card = (bundle / "README.md").read_text()
     assert "not for diagnosis" in card.lower() and f"mmpeft predict {bundle.name} " in card
+
+
+@pytest.mark.skipif(not (VQA_RAD / "trainset.json").is_file(), reason="VQA-RAD not present at ../shared/vqa_rad")
+def test_benchmark_runs_side_by_side(assets, tmp_path):
+    """`mmpeft bench vqa-rad --jobs 2` on tiny encoders and a slice of VQA-RAD: both runs
+    train at once, the table keeps the benchmark's order, the results say how they ran."""
+    res = CliRunner().invoke(app, [
+        "bench", "vqa-rad", "--configs", "bitfit,head only", "--seeds", "0", "--jobs", "2", "--out", str(tmp_path / "out"),
+        f"data.root={VQA_RAD}", f"encoders.text.model={assets['bert']}", f"encoders.image.model={assets['effnet']}",
+        "encoders.image.image_size=32", "data.max_train_samples=48", "data.max_eval_samples=16", "data.max_test_samples=40",
+        "train.epochs=1", "train.batch_size=16", "output.plots=false",
+    ])
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "out" / "vqa_rad.json").read_text())
+    assert sorted(r["config"] for r in result["runs"]) == ["bitfit", "head only"]
+    assert all(r["jobs"] == 2 for r in result["runs"])
+    assert [r["config"] for r in result["summary"]] == ["head only", "bitfit"]
+    assert "up to 2 runs at a time" in (tmp_path / "out" / "vqa_rad.md").read_text()
+    for r in result["runs"]:
+        metrics = json.loads((tmp_path / "out" / "runs" / f"{r['config'].replace(' ', '_')}_s0" / "metrics.json").read_text())
+        assert r["overall"] == metrics["test"]["accuracy"]

@@ -10,13 +10,18 @@ time per epoch, with the settings beside the table.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from ..errors import MMPeftError, UsageError
 
 from . import (FULL_FINETUNE_LR, bundle_folder, choose, cpu_ticks, machine_info, output_folder, previous_results, recipe_fingerprint,
                resolved_settings, steal_line, steal_percent, write_atomic)
@@ -35,16 +40,20 @@ PUBLISHED = [("MEVF-BAN", 43.9, 75.1, 62.6), ("MMBERT", 63.1, 77.9, 72.0), ("Pub
 
 
 def run(recipe: str = "recipes/medical_vqa_15ep.yaml", out: str = "benchmarks/results", configs=None, seeds=(0, 1, 2),
-        overrides=(), work_dir: str | None = None) -> dict:
+        overrides=(), work_dir: str | None = None, jobs: int = 1) -> dict:
     """Run (or resume) the benchmark; see the module docstring.
 
     Bundles go to ``work_dir``: by default ``benchmarks/runs/vqa_rad`` for the default
     ``out`` and ``<out>/runs`` for any other, so a second benchmark (other overrides,
-    another ``--out``) never overwrites the first one's bundles.
+    another ``--out``) never overwrites the first one's bundles. ``jobs`` runs train at
+    a time (on a GPU one small run leaves it mostly idle); each then gets the CPU cores
+    divided among the jobs, and its timings are those of a shared machine.
     """
     from ..config import load_recipe
 
     work_dir = work_dir or bundle_folder(out, "benchmarks/runs/vqa_rad")
+    if jobs < 1:
+        raise UsageError("--jobs: must be at least 1")
     # bad input stops here, before anything is written or trained
     base = list(overrides)
     chosen = choose(configs, list(CONFIGS), "--configs")
@@ -57,45 +66,73 @@ def run(recipe: str = "recipes/medical_vqa_15ep.yaml", out: str = "benchmarks/re
     done = {(r["config"], r["seed"]) for r in runs}
     recipe_methods = {n: e.peft["method"] for n, e in loaded.encoders.items()}
     # seed-major, so a benchmark stopped part-way still has every configuration at the seeds it reached
-    jobs = [(c, s) for s in seeds for c in chosen if (c, s) not in done]
-    for config, seed in tqdm(jobs, desc="vqa-rad runs", unit="run"):
-        methods = CONFIGS[config]
-        name = f"{config.replace(' ', '_')}_s{seed}"
-        lr = LR[methods["image"]]
-        ov = list(base)
-        for side in ("text", "image"):  # keep the recipe's own settings where its method is the one benchmarked
-            if recipe_methods.get(side) != methods[side]:
-                ov.append(f"encoders.{side}.peft={{method: {methods[side]}}}")
-        ov += [f"train.seed={seed}", f"train.lr={lr}", f"output.dir={work_dir}", f"output.name={name}"]
-        start, ticks = time.perf_counter(), cpu_ticks()
-        proc = subprocess.Popen([sys.executable, "-m", "mmpeft.cli", "finetune", recipe, *ov, "--overwrite"],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        log, _ = proc.communicate()
-        wall = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise RuntimeError(f"run {name} failed:\n{log[-3000:]}")
-        bundle = Path(work_dir) / name
-        metrics = json.loads((bundle / "metrics.json").read_text())
-        manifest = json.loads((bundle / "manifest.json").read_text())
-        groups = metrics["test"]["groups"]["answer_type"]
-        trainable = sum(e["trainable_parameters"] for e in manifest["encoders"].values()) + manifest["head"]["parameters"]
-        total = sum(e["total_parameters"] for e in manifest["encoders"].values()) + manifest["head"]["parameters"]
-        runs.append({
-            "config": config, "seed": seed, "open": groups["OPEN"]["accuracy"], "closed": groups["CLOSED"]["accuracy"],
-            "overall": metrics["test"]["accuracy"], "trainable": trainable, "total": total,
-            "peak_rss_mib": _peak_rss_mib(log), "epoch_seconds": statistics.mean(h["epoch_seconds"] for h in metrics["history"]),
-            "epochs": len(metrics["history"]), "best_epoch": metrics["best_epoch"], "wall_seconds": wall,
-            "cpu_steal_pct": steal_percent(ticks, cpu_ticks()),
-            "question_type": {k: v["accuracy"] for k, v in metrics["test"]["groups"].get("question_type", {}).items()},
-        })
-        write_atomic(cache, json.dumps({"recipe": recipe, "overrides": base, "recipe_sha256": fingerprint,
-                                         "recipe_resolved": resolved_settings(loaded), "machine": machine_info(), "runs": runs}, indent=2))
+    jobs_todo = [(c, s) for s in seeds for c in chosen if (c, s) not in done]
+    env = dict(os.environ)
+    if jobs > 1:  # share the cores among the runs instead of oversubscribing them
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    lock = threading.Lock()
+    bar = tqdm(total=len(jobs_todo), desc="vqa-rad runs", unit="run")
+
+    def one(job):
+        config, seed = job
+        row = _train(recipe, base, recipe_methods, config, seed, work_dir, env)
+        row["jobs"] = jobs
+        with lock:
+            runs.append(row)
+            write_atomic(cache, json.dumps({"recipe": recipe, "overrides": base, "recipe_sha256": fingerprint,
+                                             "recipe_resolved": resolved_settings(loaded), "machine": machine_info(),
+                                             "runs": runs}, indent=2))
+            bar.update(1)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(one, job) for job in jobs_todo]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:  # stop at the first failure: runs in flight finish and are kept, no new ones start
+            for future in futures:
+                future.cancel()
+            raise
+    bar.close()
     result = {"recipe": recipe, "overrides": base, "recipe_sha256": fingerprint, "recipe_resolved": resolved_settings(loaded),
               "machine": machine_info(),
               "settings": settings(loaded), "runs": runs, "summary": summarize(runs)}
     write_atomic(cache, json.dumps(result, indent=2))
     write_atomic(out_path / "vqa_rad.md", markdown(result))
     return result
+
+
+def _train(recipe: str, base: list, recipe_methods: dict, config: str, seed: int, work_dir: str, env: dict) -> dict:
+    """One benchmark run as its own ``mmpeft finetune`` process; returns its result row."""
+    methods = CONFIGS[config]
+    name = f"{config.replace(' ', '_')}_s{seed}"
+    ov = list(base)
+    for side in ("text", "image"):  # keep the recipe's own settings where its method is the one benchmarked
+        if recipe_methods.get(side) != methods[side]:
+            ov.append(f"encoders.{side}.peft={{method: {methods[side]}}}")
+    ov += [f"train.seed={seed}", f"train.lr={LR[methods['image']]}", f"output.dir={work_dir}", f"output.name={name}"]
+    start, ticks = time.perf_counter(), cpu_ticks()
+    proc = subprocess.Popen([sys.executable, "-m", "mmpeft.cli", "finetune", recipe, *ov, "--overwrite"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    log, _ = proc.communicate()
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise MMPeftError(f"run {name} failed (the runs before it are kept in the results file; the same command "
+                          f"resumes):\n{log[-3000:]}")
+    bundle = Path(work_dir) / name
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    groups = metrics["test"]["groups"]["answer_type"]
+    trainable = sum(e["trainable_parameters"] for e in manifest["encoders"].values()) + manifest["head"]["parameters"]
+    total = sum(e["total_parameters"] for e in manifest["encoders"].values()) + manifest["head"]["parameters"]
+    return {
+        "config": config, "seed": seed, "open": groups["OPEN"]["accuracy"], "closed": groups["CLOSED"]["accuracy"],
+        "overall": metrics["test"]["accuracy"], "trainable": trainable, "total": total,
+        "peak_rss_mib": _peak_rss_mib(log), "epoch_seconds": statistics.mean(h["epoch_seconds"] for h in metrics["history"]),
+        "epochs": len(metrics["history"]), "best_epoch": metrics["best_epoch"], "wall_seconds": wall,
+        "cpu_steal_pct": steal_percent(ticks, cpu_ticks()),
+        "question_type": {k: v["accuracy"] for k, v in metrics["test"]["groups"].get("question_type", {}).items()},
+    }
 
 
 def settings(r) -> str:
@@ -121,7 +158,8 @@ def _peak_rss_mib(log: str) -> float | None:
 
 def summarize(runs: list[dict]) -> list[dict]:
     rows = []
-    for config in dict.fromkeys(r["config"] for r in runs):
+    order = [c for c in CONFIGS if any(r["config"] == c for r in runs)]  # table order, whatever order runs ended in
+    for config in order:
         rs = [r for r in runs if r["config"] == config]
 
         def ms(key):
@@ -139,8 +177,8 @@ def summarize(runs: list[dict]) -> list[dict]:
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"Recipe `{result['recipe']}`, overrides `{' '.join(result['overrides']) or '(none)'}`; "
-             f"{m['cuda'] or m['processor']}, {m['cpu_count']} CPU cores, torch {m['torch']} ({m.get('torch_threads', '?')} threads). Test split: 451 questions "
-             "(179 open, 272 closed); mean ± std over seeds.", ""]
+             f"{m['cuda'] or m['processor']}, {m['cpu_count']} CPU cores, torch {m['torch']} ({m.get('torch_threads', '?')} threads)"
+             f"{_sharing(result.get('runs', []))}. Test split: 451 questions (179 open, 272 closed); mean ± std over seeds.", ""]
     if result.get("settings"):
         lines += [f"Settings: {result['settings']}.", ""]
     lines += [
@@ -155,6 +193,11 @@ def markdown(result: dict) -> str:
     check = goals(result["summary"])
     steal = steal_line([r.get("cpu_steal_pct") for r in result.get("runs", [])])
     return "\n".join(lines + ([""] + [check] if check else []) + ([""] + [steal] if steal else [])) + "\n"
+
+
+def _sharing(runs: list[dict]) -> str:
+    jobs = max((r.get("jobs", 1) for r in runs), default=1)
+    return f"; up to {jobs} runs at a time (timings per run, on a shared machine)" if jobs > 1 else ""
 
 
 def goals(summary: list[dict]) -> str:
