@@ -290,6 +290,13 @@ def test_search_runs_variants_in_parallel_and_resumes(assets, tmp_path):
     assert len((out / "results.jsonl").read_text().splitlines()) == 5
     res = CliRunner().invoke(app, ["bench", "search", str(search), "--out", str(out), "--only", "slow,one_epoch"])
     assert res.exit_code == 0 and len((out / "results.jsonl").read_text().splitlines()) == 5
+    # a variant whose settings changed is refused, not mixed with its old runs
+    changed = yaml.safe_load(search.read_text())
+    changed["configs"]["slow"]["overrides"] = ["train.lr=0.0002"]
+    search.write_text(yaml.safe_dump(changed))
+    res = CliRunner().invoke(app, ["bench", "search", str(search), "--out", str(out), "--only", "slow"])
+    assert res.exit_code == 2 and "holds runs of variant 'slow' made with other settings" in res.output, res.output
+    assert len((out / "results.jsonl").read_text().splitlines()) == 5
 
 
 def test_search_file_problems_are_named_before_anything_runs(tmp_path):
@@ -310,3 +317,24 @@ def test_search_file_problems_are_named_before_anything_runs(tmp_path):
     res = CliRunner().invoke(app, ["bench", "search", str(typo), "--out", str(tmp_path / "o"), "--only", "b"])
     assert res.exit_code == 2 and "--only: unknown variant(s) b" in res.output
     assert not (tmp_path / "o" / "results.jsonl").exists()
+
+
+def test_committed_search_resumes_with_nothing_left_to_run(tmp_path):
+    """The committed H100 search is complete: resuming it trains nothing and rewrites the
+    same summary from its result lines (the table is computed, not typed in)."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from mmpeft.cli import app
+
+    root = Path(__file__).resolve().parents[1]
+    committed = root / "benchmarks" / "results" / "vqa_rad_search_h100"
+    out = tmp_path / "search"
+    shutil.copytree(committed, out)
+    res = CliRunner().invoke(app, ["bench", "search", str(root / "benchmarks" / "vqa_rad_search.yaml"), "--out", str(out),
+                                   "train.mixed_precision=no", "data.root=/tmp/stage/vqa_rad"])
+    assert res.exit_code == 0, res.output
+    assert (out / "results.jsonl").read_text() == (committed / "results.jsonl").read_text()
+    table = lambda p: p.read_text().split("\n\n", 1)[1]  # noqa: E731  (the first line names the search file's path)
+    assert table(out / "summary.md") == table(committed / "summary.md")

@@ -105,7 +105,7 @@ def recipe_fingerprint(loaded) -> str:
     return hashlib.sha256(json.dumps(resolved_settings(loaded), sort_keys=True).encode()).hexdigest()
 
 
-def _stored_fingerprint(prev: dict) -> str | None:
+def stored_fingerprint(prev: dict) -> str | None:
     """The fingerprint of a results file's settings *as today's schema resolves them*: a
     setting added since (absent from the file) takes its default on both sides, so it does
     not stop a resume, while any recorded value that differs still does."""
@@ -131,7 +131,7 @@ def previous_results(cache: Path, recipe: str, overrides: list, fingerprint: str
         return None
     prev = json.loads(cache.read_text())
     # files from before fingerprints were recorded match on recipe path and overrides
-    same = (_stored_fingerprint(prev) == fingerprint if "recipe_sha256" in prev or "recipe_resolved" in prev
+    same = (stored_fingerprint(prev) == fingerprint if "recipe_sha256" in prev or "recipe_resolved" in prev
             else prev.get("overrides") == overrides and prev.get("recipe") == recipe)
     if not same:
         raise UsageError(f"{cache} holds runs of another recipe or other overrides (recipe {prev.get('recipe')}, "

@@ -15,7 +15,9 @@ Every run is its own ``mmpeft finetune`` process, ``--jobs`` of them at a time (
 sits mostly idle under one small run, whose speed is bound by one CPU core's Python).
 One JSON line per finished run goes to ``<out>/results.jsonl`` (so an interrupted search
 resumes: runs already there are skipped), and ``<out>/summary.md`` gets mean +- std per
-variant. Choosing a variant by its *test* accuracy is selection on the test split: the
+variant. ``<out>/settings.json`` keeps each variant's resolved settings: a variant whose
+settings changed since (its overrides, or the recipe file) is refused rather than mixed
+with its old runs. Choosing a variant by its *test* accuracy is selection on the test split: the
 summary prints validation accuracy beside it for that reason.
 """
 
@@ -35,7 +37,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..errors import MMPeftError, UsageError
-from . import machine_info, output_folder, write_atomic
+from . import stored_fingerprint, machine_info, output_folder, recipe_fingerprint, resolved_settings, write_atomic
 
 SEARCH_KEYS = {"recipe", "base", "seeds", "configs"}
 CONFIG_KEYS = {"overrides", "seeds", "base"}
@@ -119,13 +121,21 @@ def run(search_file: str, out: str, jobs: int = 1, threads: int | None = None, o
     if jobs < 1:
         raise UsageError("--jobs: must be at least 1")
     # every variant must load before anything trains: a typo fails now, not an hour in
+    loaded = {}
     for name in names:
         try:
-            load_recipe(search["recipe"], search["configs"][name]["overrides"] + list(overrides))
+            loaded[name] = load_recipe(search["recipe"], search["configs"][name]["overrides"] + list(overrides))
         except MMPeftError as exc:
             raise UsageError(f"{search_file}: variant {name!r} does not load:\n{exc}") from None
     out_path = output_folder(out)
-    results = out_path / "results.jsonl"
+    results, settings_file = out_path / "results.jsonl", out_path / "settings.json"
+    stored = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    for name in names:  # resume only into runs made with the same settings (data location and output aside)
+        if name in stored and stored_fingerprint({"recipe_resolved": stored[name]}) != recipe_fingerprint(loaded[name]):
+            raise UsageError(f"{out_path} holds runs of variant {name!r} made with other settings; resuming would mix "
+                             "them. Pass another --out, or rename the variant")
+    stored.update({name: resolved_settings(loaded[name]) for name in names})
+    write_atomic(settings_file, json.dumps(stored, indent=1))
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
     done = {(r["name"], r["seed"]) for r in rows if r.get("rc") == 0}
     todo = [(n, s) for n in names for s in search["configs"][n]["seeds"] if (n, s) not in done]
@@ -155,11 +165,11 @@ def run(search_file: str, out: str, jobs: int = 1, threads: int | None = None, o
     bar.close()
     write_atomic(out_path / "summary.md", markdown(search_file, search, rows, list(overrides)))
     if failed:  # the others' results are kept; a new call retries only these
-        names = ", ".join(f"{r['name']}_s{r['seed']}" for r in failed)
+        failed_names = ", ".join(f"{r['name']}_s{r['seed']}" for r in failed)
         first = failed[0]
         said = _last_error(out_path / "logs" / f"{first['name']}_s{first['seed']}.log")
         said = f"; {first['name']}_s{first['seed']} said: {said}" if said else ""
-        raise MMPeftError(f"{len(failed)} of {len(todo)} run(s) failed: {names}{said}; see their logs in {out_path / 'logs'} "
+        raise MMPeftError(f"{len(failed)} of {len(todo)} run(s) failed: {failed_names}{said}; see their logs in {out_path / 'logs'} "
                           f"(the other results are in {results}; run the same command again to retry the failed ones)")
     return rows
 
