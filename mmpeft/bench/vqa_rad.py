@@ -144,9 +144,17 @@ def settings(r) -> str:
     extra = "".join(f", {k} {v}" for k, v in r.fusion.items() if k not in ("type", "hidden_size", "dropout"))
     return (f"text {txt.model if txt else '-'} (max {txt.max_length if txt else '-'} tokens), image "
             f"{img.model if img else '-'} at {img.image_size if img else '-'} px; {r.fusion.get('type')} head (hidden "
-            f"{r.fusion.get('hidden_size', 'default')}{extra}); {t.epochs} epochs (early stopping patience {t.early_stopping_patience} on the "
-            f"{r.data.eval_fraction:.0%} validation split), batch {t.batch_size}, AdamW, encoder lr per method "
+            f"{r.fusion.get('hidden_size', 'default')}{extra}); {t.epochs} epochs ({_selection(r)}), batch {t.batch_size}, AdamW, encoder lr per method "
             f"({lrs}), head lr {t.head_lr:g}, label smoothing {t.label_smoothing:g}")
+
+
+def _selection(r) -> str:
+    """How each run's checkpoint is chosen, in words."""
+    if not r.data.eval_fraction and not r.data.eval:
+        return "no validation split: the last epoch"
+    held = f"the {r.data.eval_fraction:.0%} validation split" if not r.data.eval else "the validation file"
+    stop = f"early stopping patience {r.train.early_stopping_patience}" if r.train.early_stopping_patience else "no early stopping"
+    return f"best checkpoint on {held}, {stop}"
 
 
 def _peak_rss_mib(log: str) -> float | None:
