@@ -118,20 +118,23 @@ def save_plots(directory: Path, history: list[dict], test_metrics: dict, group_f
 
     written = []
     epochs = [r["epoch"] for r in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train loss")
-    if any("eval_loss" in r for r in history):
-        ax1.plot([r["epoch"] for r in history if "eval_loss" in r], [r["eval_loss"] for r in history if "eval_loss" in r], marker="o", label="eval loss")
-    ax1.set_xlabel("epoch"), ax1.set_title("loss"), ax1.legend()
     # Overall accuracy plus the first group field (e.g. open/closed); more lines are unreadable.
     first = f"eval_{group_fields[0]}=" if group_fields else None
     acc_keys = ["eval_accuracy"] + sorted({k for r in history for k in r if first and k.startswith(first)})
     acc_keys = [k for k in acc_keys if any(k in r for r in history)]
+    if acc_keys:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    else:  # no validation split (data.eval_fraction: 0): an empty accuracy panel would say nothing
+        fig, ax1 = plt.subplots(figsize=(5.5, 4))
+    ax1.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train loss")
+    if any("eval_loss" in r for r in history):
+        ax1.plot([r["epoch"] for r in history if "eval_loss" in r], [r["eval_loss"] for r in history if "eval_loss" in r], marker="o", label="eval loss")
+    ax1.set_xlabel("epoch"), ax1.set_title("loss" if acc_keys else "training loss (no validation split held out)"), ax1.legend()
     for key in acc_keys:
         pts = [(r["epoch"], r[key]) for r in history if key in r]
         ax2.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=key[5:])
-    ax2.set_xlabel("epoch"), ax2.set_ylabel("accuracy (%)"), ax2.set_title("validation accuracy")
     if acc_keys:
+        ax2.set_xlabel("epoch"), ax2.set_ylabel("accuracy (%)"), ax2.set_title("validation accuracy")
         ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(directory / "training_curves.png", dpi=100)

@@ -308,3 +308,20 @@ def test_bf16_bundle_is_scored_under_its_autocast(assets, tmp_path):
     for entry in probs:
         index = predictor.vocab.answers.index(entry["answer"])
         assert entry["probability"] == round(bf16[index].item(), 6)
+
+
+def test_plots_without_a_validation_split(tmp_path):
+    """With no validation split the curves figure is the loss alone, not an empty accuracy
+    panel beside it; with one, both panels."""
+    from PIL import Image
+
+    from mmpeft.report import save_plots
+
+    test = {"accuracy": 0.5, "groups": {"kind": {"a": {"accuracy": 0.4, "count": 10}, "b": {"accuracy": 0.6, "count": 10}}}}
+    history = [{"epoch": e, "train_loss": 2.0 / e} for e in (1, 2, 3)]
+    assert save_plots(tmp_path, history, test, ["kind"]) == ["training_curves.png", "group_accuracy.png"]
+    assert Image.open(tmp_path / "training_curves.png").size == (550, 400)
+    for row in history:
+        row.update(eval_accuracy=0.5, eval_loss=1.0, **{"eval_kind=a": 0.4})
+    save_plots(tmp_path, history, test, ["kind"])
+    assert Image.open(tmp_path / "training_curves.png").size == (1000, 400)
