@@ -5,7 +5,11 @@ import hashlib
 import json
 import os
 import platform
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from ..errors import UsageError
 
@@ -156,6 +160,42 @@ def bundle_folder(out: str, default: str) -> str:
     ``--out`` (benchmarks/results), ``<out>/runs`` for any other, so a second benchmark
     (other overrides, another ``--out``) never overwrites the first one's bundles."""
     return default if Path(out) == Path("benchmarks/results") else str(Path(out) / "runs")
+
+
+def threads_per_run(jobs: int) -> int:
+    """The CPU cores divided among ``jobs`` runs side by side (at least one each)."""
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def side_by_side(todo: list, jobs: int, train, record, desc: str) -> None:
+    """Call ``train(job)`` for every job, ``jobs`` at a time in threads (each job starts
+    its own process, so threads suffice), and ``record(job, result)`` one at a time in
+    the order they finish, so the caller can append and save without races.
+
+    The first exception stops the rest: queued jobs are cancelled, the jobs in flight
+    finish (and are recorded), then it is raised.
+    """
+    lock = threading.Lock()
+    bar = tqdm(total=len(todo), desc=desc, unit="run")
+
+    def one(job):
+        result = train(job)
+        with lock:
+            record(job, result)
+            bar.update(1)
+
+    try:
+        with ThreadPoolExecutor(jobs) as pool:
+            futures = [pool.submit(one, job) for job in todo]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+    finally:
+        bar.close()
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -28,16 +28,14 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
-from tqdm.auto import tqdm
 
 from ..errors import MMPeftError, UsageError
-from . import stored_fingerprint, machine_info, output_folder, recipe_fingerprint, resolved_settings, write_atomic
+from . import (machine_info, output_folder, recipe_fingerprint, resolved_settings, side_by_side, stored_fingerprint, threads_per_run,
+               write_atomic)
 
 SEARCH_KEYS = {"recipe", "base", "seeds", "configs"}
 CONFIG_KEYS = {"overrides", "seeds", "base"}
@@ -121,10 +119,11 @@ def run(search_file: str, out: str, jobs: int = 1, threads: int | None = None, o
     if jobs < 1:
         raise UsageError("--jobs: must be at least 1")
     # every variant must load before anything trains: a typo fails now, not an hour in
+    run_overrides = {name: search["configs"][name]["overrides"] + list(overrides) for name in names}
     loaded = {}
     for name in names:
         try:
-            loaded[name] = load_recipe(search["recipe"], search["configs"][name]["overrides"] + list(overrides))
+            loaded[name] = load_recipe(search["recipe"], run_overrides[name])
         except MMPeftError as exc:
             raise UsageError(f"{search_file}: variant {name!r} does not load:\n{exc}") from None
     out_path = output_folder(out)
@@ -140,29 +139,21 @@ def run(search_file: str, out: str, jobs: int = 1, threads: int | None = None, o
     done = {(r["name"], r["seed"]) for r in rows if r.get("rc") == 0}
     todo = [(n, s) for n in names for s in search["configs"][n]["seeds"] if (n, s) not in done]
     todo.sort(key=lambda job: job[1])  # seed-major: a stopped search has every variant at its first seeds
-    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads or threads_per_run(jobs)
     m = machine_info()
     where = {"machine": f"{m['cuda'] or m['processor']}, {m['cpu_count']} CPU cores, torch {m['torch']}", "jobs": jobs, "threads": threads}
-    lock = threading.Lock()
-    bar = tqdm(total=len(todo), desc="search runs", unit="run")
-
     failed: list[dict] = []
 
-    def one(job):
-        name, seed = job
-        row = _train(search["recipe"], search["configs"][name]["overrides"] + list(overrides), name, seed, out_path, threads)
+    def record(job, row):  # a failed run is a result too: the search goes on without it
         row.update(where)
-        with lock:
-            rows.append(row)
-            if row["rc"] != 0:
-                failed.append(row)
-            with results.open("a") as handle:  # one whole line per run; a crash loses at most the runs in flight
-                handle.write(json.dumps(row) + "\n")
-            bar.update(1)
+        rows.append(row)
+        if row["rc"] != 0:
+            failed.append(row)
+        with results.open("a") as handle:  # one whole line per run; a crash loses at most the runs in flight
+            handle.write(json.dumps(row) + "\n")
 
-    with ThreadPoolExecutor(jobs) as pool:
-        list(pool.map(one, todo))
-    bar.close()
+    side_by_side(todo, jobs, lambda job: _train(search["recipe"], run_overrides[job[0]], *job, out_path, threads), record,
+                 "search runs")
     write_atomic(out_path / "summary.md", markdown(search_file, search, rows, list(overrides)))
     if failed:  # the others' results are kept; a new call retries only these
         failed_names = ", ".join(f"{r['name']}_s{r['seed']}" for r in failed)

@@ -14,17 +14,12 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from ..errors import MMPeftError, UsageError
-
 from . import (FULL_FINETUNE_LR, bundle_folder, choose, cpu_ticks, machine_info, output_folder, previous_results, recipe_fingerprint,
-               resolved_settings, steal_line, steal_percent, write_atomic)
+               resolved_settings, side_by_side, steal_line, steal_percent, threads_per_run, write_atomic)
 
 CONFIGS = {
     "head only": {"text": "none", "image": "none"},
@@ -69,34 +64,17 @@ def run(recipe: str = "recipes/medical_vqa_15ep.yaml", out: str = "benchmarks/re
     jobs_todo = [(c, s) for s in seeds for c in chosen if (c, s) not in done]
     env = dict(os.environ)
     if jobs > 1:  # share the cores among the runs instead of oversubscribing them
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-    lock = threading.Lock()
-    bar = tqdm(total=len(jobs_todo), desc="vqa-rad runs", unit="run")
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads_per_run(jobs))
+    header = {"recipe": recipe, "overrides": base, "recipe_sha256": fingerprint, "recipe_resolved": resolved_settings(loaded),
+              "machine": machine_info()}
 
-    def one(job):
-        config, seed = job
-        row = _train(recipe, base, recipe_methods, config, seed, work_dir, env)
-        row["jobs"] = jobs
-        with lock:
-            runs.append(row)
-            write_atomic(cache, json.dumps({"recipe": recipe, "overrides": base, "recipe_sha256": fingerprint,
-                                             "recipe_resolved": resolved_settings(loaded), "machine": machine_info(),
-                                             "runs": runs}, indent=2))
-            bar.update(1)
+    def record(job, row):
+        runs.append(dict(row, jobs=jobs))
+        write_atomic(cache, json.dumps({**header, "runs": runs}, indent=2))
 
-    with ThreadPoolExecutor(jobs) as pool:
-        futures = [pool.submit(one, job) for job in jobs_todo]
-        try:
-            for future in futures:
-                future.result()
-        except BaseException:  # stop at the first failure: runs in flight finish and are kept, no new ones start
-            for future in futures:
-                future.cancel()
-            raise
-    bar.close()
-    result = {"recipe": recipe, "overrides": base, "recipe_sha256": fingerprint, "recipe_resolved": resolved_settings(loaded),
-              "machine": machine_info(),
-              "settings": settings(loaded), "runs": runs, "summary": summarize(runs)}
+    # a failed run stops the benchmark: the runs in flight finish and are kept, no new ones start
+    side_by_side(jobs_todo, jobs, lambda job: _train(recipe, base, recipe_methods, *job, work_dir, env), record, "vqa-rad runs")
+    result = {**header, "settings": settings(loaded), "runs": runs, "summary": summarize(runs)}
     write_atomic(cache, json.dumps(result, indent=2))
     write_atomic(out_path / "vqa_rad.md", markdown(result))
     return result
