@@ -65,13 +65,13 @@ def train_device(t) -> str:
 
 def make_accelerator(recipe: Recipe):
     t = recipe.train
-    want_cuda = train_device(t) == "cuda"
+    device = train_device(t)
     if t.device == "cuda" and not torch.cuda.is_available():
         raise MMPeftError("train.device is 'cuda' but no CUDA GPU is visible; set train.device=cpu or auto")
-    precision = resolve_mixed_precision(t.mixed_precision, "cuda" if want_cuda else "cpu")
-    if precision == "fp16" and not want_cuda:
+    precision = resolve_mixed_precision(t.mixed_precision, device)
+    if precision == "fp16" and device == "cpu":
         raise MMPeftError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
-    return fresh_accelerator(cpu=not want_cuda, mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps)
+    return fresh_accelerator(cpu=device == "cpu", mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps)
 
 
 def cosine_with_warmup(optimizer, warmup: int, total: int):
