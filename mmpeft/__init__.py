@@ -6,37 +6,32 @@ The Python API mirrors the CLI::
     bundle_dir = mmpeft.finetune("recipes/quickstart.yaml", overrides=["train.epochs=1"])
     bundle = mmpeft.load_bundle(bundle_dir)
     mmpeft.evaluate(bundle_dir)
+
+This module only hands names on, and only when they are first used, so that importing a
+light part of the package (``mmpeft.config``, the CLI's ``validate``) does not load torch.
 """
 
-__version__ = "0.1.0"
+from importlib import import_module
+
+from .version import __version__
+
+# public name -> (module, attribute)
+_API = {
+    "finetune": ("mmpeft.train", "finetune"),
+    "load_bundle": ("mmpeft.bundle.io", "load_bundle"),
+    "evaluate": ("mmpeft.inference", "evaluate_bundle"),
+    "load_recipe": ("mmpeft.config", "load_recipe"),
+}
+
+__all__ = [*_API, "__version__"]
 
 
-def finetune(recipe, overrides=(), dry_run=False, overwrite=None):
-    """See :func:`mmpeft.train.finetune`."""
-    from .train import finetune as _finetune
-
-    return _finetune(recipe, overrides=overrides, dry_run=dry_run, overwrite=overwrite)
-
-
-def load_bundle(path, **kwargs):
-    """See :func:`mmpeft.bundle.io.load_bundle`."""
-    from .bundle.io import load_bundle as _load
-
-    return _load(path, **kwargs)
+def __getattr__(name):
+    if name in _API:
+        module, attribute = _API[name]
+        return getattr(import_module(module), attribute)
+    raise AttributeError(f"module 'mmpeft' has no attribute {name!r}")
 
 
-def evaluate(path, overrides=(), **kwargs):
-    """See :func:`mmpeft.inference.evaluate_bundle`."""
-    from .inference import evaluate_bundle
-
-    return evaluate_bundle(path, overrides=overrides, **kwargs)
-
-
-def load_recipe(source, overrides=()):
-    """See :func:`mmpeft.config.load_recipe`."""
-    from .config import load_recipe as _load
-
-    return _load(source, overrides)
-
-
-__all__ = ["finetune", "load_bundle", "evaluate", "load_recipe", "__version__"]
+def __dir__():
+    return sorted(list(globals()) + list(_API))

@@ -1,4 +1,10 @@
-"""The ``mmpeft`` command line: a thin layer over the Python API."""
+"""The ``mmpeft`` command line: a thin layer over the Python API.
+
+The CLI is the top layer and nothing imports it. Each command imports its implementation
+when it runs (the one place in the package where the package's own modules are imported
+inside functions), so that ``--help``, ``--version`` and ``validate`` answer without
+loading torch.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from .errors import MMPeftError
 
@@ -122,7 +129,6 @@ def predict(bundle: Path = typer.Argument(..., help="bundle (or merged model) di
 def inspect(bundle: Path = typer.Argument(..., help="bundle directory")):
     """Show a bundle's methods, parameters, base fingerprints, metrics and files."""
     from .bundle.io import read_manifest, verify_files
-    from rich.table import Table
 
     manifest = read_manifest(bundle)
     verify_files(bundle, manifest)
@@ -262,11 +268,11 @@ def bench_memory(out: str = typer.Option("benchmarks/results"), cpu: bool = type
 @bench_app.command("vqa-rad")
 @friendly
 def bench_vqa_rad(recipe: str = typer.Option("recipes/medical_vqa_15ep.yaml"), out: str = typer.Option("benchmarks/results"),
-                  configs: Optional[str] = typer.Option(None, help="comma-separated subset of: head only,lora,bitfit,adapter,prompt,full"),
+                  configs: Optional[str] = typer.Option(None, help="comma-separated subset of the configurations: 'head only' and each registered method"),
                   seeds: str = typer.Option("0,1,2"), jobs: int = typer.Option(1, help="runs at a time (several suit a GPU)"),
                   overrides: Optional[List[str]] = typer.Argument(None)):
     """Each method on both encoders of the medical recipe, over seeds (resumable)."""
-    from .bench import parse_seeds
+    from .bench.common import parse_seeds
     from .bench.vqa_rad import run
 
     run(recipe, out, configs.split(",") if configs else None, parse_seeds(seeds), overrides or [], jobs=jobs)

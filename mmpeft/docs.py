@@ -6,10 +6,13 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from .config import FUSION_SETTINGS, METHOD_SETTINGS
 from .config.schema import DataConfig, EncoderConfig, OutputConfig, QuantizationConfig, Recipe, TaskConfig, TrainConfig
 
 
@@ -31,20 +34,15 @@ def _rows(prefix: str, model: type[BaseModel], skip=()) -> list[str]:
 
 
 def recipe_reference() -> str:
-    from .fusion import FUSIONS
-    from .methods import METHODS
-
     lines = ["| key | default | meaning |", "|---|---|---|"]
     lines += _rows("", Recipe, skip=("encoders", "fusion", "task", "data", "train", "output"))
     lines += _rows("encoders.<name>.", EncoderConfig, skip=("quantization",))
     lines += _rows("encoders.<name>.quantization.", QuantizationConfig)
-    for method in METHODS.names():
-        cls = METHODS.get(method)
-        for name, field in cls.Settings.model_fields.items():
+    for method in METHOD_SETTINGS.names():
+        for name, field in METHOD_SETTINGS.get(method).model_fields.items():
             lines.append(f"| `encoders.<name>.peft.{name}` (method `{method}`) | {_default(field)} | {field.description or ''} |")
-    for fusion in FUSIONS.names():
-        cls = FUSIONS.get(fusion)
-        for name, field in cls.Settings.model_fields.items():
+    for fusion in FUSION_SETTINGS.names():
+        for name, field in FUSION_SETTINGS.get(fusion).model_fields.items():
             lines.append(f"| `fusion.{name}` (type `{fusion}`) | {_default(field)} | {field.description or ''} |")
     lines += _rows("task.", TaskConfig)
     lines += _rows("data.", DataConfig)
@@ -58,8 +56,6 @@ START, END = "<!-- recipe-reference:start -->", "<!-- recipe-reference:end -->"
 
 def update_readme(path: str = "README.md") -> bool:
     """Rewrite the block between the markers; returns True if the file changed."""
-    from pathlib import Path
-
     text = Path(path).read_text()
     head, _, rest = text.partition(START)
     _, _, tail = rest.partition(END)
@@ -70,8 +66,6 @@ def update_readme(path: str = "README.md") -> bool:
 
 
 if __name__ == "__main__":
-    import sys
-
     if len(sys.argv) > 2 and sys.argv[1] == "--write":
         print("updated" if update_readme(sys.argv[2]) else "up to date")
     else:

@@ -9,9 +9,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from .bundle.io import atomic_text_file, load_bundle
-from .data import Collator, ImageStore, load_manifest, load_splits, make_loader
-from .errors import DataError, MMPeftError
+from .bundle.io import load_bundle
+from .data import Collator, ImageStore, Sample, load_splits, make_loader, read_rows
+from .errors import DataError
+from .files import atomic_text_file
+from .runtime import fresh_accelerator, groups_to_report, inference_autocast, predict_logits, score
 from .tasks import Vocabulary
 
 
@@ -21,8 +23,6 @@ def evaluate_bundle(path, overrides: Sequence[str] = (), device: str = "cpu", al
     Returns:
         ``{"metrics": ..., "stored": ..., "max_abs_diff": float}`` (diff over headline numbers).
     """
-    from .train import _group_fields, fresh_accelerator, inference_autocast, predict_logits, score
-
     bundle = load_bundle(path, device=device, allow_base_mismatch=allow_base_mismatch, overrides=overrides)
     recipe = bundle.recipe
     vocab = Vocabulary(bundle.vocab)
@@ -31,7 +31,7 @@ def evaluate_bundle(path, overrides: Sequence[str] = (), device: str = "cpu", al
     checked = store.check({"test": splits.test}, recipe.data.on_bad_image)
     test = checked["test"]
     stored = json.loads((bundle.path / "metrics.json").read_text())
-    group_fields = stored.get("group_fields") or _group_fields(recipe, test)
+    group_fields = stored.get("group_fields") or groups_to_report(recipe, test)
     loader = make_loader(test, Collator(test, dict(bundle.model.encoders.items()), vocab, store),
                          stored.get("eval_batch_size", recipe.train.eval_batch_size), False, 0)
     accelerator = fresh_accelerator(cpu=device == "cpu")
@@ -61,9 +61,6 @@ class Predictor:
     @torch.no_grad()
     def predict(self, images: Sequence[str], texts: Sequence[str], top_k: int = 3, batch_size: int = 32) -> list[dict]:
         """Top-k answers with probabilities for each (image path, text) pair."""
-        from .data.samples import Sample
-        from .train import inference_autocast
-
         rows = [Sample(str(i), str(t), "", {}, f"input {n + 1}") for n, (i, t) in enumerate(zip(images, texts))]
         self.store.check({"input": rows}, "error", hint="check the image path")
         collator = Collator(rows, dict(self.model.encoders.items()), self.vocab, self.store)
@@ -86,11 +83,9 @@ class Predictor:
 def predict_manifest(predictor: Predictor, manifest: Path, out: Optional[Path], top_k: int, image_field="image", text_field="question") -> list[dict]:
     """Predict every row of a manifest; write JSONL or CSV (by ``out``'s suffix) atomically."""
     path = Path(manifest)
-    from .data.samples import _read_rows
-
     if not path.is_file():
         raise DataError(f"input manifest not found: {path}")
-    rows = _read_rows(path)
+    rows = read_rows(path)
     images, texts = [], []
     for number, row in rows:
         if not isinstance(row, dict) or image_field not in row or text_field not in row:

@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 from .encoders import Encoder, EncoderOutput, build_encoder
+from .files import fingerprint_module
 from .fusion import build_fusion
 from .methods import PeftMethod, build_method, count_parameters
+from .quant import prepare_for_kbit_training
 
 
 class MultimodalModel(nn.Module):
@@ -23,10 +25,11 @@ class MultimodalModel(nn.Module):
         self.feature_caches: dict[str, "FeatureCache"] = {}
 
     def enable_feature_cache(self) -> list[str]:
-        """Cache the outputs of fully frozen encoders (method ``none``): each question or image
-        is encoded once, later epochs reuse it. Returns the encoders cached."""
+        """Cache the outputs of fully frozen encoders (methods that train nothing in them, such
+        as ``none``): each question or image is encoded once, later epochs reuse it. Returns
+        the encoders cached."""
         for name, method in self.methods.items():
-            if method.name == "none":
+            if not method.trains_encoder:
                 self.feature_caches[name] = FeatureCache()
         return list(self.feature_caches)
 
@@ -122,11 +125,7 @@ def build_model(recipe, num_outputs: int, device: str = "cpu") -> MultimodalMode
             image_size=cfg.image_size, pooling=cfg.pooling, quantization=cfg.quantization, device=device,
         )
         if cfg.quantization is not None:
-            from .quant import prepare_for_kbit_training
-
             prepare_for_kbit_training(enc)
-        from .bundle.fingerprint import fingerprint_module
-
         enc.base_fingerprint = fingerprint_module(enc.model)
         method = build_method(cfg.peft, where=f"encoders.{name}.peft")
         method.apply(enc)

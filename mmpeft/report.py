@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from .quant import quantized_layers, weight_bytes
+from .runtime import estimate_training_memory
 
 console = Console(highlight=False, width=140)
 
@@ -16,8 +20,6 @@ def _fmt(n: int) -> str:
 
 def compact_names(names: list[str]) -> str:
     """``['a.0.query', 'a.1.query', 'a.0.value']`` -> ``'query x2, value x1'``."""
-    from collections import Counter
-
     counts = Counter(n.rsplit(".", 1)[-1] for n in names)
     return ", ".join(f"{k} x{v}" if v > 1 else k for k, v in counts.items())
 
@@ -35,8 +37,6 @@ def print_summary(rows, model, recipe, vocab_size: int, splits=None) -> None:
         table.add_row(r.name, str(r.model), r.method, shown or "-", _fmt(r.trainable), _fmt(r.total), f"{pct:.2f}")
     table.add_row("all", "", "", "", _fmt(total_train), _fmt(total_all), f"{100.0 * total_train / max(1, total_all):.2f}")
     console.print(table)
-    from .quant import quantized_layers, weight_bytes
-
     for name, enc in model.encoders.items():
         q = recipe.encoders[name].quantization
         if q is not None and not quantized_layers(enc):
@@ -56,37 +56,6 @@ def print_summary(rows, model, recipe, vocab_size: int, splits=None) -> None:
             console.print(f"{name}: {type(enc.base_model()).__name__} does not support gradient checkpointing; it runs without")
     data = f"; rows train/eval/test {len(splits.train)}/{len(splits.eval)}/{len(splits.test)}" if splits else ""
     console.print(f"answer vocabulary: {vocab_size}{data}")
-
-
-def estimate_training_memory(encoder, recipe) -> int:
-    """Rough peak training memory of one encoder in bytes.
-
-    weights as stored + 12 bytes per trainable parameter (gradient and two Adam moments) +
-    activations: 64 bytes x hidden x tokens x (layers / 2) x batch, a quarter of that with
-    gradient checkpointing, plus a bf16 copy of trainable weights under mixed precision.
-    The constants were fitted to ``mmpeft bench memory`` on an H100 (BERT-base + ViT-B/16,
-    batch 32, bf16 autocast), where the estimate came within 5% of the measured peak
-    for full fine-tuning, LoRA bf16 and LoRA + NF4, with and without checkpointing.
-    bitsandbytes' int8 layers held 2-4x this estimate on an H100 (see README).
-    """
-    from .quant import weight_bytes
-    from .train import resolve_mixed_precision, train_device
-
-    t = recipe.train
-    weights = weight_bytes(encoder)
-    trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
-    hidden = encoder.hidden_size
-    if encoder.modality == "text":
-        tokens = encoder.max_length
-    else:
-        tokens = (encoder.image_size // 16) ** 2 + 1
-    layers = sum(1 for n, _ in encoder.named_modules() if n.count(".") >= 1 and n.rsplit(".", 1)[-1].isdigit()) or 12
-    act = 64 * hidden * tokens * max(1, layers // 2) * t.batch_size
-    if encoder.checkpointing:
-        act //= 4
-    if resolve_mixed_precision(t.mixed_precision, train_device(t)) != "no":
-        act += 2 * trainable  # autocast keeps a low-precision copy of each trainable weight
-    return weights + 12 * trainable + act
 
 
 def print_epoch(row: dict) -> None:

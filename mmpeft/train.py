@@ -6,7 +6,6 @@ under ``accelerate launch`` (data parallel).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -17,61 +16,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .bundle.card import write_card
+from .bundle.writer import bundle_writer
 from .config import Recipe, load_recipe
 from .data import Collator, ImageStore, load_splits, make_loader
 from .errors import MMPeftError
 from .model import build_model, summarize
-from .tasks import Vocabulary, compute_metrics, summary_row
-
-
-def resolve_mixed_precision(setting: str, device: str) -> str:
-    if setting != "auto":
-        return setting
-    if device == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
-
-
-def inference_autocast(recipe: Recipe, device: str):
-    """The autocast a bundle's model ran under when it was trained and scored, for
-    evaluating or predicting on ``device`` (a bf16-trained model scored in float32 gives
-    other numbers). fp16 is CUDA-only, so elsewhere it falls back to float32."""
-    precision = resolve_mixed_precision(recipe.train.mixed_precision, device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if dtype is None or (precision == "fp16" and device != "cuda"):
-        return contextlib.nullcontext()
-    return torch.autocast(device, dtype=dtype)
-
-
-def fresh_accelerator(**settings):
-    """An ``Accelerator`` with these settings, even if this process made another before.
-
-    accelerate keeps one process-wide state and refuses a second Accelerator with other
-    settings ("AcceleratorState has already been initialized"), so ``mmpeft.finetune`` of
-    a bf16 recipe after a float32 one (or ``evaluate`` after a GPU run) failed in one
-    Python process. Each run gets its own state; the distributed (partial) state is kept.
-    """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(**settings)
-
-
-def train_device(t) -> str:
-    """Where a recipe's ``train`` block trains: "cuda" or "cpu" (``auto``: CUDA when visible)."""
-    return "cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()) else "cpu"
-
-
-def make_accelerator(recipe: Recipe):
-    t = recipe.train
-    device = train_device(t)
-    if t.device == "cuda" and not torch.cuda.is_available():
-        raise MMPeftError("train.device is 'cuda' but no CUDA GPU is visible; set train.device=cpu or auto")
-    precision = resolve_mixed_precision(t.mixed_precision, device)
-    if precision == "fp16" and device == "cpu":
-        raise MMPeftError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
-    return fresh_accelerator(cpu=device == "cpu", mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps)
+from .quant import require_bitsandbytes
+from .report import print_epoch, print_summary, print_test, save_plots
+from .runtime import groups_to_report, make_accelerator, peak_memory_mib, predict_logits, score
+from .tasks import Vocabulary, summary_row
 
 
 def cosine_with_warmup(optimizer, warmup: int, total: int):
@@ -96,46 +50,9 @@ def make_optimizer(model, t):
                                {"params": no_decay, "lr": lr, "weight_decay": 0.0}) if g["params"]]
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups)
-    from .quant import require_bitsandbytes
-
     bnb = require_bitsandbytes()
     cls = bnb.optim.AdamW8bit if t.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
     return cls(groups)
-
-
-@torch.no_grad()
-def predict_logits(model, loader, accelerator, desc: str = "eval", use_cache: bool = False):
-    """Run ``loader`` through the model. Returns ``(logits [N, C], index [N])`` on every process."""
-    model.eval()
-    all_logits, all_index = [], []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
-        logits = model(batch["inputs"], batch.get("keys") if use_cache else None).float()
-        logits, index = accelerator.gather_for_metrics((logits, batch["index"]))
-        all_logits.append(logits.cpu())
-        all_index.append(index.cpu())
-    return torch.cat(all_logits), torch.cat(all_index)
-
-
-def score(logits, index, samples, vocab: Vocabulary, group_fields) -> dict:
-    """Metrics from logits; gold answers outside the vocabulary count as wrong."""
-    order = index.argsort()
-    logits, index = logits[order], index[order]
-    preds = [vocab.answers[i] for i in logits.argmax(-1).tolist()]
-    rows = [samples[i] for i in index.tolist()]
-    golds = [r.answer for r in rows]
-    groups = {f: [r.groups.get(f, "") for r in rows] for f in group_fields}
-    metrics = compute_metrics(preds, golds, groups, [vocab.encode(g) >= 0 for g in golds])
-    labels = torch.tensor([vocab.encode(g) for g in golds])
-    known = labels >= 0
-    metrics["loss"] = float(F.cross_entropy(logits[known], labels[known])) if known.any() else float("nan")
-    return metrics
-
-
-def _group_fields(recipe: Recipe, samples) -> list[str]:
-    fields = list(recipe.task.group_fields)
-    if not fields and samples:
-        fields = sorted(samples[0].groups)
-    return fields
 
 
 def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run: bool = False, overwrite: Optional[bool] = None):
@@ -168,8 +85,6 @@ def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run
     vocab = Vocabulary.build([s.answer for s in splits.train], recipe.task.min_answer_count)
     device = str(accelerator.device.type)
     model = build_model(recipe, len(vocab), device=device)
-    from .report import print_summary
-
     if is_main:
         print_summary(summarize(model, recipe), model, recipe, len(vocab), splits)
     if dry_run:
@@ -178,7 +93,7 @@ def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run
     store = ImageStore.for_encoders(model.encoders.values())
     checked = store.check({"train": splits.train, "eval": splits.eval, "test": splits.test}, recipe.data.on_bad_image)
     splits.train, splits.eval, splits.test = checked["train"], checked["eval"], checked["test"]
-    group_fields = _group_fields(recipe, splits.test)
+    group_fields = groups_to_report(recipe, splits.test)
     encoders = dict(model.encoders.items())
     train_loader = make_loader(splits.train, Collator(splits.train, encoders, vocab, store, recipe.data.augment, t.seed),
                                t.batch_size, True, t.seed, t.num_workers, recipe.data.group_by_image)
@@ -242,8 +157,6 @@ def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run
                 stale += 1
         history.append(row)
         if is_main:
-            from .report import print_epoch
-
             print_epoch(row)
             if writer:
                 for k, v in row.items():
@@ -263,10 +176,6 @@ def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run
         writer.close()
     accelerator.wait_for_everyone()
     if is_main:
-        from .bundle.card import write_card
-        from .bundle.io import atomic_directory, refresh_file_hashes, write_bundle_files
-        from .report import print_test, save_plots
-
         print_test(test_metrics, group_fields)
         metrics = {
             "test": test_metrics,
@@ -276,29 +185,18 @@ def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run
             "data": {"source": recipe.data.source, "train": len(splits.train), "eval": len(splits.eval), "test": len(splits.test)},
             "eval_batch_size": t.eval_batch_size,
         }
-        with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-            manifest = write_bundle_files(tmp, raw_model.cpu(), recipe, vocab.to_list(), metrics)
-            with open(tmp / "train_log.jsonl", "w") as handle:
-                for row in history:
-                    handle.write(json.dumps(row) + "\n")
+        with bundle_writer(out_dir, overwrite=overwrite) as bundle:  # sealed (every file hashed) when the block ends
+            manifest = bundle.add_model(raw_model.cpu(), recipe, vocab.to_list(), metrics)
+            bundle.write_text("train_log.jsonl", "".join(json.dumps(row) + "\n" for row in history))
             if recipe.output.plots:
-                save_plots(tmp, history, test_metrics, group_fields)
-            write_card(tmp, manifest, metrics, recipe, name=out_dir.name)
-            refresh_file_hashes(tmp)
+                save_plots(bundle.path, history, test_metrics, group_fields)
+            write_card(bundle.path, manifest, metrics, recipe, name=out_dir.name)
         size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
         log(f"bundle written to {out_dir} ({size / 1e6:.2f} MB)")
         log(f"peak memory: {peak_memory_mib(accelerator.device):.0f} MiB "
             f"({'torch.cuda.max_memory_allocated' if accelerator.device.type == 'cuda' else 'process peak RSS'})")
     accelerator.wait_for_everyone()
     return out_dir
-
-
-def peak_memory_mib(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:

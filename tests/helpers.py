@@ -59,8 +59,8 @@ def train_steps(model, inputs, labels, steps: int = 8, lr: float = 1e-3) -> list
 
 def write_and_reload(model, recipe, directory):
     """Write ``model`` as a bundle in ``directory`` and load it back; returns (manifest, loaded)."""
-    from mmpeft.bundle.io import load_bundle, write_bundle_files
+    from mmpeft.bundle.io import load_bundle
+    from mmpeft.bundle.writer import write_bundle
 
-    directory.mkdir()
-    manifest = write_bundle_files(directory, model, recipe, ["a", "b", "c"], {"test": {}})
+    manifest = write_bundle(directory, model, recipe, ["a", "b", "c"], {"test": {}})
     return manifest, load_bundle(directory)

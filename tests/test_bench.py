@@ -52,7 +52,7 @@ def test_markdown_prints_settings_and_published_rows():
 def test_bad_subset_or_override_stops_before_any_run(tmp_path):
     """A typo in --configs, --methods, --sides, --seeds or an override is reported before
     anything is trained or written, with the available choices."""
-    from mmpeft.bench import choose, parse_seeds
+    from mmpeft.bench.common import choose, parse_seeds
     from mmpeft.bench import methods as bench_methods
     from mmpeft.bench import vqa_rad
     from mmpeft.errors import RecipeError, UsageError
@@ -86,7 +86,8 @@ def test_resume_only_into_results_of_the_same_recipe(tmp_path):
     import json
 
     from mmpeft.bench import methods as bench_methods
-    from mmpeft.bench import recipe_fingerprint, vqa_rad
+    from mmpeft.bench import vqa_rad
+    from mmpeft.bench.common import recipe_fingerprint
     from mmpeft.config import load_recipe
     from mmpeft.errors import UsageError
 
@@ -121,7 +122,7 @@ def test_resume_only_into_results_of_the_same_recipe(tmp_path):
 def test_bundles_of_another_out_stay_apart():
     """A benchmark with a non-default --out keeps its bundles under <out>/runs, so it cannot
     overwrite the bundles behind the committed results (both benchmarks use this helper)."""
-    from mmpeft.bench import bundle_folder
+    from mmpeft.bench.common import bundle_folder
 
     assert bundle_folder("benchmarks/results", "benchmarks/runs") == "benchmarks/runs"
     assert bundle_folder("benchmarks/results/", "benchmarks/runs/vqa_rad") == "benchmarks/runs/vqa_rad"
@@ -130,7 +131,7 @@ def test_bundles_of_another_out_stay_apart():
 
 def test_steal_percent_from_proc_stat_counters():
     """Steal is the 8th /proc/stat counter's share of the first eight."""
-    from mmpeft.bench import cpu_ticks, steal_percent
+    from mmpeft.bench.common import cpu_ticks, steal_percent
 
     start = [100, 0, 50, 800, 0, 0, 0, 50, 0, 0]
     end = [200, 0, 100, 1000, 0, 0, 0, 650, 0, 0]  # +100 user, +50 system, +200 idle, +600 steal
@@ -143,8 +144,8 @@ def test_steal_percent_from_proc_stat_counters():
 def test_atomic_text_file_keeps_the_old_file_when_interrupted(tmp_path):
     """Results files and prediction files are written through a sibling and renamed: an
     error mid-write keeps the previous content and leaves no temporary file behind."""
-    from mmpeft.bench import write_atomic
-    from mmpeft.bundle.io import atomic_text_file
+    from mmpeft.bench.common import write_atomic
+    from mmpeft.files import atomic_text_file
 
     target = tmp_path / "results.json"
     write_atomic(target, "old")
@@ -164,7 +165,7 @@ def test_committed_results_still_resume(results):
     schema, give the fingerprint of its recipe and overrides resolved today."""
     import json
 
-    from mmpeft.bench import previous_results, recipe_fingerprint
+    from mmpeft.bench.common import previous_results, recipe_fingerprint
     from mmpeft.config import load_recipe
 
     res = json.loads(Path(results).read_text())
@@ -180,7 +181,7 @@ def test_resume_survives_new_settings_with_defaults(tmp_path):
     that no longer exists, still does. (Before, any new head setting broke every resume.)"""
     import json
 
-    from mmpeft.bench import previous_results, recipe_fingerprint, resolved_settings
+    from mmpeft.bench.common import previous_results, recipe_fingerprint, resolved_settings
     from mmpeft.config import load_recipe
     from mmpeft.errors import UsageError
 

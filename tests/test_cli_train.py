@@ -160,9 +160,9 @@ def test_pickle_is_never_read(trained, tmp_path):
     shutil.copytree(trained["bundle"], copy)
     target = copy / "encoders/image/weights.safetensors"
     target.write_bytes(pickle.dumps({"x": 1}))
-    from mmpeft.bundle.io import refresh_file_hashes
+    from mmpeft.files import seal
 
-    refresh_file_hashes(copy)  # even with hashes fixed up, the file is not valid safetensors
+    seal(copy)  # even with hashes fixed up, the file is not valid safetensors
     res = runner.invoke(app, ["evaluate", str(copy)])
     assert res.exit_code == 2 and "not a valid safetensors file" in res.output
 

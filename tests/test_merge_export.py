@@ -6,7 +6,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mmpeft.bundle.io import load_bundle, write_bundle_files
+from mmpeft.bundle.io import load_bundle
+from mmpeft.bundle.writer import write_bundle
 from mmpeft.bundle.merge import merge_bundle
 from mmpeft.cli import app
 from mmpeft.model import build_model
@@ -31,8 +32,7 @@ def trained_bundle(assets, tmp_path, text_method, image_method, image_kind="vit"
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
     bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    write_bundle_files(bundle, model, recipe, VOCAB, {"test": {"accuracy": 0.0}})
+    write_bundle(bundle, model, recipe, VOCAB, {"test": {"accuracy": 0.0}})
     return bundle, model
 
 

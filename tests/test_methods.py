@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmpeft.bundle.io import load_bundle, write_bundle_files
+from mmpeft.bundle.io import load_bundle
+from mmpeft.bundle.writer import write_bundle
 from mmpeft.encoders import build_encoder
 from mmpeft.fusion import FUSIONS
 from mmpeft.methods import METHODS, build_method
@@ -90,25 +91,23 @@ def test_every_fusion_saves_and_reloads(assets, tmp_path, fusion, kind, method):
     with torch.no_grad():
         logits = model(inputs)
     bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    write_bundle_files(bundle, model, recipe, ["a", "b", "c"], {"test": {}})
+    write_bundle(bundle, model, recipe, ["a", "b", "c"], {"test": {}})
     with torch.no_grad():
         assert torch.equal(load_bundle(bundle).model(inputs), logits)
 
 
 def test_recipe_shape_mismatch_is_rejected(assets, tmp_path):
     """A bundle whose tensors do not fit the model its recipe implies is refused."""
-    from mmpeft.bundle.io import refresh_file_hashes
+    from mmpeft.files import seal
     from mmpeft.errors import BundleError
 
     recipe = recipe_for(assets, "effnet", "adapter", tmp_path)
     model = build_model(recipe, num_outputs=3)
     bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    write_bundle_files(bundle, model, recipe, ["a", "b", "c"], {"test": {}})
+    write_bundle(bundle, model, recipe, ["a", "b", "c"], {"test": {}})
     text = (bundle / "recipe.yaml").read_text().replace("hidden_size: 32", "hidden_size: 48")
     (bundle / "recipe.yaml").write_text(text)
-    refresh_file_hashes(bundle)
+    seal(bundle)
     with pytest.raises(BundleError, match=r"head.safetensors does not match the model its recipe builds: .*shape mismatch"):
         load_bundle(bundle)
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("bitsandbytes")
 
-from mmpeft.bundle.io import load_bundle, write_bundle_files  # noqa: E402
+from mmpeft.bundle.io import load_bundle
+from mmpeft.bundle.writer import write_bundle  # noqa: E402
 from mmpeft.config import load_recipe  # noqa: E402
 from mmpeft.model import build_model  # noqa: E402
 from mmpeft.quant import quantized_layers, weight_bytes  # noqa: E402
@@ -67,8 +68,7 @@ def test_quantized_merge_dequantizes(assets, tmp_path):
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
     bundle = tmp_path / "b"
-    bundle.mkdir()
-    write_bundle_files(bundle, model, recipe, ["a", "b", "c"], {"test": {}})
+    write_bundle(bundle, model, recipe, ["a", "b", "c"], {"test": {}})
     report = merge_bundle(bundle, tmp_path / "merged")  # default float32 tolerance: 1e-5
     assert report["dequantized"]["text"] >= 8 and report["max_abs_logit_diff"] <= 1e-5
     merged = load_bundle(tmp_path / "merged")

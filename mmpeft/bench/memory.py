@@ -19,8 +19,14 @@ from pathlib import Path
 
 import torch
 
+from ..config import QuantizationConfig, load_recipe
+from ..encoders import build_encoder
 from ..errors import MMPeftError
-from . import machine_info, output_folder, write_atomic
+from ..model import build_model
+from ..quant import weight_bytes
+from ..runtime import estimate_training_memory
+from ..train import make_optimizer
+from .common import machine_info, output_folder, write_atomic
 
 # name, method, how the frozen base weights are held:
 #   "fp32"  float32 master weights, bf16 autocast (mixed-precision full fine-tuning)
@@ -51,8 +57,6 @@ def build_bases(directory: Path, small: bool = False) -> tuple[str, str]:
 
 
 def _recipe(text: str, image: str, method: str, base, checkpointing: bool, batch: int, tokens: int):
-    from ..config import load_recipe
-
     quant = None if base not in (4, 8) else {"bits": base, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
     enc = lambda m: {"model": m, "peft": {"method": method}, "quantization": quant, "max_length": tokens}  # noqa: E731
     return load_recipe({
@@ -64,10 +68,6 @@ def _recipe(text: str, image: str, method: str, base, checkpointing: bool, batch
 
 def weight_report(text: str, image: str) -> list[dict]:
     """Encoder weight bytes as stored in float32, bfloat16, int8 and NF4 (measured on the loaded models)."""
-    from ..config import QuantizationConfig
-    from ..encoders import build_encoder
-    from ..quant import weight_bytes
-
     rows = []
     for label, src in (("text (BERT-base)", text), ("image (ViT-B/16)", image)):
         fp32 = build_encoder(src)
@@ -103,10 +103,6 @@ def train_steps(text: str, image: str, method: str, base, checkpointing: bool, d
         optimizer state included; None off CUDA), ``samples_per_s`` over the steps after
         ``warmup``, ``trainable`` parameters and the final ``loss``.
     """
-    from ..model import build_model
-    from ..report import estimate_training_memory
-    from ..train import make_optimizer
-
     cuda = device == "cuda"
     recipe = _recipe(text, image, method, base, checkpointing, batch, tokens)
     model = build_model(recipe, num_outputs=500, device=device)

@@ -1,9 +1,10 @@
 """``mmpeft bench methods``: fine-tune the quickstart with each method on one side at a time.
 
 The other encoder stays frozen (``none``) so each row isolates one method on one
-encoder. Every method uses the recipe's learning rates except ``full``
-(``FULL_FINETUNE_LR``). Prints and writes (JSON + Markdown) method, side, trainable
-parameters, test accuracy and seconds per epoch.
+encoder. Every registered method runs (:func:`~mmpeft.bench.common.benchmark_methods`),
+with the recipe's learning rates, except methods that train the base weights (``full``),
+which use their own ``default_lr``. Prints and writes (JSON + Markdown) method, side,
+trainable parameters, test accuracy and seconds per epoch.
 """
 
 from __future__ import annotations
@@ -13,19 +14,17 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import (FULL_FINETUNE_LR, bundle_folder, choose, cpu_ticks, machine_info, output_folder, previous_results, recipe_fingerprint,
-               resolved_settings, steal_line, steal_percent, write_atomic)
-
-METHOD_ORDER = ["none", "bitfit", "lora", "ia3", "adapter", "prompt", "full"]
+from ..config import load_recipe
+from ..methods import METHODS
+from ..train import finetune
+from .common import (benchmark_methods, bundle_folder, choose, cpu_ticks, machine_info, output_folder, previous_results,
+                     recipe_fingerprint, resolved_settings, steal_line, steal_percent, write_atomic)
 
 
 def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results", methods=None, sides=("image", "text"),
         overrides=(), work_dir: str | None = None) -> list[dict]:
-    from ..config import load_recipe
-    from ..train import finetune
-
     work_dir = work_dir or bundle_folder(out, "benchmarks/runs")  # another --out keeps its bundles apart
-    methods = choose(methods, METHOD_ORDER, "--methods")
+    methods = choose(methods, benchmark_methods(), "--methods")
     sides = choose(sides, ("image", "text"), "--sides")
     base = list(overrides)
     loaded = load_recipe(recipe, base)  # also reports a bad override before anything is written
@@ -43,8 +42,8 @@ def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results"
         other = "text" if side == "image" else "image"
         ov = base + [f"encoders.{side}.peft={{method: {method}}}", f"encoders.{other}.peft={{method: none}}",
                      f"output.dir={work_dir}", f"output.name={side}_{method}", "output.plots=false"]
-        if method == "full":
-            ov.append(f"train.lr={FULL_FINETUNE_LR}")
+        if not METHODS.get(method).keeps_base_frozen:  # a pretrained base needs a far smaller learning rate
+            ov.append(f"train.lr={METHODS.get(method).default_lr}")
         r = load_recipe(recipe, ov)
         ticks = cpu_ticks()
         bundle = finetune(r, overwrite=True)

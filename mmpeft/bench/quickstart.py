@@ -6,13 +6,12 @@ import json
 import time
 from pathlib import Path
 
-from . import machine_info, output_folder, write_atomic
+from ..train import finetune
+from .common import machine_info, output_folder, write_atomic
 
 
 def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results", overrides=(), target: float = 0.97,
         budget_s: float = 600.0) -> dict:
-    from ..train import finetune
-
     out_path = output_folder(out)
     start = time.perf_counter()
     bundle = finetune(recipe, overrides=list(overrides) + ["output.name=quickstart_bench"], overwrite=True)

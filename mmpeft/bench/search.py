@@ -33,9 +33,10 @@ from pathlib import Path
 
 import yaml
 
+from ..config import load_recipe
 from ..errors import MMPeftError, UsageError
-from . import (machine_info, output_folder, recipe_fingerprint, resolved_settings, side_by_side, stored_fingerprint, threads_per_run,
-               write_atomic)
+from .common import (machine_info, output_folder, recipe_fingerprint, resolved_settings, side_by_side, stored_fingerprint,
+                     threads_per_run, write_atomic)
 
 SEARCH_KEYS = {"recipe", "base", "seeds", "configs"}
 CONFIG_KEYS = {"overrides", "seeds", "base"}
@@ -107,8 +108,6 @@ def run(search_file: str, out: str, jobs: int = 1, threads: int | None = None, o
         overrides: applied to every run after the variant's own (e.g. ``data.root=...``).
         only: names of variants to run (default: all).
     """
-    from ..config import load_recipe
-
     search = load_search(search_file)
     names = list(search["configs"])
     if only:

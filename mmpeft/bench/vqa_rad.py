@@ -17,20 +17,20 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import load_recipe
 from ..errors import MMPeftError, UsageError
-from . import (FULL_FINETUNE_LR, bundle_folder, choose, cpu_ticks, machine_info, output_folder, previous_results, recipe_fingerprint,
-               resolved_settings, side_by_side, steal_line, steal_percent, threads_per_run, write_atomic)
+from ..methods import METHODS
+from .common import (benchmark_methods, bundle_folder, choose, cpu_ticks, machine_info, output_folder, previous_results,
+                     recipe_fingerprint, resolved_settings, side_by_side, steal_line, steal_percent, threads_per_run, write_atomic)
 
-CONFIGS = {
-    "head only": {"text": "none", "image": "none"},
-    "lora": {"text": "lora", "image": "lora"},
-    "bitfit": {"text": "bitfit", "image": "bitfit"},
-    "adapter": {"text": "adapter", "image": "adapter"},
-    "prompt": {"text": "prompt", "image": "prompt"},
-    "full": {"text": "full", "image": "full"},
-}
-# Learning rates that suit each method (full fine-tuning needs a much smaller one).
-LR = {"none": 5e-4, "lora": 5e-4, "bitfit": 1e-3, "adapter": 5e-4, "prompt": 3e-3, "full": FULL_FINETUNE_LR}
+
+def configurations() -> dict[str, str]:
+    """Configuration name -> the method both encoders get: every registered method, the
+    ones that train nothing in the encoders named "head only". Each method trains at its
+    own ``default_lr`` (full fine-tuning needs a much smaller one)."""
+    return {("head only" if not METHODS.get(m).trains_encoder else m): m for m in benchmark_methods()}
+
+
 PUBLISHED = [("MEVF-BAN", 43.9, 75.1, 62.6), ("MMBERT", 63.1, 77.9, 72.0), ("PubMedCLIP", 60.1, 80.0, 72.1), ("M3AE", 67.2, 83.5, 77.0)]
 
 
@@ -44,14 +44,13 @@ def run(recipe: str = "recipes/medical_vqa_15ep.yaml", out: str = "benchmarks/re
     a time (on a GPU one small run leaves it mostly idle); each then gets the CPU cores
     divided among the jobs, and its timings are those of a shared machine.
     """
-    from ..config import load_recipe
-
     work_dir = work_dir or bundle_folder(out, "benchmarks/runs/vqa_rad")
     if jobs < 1:
         raise UsageError("--jobs: must be at least 1")
     # bad input stops here, before anything is written or trained
     base = list(overrides)
-    chosen = choose(configs, list(CONFIGS), "--configs")
+    table = configurations()
+    chosen = choose(configs, list(table), "--configs")
     loaded = load_recipe(recipe, base)
     out_path = output_folder(out)
     cache = out_path / "vqa_rad.json"
@@ -73,22 +72,23 @@ def run(recipe: str = "recipes/medical_vqa_15ep.yaml", out: str = "benchmarks/re
         write_atomic(cache, json.dumps({**header, "runs": runs}, indent=2))
 
     # a failed run stops the benchmark: the runs in flight finish and are kept, no new ones start
-    side_by_side(jobs_todo, jobs, lambda job: _train(recipe, base, recipe_methods, *job, work_dir, env), record, "vqa-rad runs")
+    side_by_side(jobs_todo, jobs, lambda job: _train(recipe, base, recipe_methods, table[job[0]], *job, work_dir, env), record,
+                 "vqa-rad runs")
     result = {**header, "settings": settings(loaded), "runs": runs, "summary": summarize(runs)}
     write_atomic(cache, json.dumps(result, indent=2))
     write_atomic(out_path / "vqa_rad.md", markdown(result))
     return result
 
 
-def _train(recipe: str, base: list, recipe_methods: dict, config: str, seed: int, work_dir: str, env: dict) -> dict:
-    """One benchmark run as its own ``mmpeft finetune`` process; returns its result row."""
-    methods = CONFIGS[config]
+def _train(recipe: str, base: list, recipe_methods: dict, method: str, config: str, seed: int, work_dir: str, env: dict) -> dict:
+    """One benchmark run (``method`` on both encoders) as its own ``mmpeft finetune`` process;
+    returns its result row."""
     name = f"{config.replace(' ', '_')}_s{seed}"
     ov = list(base)
     for side in ("text", "image"):  # keep the recipe's own settings where its method is the one benchmarked
-        if recipe_methods.get(side) != methods[side]:
-            ov.append(f"encoders.{side}.peft={{method: {methods[side]}}}")
-    ov += [f"train.seed={seed}", f"train.lr={LR[methods['image']]}", f"output.dir={work_dir}", f"output.name={name}"]
+        if recipe_methods.get(side) != method:
+            ov.append(f"encoders.{side}.peft={{method: {method}}}")
+    ov += [f"train.seed={seed}", f"train.lr={METHODS.get(method).default_lr}", f"output.dir={work_dir}", f"output.name={name}"]
     start, ticks = time.perf_counter(), cpu_ticks()
     proc = subprocess.Popen([sys.executable, "-m", "mmpeft.cli", "finetune", recipe, *ov, "--overwrite"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -118,7 +118,7 @@ def settings(r) -> str:
     img = r.encoders.get("image")
     txt = r.encoders.get("text")
     t = r.train
-    lrs = ", ".join(f"{m} {lr:g}" for m, lr in LR.items())
+    lrs = ", ".join(f"{m} {METHODS.get(m).default_lr:g}" for m in benchmark_methods())
     extra = "".join(f", {k} {v}" for k, v in r.fusion.items() if k not in ("type", "hidden_size", "dropout"))
     return (f"text {txt.model if txt else '-'} (max {txt.max_length if txt else '-'} tokens), image "
             f"{img.model if img else '-'} at {img.image_size if img else '-'} px; {r.fusion.get('type')} head (hidden "
@@ -144,7 +144,10 @@ def _peak_rss_mib(log: str) -> float | None:
 
 def summarize(runs: list[dict]) -> list[dict]:
     rows = []
-    order = [c for c in CONFIGS if any(r["config"] == c for r in runs)]  # table order, whatever order runs ended in
+    known = list(configurations())
+    # table order, whatever order runs ended in (configurations no longer registered go last)
+    order = [c for c in known if any(r["config"] == c for r in runs)]
+    order += sorted({r["config"] for r in runs} - set(known))
     for config in order:
         rs = [r for r in runs if r["config"] == config]
 
@@ -187,12 +190,15 @@ def _sharing(runs: list[dict]) -> str:
 
 
 def goals(summary: list[dict]) -> str:
-    """The issue's goals checked against the best PEFT configuration (by mean overall accuracy)."""
-    peft = [r for r in summary if r["config"] not in ("head only", "full")]
+    """The issue's goals checked against the best PEFT configuration (by mean overall accuracy),
+    and against full fine-tuning (the configuration whose method trains the base weights)."""
+    methods = {c: METHODS.get(m) for c, m in configurations().items()}
+    peft = [r for r in summary if r["config"] in methods and methods[r["config"]].trains_encoder
+            and methods[r["config"]].keeps_base_frozen]
     if not peft:
         return ""
     best = max(peft, key=lambda r: r["overall"][0])
-    full = next((r for r in summary if r["config"] == "full"), None)
+    full = next((r for r in summary if r["config"] in methods and not methods[r["config"]].keeps_base_frozen), None)
     mark = lambda ok: "met" if ok else "missed"  # noqa: E731
     parts = [f"overall >= 72: {best['overall'][0]:.1f} ({mark(best['overall'][0] >= 72)})",
              f"closed >= 80: {best['closed'][0]:.1f} ({mark(best['closed'][0] >= 80)})",

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import MMPeftError
-from .io import atomic_directory
+from ..files import sealed_directory
 from .merge import merge_in_memory
 
 
@@ -31,6 +30,8 @@ class OnnxWrapper(nn.Module):
 def export_onnx(bundle, out: Path, *, opset: int = 17, overwrite: bool = False, tolerance: float = 1e-4,
                 allow_base_mismatch: bool = False) -> dict:
     """Merge, export to ``out/model.onnx`` and compare ONNX Runtime with PyTorch on the probe batch.
+
+    The folder is sealed: ``export.json`` lists every file's size and sha256.
 
     Returns:
         Report with the merge report, ``onnx_max_abs_diff`` (None without onnxruntime) and file names.
@@ -54,7 +55,8 @@ def export_onnx(bundle, out: Path, *, opset: int = 17, overwrite: bool = False, 
     wrapper = OnnxWrapper(model, layout).eval()
     with torch.no_grad():
         expected = wrapper(*tensors).float().numpy()
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with sealed_directory(out, "export.json", overwrite=overwrite) as sealing:
+        tmp = sealing.path
         try:
             torch.onnx.export(wrapper, tensors, str(tmp / "model.onnx"), input_names=names, output_names=["logits"],
                               dynamic_axes=dynamic, opset_version=opset, dynamo=False)
@@ -81,5 +83,5 @@ def export_onnx(bundle, out: Path, *, opset: int = 17, overwrite: bool = False, 
         }
         result = {"inputs": names, "output": "logits", "opset": opset, "onnx_max_abs_diff": diff,
                   "onnxruntime": None if ort is None else ort.__version__, "merge": report}
-        (tmp / "export.json").write_text(json.dumps({**result, "preprocessing": preprocessing, "vocabulary": merged.vocab}, indent=2))
+        sealing.manifest.update({**result, "preprocessing": preprocessing, "vocabulary": merged.vocab})
     return result

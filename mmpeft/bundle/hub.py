@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import BundleError, MMPeftError
-from .io import atomic_directory, read_manifest, verify_files
+from ..files import atomic_directory
+from .io import read_manifest, verify_files
 
 HUB_ENV = "MMPEFT_HUB_DIR"
 

@@ -14,15 +14,21 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
-from typing import Optional
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
+from ..data import Collator, ImageStore, Sample, load_splits
+from ..encoders import build_encoder
 from ..errors import MMPeftError
-from .io import atomic_directory, load_bundle, refresh_file_hashes, write_bundle_files
+from ..files import fingerprint_module
+from ..methods import build_method
+from ..tasks import Vocabulary
+from .io import load_bundle
+from .writer import bundle_writer
 
 
 def dequantized_weight(layer) -> torch.Tensor:
@@ -60,10 +66,6 @@ def copy_dequantized(source: nn.Module, target: nn.Module) -> int:
 
 def probe_batch(loaded, size: int = 16, seed: int = 0):
     """A seeded probe batch: the bundle's own test rows when its data is reachable, else synthetic."""
-    from ..data import Collator, ImageStore, load_splits
-    from ..data.samples import Sample
-    from ..tasks import Vocabulary
-
     vocab = Vocabulary(loaded.vocab)
     store = ImageStore.for_encoders(loaded.model.encoders.values())  # one decode per image, check and batch alike
     rows, source = None, "synthetic"
@@ -76,9 +78,6 @@ def probe_batch(loaded, size: int = 16, seed: int = 0):
     except Exception:  # noqa: BLE001 - data not reachable here: fall back to synthetic inputs
         rows = None
     if rows is None:
-        import numpy as np
-        from PIL import Image
-
         gen = np.random.default_rng(seed)
         words = ["is", "there", "a", "what", "the", "in", "image", "?"] + loaded.vocab[:20]
         rows = []
@@ -156,42 +155,21 @@ def merge_bundle(bundle, out: Path, *, tolerance: float = 1e-5, allow_base_misma
 
 
 def _write_merged(merged, report: dict, out: Path, overwrite: bool, bundle: Path) -> None:
-    from ..bundle.fingerprint import fingerprint_module
-    from ..encoders import build_encoder
-
     recipe = merged.recipe.model_copy(deep=True)
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with bundle_writer(out, overwrite=overwrite) as writer:
         for name, enc in merged.model.encoders.items():
-            base_dir = tmp / "encoders" / name / "base"
+            base_dir = writer.path / "encoders" / name / "base"
             base_dir.mkdir(parents=True)
-            _save_clean_base(enc, base_dir)
+            with merged.model.methods[name].base_only(enc):  # a kept method's modules go beside the base
+                enc.save_base(base_dir)
             cfg = recipe.encoders[name]
             cfg.model = f"encoders/{name}/base"
             cfg.quantization = None
             if name in report["folded"]:
                 cfg.peft = {"method": "none"}
-                merged.model.methods[name] = _none_method()
+                merged.model.methods[name] = build_method({"method": "none"})
             # fingerprint of the merged base as it will be loaded back
             enc.base_fingerprint = fingerprint_module(build_encoder(str(base_dir), modality=enc.modality).model)
         metrics = json.loads((bundle / "metrics.json").read_text()) if (bundle / "metrics.json").is_file() else {}
-        write_bundle_files(tmp, merged.model, recipe, merged.vocab, metrics, extra={"merged": True, "merge_report": report})
-        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2))
-        refresh_file_hashes(tmp)
-
-
-def _none_method():
-    from ..methods import build_method
-
-    return build_method({"method": "none"})
-
-
-def _save_clean_base(enc, directory: Path) -> None:
-    """Save the base model without any kept method's modules (those go beside it)."""
-    base = enc.base_model()
-    kept = {n: m for n, m in base.named_modules() if hasattr(m, "mmpeft_adapter")}
-    stash = {n: m._modules.pop("mmpeft_adapter") for n, m in kept.items()}
-    try:
-        enc.save_base(directory)
-    finally:
-        for n, adapter in stash.items():
-            kept[n]._modules["mmpeft_adapter"] = adapter
+        writer.add_model(merged.model, recipe, merged.vocab, metrics, extra={"merged": True, "merge_report": report})
+        writer.write_json("merge_report.json", report)

@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import RecipeError
+from .fusion import FUSION_SETTINGS
+from .methods import METHOD_SETTINGS
 from .schema import Recipe
 
 
@@ -87,9 +89,6 @@ def apply_overrides(raw: dict, overrides: Iterable[str]) -> list[str]:
 
 def validate_recipe(raw: dict, source: str | None = None) -> Recipe:
     """Validate a raw recipe dict; see :func:`load_recipe`."""
-    from ..fusion import FUSIONS
-    from ..methods import METHODS
-
     problems: list[str] = []
     recipe = None
     try:
@@ -107,22 +106,21 @@ def validate_recipe(raw: dict, source: str | None = None) -> Recipe:
         if not isinstance(peft, dict):
             continue  # already reported by pydantic
         where = f"encoders.{enc_name}.peft"
-        settings, _, errs = _validate_choice(peft, "method", "lora", METHODS, where)
+        settings, parsed, errs = _validate_choice(peft, "method", "lora", METHOD_SETTINGS, where)
         problems += errs
         if settings is not None:
             resolved_peft[enc_name] = settings
-            quant = block.get("quantization")
-            method_cls = METHODS.get(settings["method"])
-            if quant and not method_cls.keeps_base_frozen:
+            if block.get("quantization") and not parsed.keeps_base_frozen:
+                frozen = [n for n in METHOD_SETTINGS.names() if METHOD_SETTINGS.get(n).keeps_base_frozen]
                 problems.append(
                     f"encoders.{enc_name}.quantization: method {settings['method']!r} trains the base weights, "
-                    "which cannot be done on a quantized base; remove quantization or choose lora, adapter, "
-                    "bitfit, prompt, ia3 or none"
+                    f"which cannot be done on a quantized base; remove quantization or choose {', '.join(frozen[:-1])} "
+                    f"or {frozen[-1]}"
                 )
     fusion = raw.get("fusion", {"type": "gated"})
     resolved_fusion = None
     if isinstance(fusion, dict):
-        resolved_fusion, parsed, errs = _validate_choice(fusion, "type", "gated", FUSIONS, "fusion")
+        resolved_fusion, parsed, errs = _validate_choice(fusion, "type", "gated", FUSION_SETTINGS, "fusion")
         problems += errs
         if parsed is not None and encoders:
             problems += parsed.modality_problems(list(encoders))
@@ -138,7 +136,8 @@ def validate_recipe(raw: dict, source: str | None = None) -> Recipe:
 
 
 def _validate_choice(block: dict, key: str, default: str, registry, where: str):
-    """Validate ``{key: name, ...settings}`` against the settings class registered as ``name``.
+    """Validate ``{key: name, ...settings}`` against the settings class registered as ``name``
+    in ``registry`` (:data:`METHOD_SETTINGS` or :data:`FUSION_SETTINGS`).
 
     Returns:
         ``(resolved dict with every default, the parsed settings, problems)``; the first
@@ -150,9 +149,9 @@ def _validate_choice(block: dict, key: str, default: str, registry, where: str):
     cls = registry.get(choice)
     rest = {k: v for k, v in block.items() if k != key}
     try:
-        settings = cls.Settings.model_validate(rest)
+        settings = cls.model_validate(rest)
     except ValidationError as exc:
-        return None, None, [_format_error(err, cls.Settings, prefix=where) for err in exc.errors()]
+        return None, None, [_format_error(err, cls, prefix=where) for err in exc.errors()]
     return {key: choice, **settings.model_dump()}, settings, []
 
 

@@ -1,8 +1,8 @@
 """The recipe schema: strict, typed, every key documented.
 
-Method and fusion settings are validated by the settings class that each
-method / fusion head registers (see ``mmpeft.methods`` and ``mmpeft.fusion``),
-so adding a method never means editing this file.
+Method and fusion settings are validated by the settings class registered under
+the method's / head's name (``mmpeft.config.methods``, ``mmpeft.config.fusion``), so
+adding a method never means editing this file.
 """
 
 from __future__ import annotations

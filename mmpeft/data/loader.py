@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -34,8 +34,6 @@ def load_splits(data, group_fields, seed: int) -> Splits:
         train, eval_rows, test = vqa_rad_samples(data.root, "train"), None, vqa_rad_samples(data.root, "test")
     else:
         def read(p):
-            from pathlib import Path
-
             path = Path(p)
             if data.root and not path.is_absolute():
                 path = Path(data.root) / path

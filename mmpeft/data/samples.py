@@ -41,7 +41,7 @@ def load_manifest(
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path} (check data.train / data.eval / data.test in the recipe)")
-    rows = _read_rows(path)
+    rows = read_rows(path)
     base = path.parent
     samples = []
     for number, row in rows:
@@ -61,7 +61,7 @@ def load_manifest(
     return samples
 
 
-def _read_rows(path: Path) -> list[tuple[int, object]]:
+def read_rows(path: Path) -> list[tuple[int, object]]:
     suffix = path.suffix.lower()
     text = path.read_text(encoding="utf-8")
     if suffix == ".jsonl":

@@ -13,6 +13,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from .architectures import Architecture, architecture
+from .images import to_pixels
+
 
 @dataclass
 class EncoderOutput:
@@ -32,8 +35,8 @@ class EncoderOutput:
 class Encoder(nn.Module):
     """A frozen backbone with its preprocessing.
 
-    Subclasses set ``modality`` ("text" or "image"), ``arch`` (a short family
-    name used for default PEFT targets), ``hidden_size`` and ``model``.
+    Subclasses set ``modality`` ("text" or "image"), ``arch`` (the family name that
+    :mod:`~mmpeft.encoders.architectures` knows it by), ``hidden_size`` and ``model``.
 
     ``input_prompt`` is an optional hook PEFT methods may install (prompt tuning):
     a module mapping ``(embeds [B,T,D], mask [B,T]) -> (embeds, mask)`` applied to
@@ -56,6 +59,11 @@ class Encoder(nn.Module):
 
     # The module that PEFT methods see (possibly replaced by a peft wrapper).
     model: nn.Module
+
+    @property
+    def family(self) -> Architecture:
+        """What mmpeft knows about this encoder's architecture (default targets, placements...)."""
+        return architecture(self.arch)
 
     def preprocess(self, items: list[Any]) -> dict[str, torch.Tensor]:
         """Turn a list of raw inputs into model tensors (batched)."""
@@ -83,7 +91,8 @@ class Encoder(nn.Module):
         layers are listed in ``checkpointed_layers`` for the model to flag as training on
         their own: their dropout and norm children stay in eval mode."""
         model = self.base_model()
-        if not hasattr(model, "gradient_checkpointing_enable") or not getattr(model, "supports_gradient_checkpointing", True):
+        if self.family.checkpointing is False or not hasattr(model, "gradient_checkpointing_enable") \
+                or not getattr(model, "supports_gradient_checkpointing", True):
             return False  # e.g. transformers' ResNet
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.checkpointed_layers = [m for m in model.modules() if m is not model and getattr(m, "gradient_checkpointing", False) is True]
@@ -100,15 +109,12 @@ class ImageEncoder(Encoder):
     image_size: int = 224
     mean: list = [0.5, 0.5, 0.5]
     std: list = [0.5, 0.5, 0.5]
-    prompt_offset = 0  # where VPT tokens are inserted (1: after [CLS])
 
     def preprocess(self, items: list[Any]) -> dict[str, torch.Tensor]:
         return {"pixel_values": torch.stack([self.pixels(im) for im in items])}
 
     def pixels(self, image) -> torch.Tensor:
         """One PIL image -> ``[3, S, S]`` normalised pixels."""
-        from .images import to_pixels
-
         return to_pixels(image, self.image_size, self.mean, self.std)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> EncoderOutput:

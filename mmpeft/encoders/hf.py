@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import MMPeftError
+from .architectures import DUAL_ENCODERS, TABLE
 from .base import Encoder, EncoderOutput, ImageEncoder, masked_mean
 
 
@@ -68,8 +69,12 @@ def load_hf_model(source: str, revision: Optional[str], quant, device: str) -> n
 
 
 def hf_modality(config) -> str:
-    if getattr(config, "model_type", "") in ("clip", "siglip"):
-        return "image"
+    """What a transformers model reads: from the architecture table, else from its config."""
+    model_type = getattr(config, "model_type", "")
+    if model_type in DUAL_ENCODERS:
+        return DUAL_ENCODERS[model_type]
+    if model_type in TABLE and TABLE[model_type].modality:
+        return TABLE[model_type].modality
     if hasattr(config, "num_channels") or hasattr(config, "image_size"):
         return "image"
     return "text"
@@ -104,9 +109,10 @@ class HFTextEncoder(Encoder):
             out = self.model(input_ids=ids, attention_mask=mask)
         tokens = out.last_hidden_state[:, self.num_prompt_tokens :]
         bool_mask = mask.bool()
-        if self.pooling in ("auto", "mean"):
+        pooling = self.family.pooling if self.pooling == "auto" else self.pooling
+        if pooling == "mean":
             pooled = masked_mean(tokens, bool_mask)
-        elif self.pooling == "cls":
+        elif pooling == "cls":
             pooled = tokens[:, 0]
         else:
             pooled = out.pooler_output
@@ -122,7 +128,7 @@ class HFImageEncoder(ImageEncoder):
 
     def __init__(self, source: str, model: nn.Module, processor_config: dict, image_size: Optional[int], pooling: str = "auto"):
         super().__init__(source, pooling)
-        if getattr(model.config, "model_type", "") in ("clip", "siglip"):
+        if getattr(model.config, "model_type", "") in DUAL_ENCODERS:
             model = model.vision_model  # a full dual-encoder checkpoint: keep its vision tower
         self.model = model
         cfg = model.config
@@ -132,8 +138,6 @@ class HFImageEncoder(ImageEncoder):
         self.mean = processor_config.get("image_mean", [0.5, 0.5, 0.5])
         self.std = processor_config.get("image_std", [0.5, 0.5, 0.5])
         self.image_size = image_size or _processor_size(processor_config) or getattr(cfg, "image_size", 224)
-        # Prompt tokens (VPT) are inserted after the CLS token of ViT-style models.
-        self.prompt_offset = 1 if self.arch in ("vit", "deit", "dinov2", "clip_vision_model") else 0
 
     def encode_pixels(self, pixel_values: torch.Tensor) -> EncoderOutput:
         out = self.model(pixel_values=pixel_values)
@@ -143,15 +147,12 @@ class HFImageEncoder(ImageEncoder):
         else:
             tokens = hidden
             if self.num_prompt_tokens:
-                o, p = self.prompt_offset, self.num_prompt_tokens
+                o, p = self.family.prompt_offset, self.num_prompt_tokens  # VPT tokens sit after [CLS] where there is one
                 tokens = torch.cat([tokens[:, :o], tokens[:, o + p :]], dim=1)
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         pooling = self.pooling
-        if pooling == "auto":
-            if hidden.dim() == 4 or self.arch in ("clip_vision_model", "siglip_vision_model", "convnext"):
-                pooling = "pooler"
-            else:
-                pooling = "cls"
+        if pooling == "auto":  # a CNN's feature map has the model's own pooling; unknown ViT-likes: [CLS]
+            pooling = "pooler" if hidden.dim() == 4 else (TABLE[self.arch].pooling if self.arch in TABLE else "cls")
         if pooling == "pooler" and getattr(out, "pooler_output", None) is not None:
             pooled = out.pooler_output.flatten(1)
         elif pooling == "cls":

@@ -3,26 +3,11 @@
 from __future__ import annotations
 
 import torch
-from pydantic import Field, PositiveInt
 from torch import nn
 
+from ..config.fusion import AttentionSettings, CrossAttentionSettings
 from ..encoders.base import masked_mean
-from .base import FUSIONS, FusionHead, FusionSettings, classifier
-
-
-class AttentionSettings(FusionSettings):
-    num_layers: PositiveInt = Field(1, description="attention layers")
-    num_heads: PositiveInt = Field(4, description="attention heads (must divide hidden_size)")
-
-
-class CrossAttentionSettings(AttentionSettings):
-    query: str = Field("text", description="modality whose tokens attend to the others")
-    bidirectional: bool = Field(False, description="also let the other modalities attend to the query modality")
-
-    def modality_problems(self, encoders: list[str]) -> list[str]:
-        if self.query not in encoders:
-            return [f"fusion.query: {self.query!r} is not an encoder of this recipe (have: {', '.join(encoders)})"]
-        return []
+from .base import FUSIONS, FusionHead, classifier
 
 
 class CrossLayer(nn.Module):

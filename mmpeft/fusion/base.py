@@ -1,31 +1,20 @@
 """Fusion-head interface and registry.
 
 A head receives ``{modality name: EncoderOutput}`` for any number of modalities
-and returns answer logits ``[B, num_outputs]``. Heads are always trainable.
+and returns answer logits ``[B, num_outputs]``. Heads are always trainable. Each head's
+recipe settings are registered under its name in :mod:`mmpeft.config.fusion`.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
+from ..config.fusion import FusionSettings
 from ..registry import Registry
 
 FUSIONS: Registry[type["FusionHead"]] = Registry("fusion head")
-
-
-class FusionSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    hidden_size: PositiveInt = Field(256, description="width of the fused representation")
-    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout inside the head")
-
-    def modality_problems(self, encoders: list[str]) -> list[str]:
-        """Settings that name modalities are checked against the recipe's encoders when
-        the recipe is loaded (so a typo is a recipe error, not a failure mid-build)."""
-        return []
 
 
 class FusionHead(nn.Module):
@@ -46,3 +35,16 @@ class FusionHead(nn.Module):
 def classifier(width: int, num_outputs: int, dropout: float) -> nn.Sequential:
     """The answer classifier every head ends with: LayerNorm -> Dropout -> Linear."""
     return nn.Sequential(nn.LayerNorm(width), nn.Dropout(dropout), nn.Linear(width, num_outputs))
+
+
+def build_fusion(settings: dict, input_dims: dict[str, int], num_outputs: int) -> FusionHead:
+    """Build the head named by ``settings['type']``.
+
+    Args:
+        settings: resolved ``fusion:`` block (``type`` plus that head's settings).
+        input_dims: feature width per modality name.
+        num_outputs: number of answers / labels.
+    """
+    cls = FUSIONS.get(settings.get("type", "gated"))
+    parsed = cls.Settings.model_validate({k: v for k, v in settings.items() if k != "type"})
+    return cls(input_dims, num_outputs, parsed)

@@ -3,19 +3,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import nn
 
-from .base import FUSIONS, FusionHead, FusionSettings, classifier
-
-
-class GatedSettings(FusionSettings):
-    gate_input: Literal["inputs", "projections"] = Field(
-        "inputs", description="what the gates see: the normalised encoder outputs (the paper) or the tanh projections "
-        "(N*hidden wide: far fewer parameters when an encoder's output is wide)")
+from ..config.fusion import FusionSettings, GatedSettings, HadamardSettings
+from .base import FUSIONS, FusionHead, classifier
 
 
 @FUSIONS.register("concat")
@@ -70,22 +62,6 @@ class GatedHead(FusionHead):
         gate_in = hs.flatten(1) if self.gate_on_projections else torch.cat(xs, dim=-1)
         z = self.gate(gate_in).view(hs.shape).softmax(dim=1)  # [B, N, H]
         return self.out(self.mlp((z * hs).sum(1)))
-
-
-class HadamardSettings(FusionSettings):
-    attend: list[str] = Field(
-        default_factory=list, description="modalities whose tokens are pooled by attention guided by the other "
-        "modalities (MLB's attention model, e.g. [image]); empty: every modality uses its pooled vector")
-    glimpses: int = Field(1, ge=1, le=4, description="attention maps per attended modality; the fused glimpses are "
-                          "concatenated, so the classifier grows to glimpses*hidden_size")
-
-    def modality_problems(self, encoders: list[str]) -> list[str]:
-        problems = [f"fusion.attend: {m!r} is not an encoder of this recipe (have: {', '.join(encoders)})"
-                    for m in self.attend if m not in encoders]
-        if not problems and self.attend and len(set(self.attend)) >= len(encoders):
-            problems.append("fusion.attend: at least one modality must stay pooled to guide the attention; "
-                            "list fewer modalities")
-        return problems
 
 
 @FUSIONS.register("hadamard")

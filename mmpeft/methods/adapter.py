@@ -15,39 +15,17 @@ base weights (they add a non-linearity); merged exports keep them as modules.
 from __future__ import annotations
 
 import re
-from typing import Literal, Optional
+from contextlib import contextmanager
+from typing import Optional
 
 import torch
-from pydantic import Field, PositiveInt
 from torch import nn
 
+from ..config.methods import AdapterSettings
 from ..errors import MMPeftError
-from .base import METHODS, MethodSettings, PeftMethod
-
-# (attention-output regex, feed-forward-output regex) per architecture (transformers 5 names).
-PLACEMENTS = {
-    "bert": (r".*\.attention\.output\.dense", r".*\.layer\.\d+\.output\.dense"),
-    "vit": (r".*\.attention\.o_proj", r".*\.mlp\.fc2"),
-    "deit": (r".*\.attention\.o_proj", r".*\.mlp\.fc2"),
-    "clip_vision_model": (r".*\.self_attn\.out_proj", r".*\.mlp\.fc2"),
-    "siglip_vision_model": (r".*\.self_attn\.out_proj", r".*\.mlp\.fc2"),
-}
-for _alias in ("roberta", "xlm-roberta", "electra"):
-    PLACEMENTS[_alias] = PLACEMENTS["bert"]
-# CNN blocks that get a residual adapter after them.
-CNN_BLOCKS = {"efficientnet_lite": r"net\._blocks\.\d+", "resnet": r".*stages\.\d+\.layers\.\d+"}
+from .base import METHODS, PeftMethod
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "swish": nn.SiLU}
-
-
-class AdapterSettings(MethodSettings):
-    placement: Literal["houlsby", "pfeiffer"] = Field("houlsby", description="houlsby: after attention and FFN; pfeiffer: after FFN only")
-    reduction_factor: PositiveInt = Field(16, description="bottleneck = hidden size / reduction_factor")
-    bottleneck_size: Optional[PositiveInt] = Field(None, description="explicit bottleneck width (overrides reduction_factor)")
-    activation: Literal["relu", "gelu", "tanh", "swish"] = Field("relu", description="non-linearity inside the bottleneck")
-    layers: Optional[list[int]] = Field(None, description="layer/block indices that get adapters (default: all)")
-    attention_modules: Optional[str] = Field(None, description="regex of attention-output layers (default per architecture)")
-    ffn_modules: Optional[str] = Field(None, description="regex of feed-forward-output layers / CNN blocks (default per architecture)")
 
 
 class Bottleneck(nn.Module):
@@ -106,13 +84,13 @@ class BottleneckAdapter(PeftMethod):
     def apply(self, encoder) -> None:
         s = self.settings
         model = encoder.model
-        cnn = encoder.arch in CNN_BLOCKS
+        family = encoder.family
+        cnn = family.cnn_blocks is not None
         if cnn:
-            patterns = [s.ffn_modules or CNN_BLOCKS[encoder.arch]]
+            patterns = [s.ffn_modules or family.cnn_blocks]
         else:
-            default = PLACEMENTS.get(encoder.arch)
-            attn = s.attention_modules or (default[0] if default else None)
-            ffn = s.ffn_modules or (default[1] if default else None)
+            attn = s.attention_modules or family.adapter_attention
+            ffn = s.ffn_modules or family.adapter_ffn
             if ffn is None or (s.placement == "houlsby" and attn is None):
                 raise MMPeftError(
                     f"{self.where}: no default adapter placement for architecture {encoder.arch!r}; set attention_modules "
@@ -135,3 +113,15 @@ class BottleneckAdapter(PeftMethod):
             module.mmpeft_adapter = adapter  # registered as a child: saved/loaded with the encoder
             module.register_forward_hook(_apply_to_output)
         self.touched = [n for n, _ in targets]
+
+    @contextmanager
+    def base_only(self, encoder):
+        """Take the adapters out of the base model for the block (a merge saves the base
+        without them and keeps them beside it)."""
+        holders = [m for m in encoder.base_model().modules() if "mmpeft_adapter" in m._modules]
+        taken = [m._modules.pop("mmpeft_adapter") for m in holders]
+        try:
+            yield
+        finally:
+            for module, adapter in zip(holders, taken):
+                module._modules["mmpeft_adapter"] = adapter

@@ -1,45 +1,56 @@
 """The interface every PEFT method implements, and the method registry.
 
-A method is one module with one ``@METHODS.register("name")`` class. It owns:
-its recipe settings (a strict pydantic model), how it attaches to an
-:class:`~mmpeft.encoders.Encoder`, which of its parameters train, how they are
-saved/loaded (safetensors only), and whether/how they fold into base weights.
+A method is one module with one ``@METHODS.register("name")`` class. It owns: how it
+attaches to an :class:`~mmpeft.encoders.Encoder`, which of its parameters train, how
+they are saved/loaded (safetensors only), and whether/how they fold into base weights.
+Its recipe settings are a strict pydantic class registered under the same name in
+:mod:`mmpeft.config.methods` (torch-free, so recipes validate without torch).
+
+Code outside this package asks a method what it can do through the flags below, never
+by its name.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 import torch
-from pydantic import BaseModel, ConfigDict
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import BundleError
+from ..config.methods import MethodSettings
+from ..files import read_safetensors
 from ..registry import Registry
 
 METHODS: Registry[type["PeftMethod"]] = Registry("PEFT method")
-
-
-class MethodSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class PeftMethod:
     """Base class. Subclasses override :meth:`apply` and, where needed, save/load/merge."""
 
     Settings: ClassVar[type[MethodSettings]] = MethodSettings
-    #: True when the base weights stay frozen (so the base may be quantized).
+    #: True when the base weights stay frozen (so the base may be quantized); declared
+    #: once, on the settings class, because the torch-free recipe check needs it too.
     keeps_base_frozen: ClassVar[bool] = True
+    #: True when the method trains anything inside the encoder. An encoder whose method
+    #: does not is a fixed feature extractor: its outputs can be cached between epochs.
+    trains_encoder: ClassVar[bool] = True
     #: True when :meth:`merge` folds the method into the base weights.
     mergeable: ClassVar[bool] = False
     #: True when the adapted encoder equals the frozen one before training.
     identity_at_init: ClassVar[bool] = True
+    #: A learning rate that suits the method when it adapts a pretrained encoder; the
+    #: benchmarks use it to compare methods, a recipe sets its own (``train.lr``).
+    default_lr: ClassVar[float] = 5e-4
     #: Paper or source the method follows (shown in docs and dry runs).
     paper: ClassVar[str] = ""
     registry_name: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.keeps_base_frozen = cls.Settings.keeps_base_frozen
 
     def __init__(self, settings: dict, where: str = "peft"):
         clean = {k: v for k, v in settings.items() if k != "method"}
@@ -77,8 +88,7 @@ class PeftMethod:
         expected = {n: p for n, p in encoder.named_parameters() if p.requires_grad}
         if not expected:
             return
-        state = read_safetensors(directory / "weights.safetensors")
-        check_state(state, {n: p.shape for n, p in expected.items()}, directory / "weights.safetensors")
+        state = read_safetensors(directory / "weights.safetensors", expected)
         with torch.no_grad():
             for name, tensor in state.items():
                 expected[name].copy_(tensor.to(expected[name].dtype))
@@ -88,30 +98,16 @@ class PeftMethod:
         """Fold the method into the base weights if possible; True when folded."""
         return False
 
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Read an untrusted tensor file: safetensors only, never pickle."""
-    if not path.is_file():
-        raise BundleError(f"bundle file missing: {path}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise BundleError(f"{path}: not a valid safetensors file ({exc})") from None
+    @contextmanager
+    def base_only(self, encoder) -> Iterator[None]:
+        """Inside the block, the base model holds none of the method's own modules, so it
+        can be saved as a plain model (a merge keeps unfoldable methods beside it)."""
+        yield
 
 
-def check_state(state: dict[str, torch.Tensor], shapes: dict[str, torch.Size], path) -> None:
-    missing = sorted(set(shapes) - set(state))
-    extra = sorted(set(state) - set(shapes))
-    bad = [f"{n}: file {tuple(state[n].shape)} vs model {tuple(shapes[n])}" for n in state if n in shapes and state[n].shape != shapes[n]]
-    if missing or extra or bad:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}")
-        if extra:
-            parts.append(f"unexpected tensors {extra[:5]}{'...' if len(extra) > 5 else ''}")
-        if bad:
-            parts.append(f"shape mismatch {bad[:5]}")
-        raise BundleError(f"{path} does not match the model its recipe builds: " + "; ".join(parts))
+def build_method(settings: dict, where: str = "peft") -> PeftMethod:
+    """Instantiate the method named by ``settings['method']`` with its settings."""
+    return METHODS.get(settings.get("method", "lora"))(settings, where)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

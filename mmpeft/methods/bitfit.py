@@ -8,13 +8,16 @@ stay fixed because the frozen encoder runs in eval mode).
 
 from __future__ import annotations
 
+from ..config.methods import BitFitSettings
 from ..errors import MMPeftError
 from .base import METHODS, PeftMethod
 
 
 @METHODS.register("bitfit")
 class BitFit(PeftMethod):
+    Settings = BitFitSettings
     mergeable = True  # the biases live in the base model: nothing to fold
+    default_lr = 1e-3
     paper = "Ben Zaken et al. 2022, arXiv:2106.10199"
 
     def apply(self, encoder) -> None:

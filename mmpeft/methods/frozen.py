@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..config.methods import FullSettings, NoneSettings
+from ..files import read_safetensors
 from .base import METHODS, PeftMethod
 
 
@@ -9,6 +11,8 @@ from .base import METHODS, PeftMethod
 class NoTuning(PeftMethod):
     """Linear probing: the encoder is a fixed feature extractor; only the head trains."""
 
+    Settings = NoneSettings
+    trains_encoder = False
     mergeable = True
     paper = "linear probing"
 
@@ -24,8 +28,11 @@ class NoTuning(PeftMethod):
 class FullFineTuning(PeftMethod):
     """Full fine-tuning: every encoder weight trains (the reference PEFT is compared to)."""
 
-    keeps_base_frozen = False
+    Settings = FullSettings
     mergeable = True
+    # A pretrained encoder needs a far smaller learning rate than adapters (2e-3 took the
+    # easy-VQA text encoder to 52.5%, 5e-5 to 82.9%).
+    default_lr = 5e-5
     paper = "full fine-tuning baseline"
 
     def apply(self, encoder) -> None:
@@ -41,11 +48,7 @@ class FullFineTuning(PeftMethod):
         return {n: t.detach().cpu().contiguous() for n, t in encoder.state_dict().items() if t.is_floating_point() or n.endswith("num_batches_tracked")}
 
     def load(self, encoder, directory) -> None:
-        from .base import check_state, read_safetensors
-
-        state = read_safetensors(directory / "weights.safetensors")
-        expected = self.trainable_state(encoder)
-        check_state(state, {k: v.shape for k, v in expected.items()}, directory / "weights.safetensors")
+        state = read_safetensors(directory / "weights.safetensors", self.trainable_state(encoder))
         encoder.load_state_dict(state, strict=False)
 
     def merge(self, encoder) -> bool:

@@ -13,29 +13,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Union
 
-from pydantic import Field, PositiveFloat, PositiveInt
-
-from ..encoders.targets import default_targets, leaf_names, match_targets
+from ..config.methods import LoraSettings
+from ..encoders.targets import leaf_names, match_targets
 from ..errors import BundleError, MMPeftError
-from .base import METHODS, MethodSettings, PeftMethod, read_safetensors
+from ..files import read_safetensors
+from .base import METHODS, PeftMethod
 
 
-class LoraSettings(MethodSettings):
-    rank: PositiveInt = Field(8, description="rank r of the update B @ A")
-    alpha: PositiveFloat = Field(16.0, description="scaling numerator: update is scaled by alpha / r")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
-    target_modules: Optional[Union[list[str], str]] = Field(None, description="module names (list) or a regex; default per architecture")
-    use_dora: bool = Field(False, description="DoRA: learn a magnitude vector too")
-    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r)")
-
-
-def resolve_targets(method: PeftMethod, encoder, requested, kind: str = "lora"):
-    """Targets from the recipe or the architecture default; error listing real names if none match."""
-    targets = requested or default_targets(encoder.arch, kind)
-    if kind == "ia3" and targets and not requested:
-        targets = targets[0]
+def resolve_targets(method: PeftMethod, encoder, requested):
+    """Targets from the recipe or the architecture's LoRA default; an error listing the
+    real module names when none is known or none matches."""
+    targets = requested or encoder.family.lora
     available = leaf_names(encoder.model)
     if not targets:
         raise MMPeftError(
@@ -57,11 +46,7 @@ def load_peft_weights(encoder, directory: Path) -> None:
     from peft import set_peft_model_state_dict
     from peft.utils import get_peft_model_state_dict
 
-    from .base import check_state
-
-    state = read_safetensors(directory / "adapter_model.safetensors")
-    expected = get_peft_model_state_dict(encoder.model)
-    check_state(state, {k: v.shape for k, v in expected.items()}, directory / "adapter_model.safetensors")
+    state = read_safetensors(directory / "adapter_model.safetensors", get_peft_model_state_dict(encoder.model))
     set_peft_model_state_dict(encoder.model, state)
 
 

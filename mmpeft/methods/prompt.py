@@ -16,22 +16,12 @@ so text and ViT prompt tuning are not the identity at init; the CNN border start
 
 from __future__ import annotations
 
-from typing import Literal, Optional
-
 import torch
-from pydantic import Field, PositiveInt
 from torch import nn
 
+from ..config.methods import PromptSettings
 from ..errors import MMPeftError
-from .base import METHODS, MethodSettings, PeftMethod
-
-VIT_LIKE = ("vit", "deit", "dinov2", "clip_vision_model", "siglip_vision_model")
-
-
-class PromptSettings(MethodSettings):
-    num_tokens: PositiveInt = Field(10, description="soft-prompt / visual-prompt tokens")
-    deep: bool = Field(False, description="ViT: fresh prompt tokens at every layer (VPT-deep)")
-    pad_size: Optional[PositiveInt] = Field(None, description="CNN: border width in pixels (default: 30/224 of the image size)")
+from .base import METHODS, PeftMethod
 
 
 class SoftPrompt(nn.Module):
@@ -84,6 +74,7 @@ def _layer_list(model: nn.Module) -> nn.ModuleList:
 class PromptTuning(PeftMethod):
     Settings = PromptSettings
     identity_at_init = False
+    default_lr = 3e-3
     paper = "Lester et al. 2021 (arXiv:2104.08691); Jia et al. 2022 (arXiv:2203.12119); Bahng et al. 2022 (arXiv:2203.17274)"
 
     def apply(self, encoder) -> None:
@@ -97,7 +88,7 @@ class PromptTuning(PeftMethod):
             encoder.input_prompt = SoftPrompt(table[rows].detach().float())
             encoder.num_prompt_tokens = s.num_tokens
             self.touched = ["(input embeddings)"]
-        elif encoder.arch in VIT_LIKE:
+        elif encoder.family.prompt == "vpt":
             self._apply_vpt(encoder)
         else:
             pad = s.pad_size or max(1, round(encoder.image_size * 30 / 224))
@@ -110,7 +101,7 @@ class PromptTuning(PeftMethod):
         s = self.settings
         base = encoder.base_model()
         layers = _layer_list(base)
-        offset = encoder.prompt_offset
+        offset = encoder.family.prompt_offset
         vpt = VisualPrompts(len(layers), s.num_tokens, encoder.hidden_size, s.deep)
         encoder.visual_prompt = vpt
         encoder.num_prompt_tokens = s.num_tokens

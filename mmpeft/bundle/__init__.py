@@ -1,0 +1,1 @@
+"""Adapter bundles: write (sealed), read (verified), merge, export and share."""

@@ -1,0 +1,114 @@
+"""What mmpeft knows about each model family, in one table.
+
+Module names differ by family (transformers 5: BERT ``query``/``value``, ViT and CLIP
+``q_proj``/``v_proj``), and so do where adapters go, where prompts go, how the output is
+pooled and whether gradient checkpointing works. The methods, the encoders and the dry
+run read this table; a recipe overrides any default (``target_modules``,
+``attention_modules``, ...). A new architecture is one :class:`Architecture` row in
+:data:`TABLE`, listed under every ``model_type`` it covers.
+
+Defaults follow the methods' papers: LoRA on the query and value projections (Hu et al.
+2021), on the pointwise (1x1) convolutions for CNNs; IA3 rescales keys, values and the
+feed-forward input (Liu et al. 2022); Houlsby adapters after the attention output and
+the feed-forward output (Houlsby et al. 2019); residual adapters after each CNN block
+(Rebuffi et al. 2017).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
+Targets = Union[list[str], str]  # module names (a name or a ``.suffix`` of one), or one regex over full names
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One model family.
+
+    Attributes:
+        modality: what it reads ("text", "image"); None: decided from the model's config.
+        lora: default LoRA / DoRA targets.
+        ia3: default IA3 ``(targets, feedforward subset)``; None: IA3 falls back to the LoRA
+            targets with no feed-forward subset.
+        adapter_attention, adapter_ffn: regexes of the attention-output and feed-forward-output
+            layers that get bottleneck adapters.
+        cnn_blocks: regex of CNN blocks that get a residual 1x1-convolution adapter after them
+            (set for CNNs instead of the two above).
+        prompt: "soft" (prepended to text embeddings), "vpt" (visual prompt tokens after the
+            patch embedding) or "border" (a learned pixel border, for CNNs).
+        prompt_offset: where VPT tokens are inserted (1: after [CLS]).
+        pooling: what ``pooling: auto`` means: "mean" (over real tokens), "cls" (first token)
+            or "pooler" (the model's own pooled output).
+        checkpointing: whether gradient checkpointing works; None: ask the model.
+    """
+
+    modality: Optional[str] = None
+    lora: Optional[Targets] = None
+    ia3: Optional[tuple[Targets, Targets]] = None
+    adapter_attention: Optional[str] = None
+    adapter_ffn: Optional[str] = None
+    cnn_blocks: Optional[str] = None
+    prompt: Literal["soft", "vpt", "border"] = "soft"
+    prompt_offset: int = 0
+    pooling: Literal["mean", "cls", "pooler"] = "mean"
+    checkpointing: Optional[bool] = None
+
+
+_QV = ["q_proj", "v_proj"]
+_VIT_IA3 = (["k_proj", "v_proj", "fc2"], ["fc2"])
+
+# BERT-style encoders. The IA3 regexes keep BERT's attention output projection
+# (attention.output.dense) out of the feed-forward set: IA3 rescales the FFN's
+# intermediate activation, i.e. the input of the layer's output.dense.
+BERT = Architecture(
+    modality="text", lora=["query", "value"],
+    ia3=(r".*\.(key|value)|.*\.layer\.\d+\.output\.dense", r".*\.layer\.\d+\.output\.dense"),
+    adapter_attention=r".*\.attention\.output\.dense", adapter_ffn=r".*\.layer\.\d+\.output\.dense",
+)
+VIT = Architecture(
+    modality="image", lora=_QV, ia3=_VIT_IA3, adapter_attention=r".*\.attention\.o_proj", adapter_ffn=r".*\.mlp\.fc2",
+    prompt="vpt", prompt_offset=1, pooling="cls",
+)
+CLIP_VISION = Architecture(
+    modality="image", lora=_QV, ia3=_VIT_IA3, adapter_attention=r".*\.self_attn\.out_proj", adapter_ffn=r".*\.mlp\.fc2",
+    prompt="vpt", prompt_offset=1, pooling="pooler",
+)
+
+TABLE: dict[str, Architecture] = {
+    "bert": BERT,
+    "roberta": BERT,
+    "xlm-roberta": BERT,
+    "electra": BERT,
+    "distilbert": Architecture(modality="text", lora=["q_lin", "v_lin"]),
+    "deberta-v2": Architecture(modality="text", lora=["query_proj", "value_proj"]),
+    "vit": VIT,
+    "deit": VIT,
+    "dinov2": Architecture(modality="image", lora=_QV, ia3=_VIT_IA3, prompt="vpt", prompt_offset=1, pooling="cls"),
+    "clip_vision_model": CLIP_VISION,
+    # SigLIP has no [CLS] token: its prompts go first, its output is the attention-pooled head
+    "siglip_vision_model": Architecture(
+        modality="image", lora=_QV, ia3=_VIT_IA3, adapter_attention=CLIP_VISION.adapter_attention,
+        adapter_ffn=CLIP_VISION.adapter_ffn, prompt="vpt", prompt_offset=0, pooling="pooler"),
+    "convnext": Architecture(modality="image", lora=["pwconv1", "pwconv2"], ia3=(["pwconv1", "pwconv2"], ["pwconv2"]),
+                             prompt="border", pooling="pooler"),
+    "resnet": Architecture(modality="image", lora=["convolution"], ia3=(["convolution"], []),
+                           cnn_blocks=r".*stages\.\d+\.layers\.\d+", prompt="border", pooling="pooler", checkpointing=False),
+    "efficientnet_lite": Architecture(
+        modality="image", lora=["_expand_conv", "_project_conv", "_conv_head"], ia3=(["_expand_conv", "_project_conv"], ["_project_conv"]),
+        cnn_blocks=r"net\._blocks\.\d+", prompt="border", pooling="mean", checkpointing=True),
+}
+# Full dual-encoder checkpoints whose image tower mmpeft keeps (see HFImageEncoder).
+DUAL_ENCODERS = {"clip": "image", "siglip": "image"}
+
+UNKNOWN = Architecture()
+
+
+def architecture(arch: str) -> Architecture:
+    """The table row for a ``model_type`` (or mmpeft's own arch name); an empty row for
+    architectures the table does not know (every default then has to come from the recipe)."""
+    return TABLE.get(arch, UNKNOWN)
+
+
+def known(arch: str) -> bool:
+    return arch in TABLE

@@ -1,0 +1,82 @@
+"""Build an :class:`Encoder` from a recipe's encoder block.
+
+``model`` may be a zoo short name (``minilm``, ``efficientnet-lite0``), a local
+directory (transformers format, or one written by mmpeft for a plain torch CNN)
+or a hub id.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from ..errors import MMPeftError
+from ..quant import quantize_plain_model, respect_compute_dtype
+from .base import Encoder
+from .hf import HFImageEncoder, HFTextEncoder, hf_modality, load_hf_model, load_processor_config
+from .zoo import CNN_MARKER, EfficientNetEncoder, load_efficientnet, minilm_path, zoo_name
+
+
+def resolve_source(model: str) -> str:
+    """Zoo short name -> a loadable path or marker; anything else unchanged."""
+    name = zoo_name(model)
+    if name == "minilm":
+        return minilm_path()
+    return model
+
+
+def build_encoder(
+    model: str,
+    *,
+    modality: Optional[str] = None,
+    revision: Optional[str] = None,
+    max_length: int = 32,
+    image_size: Optional[int] = None,
+    pooling: str = "auto",
+    quantization=None,
+    device: str = "cpu",
+) -> Encoder:
+    """Load a frozen pretrained encoder.
+
+    Args:
+        model: zoo name, local directory or hub id.
+        modality: "text" or "image"; inferred from the model config when None.
+        quantization: a :class:`~mmpeft.config.QuantizationConfig` or None.
+        device: where quantized weights are placed (bitsandbytes quantizes on load).
+
+    Returns:
+        An :class:`Encoder` with every base parameter frozen (``requires_grad=False``).
+    """
+    source = resolve_source(model)
+    if zoo_name(model) == "efficientnet-lite0" or (Path(source) / CNN_MARKER).is_file():
+        backbone, meta = load_efficientnet(source)
+        encoder = EfficientNetEncoder(model, backbone, meta, image_size, pooling)
+        if quantization is not None:
+            quantize_plain_model(encoder.model, quantization, device)
+    else:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(source, revision=revision)
+        except (OSError, ValueError) as exc:
+            raise MMPeftError(
+                f"cannot load encoder {model!r}: {str(exc).splitlines()[0]}. Use a zoo name "
+                "(minilm, efficientnet-lite0), a local transformers directory, or a hub id with internet access."
+            ) from None
+        kind = modality or hf_modality(config)
+        hf_model = load_hf_model(source, revision, quantization, device)
+        if kind == "text":
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+            encoder = HFTextEncoder(model, hf_model, tokenizer, max_length, pooling)
+        else:
+            encoder = HFImageEncoder(model, hf_model, load_processor_config(source, revision), image_size, pooling)
+    if quantization is not None:
+        respect_compute_dtype(encoder.model, quantization)
+    if modality and encoder.modality != modality:
+        raise MMPeftError(f"encoder {model!r} reads {encoder.modality}, but the recipe says modality: {modality}")
+    for param in encoder.parameters():
+        param.requires_grad_(False)
+    encoder.eval()
+    return encoder

@@ -1,0 +1,258 @@
+"""The rules for the files mmpeft reads from others and writes for them, in one place.
+
+Reading (bundles, pulled archives, uploads are untrusted):
+- tensors come from safetensors only, never from pickle; the header is read first and
+  checked against the names and shapes the model expects, so a file cannot make us
+  allocate tensors we did not ask for;
+- paths named in a manifest must stay inside their folder;
+- every file must match the size and sha256 recorded when it was written.
+
+Writing: into a temporary sibling, renamed into place once complete (a folder or a text
+file), so an interrupted write leaves the old content or nothing, never half of it. A
+*sealed* folder lists every file's size and sha256 in its manifest, written last.
+
+Fingerprints: sha256 over a module's tensors (is this the base a bundle was trained
+on?) and over canonical JSON (were these results made with the same settings?).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Optional
+
+from .errors import BundleError, MMPeftError
+
+# safetensors itself refuses headers above 100 MB; a larger claim is a damaged or hostile file.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+SAFETENSORS_DTYPES = {"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F16", "BF16", "F32", "F64",
+                      "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64"}
+
+
+# --- reading untrusted files ----------------------------------------------
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from a safetensors header, without reading any tensor.
+
+    Raises:
+        BundleError: the file is missing or is not a well-formed safetensors file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"bundle file missing: {path}")
+    size = path.stat().st_size
+
+    def bad(reason: str) -> BundleError:
+        return BundleError(f"{path}: not a valid safetensors file ({reason})")
+
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise bad("shorter than its 8-byte header length")
+        (length,) = struct.unpack("<Q", head)
+        if length > MAX_HEADER_BYTES or length > size - 8:
+            raise bad(f"header claims {length} bytes in a {size}-byte file")
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise bad(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    shapes = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (isinstance(info, dict) and info.get("dtype") in SAFETENSORS_DTYPES and isinstance(info.get("shape"), list)
+              and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"]))
+        if not ok:
+            raise bad(f"tensor {name!r} has a malformed entry")
+        shapes[name] = tuple(info["shape"])
+    return shapes
+
+
+def check_state(found: Mapping, expected: Mapping, path) -> None:
+    """Names and shapes in a file (tensors or shapes) must be exactly those the model expects."""
+    got = {n: tuple(getattr(v, "shape", v)) for n, v in found.items()}
+    want = {n: tuple(getattr(v, "shape", v)) for n, v in expected.items()}
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    bad = [f"{n}: file {got[n]} vs model {want[n]}" for n in got if n in want and got[n] != want[n]]
+    if missing or extra or bad:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        if extra:
+            parts.append(f"unexpected tensors {extra[:5]}{'...' if len(extra) > 5 else ''}")
+        if bad:
+            parts.append(f"shape mismatch {bad[:5]}")
+        raise BundleError(f"{path} does not match the model its recipe builds: " + "; ".join(parts))
+
+
+def read_safetensors(path: Path, expected: Optional[Mapping] = None) -> dict:
+    """Read an untrusted tensor file: safetensors only, never pickle.
+
+    Args:
+        expected: ``{name: tensor or shape}``; when given, the header must hold exactly these
+            names and shapes, checked before any tensor is read.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    shapes = safetensors_shapes(path)
+    if expected is not None:
+        check_state(shapes, expected, path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BundleError(f"{path}: not a valid safetensors file ({exc})") from None
+
+
+def inside(root: Path, rel) -> Optional[Path]:
+    """``root / rel`` resolved, or None when ``rel`` is not a relative path that stays inside ``root``."""
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        return None
+    root = Path(root).resolve()
+    full = (root / rel).resolve()
+    return full if root in full.parents else None
+
+
+def verify_sealed(root: Path, listed: dict, names, where: str) -> None:
+    """Each of ``names`` lies inside ``root``, exists, and matches its entry in ``listed``
+    (``{relative path: {bytes, sha256}}``, the manifest's file table); ``where`` names the manifest."""
+    if not isinstance(listed, dict):
+        raise BundleError(f"{where}: 'files' must be a table of file hashes; the manifest was altered")
+    for rel in sorted(names, key=str):
+        full = inside(root, rel)
+        if full is None:
+            raise BundleError(f"{where} names a path outside the bundle: {rel!r}; refusing to load")
+        if not full.is_file():
+            raise BundleError(f"bundle file missing: {full}")
+        info = listed.get(rel)
+        if not isinstance(info, dict):
+            raise BundleError(f"{where}: {rel} has no recorded hash; the bundle was altered")
+        if file_sha256(full) != info.get("sha256"):
+            raise BundleError(f"{full} does not match the hash in {Path(where).name}: the bundle was modified after it was written")
+
+
+# --- hashes and fingerprints ---------------------------------------------
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint_module(module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of every tensor in ``state_dict``.
+
+    Computed on a base encoder before any method attaches (about 0.2 s for MiniLM).
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + digest.hexdigest()
+
+
+def json_fingerprint(data) -> str:
+    """sha256 of ``data`` as canonical JSON (sorted keys)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+# --- writing --------------------------------------------------------------
+
+
+@contextmanager
+def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success rename it to ``target``.
+
+    An interrupted write leaves only a hidden ``.tmp`` directory, never a half bundle.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not overwrite:
+        raise MMPeftError(f"{target} already exists; choose another output name or pass --overwrite / output.overwrite=true")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_text_file(target: Path, newline: Optional[str] = None) -> Iterator:
+    """Yield a text handle on a hidden sibling of ``target``, renamed onto it once the
+    block completes: an interrupted write keeps the old file (or none), never half one."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline=newline) as handle:
+            yield handle
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, target)
+
+
+def file_table(directory: Path, exclude: str = "manifest.json") -> dict[str, dict]:
+    """``{relative path: {bytes, sha256}}`` of every file but the manifest itself."""
+    table = {}
+    for path in sorted(Path(directory).rglob("*")):
+        rel = path.relative_to(directory).as_posix()
+        if path.is_file() and rel != exclude:
+            table[rel] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    return table
+
+
+def seal(directory: Path, manifest: Optional[dict] = None, name: str = "manifest.json") -> dict:
+    """Write ``manifest`` (default: the one already there) with a fresh ``files`` table of
+    everything in ``directory`` (added to ``manifest`` in place); returns it."""
+    path = Path(directory) / name
+    manifest = json.loads(path.read_text()) if manifest is None else manifest
+    manifest["files"] = file_table(directory, exclude=name)
+    path.write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+@dataclass
+class Sealing:
+    """A folder being written: ``path`` is the temporary folder, ``manifest`` what its
+    manifest will hold (its file table is added when the folder is sealed)."""
+
+    path: Path
+    manifest: dict = field(default_factory=dict)
+
+
+@contextmanager
+def sealed_directory(target: Path, name: str = "manifest.json", overwrite: bool = False) -> Iterator[Sealing]:
+    """Write a folder atomically and seal it: when the block completes, ``name`` gets the
+    manifest with every file's size and sha256, and the folder is renamed into place."""
+    with atomic_directory(target, overwrite=overwrite) as tmp:
+        sealing = Sealing(tmp)
+        yield sealing
+        seal(tmp, sealing.manifest, name)
