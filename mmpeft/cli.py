@@ -11,32 +11,65 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from .errors import MMPeftError
+from .errors import MMPeftError, UsageError
+from .version import __version__
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, help="Parameter-efficient fine-tuning of multimodal models.")
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Parameter-efficient fine-tuning of multimodal models.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (comparison of methods, memory, VQA-RAD).")
 app.add_typer(bench_app, name="bench")
-err = Console(stderr=True, highlight=False, width=140)
-console = Console(highlight=False, width=140)
+# Width follows the terminal (80 columns when output goes to a file or a pipe). Markup is
+# off: messages are printed exactly as written, square brackets included; sentences are
+# not hard-wrapped (soft_wrap), so a log line stays one line.
+err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
+console = Console(highlight=False, markup=False, soft_wrap=True)
+
+# Help shows each value's type in words (typer's own labels are <int>, <list[str]>, <bool>).
+_TYPE_WORDS = {"<bool>": None, "<int>": "integer", "<float>": "number", "<str>": "text", "<path>": "path",
+               "<list[str]>": "text ...", "<file>": "file", "<dir>": "folder"}
+
+
+def _type_in_words(original):
+    def display_type_rich(self, ctx):
+        label = original(self, ctx)
+        return _TYPE_WORDS.get(label, label.strip("<>") if label else label)
+
+    return display_type_rich
+
+
+def _usage_name(self) -> str:
+    """Usage lines in the usual form: required arguments bare, optional ones in brackets
+    (typer puts required ones in braces)."""
+    name = self.display_name_raw if self.required else f"[{self.display_name_raw}]"
+    return name + ("..." if self.nargs != 1 else "")
+
+
+for _param in (typer.core.TyperArgument, typer.core.TyperOption):
+    _param.display_type_rich = _type_in_words(_param.display_type_rich)
+typer.core.TyperArgument._usage_display_name = _usage_name
+
+OVERRIDES = "KEY=VALUE"
 
 
 def friendly(func):
-    """Print user errors as one clear message with a non-zero exit code, no traceback."""
+    """Print user errors as one clear message with a non-zero exit code (2 for input the
+    user can fix, 1 for a failure at run time), no traceback."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except MMPeftError as exc:
-            err.print(f"[bold red]error:[/] {exc}")
+            err.print(Text.assemble(("error:", "bold red"), " ", str(exc)))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted; nothing was written")
@@ -51,34 +84,55 @@ def _device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-@app.command()
-@friendly
-def validate(recipe: Path = typer.Argument(..., help="recipe YAML"),
-             overrides: Optional[List[str]] = typer.Argument(None, help="dotted key=value overrides")):
-    """Check a recipe without loading any model."""
+def _show_version(value: bool) -> None:
+    if value:
+        console.print(f"mmpeft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                              help="print the version and exit")):
+    """Parameter-efficient fine-tuning of multimodal models."""
+
+
+def _recipe_with_data(recipe: Path, overrides):
+    """Load a recipe and check that its data files are there, without loading torch."""
     from .config import load_recipe
+    from .config.paths import require_data
 
     r = load_recipe(recipe, overrides or [])
+    require_data(r, str(recipe))
+    return r
+
+
+@app.command()
+@friendly
+def validate(recipe: Path = typer.Argument(..., metavar="RECIPE", help="recipe YAML"),
+             overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides")):
+    """Check a recipe and that its data files exist, without loading any model."""
+    r = _recipe_with_data(recipe, overrides)
     methods = ", ".join(f"{n}: {c.model} + {c.peft['method']}" for n, c in r.encoders.items())
     console.print(f"{recipe}: OK ({methods}; fusion {r.fusion['type']}; task {r.task.type}; data {r.data.source})")
 
 
 @app.command()
 @friendly
-def finetune(recipe: Path = typer.Argument(..., help="recipe YAML"),
-             overrides: Optional[List[str]] = typer.Argument(None, help="dotted key=value overrides, e.g. train.epochs=1"),
+def finetune(recipe: Path = typer.Argument(..., metavar="RECIPE", help="recipe YAML"),
+             overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides, e.g. train.epochs=1"),
              dry_run: bool = typer.Option(False, "--dry-run", help="build the model, print methods and parameter counts, stop"),
              overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing bundle of the same name")):
     """Train a recipe and write its adapter bundle to adapters/<name>/."""
+    r = _recipe_with_data(recipe, overrides)  # a bad recipe or data path answers before torch loads
     from .train import finetune as run
 
-    run(recipe, overrides or [], dry_run=dry_run, overwrite=overwrite or None)
+    run(r, dry_run=dry_run, overwrite=overwrite or None)
 
 
 @app.command()
 @friendly
-def evaluate(bundle: Path = typer.Argument(..., help="bundle directory"),
-             overrides: Optional[List[str]] = typer.Argument(None, help="e.g. data.root=/path/to/vqa_rad"),
+def evaluate(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle directory"),
+             overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="e.g. data.root=/path/to/vqa_rad"),
              device: str = typer.Option("auto", help="cpu, cuda or auto"),
              allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch")):
     """Rebuild a bundle's model and reproduce its stored test metrics."""
@@ -96,20 +150,23 @@ def evaluate(bundle: Path = typer.Argument(..., help="bundle directory"),
 
 @app.command()
 @friendly
-def predict(bundle: Path = typer.Argument(..., help="bundle (or merged model) directory"),
+def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (or merged model) directory"),
             image: Optional[Path] = typer.Option(None, help="image file"),
             question: Optional[str] = typer.Option(None, help="question / text"),
-            input: Optional[Path] = typer.Option(None, "--input", help="manifest (.jsonl/.csv/.json) with image and question fields"),
-            output: Optional[Path] = typer.Option(None, "--output", "-o", help="write predictions (.jsonl or .csv)"),
+            input: Optional[Path] = typer.Option(None, "--input", help="manifest (.jsonl/.csv/.json) with image and question columns"),
+            output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the input rows with their predictions (.jsonl or .csv)"),
             top_k: int = typer.Option(3, help="answers to show"),
-            image_field: str = typer.Option("image"), text_field: str = typer.Option("question"),
-            device: str = typer.Option("auto"),
-            allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch")):
+            image_field: str = typer.Option("image", help="--input: the image column"),
+            text_field: str = typer.Option("question", help="--input: the question column"),
+            device: str = typer.Option("auto", help="cpu, cuda or auto"),
+            allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="load onto a base whose fingerprint differs")):
     """Answer a question about an image (or every row of a manifest)."""
     from .inference import Predictor, predict_manifest
 
     if input is None and (image is None or question is None):
-        raise MMPeftError("give --image and --question, or --input manifest.jsonl")
+        raise UsageError("give --image and --question, or --input manifest.jsonl")
+    if top_k < 1:
+        raise UsageError(f"--top-k: must be at least 1 (got {top_k})")
     predictor = Predictor(bundle, _device(device), allow_base_mismatch)
     if input is not None:
         results = predict_manifest(predictor, input, output, top_k, image_field, text_field)
@@ -119,21 +176,26 @@ def predict(bundle: Path = typer.Argument(..., help="bundle (or merged model) di
                 print(json.dumps(r))
         return
     result = predictor.predict([str(image)], [question], top_k)[0]
-    console.print(f"[bold]{result['answer']}[/]")
+    console.print(Text(result["answer"], style="bold"))
     for alt in result["top_k"]:
         console.print(f"  {alt['probability']:.4f}  {alt['answer']}")
 
 
 @app.command()
 @friendly
-def inspect(bundle: Path = typer.Argument(..., help="bundle directory")):
+def inspect(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle directory")):
     """Show a bundle's methods, parameters, base fingerprints, metrics and files."""
     from .bundle.io import read_manifest, verify_files
 
     manifest = read_manifest(bundle)
     verify_files(bundle, manifest)
-    console.print(f"[bold]{bundle}[/]  run {manifest['run_name']}  task {manifest['task']}  vocabulary {len(manifest['vocabulary'])}  "
-              f"created {manifest['created']}  versions {manifest['versions']}")
+    about = Table(title=str(bundle), show_header=False)
+    about.add_column("", style="bold")
+    about.add_column("")
+    for key, value in (("run", manifest["run_name"]), ("task", manifest["task"]), ("vocabulary", f"{len(manifest['vocabulary'])} answers"),
+                       ("created", manifest["created"]), *((f"{lib} version", v) for lib, v in manifest["versions"].items())):
+        about.add_row(key, str(value))
+    console.print(about)
     table = Table(title="encoders")
     for col in ("name", "base model", "method", "trainable", "total", "quantization", "fingerprint"):
         table.add_column(col)
@@ -159,7 +221,7 @@ def inspect(bundle: Path = typer.Argument(..., help="bundle directory")):
 
 @app.command()
 @friendly
-def merge(bundle: Path = typer.Argument(..., help="bundle directory"),
+def merge(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle directory"),
           out: Path = typer.Option(..., "--out", help="directory for the merged model"),
           tolerance: float = typer.Option(1e-5, help="max |logit difference| allowed between merged and unmerged"),
           overwrite: bool = typer.Option(False, "--overwrite"),
@@ -182,14 +244,14 @@ def merge(bundle: Path = typer.Argument(..., help="bundle directory"),
 
 @app.command()
 @friendly
-def export(bundle: Path = typer.Argument(..., help="bundle directory"),
+def export(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle directory"),
            out: Path = typer.Option(..., "--out", help="output directory"),
            format: str = typer.Option("onnx", "--format", help="onnx"),
            opset: int = typer.Option(17, help="ONNX opset"),
            overwrite: bool = typer.Option(False, "--overwrite")):
     """Export the merged model (text + image in, answer logits out)."""
     if format != "onnx":
-        raise MMPeftError(f"unknown export format {format!r}; available: onnx")
+        raise UsageError(f"--format: unknown export format {format!r}; available: onnx")
     from .bundle.export import export_onnx
 
     result = export_onnx(bundle, out, opset=opset, overwrite=overwrite)
@@ -197,11 +259,16 @@ def export(bundle: Path = typer.Argument(..., help="bundle directory"),
     check = f"onnxruntime {result['onnxruntime']}: max |logit diff| vs PyTorch {diff:.2e}" if diff is not None else \
         "onnxruntime not installed: parity not checked (pip install onnxruntime)"
     console.print(f"ONNX model written to {out}/model.onnx (inputs {', '.join(result['inputs'])}); {check}")
+    if result["exporter_warnings"]:
+        counts = ", ".join(f"{n} {kind}" for kind, n in result["exporter_warnings"].items())
+        console.print(f"the exporter's tracing warnings ({counts}) are not shown: the parity check above is what tells "
+                      "whether the graph computes the same logits")
 
 
 @app.command()
 @friendly
-def push(bundle: Path = typer.Argument(..., help="bundle directory"), repo_id: str = typer.Argument(..., help="owner/name"),
+def push(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle directory"),
+         repo_id: str = typer.Argument(..., metavar="OWNER/NAME", help="the repository to push to"),
          hub_dir: Optional[str] = typer.Option(None, help="local directory standing in for the hub (or $MMPEFT_HUB_DIR)"),
          private: bool = typer.Option(False, "--private")):
     """Upload a verified bundle (with its model card) to the Hugging Face Hub."""
@@ -212,7 +279,7 @@ def push(bundle: Path = typer.Argument(..., help="bundle directory"), repo_id: s
 
 @app.command()
 @friendly
-def pull(source: str = typer.Argument(..., help="owner/name, a bundle directory, or a .tar.gz of one"),
+def pull(source: str = typer.Argument(..., metavar="SOURCE", help="owner/name, a bundle directory, or a .tar.gz of one"),
          out: Optional[Path] = typer.Option(None, "--out", help="where to put it (default adapters/<name>)"),
          hub_dir: Optional[str] = typer.Option(None, help="local directory standing in for the hub (or $MMPEFT_HUB_DIR)"),
          overwrite: bool = typer.Option(False, "--overwrite")):
@@ -229,7 +296,7 @@ def pull(source: str = typer.Argument(..., help="owner/name, a bundle directory,
 @bench_app.command("quickstart")
 @friendly
 def bench_quickstart(recipe: str = typer.Option("recipes/quickstart.yaml"), out: str = typer.Option("benchmarks/results"),
-                     overrides: Optional[List[str]] = typer.Argument(None)):
+                     overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides for every run")):
     """Time the quickstart end to end and check its 97% / 10-minute targets."""
     from .bench.quickstart import run
 
@@ -246,7 +313,7 @@ def bench_quickstart(recipe: str = typer.Option("recipes/quickstart.yaml"), out:
 def bench_methods(recipe: str = typer.Option("recipes/quickstart.yaml"), out: str = typer.Option("benchmarks/results"),
                   methods: Optional[str] = typer.Option(None, help="comma-separated subset"),
                   sides: str = typer.Option("image,text"),
-                  overrides: Optional[List[str]] = typer.Argument(None)):
+                  overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides for every run")):
     """Fine-tune the quickstart with each method on each side; table of params, accuracy, s/epoch."""
     from .bench.methods import run
 
@@ -270,7 +337,7 @@ def bench_memory(out: str = typer.Option("benchmarks/results"), cpu: bool = type
 def bench_vqa_rad(recipe: str = typer.Option("recipes/medical_vqa_15ep.yaml"), out: str = typer.Option("benchmarks/results"),
                   configs: Optional[str] = typer.Option(None, help="comma-separated subset of the configurations: 'head only' and each registered method"),
                   seeds: str = typer.Option("0,1,2"), jobs: int = typer.Option(1, help="runs at a time (several suit a GPU)"),
-                  overrides: Optional[List[str]] = typer.Argument(None)):
+                  overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides for every run")):
     """Each method on both encoders of the medical recipe, over seeds (resumable)."""
     from .bench.common import parse_seeds
     from .bench.vqa_rad import run
@@ -281,12 +348,12 @@ def bench_vqa_rad(recipe: str = typer.Option("recipes/medical_vqa_15ep.yaml"), o
 
 @bench_app.command("search")
 @friendly
-def bench_search(search_file: str = typer.Argument(..., help="search YAML: recipe, base overrides, seeds, named variants"),
+def bench_search(search_file: str = typer.Argument(..., metavar="SEARCH", help="search YAML: recipe, base overrides, seeds, named variants"),
                  out: str = typer.Option(..., help="folder for results.jsonl, summary.md, logs and bundles"),
                  jobs: int = typer.Option(1, help="runs at a time (several suit a GPU)"),
                  threads: Optional[int] = typer.Option(None, help="threads per run (default: CPU cores / jobs)"),
                  only: Optional[str] = typer.Option(None, help="comma-separated variants to run (default: all)"),
-                 overrides: Optional[List[str]] = typer.Argument(None, help="key.path=value applied to every run")):
+                 overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="key.path=value applied to every run")):
     """Named recipe variants x seeds, several runs at a time (resumable)."""
     from .bench.search import run
 
@@ -295,9 +362,12 @@ def bench_search(search_file: str = typer.Argument(..., help="search YAML: recip
 
 
 def quiet_third_party() -> None:
-    """Hide import-time notices of dependencies that say nothing actionable to a user."""
+    """Hide notices of dependencies that say nothing a user can act on."""
+    import logging
     import warnings
 
+    # bitsandbytes logs, on CPUs with AVX512-BF16, that an optional kernel package is missing
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")

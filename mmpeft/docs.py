@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from .config import FUSION_SETTINGS, METHOD_SETTINGS
+from .config.paths import REQUIRED_BY_SOURCE
 from .config.schema import DataConfig, EncoderConfig, OutputConfig, QuantizationConfig, Recipe, TaskConfig, TrainConfig
 
 
@@ -24,12 +25,17 @@ def _default(field) -> str:
     return f"`{json.dumps(field.default)}`"
 
 
-def _rows(prefix: str, model: type[BaseModel], skip=()) -> list[str]:
+def _rows(prefix: str, model: type[BaseModel], skip=(), required: dict | None = None) -> list[str]:
+    """One row per key; ``required`` maps keys to the sources that require them."""
     rows = []
     for name, field in model.model_fields.items():
         if name in skip:
             continue
-        rows.append(f"| `{prefix}{name}` | {_default(field)} | {field.description or ''} |")
+        default = _default(field)
+        needed_by = (required or {}).get(name)
+        if needed_by:
+            default = f"required with source {', '.join(f'`{s}`' for s in needed_by)}; else {default}"
+        rows.append(f"| `{prefix}{name}` | {default} | {field.description or ''} |")
     return rows
 
 
@@ -45,7 +51,11 @@ def recipe_reference() -> str:
         for name, field in FUSION_SETTINGS.get(fusion).model_fields.items():
             lines.append(f"| `fusion.{name}` (type `{fusion}`) | {_default(field)} | {field.description or ''} |")
     lines += _rows("task.", TaskConfig)
-    lines += _rows("data.", DataConfig)
+    required = {}
+    for source, keys in REQUIRED_BY_SOURCE.items():
+        for key in keys:
+            required.setdefault(key, []).append(source)
+    lines += _rows("data.", DataConfig, required=required)
     lines += _rows("train.", TrainConfig)
     lines += _rows("output.", OutputConfig)
     return "\n".join(lines)

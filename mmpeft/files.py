@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
-from .errors import BundleError, MMPeftError
+from .errors import BundleError, MMPeftError, UsageError
 
 # safetensors itself refuses headers above 100 MB; a larger claim is a damaged or hostile file.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -37,6 +37,24 @@ SAFETENSORS_DTYPES = {"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U6
 
 
 # --- reading untrusted files ----------------------------------------------
+
+
+def read_text(path: Path, error: type[MMPeftError] = MMPeftError, max_bytes: Optional[int] = None) -> str:
+    """A text file as UTF-8, with or without a byte-order mark (spreadsheets write one), as
+    ``str`` with universal newlines. Anything else is refused with the file and the byte
+    offset of the first undecodable byte, as ``error``.
+    """
+    path = Path(path)
+    if max_bytes is not None and path.stat().st_size > max_bytes:
+        raise error(f"{path}: {path.stat().st_size:,} bytes, more than the {max_bytes:,} allowed for this file")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 4]!r}...); "
+                    "save it as UTF-8 (in a spreadsheet: CSV UTF-8)") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -188,10 +206,11 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not overwrite:
-        raise MMPeftError(f"{target} already exists; choose another output name or pass --overwrite / output.overwrite=true")
+        raise UsageError(f"{target} already exists; choose another output name or pass --overwrite / output.overwrite=true")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        share_permissions(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -202,6 +221,18 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def share_permissions(directory: Path) -> None:
+    """Ordinary permissions for a folder made to be shared: what the user's umask gives a
+    new file or folder (0644 / 0755 under the usual 022), not the 0700 of a private
+    temporary folder."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(directory, 0o777 & ~mask)
+    for path in Path(directory).rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 @contextmanager

@@ -80,31 +80,48 @@ class Predictor:
         return results
 
 
-def predict_manifest(predictor: Predictor, manifest: Path, out: Optional[Path], top_k: int, image_field="image", text_field="question") -> list[dict]:
-    """Predict every row of a manifest; write JSONL or CSV (by ``out``'s suffix) atomically."""
+PREDICTION_COLUMNS = ("prediction", "probability", "top_k")
+
+
+def predict_manifest(predictor: Predictor, manifest: Path, out: Optional[Path], top_k: int, image_field="image",
+                     text_field="question") -> list[dict]:
+    """Predict every row of a manifest. Each output row is the input row with every column
+    as it was, plus ``prediction`` (the top answer), ``probability`` (its probability) and
+    ``top_k`` (a list of ``{answer, probability}``; a JSON string in CSV). Written as JSONL
+    or CSV (by ``out``'s suffix) atomically; returns the output rows."""
     path = Path(manifest)
     if not path.is_file():
-        raise DataError(f"input manifest not found: {path}")
+        raise DataError(f"input manifest not found: {path.resolve()}")
     rows = read_rows(path)
     images, texts = [], []
     for number, row in rows:
-        if not isinstance(row, dict) or image_field not in row or text_field not in row:
+        if not isinstance(row, dict) or row.get(image_field) in (None, "") or text_field not in row:
             raise DataError(f"{path}, row {number}: needs fields {image_field!r} and {text_field!r} (--image-field / --text-field)")
         img = Path(str(row[image_field]))
         images.append(str(img if img.is_absolute() else path.parent / img))
         texts.append(str(row[text_field]))
     results = predictor.predict(images, texts, top_k)
+    replaced = sorted({c for _, row in rows for c in PREDICTION_COLUMNS if c in row})
+    if replaced:
+        print(f"note: the input's column(s) {', '.join(replaced)} are replaced by this prediction's")
+    output = [{**{k: v for k, v in row.items() if k not in PREDICTION_COLUMNS}, "prediction": r["answer"],
+               "probability": r["top_k"][0]["probability"], "top_k": r["top_k"]} for (_, row), r in zip(rows, results)]
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_text_file(out, newline="") as handle:
-            if out.suffix.lower() == ".csv":
-                writer = csv.writer(handle)
-                writer.writerow(["image", "question", "answer", "probability", "top_k"])
-                for r in results:
-                    writer.writerow([r["image"], r["question"], r["answer"], r["top_k"][0]["probability"],
-                                     json.dumps(r["top_k"])])
-            else:
-                for r in results:
-                    handle.write(json.dumps(r) + "\n")
-    return results
+        write_rows(Path(out), output)
+    return output
+
+
+def write_rows(out: Path, rows: list[dict]) -> None:
+    """Rows as JSONL, or as CSV (columns in order of first appearance; lists and mappings as
+    JSON) when ``out`` ends in ``.csv``; written atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_text_file(out, newline="") as handle:
+        if out.suffix.lower() == ".csv":
+            columns = list(dict.fromkeys(k for row in rows for k in row))
+            writer = csv.DictWriter(handle, columns, restval="")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
+        else:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")

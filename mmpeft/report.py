@@ -11,7 +11,9 @@ from rich.table import Table
 from .quant import quantized_layers, weight_bytes
 from .runtime import estimate_training_memory
 
-console = Console(highlight=False, width=140)
+# Width follows the terminal (80 columns in a file or pipe); no markup, so paths and
+# messages print as written; sentences are not hard-wrapped, so log lines stay whole.
+console = Console(highlight=False, markup=False, soft_wrap=True)
 
 
 def _fmt(n: int) -> str:
@@ -27,16 +29,18 @@ def compact_names(names: list[str]) -> str:
 def print_summary(rows, model, recipe, vocab_size: int, splits=None) -> None:
     """Per encoder and head: method, touched modules, trainable and total parameters."""
     table = Table(title=f"{recipe.run_name}: model")
-    for col in ("part", "model", "method", "modules touched", "trainable", "total", "%"):
-        table.add_column(col, justify="right" if col in ("trainable", "total", "%") else "left")
+    for col in ("part", "model", "method", "trainable", "total", "%"):
+        table.add_column(col, justify="right" if col in ("trainable", "total", "%") else "left",
+                         overflow="fold", no_wrap=col != "model")
     total_train = sum(r.trainable for r in rows)
     total_all = sum(r.total for r in rows)
     for r in rows:
-        shown = compact_names(r.touched)
         pct = 100.0 * r.trainable / r.total if r.total else 0.0
-        table.add_row(r.name, str(r.model), r.method, shown or "-", _fmt(r.trainable), _fmt(r.total), f"{pct:.2f}")
-    table.add_row("all", "", "", "", _fmt(total_train), _fmt(total_all), f"{100.0 * total_train / max(1, total_all):.2f}")
+        table.add_row(r.name, str(r.model), r.method, _fmt(r.trainable), _fmt(r.total), f"{pct:.2f}")
+    table.add_row("all", "", "", _fmt(total_train), _fmt(total_all), f"{100.0 * total_train / max(1, total_all):.2f}")
     console.print(table)
+    for r in rows:  # one line each, so a long list of modules neither widens nor breaks the table
+        console.print(f"{r.name}: {r.method} touches {compact_names(r.touched) or '-'}")
     for name, enc in model.encoders.items():
         q = recipe.encoders[name].quantization
         if q is not None and not quantized_layers(enc):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import Recipe
-from .errors import MMPeftError
+from .errors import RecipeError
 from .quant import weight_bytes
 from .tasks import Vocabulary, compute_metrics
 
@@ -64,10 +64,10 @@ def make_accelerator(recipe: Recipe):
     t = recipe.train
     device = train_device(t)
     if t.device == "cuda" and not torch.cuda.is_available():
-        raise MMPeftError("train.device is 'cuda' but no CUDA GPU is visible; set train.device=cpu or auto")
+        raise RecipeError(["train.device: 'cuda' but no CUDA GPU is visible; set train.device=cpu or auto"])
     precision = resolve_mixed_precision(t.mixed_precision, device)
     if precision == "fp16" and device == "cpu":
-        raise MMPeftError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
+        raise RecipeError(["train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU"])
     return fresh_accelerator(cpu=device == "cpu", mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps)
 
 

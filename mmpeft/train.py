@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 from .bundle.card import write_card
 from .bundle.writer import bundle_writer
 from .config import Recipe, load_recipe
-from .data import Collator, ImageStore, load_splits, make_loader
-from .errors import MMPeftError
+from .config.paths import require_data
+from .data import Collator, ImageStore, load_splits, make_loader, probe_images
+from .errors import UsageError
 from .model import build_model, summarize
 from .quant import require_bitsandbytes
 from .report import print_epoch, print_summary, print_test, save_plots
@@ -69,6 +70,7 @@ def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
+    require_data(recipe)  # a missing data file is named before any model loads
     t = recipe.train
     from accelerate.utils import set_seed
 
@@ -79,9 +81,10 @@ def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run
     out_dir = Path(recipe.output.dir) / recipe.run_name
     overwrite = recipe.output.overwrite if overwrite is None else overwrite
     if not dry_run and out_dir.exists() and not overwrite:
-        raise MMPeftError(f"{out_dir} already exists; pass --overwrite (or output.overwrite=true) or set output.name")
+        raise UsageError(f"{out_dir} already exists; pass --overwrite (or output.overwrite=true) or set output.name")
 
     splits = load_splits(recipe.data, recipe.task.group_fields, t.seed)
+    probe_images({"train": splits.train, "eval": splits.eval, "test": splits.test}, recipe.data.on_bad_image)
     vocab = Vocabulary.build([s.answer for s in splits.train], recipe.task.min_answer_count)
     device = str(accelerator.device.type)
     model = build_model(recipe, len(vocab), device=device)

@@ -74,7 +74,7 @@ def test_same_seed_same_metrics(trained, assets):
 
 def test_existing_bundle_is_not_overwritten(trained):
     res = runner.invoke(app, ["finetune", str(trained["recipe"])])
-    assert res.exit_code == 1 and "already exists" in res.output
+    assert res.exit_code == 2 and "already exists" in res.output  # invalid input: exit 2
 
 
 def test_predict_preprocesses_like_evaluate(trained, tmp_path):
@@ -116,7 +116,11 @@ def test_predict_single_and_manifest(trained, assets):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 24
     assert all(abs(sum(t["probability"] for t in r["top_k"])) <= 1.0 + 1e-6 for r in rows)
-    assert all(r["answer"] == r["top_k"][0]["answer"] for r in rows)
+    assert all(r["prediction"] == r["top_k"][0]["answer"] for r in rows)
+    assert all(r["probability"] == r["top_k"][0]["probability"] for r in rows)
+    # every input column is kept as it was: the gold answer, the image path as written
+    inputs = [json.loads(line) for line in Path(assets["data"]["test"]).read_text().splitlines()]
+    assert [{k: r[k] for k in i} for r, i in zip(rows, inputs)] == inputs
     csv_out = trained["work"] / "preds.csv"
     res = runner.invoke(app, ["predict", str(trained["bundle"]), "--input", str(assets["data"]["test"]), "-o", str(csv_out)])
     assert res.exit_code == 0, res.output
@@ -124,6 +128,9 @@ def test_predict_single_and_manifest(trained, assets):
 
     table = list(csv.DictReader(csv_out.read_text().splitlines()))
     assert [r["answer"] for r in table] == [r["answer"] for r in rows]
+    assert list(table[0]) == ["image", "question", "answer", "kind", "prediction", "probability", "top_k"]
+    assert [r["prediction"] for r in table] == [r["prediction"] for r in rows]
+    assert [json.loads(r["top_k"]) for r in table] == [r["top_k"] for r in rows]
     res = runner.invoke(app, ["predict", str(trained["bundle"]), "--image", "nope.png", "--question", "q"])
     assert res.exit_code == 2 and "file not found" in res.output and "Traceback" not in res.output
 
@@ -325,3 +332,32 @@ def test_plots_without_a_validation_split(tmp_path):
         row.update(eval_accuracy=0.5, eval_loss=1.0, **{"eval_kind=a": 0.4})
     save_plots(tmp_path, history, test, ["kind"])
     assert Image.open(tmp_path / "training_curves.png").size == (1000, 400)
+
+
+def test_every_command_exits_2_on_bad_input(trained, tmp_path):
+    """Input the user can fix exits 2 with one message and no traceback, whatever the command."""
+    bundle = str(trained["bundle"])
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    cases = [
+        ["validate", str(tmp_path / "nope.yaml")],
+        ["finetune", str(trained["recipe"]), "train.epoch=3"],
+        ["evaluate", str(tmp_path / "no_bundle")],
+        ["predict", bundle, "--image", "x.png"],  # no --question
+        ["predict", bundle, "--image", "x.png", "--question", "q", "--top-k", "0"],
+        ["inspect", str(tmp_path / "no_bundle")],
+        ["merge", bundle, "--out", str(taken)],  # onto an existing folder
+        ["export", bundle, "--format", "tflite", "--out", str(tmp_path / "e")],
+        ["export", bundle, "--out", str(taken)],
+        ["push", bundle, "not-a-repo-id", "--hub-dir", str(tmp_path / "hub")],
+        ["pull", "/no/such/bundle"],
+        ["bench", "methods", "--methods", "lroa", "--out", str(tmp_path / "b")],
+        ["bench", "vqa-rad", "--seeds", "one", "--out", str(tmp_path / "b")],
+        ["bench", "search", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "b")],
+        ["bench", "quickstart", "--recipe", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "b")],
+    ]
+    for args in cases:
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, (args, res.exit_code, res.output)
+        assert "error:" in res.output and "Traceback" not in res.output, (args, res.output)
+    assert list(taken.iterdir()) == []  # nothing written over the existing folder

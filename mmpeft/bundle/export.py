@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import MMPeftError
+from ..errors import MMPeftError, UsageError
 from ..files import sealed_directory
 from .merge import merge_in_memory
 
@@ -38,7 +40,7 @@ def export_onnx(bundle, out: Path, *, opset: int = 17, overwrite: bool = False, 
     """
     out = Path(out)
     if out.exists() and not overwrite:
-        raise MMPeftError(f"{out} already exists; pass --overwrite or choose another --out")
+        raise UsageError(f"--out {out} already exists; pass --overwrite or choose another --out")
     merged, report, inputs = merge_in_memory(bundle, allow_base_mismatch=allow_base_mismatch)
     model = merged.model.eval()
     for name, tensors_ in inputs.items():  # the exported graph takes one image per example
@@ -57,11 +59,16 @@ def export_onnx(bundle, out: Path, *, opset: int = 17, overwrite: bool = False, 
         expected = wrapper(*tensors).float().numpy()
     with sealed_directory(out, "export.json", overwrite=overwrite) as sealing:
         tmp = sealing.path
-        try:
-            torch.onnx.export(wrapper, tensors, str(tmp / "model.onnx"), input_names=names, output_names=["logits"],
-                              dynamic_axes=dynamic, opset_version=opset, dynamo=False)
-        except Exception as exc:  # noqa: BLE001 - exporter failures are reported to the user
-            raise MMPeftError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        # The tracer warns about every data-dependent branch of the encoders; nothing a user can
+        # act on, and the parity check below is what tells whether the graph is right.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                torch.onnx.export(wrapper, tensors, str(tmp / "model.onnx"), input_names=names, output_names=["logits"],
+                                  dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+            except Exception as exc:  # noqa: BLE001 - exporter failures are reported to the user
+                raise MMPeftError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        exporter_warnings = dict(Counter(w.category.__name__ for w in caught))
         diff = None
         try:
             import onnxruntime as ort
@@ -81,7 +88,7 @@ def export_onnx(bundle, out: Path, *, opset: int = 17, overwrite: bool = False, 
                    else {"image_size": enc.image_size, "image_mean": list(enc.mean), "image_std": list(enc.std), "resize": "bicubic"})
             for name, enc in model.encoders.items()
         }
-        result = {"inputs": names, "output": "logits", "opset": opset, "onnx_max_abs_diff": diff,
+        result = {"inputs": names, "output": "logits", "opset": opset, "onnx_max_abs_diff": diff, "exporter_warnings": exporter_warnings,
                   "onnxruntime": None if ort is None else ort.__version__, "merge": report}
         sealing.manifest.update({**result, "preprocessing": preprocessing, "vocabulary": merged.vocab})
     return result

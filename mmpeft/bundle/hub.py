@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from ..errors import BundleError, MMPeftError
+from ..errors import BundleError, MMPeftError, UsageError
 from ..files import atomic_directory
 from .io import read_manifest, verify_files
 
@@ -32,7 +32,7 @@ def _hub_dir(hub_dir: Optional[str]) -> Optional[Path]:
 def _check_repo_id(repo_id: str) -> None:
     parts = repo_id.split("/")
     if len(parts) != 2 or not all(parts) or any(p in (".", "..") for p in parts):
-        raise MMPeftError(f"repository id {repo_id!r} must look like 'owner/name'")
+        raise UsageError(f"repository id {repo_id!r} must look like 'owner/name'")
 
 
 def push(bundle, repo_id: str, *, hub_dir: Optional[str] = None, private: bool = False, token: Optional[str] = None) -> str:
@@ -84,7 +84,7 @@ def pull(source: str, out, *, hub_dir: Optional[str] = None, overwrite: bool = F
     verify it, and place it at ``out``."""
     out = Path(out)
     if out.exists() and not overwrite:
-        raise MMPeftError(f"{out} already exists; pass --overwrite or choose another --out")
+        raise UsageError(f"--out {out} already exists; pass --overwrite or choose another --out")
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         src = Path(source)

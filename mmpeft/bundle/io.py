@@ -83,7 +83,7 @@ def load_bundle(path, *, device: str = "cpu", allow_base_mismatch: bool = False,
             if root not in base.parents or not base.is_dir():
                 raise BundleError(f"{bundle}/manifest.json: encoder {name!r} base {entry.get('model')!r} is not a directory inside the bundle")
             overrides.insert(0, f"encoders.{name}.model={base}")
-    recipe = load_recipe(bundle / "recipe.yaml", overrides)
+    recipe = load_recipe(bundle / "recipe.yaml", overrides, anchor=False)  # a resolved recipe: its paths are as trained
     vocab = manifest.get("vocabulary")
     if not isinstance(vocab, list) or not vocab:
         raise BundleError(f"{bundle}/manifest.json: missing answer vocabulary")

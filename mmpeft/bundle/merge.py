@@ -23,7 +23,7 @@ from torch import nn
 
 from ..data import Collator, ImageStore, Sample, load_splits
 from ..encoders import build_encoder
-from ..errors import MMPeftError
+from ..errors import MMPeftError, UsageError
 from ..files import fingerprint_module
 from ..methods import build_method
 from ..tasks import Vocabulary
@@ -148,7 +148,7 @@ def merge_bundle(bundle, out: Path, *, tolerance: float = 1e-5, allow_base_misma
     """
     out = Path(out)
     if out.exists() and not overwrite:
-        raise MMPeftError(f"{out} already exists; pass --overwrite or choose another --out")
+        raise UsageError(f"--out {out} already exists; pass --overwrite or choose another --out")
     merged, report, _ = merge_in_memory(bundle, tolerance=tolerance, allow_base_mismatch=allow_base_mismatch, probe_size=probe_size)
     _write_merged(merged, report, out, overwrite, Path(bundle))
     return report

@@ -11,23 +11,35 @@ import copy
 import difflib
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import RecipeError
+from ..files import read_text
 from .fusion import FUSION_SETTINGS
 from .methods import METHOD_SETTINGS
+from .paths import REQUIRED_BY_SOURCE, anchor_paths, apply_environment
 from .schema import Recipe
 
 
-def load_recipe(source: str | Path | dict, overrides: Sequence[str] = ()) -> Recipe:
+MAX_RECIPE_BYTES = 1_000_000  # a recipe is a page of YAML; anything larger is a mistake (or hostile)
+
+
+class _RecipeFileError(RecipeError):
+    def __init__(self, message: str):
+        super().__init__([message])
+
+
+def load_recipe(source: str | Path | dict, overrides: Sequence[str] = (), anchor: bool = True) -> Recipe:
     """Load, override and validate a recipe.
 
     Args:
         source: a YAML file path or an already-parsed dict.
         overrides: ``dotted.key=value`` strings; values are parsed as YAML scalars/lists.
+        anchor: read relative data paths of a recipe file from its folder (see
+            :mod:`mmpeft.config.paths`); a bundle's resolved recipe is loaded without.
 
     Returns:
         The validated :class:`Recipe`, with every method/fusion default filled in.
@@ -43,14 +55,18 @@ def load_recipe(source: str | Path | dict, overrides: Sequence[str] = ()) -> Rec
         name = str(path)
         if not path.is_file():
             raise RecipeError([f"recipe file not found: {path}"], None)
+        text = read_text(path, _RecipeFileError, max_bytes=MAX_RECIPE_BYTES)
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise RecipeError([f"not valid YAML: {exc}"], name) from None
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
             raise RecipeError(["the recipe must be a mapping of keys (encoders:, fusion:, ...)"], name)
+        if anchor:
+            anchor_paths(raw, path.resolve().parent)
+    apply_environment(raw)
     problems = apply_overrides(raw, overrides)
     if problems:
         raise RecipeError(problems, name)
@@ -158,10 +174,9 @@ def _validate_choice(block: dict, key: str, default: str, registry, where: str):
 def _semantic_checks(recipe: Recipe) -> list[str]:
     problems = []
     data = recipe.data
-    if data.source == "manifest":
-        for split in ("train", "test"):
-            if getattr(data, split) is None:
-                problems.append(f"data.{split}: required when data.source is 'manifest' (path to a .jsonl, .csv or .json file)")
+    for split in REQUIRED_BY_SOURCE.get(data.source, ()):
+        if getattr(data, split) is None:
+            problems.append(f"data.{split}: required when data.source is {data.source!r} (path to a .jsonl, .csv or .json file)")
     return problems
 
 

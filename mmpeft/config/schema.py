@@ -56,8 +56,8 @@ class TaskConfig(Strict):
 
 class DataConfig(Strict):
     source: Literal["manifest", "easy_vqa", "vqa_rad"] = Field("manifest", description="where rows come from")
-    root: Optional[str] = Field(None, description="vqa_rad: dataset directory (or $MMPEFT_VQA_RAD_ROOT); manifest: base directory")
-    train: Optional[str] = Field(None, description="manifest: training file (.jsonl, .csv or .json)")
+    root: Optional[str] = Field(None, description="vqa_rad: dataset directory ($MMPEFT_VQA_RAD_ROOT replaces it; default ../shared/vqa_rad); manifest: the folder data.train/eval/test are relative to")
+    train: Optional[str] = Field(None, description="manifest: training file (.jsonl, .csv or .json); relative paths in a recipe file are read from its folder (or data.root)")
     eval: Optional[str] = Field(None, description="manifest: validation file; default: a held-out part of train")
     test: Optional[str] = Field(None, description="manifest: test file")
     image_field: str = Field("image", description="manifest column holding the image path (relative to the manifest)")

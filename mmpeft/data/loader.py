@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from ..config.paths import manifest_path
 from ..encoders.images import augment
 from ..errors import DataError
 from ..tasks.vocab import Vocabulary
@@ -34,10 +34,7 @@ def load_splits(data, group_fields, seed: int) -> Splits:
         train, eval_rows, test = vqa_rad_samples(data.root, "train"), None, vqa_rad_samples(data.root, "test")
     else:
         def read(p):
-            path = Path(p)
-            if data.root and not path.is_absolute():
-                path = Path(data.root) / path
-            return load_manifest(path, data.image_field, data.text_field, data.label_field, group_fields)
+            return load_manifest(manifest_path(data, p), data.image_field, data.text_field, data.label_field, group_fields)
 
         train, test = read(data.train), read(data.test)
         eval_rows = read(data.eval) if data.eval else None
@@ -58,6 +55,9 @@ def load_splits(data, group_fields, seed: int) -> Splits:
     if not test:
         raise DataError("no test rows (check data.test)")
     return Splits(train, eval_rows, test)
+
+
+BAD_IMAGE_HINT = "fix the file or set data.on_bad_image: skip to leave such rows out"
 
 
 class ImageStore:
@@ -85,32 +85,52 @@ class ImageStore:
             self.images[path] = image
         return image
 
-    def check(self, splits: dict[str, list[Sample]], on_bad_image: str,
-              hint: str = "fix the file or set data.on_bad_image: skip to leave such rows out") -> dict[str, list[Sample]]:
+    def check(self, splits: dict[str, list[Sample]], on_bad_image: str, hint: str = BAD_IMAGE_HINT) -> dict[str, list[Sample]]:
         """Open every image before training. ``error``: stop at the first bad one with its
         file and row; ``skip``: drop rows with bad images and report how many."""
-        paths = sorted({s.image for rows in splits.values() for s in rows})
-        bad: dict[str, str] = {}
-        for path in tqdm(paths, desc="checking images", unit="img", leave=False, disable=len(paths) < 200):
-            try:
-                self.get(path)
-            except FileNotFoundError:
-                bad[path] = "file not found"
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
-                bad[path] = f"unreadable image ({type(exc).__name__})"
+        bad = _bad_images(splits, self.get, "checking images")
         if not bad:
             return splits
         if on_bad_image == "error":
-            for rows in splits.values():
-                for s in rows:
-                    if s.image in bad:
-                        raise DataError(
-                            f"{s.where}: {bad[s.image]}: {s.image} ({len(bad)} bad image(s) in all; {hint})"
-                        )
+            _raise_first_bad(splits, bad, hint)
         kept = {name: [s for s in rows if s.image not in bad] for name, rows in splits.items()}
         skipped = sum(len(splits[n]) - len(kept[n]) for n in splits)
         print(f"data.on_bad_image=skip: skipped {skipped} row(s) with {len(bad)} bad image(s)")
         return kept
+
+
+def _read_header(path: str) -> None:
+    with Image.open(path) as image:
+        image.size  # noqa: B018 - the header is parsed on open; size proves it is an image
+
+
+def probe_images(splits: dict[str, list[Sample]], on_bad_image: str) -> None:
+    """Before any model loads: every image exists and has a readable image header, so a
+    wrong path fails in seconds (``error`` mode; ``skip`` reports after the full check)."""
+    if on_bad_image == "error":
+        bad = _bad_images(splits, _read_header, "looking for images")
+        if bad:
+            _raise_first_bad(splits, bad, BAD_IMAGE_HINT)
+
+
+def _bad_images(splits: dict[str, list[Sample]], open_one, desc: str) -> dict[str, str]:
+    paths = sorted({s.image for rows in splits.values() for s in rows})
+    bad: dict[str, str] = {}
+    for path in tqdm(paths, desc=desc, unit="img", leave=False, disable=len(paths) < 200):
+        try:
+            open_one(path)
+        except FileNotFoundError:
+            bad[path] = "file not found"
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            bad[path] = f"unreadable image ({type(exc).__name__})"
+    return bad
+
+
+def _raise_first_bad(splits: dict[str, list[Sample]], bad: dict[str, str], hint: str) -> None:
+    for rows in splits.values():
+        for s in rows:
+            if s.image in bad:
+                raise DataError(f"{s.where}: {bad[s.image]}: {s.image} ({len(bad)} bad image(s) in all; {hint})")
 
 
 class Collator:

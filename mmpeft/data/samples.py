@@ -7,13 +7,15 @@ Every loader returns :class:`Sample` objects with the answer normalised and a
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..config.paths import VQA_RAD_ENV, vqa_rad_dir
 from ..errors import DataError
+from ..files import read_text
 from ..tasks.vocab import normalize_answer
 
 
@@ -62,8 +64,10 @@ def load_manifest(
 
 
 def read_rows(path: Path) -> list[tuple[int, object]]:
+    """``(row number, row)`` of a JSONL, CSV (header row first) or JSON-list file, read as
+    UTF-8 with or without a byte-order mark."""
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, DataError)
     if suffix == ".jsonl":
         rows = []
         for number, line in enumerate(text.splitlines(), start=1):
@@ -75,7 +79,7 @@ def read_rows(path: Path) -> list[tuple[int, object]]:
                 raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
         return rows
     if suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
+        reader = csv.DictReader(io.StringIO(text))
         return [(number, row) for number, row in enumerate(reader, start=2)]  # row 1 is the header
     if suffix == ".json":
         try:
@@ -118,14 +122,12 @@ def easy_vqa_samples(split: str) -> list[Sample]:
 
 # --- VQA-RAD --------------------------------------------------------------
 
-VQA_RAD_ENV = "MMPEFT_VQA_RAD_ROOT"
 VQA_RAD_FILES = {"train": "trainset.json", "test": "testset.json"}
 
 
 def vqa_rad_root(root: Optional[str]) -> Path:
     """Resolve the VQA-RAD directory: data.root, else $MMPEFT_VQA_RAD_ROOT, else ../shared/vqa_rad."""
-    chosen = root or os.environ.get(VQA_RAD_ENV) or "../shared/vqa_rad"
-    path = Path(chosen).expanduser()
+    path = vqa_rad_dir(root)
     if not (path / "trainset.json").is_file():
         raise DataError(
             f"VQA-RAD not found at {path.resolve()} (no trainset.json). VQA-RAD (Lau et al. 2018, CC0) comes from "

@@ -8,7 +8,7 @@ returns token features plus a pooled vector so any fusion head can consume it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..errors import MMPeftError
+from ..errors import MMPeftError, RecipeError
 from ..quant import quantize_plain_model, respect_compute_dtype
 from .base import Encoder
 from .hf import HFImageEncoder, HFTextEncoder, hf_modality, load_hf_model, load_processor_config
@@ -75,7 +75,7 @@ def build_encoder(
     if quantization is not None:
         respect_compute_dtype(encoder.model, quantization)
     if modality and encoder.modality != modality:
-        raise MMPeftError(f"encoder {model!r} reads {encoder.modality}, but the recipe says modality: {modality}")
+        raise RecipeError([f"encoder {model!r} reads {encoder.modality}, but the recipe says modality: {modality}"])
     for param in encoder.parameters():
         param.requires_grad_(False)
     encoder.eval()

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..config.methods import AdapterSettings
-from ..errors import MMPeftError
+from ..errors import RecipeError
 from .base import METHODS, PeftMethod
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "swish": nn.SiLU}
@@ -92,16 +92,16 @@ class BottleneckAdapter(PeftMethod):
             attn = s.attention_modules or family.adapter_attention
             ffn = s.ffn_modules or family.adapter_ffn
             if ffn is None or (s.placement == "houlsby" and attn is None):
-                raise MMPeftError(
+                raise RecipeError([
                     f"{self.where}: no default adapter placement for architecture {encoder.arch!r}; set attention_modules "
                     "and ffn_modules (regexes over module names)"
-                )
+                ])
             patterns = [ffn] + ([attn] if s.placement == "houlsby" else [])
         targets = [(n, m) for n, m in model.named_modules() if n and any(re.fullmatch(p, n) for p in patterns)]
         if s.layers is not None:
             targets = [(n, m) for n, m in targets if _layer_index(n) in set(s.layers)]
         if not targets:
-            raise MMPeftError(f"{self.where}: adapter placement {patterns} matches no module of {encoder.source!r}")
+            raise RecipeError([f"{self.where}: adapter placement {patterns} matches no module of {encoder.source!r}"])
         for p in encoder.parameters():
             p.requires_grad_(False)
         for name, module in targets:

@@ -9,7 +9,7 @@ stay fixed because the frozen encoder runs in eval mode).
 from __future__ import annotations
 
 from ..config.methods import BitFitSettings
-from ..errors import MMPeftError
+from ..errors import RecipeError
 from .base import METHODS, PeftMethod
 
 
@@ -28,7 +28,7 @@ class BitFit(PeftMethod):
             if is_bias:
                 touched.add(name.rsplit(".", 1)[0])
         if not touched:
-            raise MMPeftError(f"{self.where}.method: bitfit found no bias parameters in {encoder.source!r}")
+            raise RecipeError([f"{self.where}.method: bitfit found no bias parameters in {encoder.source!r}"])
         self.touched = sorted(touched)
 
     def merge(self, encoder) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..config.methods import IA3Settings
 from ..encoders.targets import match_targets
-from ..errors import MMPeftError
+from ..errors import RecipeError
 from .base import METHODS
 from .lora import LoRA, load_peft_weights, resolve_targets
 
@@ -31,7 +31,7 @@ class IA3(LoRA):
         targets, matched = resolve_targets(self, encoder, targets)
         ff_matched = set(match_targets(encoder.model, ff)) if ff else set()
         if not ff_matched <= set(matched):
-            raise MMPeftError(f"{self.where}.feedforward_modules must be a subset of target_modules")
+            raise RecipeError([f"{self.where}.feedforward_modules: must be a subset of target_modules"])
         return targets, (ff or []), matched
 
     def apply(self, encoder) -> None:

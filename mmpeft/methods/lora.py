@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..config.methods import LoraSettings
 from ..encoders.targets import leaf_names, match_targets
-from ..errors import BundleError, MMPeftError
+from ..errors import BundleError, RecipeError
 from ..files import read_safetensors
 from .base import METHODS, PeftMethod
 
@@ -27,16 +27,16 @@ def resolve_targets(method: PeftMethod, encoder, requested):
     targets = requested or encoder.family.lora
     available = leaf_names(encoder.model)
     if not targets:
-        raise MMPeftError(
+        raise RecipeError([
             f"{method.where}.target_modules: no default targets for architecture {encoder.arch!r}; "
             f"set it to some of: {', '.join(available)}"
-        )
+        ])
     matched = match_targets(encoder.model, targets)
     if not matched:
-        raise MMPeftError(
+        raise RecipeError([
             f"{method.where}.target_modules: {targets!r} matches no layer of {encoder.source!r} ({encoder.arch}); "
             f"available module names: {', '.join(available)}"
-        )
+        ])
     return targets, matched
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config.methods import PromptSettings
-from ..errors import MMPeftError
+from ..errors import RecipeError
 from .base import METHODS, PeftMethod
 
 
@@ -63,11 +63,11 @@ class VisualPrompts(nn.Module):
         )
 
 
-def _layer_list(model: nn.Module) -> nn.ModuleList:
+def _layer_list(model: nn.Module, where: str) -> nn.ModuleList:
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("layer", "layers"):
             return module
-    raise MMPeftError("visual prompt tuning: no transformer layer list found in this model")
+    raise RecipeError([f"{where}: visual prompt tuning found no transformer layer list in this model"])
 
 
 @METHODS.register("prompt")
@@ -93,14 +93,14 @@ class PromptTuning(PeftMethod):
         else:
             pad = s.pad_size or max(1, round(encoder.image_size * 30 / 224))
             if 2 * pad >= encoder.image_size:
-                raise MMPeftError(f"{self.where}.pad_size: {pad} leaves no image inside a {encoder.image_size}px input")
+                raise RecipeError([f"{self.where}.pad_size: {pad} leaves no image inside a {encoder.image_size}px input"])
             encoder.input_prompt = BorderPrompt(encoder.image_size, pad)
             self.touched = [f"(pixels: {pad}px border)"]
 
     def _apply_vpt(self, encoder) -> None:
         s = self.settings
         base = encoder.base_model()
-        layers = _layer_list(base)
+        layers = _layer_list(base, self.where)
         offset = encoder.family.prompt_offset
         vpt = VisualPrompts(len(layers), s.num_tokens, encoder.hidden_size, s.deep)
         encoder.visual_prompt = vpt

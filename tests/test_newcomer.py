@@ -1,0 +1,187 @@
+"""A newcomer's first hour: recipe-relative paths, encodings, clear errors that keep their
+text, fast validation, output that fits the terminal, ordinary permissions."""
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mmpeft.cli import app
+from mmpeft.config import load_recipe
+from mmpeft.data import load_manifest
+from mmpeft.errors import DataError, RecipeError
+from tests import tiny
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def project(assets, tmp_path) -> Path:
+    """A user's project: data/ with images and manifests, recipes/tiny.yaml naming them
+    relative to the recipe file."""
+    base = tmp_path / "project"
+    shutil.copytree(Path(assets["data"]["train"]).parent, base / "data")
+    raw = tiny.recipe_dict(assets["bert"], assets["vit"], {"train": "../data/train.jsonl", "test": "../data/test.jsonl"},
+                           base / "adapters", epochs=1)  # output.dir, like other outputs, is relative to the working directory
+    (base / "recipes").mkdir()
+    (base / "recipes" / "tiny.yaml").write_text(yaml.safe_dump(raw))
+    return base
+
+
+def test_recipe_paths_are_read_from_the_recipe_folder_from_any_directory(assets, tmp_path, monkeypatch):
+    base = project(assets, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    recipe = load_recipe(base / "recipes" / "tiny.yaml")
+    assert Path(recipe.data.train) == (base / "data" / "train.jsonl").resolve()
+    # command-line paths are relative to the working directory, like any argument
+    (elsewhere / "mine.jsonl").write_text("")
+    assert Path(load_recipe(base / "recipes" / "tiny.yaml", ["data.eval=mine.jsonl"]).data.eval) == Path("mine.jsonl")
+    res = runner.invoke(app, ["finetune", str(base / "recipes" / "tiny.yaml")])
+    assert res.exit_code == 0, res.output
+    bundle = base / "adapters" / "tiny"
+    # the bundle keeps the resolved (absolute) paths, so it evaluates from anywhere too
+    assert Path(yaml.safe_load((bundle / "recipe.yaml").read_text())["data"]["test"]).is_absolute()
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["evaluate", str(bundle)])
+    assert res.exit_code == 0 and "reproduced" in res.output, res.output
+
+
+def test_data_root_is_the_base_of_manifest_paths(assets, tmp_path):
+    base = project(assets, tmp_path)
+    recipe = load_recipe(base / "recipes" / "tiny.yaml", [f"data.root={base / 'data'}", "data.train=train.jsonl",
+                                                          "data.test=test.jsonl"])
+    from mmpeft.config.paths import data_problems
+
+    assert data_problems(recipe) == []
+
+
+def test_validate_names_a_missing_data_file_with_its_absolute_path(assets, tmp_path, monkeypatch):
+    base = project(assets, tmp_path)
+    (base / "data" / "test.jsonl").unlink()
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["validate", str(base / "recipes" / "tiny.yaml")])
+    assert res.exit_code == 2
+    assert f"data.test: {(base / 'data' / 'test.jsonl').resolve()} not found" in res.output
+    assert "Traceback" not in res.output
+    res = runner.invoke(app, ["finetune", str(base / "recipes" / "tiny.yaml")])
+    assert res.exit_code == 2 and "data.test:" in res.output
+
+
+def test_error_text_keeps_square_brackets(tmp_path):
+    """Console markup must not eat brackets out of a message (paths, pip extras, lists)."""
+    raw = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
+    raw["data"] = {"source": "manifest", "train": str(tmp_path / "run[1]" / "train.jsonl"), "test": str(tmp_path / "t.jsonl")}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    res = runner.invoke(app, ["validate", str(recipe)])
+    assert res.exit_code == 2 and "run[1]/train.jsonl" in res.output, res.output
+
+
+def test_bom_csv_trains_and_other_encodings_are_named(assets, tmp_path):
+    rows = [json.loads(line) for line in Path(assets["data"]["train"]).read_text().splitlines()]
+    images = Path(assets["data"]["train"]).parent
+    for split, source in (("train", assets["data"]["train"]), ("test", assets["data"]["test"])):
+        lines = ["image,question,answer,kind"] + [
+            f"{images / r['image']},{r['question']},{r['answer']},{r['kind']}"
+            for r in (json.loads(line) for line in Path(source).read_text().splitlines())]
+        (tmp_path / f"{split}.csv").write_bytes("\ufeff".encode() + "\r\n".join(lines).encode("utf-8"))  # "CSV UTF-8"
+    samples = load_manifest(tmp_path / "train.csv")
+    assert len(samples) == len(rows) and samples[0].text == rows[0]["question"]
+    raw = tiny.recipe_dict(assets["bert"], assets["vit"], {"train": tmp_path / "train.csv", "test": tmp_path / "test.csv"},
+                           tmp_path / "adapters", epochs=1)
+    (tmp_path / "bom.yaml").write_text(yaml.safe_dump(raw))
+    res = runner.invoke(app, ["finetune", str(tmp_path / "bom.yaml")])
+    assert res.exit_code == 0, res.output
+    latin = tmp_path / "latin.csv"
+    data = "image,question,answer\nx.png,qu'est-ce que c'est,caf\xe9\n".encode("latin-1")
+    latin.write_bytes(data)
+    offset = data.index(bytes([0xE9]))
+    with pytest.raises(DataError, match=rf"latin.csv: not UTF-8 text \(byte {offset}: b'\\xe9\\n'...\); save it as UTF-8"):
+        load_manifest(latin)
+
+
+def test_recipe_file_in_another_encoding_is_a_clear_error(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match=r"r.yaml: not UTF-8 text \(byte 9"):
+        load_recipe(path)
+    res = runner.invoke(app, ["validate", str(path)])
+    assert res.exit_code == 2 and "not UTF-8" in res.output and "Traceback" not in res.output
+
+
+def run_cli_in_fresh_python(*args) -> subprocess.CompletedProcess:
+    """The CLI in a new interpreter; prints the heavy libraries it imported on the last line."""
+    code = ("import sys\nfrom mmpeft.cli import main\nsys.argv = ['mmpeft', *sys.argv[1:]]\ntry:\n    main()\n"
+            "except SystemExit as exc:\n    code = exc.code\nelse:\n    code = 0\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'peft', 'accelerate'}))\n"
+            "sys.exit(code)\n")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_validate_and_recipe_errors_do_not_load_torch(tmp_path):
+    ok = run_cli_in_fresh_python("validate", "recipes/medical_vqa.yaml")
+    assert ok.returncode == 0 and ok.stdout.strip().splitlines()[-1] == "[]", ok.stdout + ok.stderr
+    bad = run_cli_in_fresh_python("finetune", "recipes/quickstart.yaml", "train.epoch=3")
+    assert bad.returncode == 2 and "did you mean 'epochs'" in bad.stderr
+    assert bad.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_help_shows_types_in_words_and_version():
+    for command in (["finetune", "--help"], ["predict", "--help"], ["bench", "search", "--help"], ["--help"]):
+        res = runner.invoke(app, command)
+        assert res.exit_code == 0
+        for typer_label in ("<bool>", "<list[str]>", "<int>", "<str>", "<path>", "{recipe}", "{bundle}"):
+            assert typer_label not in res.output, (command, typer_label)
+    assert "finetune [OPTIONS] RECIPE [KEY=VALUE]..." in runner.invoke(app, ["finetune", "--help"]).output
+    from mmpeft.version import __version__
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"mmpeft {__version__}"
+
+
+def test_dry_run_table_fits_80_columns(assets, tmp_path):
+    raw = tiny.recipe_dict(assets["bert"], assets["effnet"], assets["data"], tmp_path, text_method="lora", image_method="adapter")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    res = runner.invoke(app, ["finetune", str(tmp_path / "r.yaml"), "--dry-run"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    table = [line for line in res.output.splitlines() if line[:1] in "┏┃┡│└"]
+    assert table and max(len(line) for line in table) <= 80
+    assert "text: lora touches query x2, value x2" in res.output
+
+
+def test_shared_files_have_ordinary_permissions(assets, tmp_path):
+    from mmpeft.bundle.writer import write_bundle
+    from mmpeft.model import build_model
+    from tests.helpers import recipe_for
+
+    recipe = recipe_for(assets, "bert", "lora", tmp_path)
+    model = build_model(recipe, num_outputs=3)
+    old = os.umask(0o022)
+    try:
+        write_bundle(tmp_path / "b", model, recipe, ["a", "b", "c"], {"test": {}})
+        os.umask(0o077)
+        write_bundle(tmp_path / "private", model, recipe, ["a", "b", "c"], {"test": {}})
+    finally:
+        os.umask(old)
+    for folder, (file_mode, dir_mode) in (("b", (0o644, 0o755)), ("private", (0o600, 0o700))):
+        paths = [tmp_path / folder, *(tmp_path / folder).rglob("*")]
+        modes = {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_file()}
+        dirs = {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_dir()}
+        assert modes == {file_mode} and dirs == {dir_mode}, (folder, modes, dirs)
+
+
+def test_readme_tour_uses_real_files():
+    text = (ROOT / "README.md").read_text()
+    tour = text.split("## A five-minute tour", 1)[1].split("\n## ", 1)[0]
+    assert "some.png" not in tour and "easy_vqa.get_test_image_paths()" in tour
+    assert "after it has finished" in tour and ". .venv/bin/activate" in tour
+    assert "osf.io/89kps" in text  # where VQA-RAD comes from, for users without ../shared
