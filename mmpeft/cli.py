@@ -121,12 +121,14 @@ def validate(recipe: Path = typer.Argument(..., metavar="RECIPE", help="recipe Y
 def finetune(recipe: Path = typer.Argument(..., metavar="RECIPE", help="recipe YAML"),
              overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides, e.g. train.epochs=1"),
              dry_run: bool = typer.Option(False, "--dry-run", help="build the model, print methods and parameter counts, stop"),
-             overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing bundle of the same name")):
+             overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing bundle of the same name"),
+             resume: bool = typer.Option(False, "--resume", help="continue from this run's newest checkpoint (start "
+                                         "from the beginning when there is none)")):
     """Train a recipe and write its adapter bundle to adapters/<name>/."""
     r = _recipe_with_data(recipe, overrides)  # a bad recipe or data path answers before torch loads
     from .train import finetune as run
 
-    run(r, dry_run=dry_run, overwrite=overwrite or None)
+    run(r, dry_run=dry_run, overwrite=overwrite or None, resume=resume)
 
 
 @app.command()

@@ -43,3 +43,12 @@ class UsageError(MMPeftError):
     """A command-line option has a value the command cannot use."""
 
     exit_code = 2
+
+
+class Interrupted(MMPeftError):
+    """A run stopped by SIGINT / SIGTERM after writing a checkpoint; exits 130 / 143 as a
+    shell reports a process ended by that signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -17,14 +17,18 @@ on?) and over canonical JSON (were these results made with the same settings?).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import struct
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
@@ -197,17 +201,64 @@ def json_fingerprint(data) -> str:
 # --- writing --------------------------------------------------------------
 
 
+# Sealed folders mmpeft writes: their manifest file and the format it declares.
+SEALED_MANIFESTS = {"manifest.json": "mmpeft-bundle", "export.json": "mmpeft-onnx-export", "checkpoint.json": "mmpeft-checkpoint"}
+
+
+def written_by_mmpeft(folder: Path) -> bool:
+    """True when ``folder`` is a sealed folder mmpeft wrote and holds nothing else (every
+    file in it is listed in its manifest): only such a folder may be replaced."""
+    for name, form in SEALED_MANIFESTS.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return False
+        if not isinstance(manifest, dict) or manifest.get("format") != form or not isinstance(manifest.get("files"), dict):
+            return False
+        present = {p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if not p.is_dir()}
+        return present - {name} <= set(manifest["files"])
+    return False
+
+
+def remove_leftovers(target: Path) -> list[str]:
+    """Remove the temporary siblings (``.<name>.tmp-<pid>-*``, ``.<name>.old-<pid>``) that an
+    interrupted write of ``target`` left behind, when the process that made them is gone."""
+    target = Path(target)
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for prefix in (f".{target.name}.tmp-", f".{target.name}.old-"):
+        for path in target.parent.glob(prefix + "*"):
+            pid = path.name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                removed.append(path.name)
+    if removed:
+        print(f"removed {len(removed)} leftover temporary folder(s) of an interrupted write beside {target}: "
+              f"{', '.join(sorted(removed))}", file=sys.stderr)
+    return removed
+
+
 @contextmanager
 def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success rename it to ``target``.
 
-    An interrupted write leaves only a hidden ``.tmp`` directory, never a half bundle.
+    An interrupted write leaves only a hidden ``.tmp`` directory (removed by the next write
+    of the same target), never a half bundle. ``overwrite`` replaces only a folder mmpeft
+    wrote (see :func:`written_by_mmpeft`); a folder holding anything else is refused.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not overwrite:
         raise UsageError(f"{target} already exists; choose another output name or pass --overwrite / output.overwrite=true")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    if target.exists() and not written_by_mmpeft(target):
+        raise UsageError(f"{target} exists and holds files mmpeft did not write; it is not replaced: move it away "
+                         "or choose another output name")
+    remove_leftovers(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
         share_permissions(tmp)
@@ -287,3 +338,86 @@ def sealed_directory(target: Path, name: str = "manifest.json", overwrite: bool 
         sealing = Sealing(tmp)
         yield sealing
         seal(tmp, sealing.manifest, name)
+
+
+# --- one writer per output ------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def output_lock(lock_path: Path, what: str) -> Iterator[Optional[str]]:
+    """Hold an exclusive lock on ``lock_path`` for the block (one writer per output).
+
+    A second holder is refused at once, naming the process that holds the lock. The lock
+    is the kernel's (flock): a process that dies releases it, and a lock file whose
+    recorded process is gone is taken over; the block receives a note saying so (else None).
+    """
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            raise MMPeftError(f"{what} is being written by another run ({holder}); wait for it to finish, "
+                              "or choose another output.name / --out") from None
+        previous = _read_holder(fd)
+        note = None
+        if previous and previous.get("pid") != os.getpid():
+            note = (f"took over the lock of an earlier run (pid {previous.get('pid')}, started {previous.get('started')}), "
+                    f"which is no longer running: it was interrupted")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+                                  "started": _now()}).encode(), 0)
+        try:
+            yield note
+        finally:
+            os.ftruncate(fd, 0)  # released: an empty lock file is no one's
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _read_holder(fd) -> Optional[dict]:
+    try:
+        data = json.loads(os.pread(fd, 65536, 0) or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _holder(fd) -> str:
+    info = _read_holder(fd) or {}
+    alive = " (running)" if isinstance(info.get("pid"), int) and _alive(info["pid"]) else ""
+    return (f"pid {info.get('pid', '?')}{alive} on {info.get('host', '?')}, started {info.get('started', '?')}: "
+            f"{info.get('command', '?')}")
+
+
+def check_writable(target: Path) -> None:
+    """Fail now, not after hours of training, if ``target`` (a folder to be written
+    atomically) cannot be: its parent cannot be made, is a file, is read-only, is under
+    /proc, or the name is too long."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        probe = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+        probe.rmdir()
+    except OSError as exc:
+        raise UsageError(f"cannot write {target}: {exc.strerror or exc} ({exc.filename or target.parent}); "
+                         "choose a writable output folder and a shorter name") from None
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"cannot write {target}: a file of that name is in the way")

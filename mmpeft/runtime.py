@@ -13,10 +13,11 @@ import resource
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from . import faults
 from .config import Recipe
 from .errors import RecipeError
+from .progress import progress
 from .quant import weight_bytes
 from .tasks import Vocabulary, compute_metrics
 
@@ -72,15 +73,18 @@ def make_accelerator(recipe: Recipe):
 
 
 @torch.no_grad()
-def predict_logits(model, loader, accelerator, desc: str = "eval", use_cache: bool = False):
-    """Run ``loader`` through the model. Returns ``(logits [N, C], index [N])`` on every process."""
+def predict_logits(model, loader, accelerator, desc: str = "eval", use_cache: bool = False, fault: str = ""):
+    """Run ``loader`` through the model. Returns ``(logits [N, C], index [N])`` on every process.
+    ``fault`` names the :mod:`~mmpeft.faults` point reached after the first batch."""
     model.eval()
     all_logits, all_index = [], []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+    for batch in progress(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
         logits = model(batch["inputs"], batch.get("keys") if use_cache else None).float()
         logits, index = accelerator.gather_for_metrics((logits, batch["index"]))
         all_logits.append(logits.cpu())
         all_index.append(index.cpu())
+        if fault:
+            faults.point(fault)
     return torch.cat(all_logits), torch.cat(all_index)
 
 

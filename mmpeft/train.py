@@ -1,28 +1,37 @@
 """One training loop, top to bottom: recipe -> data -> model -> train/eval -> bundle.
 
 Built on accelerate, so the same code runs on CPU, one GPU, or several processes
-under ``accelerate launch`` (data parallel).
+under ``accelerate launch`` (data parallel). The run writes checkpoints as it goes
+(:mod:`mmpeft.checkpoint`) and ``resume=True`` continues from the newest one exactly.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from . import faults
 from .bundle.card import write_card
 from .bundle.writer import bundle_writer
+from .checkpoint import (LoopState, capture_rng, data_fingerprint, list_checkpoints, newest_checkpoint, remove_checkpoints,
+                         restore_rng, run_settings, write_checkpoint)
 from .config import Recipe, load_recipe
 from .config.paths import require_data
 from .data import Collator, ImageStore, load_splits, make_loader, probe_images
-from .errors import UsageError
+from .errors import Interrupted, UsageError
+from .files import check_writable, output_lock
+from .interrupt import stop_on_signals
 from .model import build_model, summarize
+from .progress import progress
 from .quant import require_bitsandbytes
 from .report import print_epoch, print_summary, print_test, save_plots
 from .runtime import groups_to_report, make_accelerator, peak_memory_mib, predict_logits, score
@@ -56,7 +65,35 @@ def make_optimizer(model, t):
     return cls(groups)
 
 
-def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run: bool = False, overwrite: Optional[bool] = None):
+@dataclass
+class Run:
+    """What one training run holds while it trains (built by :func:`finetune`)."""
+
+    recipe: Recipe
+    accelerator: Any
+    model: Any  # prepared (possibly wrapped for data parallel)
+    raw_model: Any
+    optimizer: Any
+    scheduler: Any
+    train_loader: Any
+    eval_loader: Any
+    test_loader: Any
+    collator: Collator
+    splits: Any
+    vocab: Vocabulary
+    group_fields: list
+    checkpoints: Path
+    settings: dict
+    data_fp: str
+    writer: Any = None
+    last_checkpoint: float = 0.0
+
+    def log(self, message: str) -> None:
+        self.accelerator.print(message)
+
+
+def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run: bool = False, overwrite: Optional[bool] = None,
+             resume: bool = False):
     """Train a recipe end to end and write its bundle.
 
     Args:
@@ -64,6 +101,8 @@ def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run
         overrides: dotted ``key=value`` overrides.
         dry_run: build the model, print what each method touches and the parameter counts, stop.
         overwrite: replace an existing bundle (default: ``output.overwrite``).
+        resume: continue from the newest checkpoint of this run (start from the beginning
+            when there is none; do nothing when the run is already complete).
 
     Returns:
         The bundle directory (or the summary rows for a dry run).
@@ -74,20 +113,52 @@ def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run
     t = recipe.train
     from accelerate.utils import set_seed
 
-    accelerator = make_accelerator(recipe)
-    is_main = accelerator.is_main_process
-    log = accelerator.print
-    set_seed(t.seed)
     out_dir = Path(recipe.output.dir) / recipe.run_name
     overwrite = recipe.output.overwrite if overwrite is None else overwrite
-    if not dry_run and out_dir.exists() and not overwrite:
-        raise UsageError(f"{out_dir} already exists; pass --overwrite (or output.overwrite=true) or set output.name")
+    accelerator = make_accelerator(recipe)
+    is_main = accelerator.is_main_process
+    if not dry_run:
+        check_writable(out_dir)  # a folder that cannot be written fails now, not after training
+    with ExitStack() as stack:
+        if not dry_run and is_main:
+            note = stack.enter_context(output_lock(out_dir.parent / f".{out_dir.name}.lock", str(out_dir)))
+            if note:
+                accelerator.print(note)
+        checkpoints = out_dir.parent / ".checkpoints" / out_dir.name
+        if not dry_run:
+            found = list_checkpoints(checkpoints)
+            if resume and out_dir.exists() and (not found or _is_final(found[-1])):
+                # the bundle is in place: the run completed (a final checkpoint left means its removal was cut short)
+                accelerator.print(f"{out_dir} is complete (its bundle is written); nothing to resume")
+                if is_main:
+                    remove_checkpoints(checkpoints)
+                return out_dir
+            if out_dir.exists() and not overwrite and not resume:
+                raise UsageError(f"{out_dir} already exists; pass --overwrite (or output.overwrite=true) or set output.name")
+            if found and not resume:
+                if not overwrite:
+                    raise UsageError(f"{checkpoints} holds checkpoints of an interrupted run of {out_dir.name}: pass --resume "
+                                     "to continue it, or --overwrite to start again")
+                if is_main:
+                    remove_checkpoints(checkpoints)
+        set_seed(t.seed)
+        return _run(recipe, accelerator, out_dir, checkpoints, dry_run, resume)
 
+
+def _is_final(checkpoint: Path) -> bool:
+    try:
+        return bool(json.loads((checkpoint / "checkpoint.json").read_text())["loop"]["finished"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run: bool, resume: bool):
+    t = recipe.train
+    is_main = accelerator.is_main_process
     splits = load_splits(recipe.data, recipe.task.group_fields, t.seed)
     probe_images({"train": splits.train, "eval": splits.eval, "test": splits.test}, recipe.data.on_bad_image)
     vocab = Vocabulary.build([s.answer for s in splits.train], recipe.task.min_answer_count)
-    device = str(accelerator.device.type)
-    model = build_model(recipe, len(vocab), device=device)
+    model = build_model(recipe, len(vocab), device=str(accelerator.device.type))
     if is_main:
         print_summary(summarize(model, recipe), model, recipe, len(vocab), splits)
     if dry_run:
@@ -96,10 +167,10 @@ def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run
     store = ImageStore.for_encoders(model.encoders.values())
     checked = store.check({"train": splits.train, "eval": splits.eval, "test": splits.test}, recipe.data.on_bad_image)
     splits.train, splits.eval, splits.test = checked["train"], checked["eval"], checked["test"]
-    group_fields = groups_to_report(recipe, splits.test)
+    faults.point("data.checked")
     encoders = dict(model.encoders.items())
-    train_loader = make_loader(splits.train, Collator(splits.train, encoders, vocab, store, recipe.data.augment, t.seed),
-                               t.batch_size, True, t.seed, t.num_workers, recipe.data.group_by_image)
+    collator = Collator(splits.train, encoders, vocab, store, recipe.data.augment, t.seed)
+    train_loader = make_loader(splits.train, collator, t.batch_size, True, t.seed, t.num_workers, recipe.data.group_by_image)
     eval_loader = make_loader(splits.eval, Collator(splits.eval, encoders, vocab, store), t.eval_batch_size, False, t.seed, t.num_workers) if splits.eval else None
     test_loader = make_loader(splits.test, Collator(splits.test, encoders, vocab, store), t.eval_batch_size, False, t.seed, t.num_workers)
 
@@ -110,21 +181,77 @@ def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run
     if t.cache_frozen_features and not recipe.data.augment:
         cached = model.enable_feature_cache()
         if cached:
-            log(f"caching features of frozen encoder(s): {', '.join(cached)}")
+            accelerator.print(f"caching features of frozen encoder(s): {', '.join(cached)}")
     model, optimizer, train_loader, test_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, test_loader, scheduler)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
-    raw_model = accelerator.unwrap_model(model)
+    run = Run(recipe, accelerator, model, accelerator.unwrap_model(model), optimizer, scheduler, train_loader, eval_loader,
+              test_loader, collator, splits, vocab, groups_to_report(recipe, splits.test), checkpoints,
+              run_settings(recipe), data_fingerprint(splits), last_checkpoint=time.perf_counter())
 
-    writer = _tensorboard(out_dir.parent / ".runs" / recipe.run_name) if is_main else None
+    loop, best_state, saved = LoopState(), None, None
+    if resume:
+        found = newest_checkpoint(checkpoints, run.settings, run.data_fp, notice=run.log)
+        if found is None:
+            run.log(f"no checkpoint of this run in {checkpoints}; starting from the beginning")
+        else:
+            best_state = found.restore(run.raw_model, optimizer, scheduler, accelerator.scaler, accelerator.device)
+            loop, saved = found.loop, found.meta
+            accelerator.step = loop.accelerator_step
+            where = "training done" if loop.finished else f"epoch {loop.epoch}, {loop.batches_done} batch(es) done"
+            run.log(f"resuming from {found.path} ({where}, step {loop.step})")
+    run.writer = _tensorboard(out_dir.parent / ".runs" / recipe.run_name) if is_main else None
+    with stop_on_signals(notice=run.log) as stop:
+        if not loop.finished:
+            best_state = _train(run, loop, best_state, saved, stop)
+            _checkpoint(run, loop, best_state, None, finished=True)
+        if best_state is not None:
+            _load_trainable_state(run.raw_model, best_state)
+            run.log(f"restored best checkpoint from epoch {loop.best_epoch} ({recipe.task.metric}={loop.best_value:.4f})")
+        # The test pass never uses the feature cache, so `mmpeft evaluate` reproduces it exactly.
+        logits, index = predict_logits(model, test_loader, accelerator, desc="test", fault="test")
+        test_metrics = score(logits, index, splits.test, vocab, run.group_fields)
+        if stop:  # the final checkpoint is written: a resume repeats only the test pass
+            raise _interrupted(stop, recipe, checkpoints)
+    if run.writer:
+        run.writer.close()
+    accelerator.wait_for_everyone()
+    if is_main:
+        _write_bundle(run, out_dir, loop, test_metrics)
+        faults.point("bundle.written")
+        remove_checkpoints(checkpoints)
+    accelerator.wait_for_everyone()
+    return out_dir
+
+
+def _train(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -> Optional[dict]:
+    """The epochs from ``loop``'s position on; returns the best trainable state (None without validation)."""
+    recipe, accelerator, model = run.recipe, run.accelerator, run.model
+    t = recipe.train
+    rank = accelerator.process_index
+    generator, sampler = run.train_loader.generator, _epoch_sampler(run.train_loader)
     higher_better = recipe.task.metric != "loss"
-    best_value, best_state, best_epoch, stale = None, None, 0, 0
-    history: list[dict] = []
-    step = 0
-    for epoch in range(1, t.epochs + 1):
+    for epoch in range(loop.epoch, t.epochs + 1):
+        resumed = saved is not None and epoch == loop.epoch
+        mid_epoch = resumed and loop.batches_done > 0
+        if hasattr(run.train_loader, "iteration"):
+            run.train_loader.iteration = epoch - 1  # accelerate sets the sampler's epoch from it (a resumed run starts at 0)
+        if resumed:  # mid-epoch: replay the epoch's data order from its start; else continue from the last step
+            restore_rng(saved["epoch_rng"][rank] if mid_epoch else saved["rng"][rank], generator, sampler)
+        epoch_rng = capture_rng(generator, sampler)
+        run.collator.epoch = epoch
         model.train()
-        start, seen, running = time.perf_counter(), 0, 0.0
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{t.epochs}", disable=not accelerator.is_local_main_process, unit="batch")
+        start = time.perf_counter()
+        if not mid_epoch:
+            loop.seen, loop.batches_done = 0, 0
+        loader = _skip_batches(run.train_loader, loop.batches_done) if mid_epoch else run.train_loader
+        epoch_batches = loop.batches_done + len(loader)  # counted before the sampler moves on to the next epoch
+        batches = iter(loader)
+        first = next(batches, None)  # draws the epoch's order (and prefetches) before the RNG is set below
+        if mid_epoch:
+            restore_rng(saved["rng"][rank], data_order=False)
+        bar = progress(itertools.chain([first], batches) if first is not None else [], desc=f"epoch {epoch}/{t.epochs}",
+                       total=len(loader), unit="batch", disable=not accelerator.is_local_main_process)
         for batch in bar:
             with accelerator.accumulate(model):
                 logits = model(batch["inputs"], batch.get("keys"))
@@ -132,74 +259,134 @@ def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.max_grad_norm:
                     accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            step += 1
-            seen += batch["labels"].shape[0] * accelerator.num_processes
-            running = 0.9 * running + 0.1 * loss.item() if step > 1 else loss.item()
-            if step % t.log_every == 0 or step == 1:
-                rate = seen / max(1e-9, time.perf_counter() - start)
-                bar.set_postfix(loss=f"{running:.4f}", samples_per_s=f"{rate:.1f}")
-                if writer:
-                    writer.add_scalar("train/loss", running, step)
+                run.optimizer.step()
+                run.scheduler.step()
+                run.optimizer.zero_grad(set_to_none=True)
+            loop.step += 1
+            loop.batches_done += 1
+            loop.seen += batch["labels"].shape[0] * accelerator.num_processes
+            loop.running = 0.9 * loop.running + 0.1 * loss.item() if loop.step > 1 else loss.item()
+            if loop.step % t.log_every == 0 or loop.step == 1:
+                bar.set_postfix(loss=f"{loop.running:.4f}", samples_per_s=f"{loop.seen / max(1e-9, time.perf_counter() - start):.1f}")
+                if run.writer:
+                    run.writer.add_scalar("train/loss", loop.running, loop.step)
+            faults.point("train.step")
+            if accelerator.sync_gradients and loop.batches_done < epoch_batches:  # the epoch's end has its own checkpoint
+                loop.epoch = epoch
+                if _stop_requested(accelerator, stop) or _due(run, loop, per_epoch=False):
+                    _checkpoint(run, loop, best_state, epoch_rng)
+                    if stop:
+                        raise _interrupted(stop, recipe, run.checkpoints)
         epoch_seconds = time.perf_counter() - start
-        row = {"epoch": epoch, "step": step, "train_loss": running, "epoch_seconds": round(epoch_seconds, 2),
-               "samples_per_second": round(seen / max(1e-9, epoch_seconds), 2)}
-        if eval_loader is not None and (epoch % t.eval_every_epochs == 0 or epoch == t.epochs):
-            logits, index = predict_logits(model, eval_loader, accelerator, use_cache=True)
-            metrics = score(logits, index, splits.eval, vocab, group_fields)
-            row.update({f"eval_{k}": v for k, v in summary_row(metrics, group_fields).items()})
+        row = {"epoch": epoch, "step": loop.step, "train_loss": loop.running, "epoch_seconds": round(epoch_seconds, 2),
+               "samples_per_second": round(loop.seen / max(1e-9, epoch_seconds), 2)}
+        if run.eval_loader is not None and (epoch % t.eval_every_epochs == 0 or epoch == t.epochs):
+            logits, index = predict_logits(model, run.eval_loader, accelerator, use_cache=True, fault="eval")
+            metrics = score(logits, index, run.splits.eval, run.vocab, run.group_fields)
+            row.update({f"eval_{k}": v for k, v in summary_row(metrics, run.group_fields).items()})
             row["eval_loss"] = metrics["loss"]
             value = metrics[recipe.task.metric]
-            improved = best_value is None or (value > best_value if higher_better else value < best_value)
-            if improved:
-                best_value, best_epoch, stale = value, epoch, 0
-                best_state = _trainable_state(raw_model)
+            if loop.best_value is None or (value > loop.best_value if higher_better else value < loop.best_value):
+                loop.best_value, loop.best_epoch, loop.stale = value, epoch, 0
+                best_state = _trainable_state(run.raw_model)
             else:
-                stale += 1
-        history.append(row)
-        if is_main:
+                loop.stale += 1
+        loop.history.append(row)
+        if accelerator.is_main_process:
             print_epoch(row)
-            if writer:
+            if run.writer:
                 for k, v in row.items():
                     if isinstance(v, (int, float)) and k not in ("epoch", "step"):
-                        writer.add_scalar(k.replace("_", "/", 1), v, epoch)
-        if t.early_stopping_patience and stale >= t.early_stopping_patience:
-            log(f"early stopping: no {recipe.task.metric} improvement for {stale} evaluation(s); best epoch {best_epoch}")
+                        run.writer.add_scalar(k.replace("_", "/", 1), v, epoch)
+        loop.epoch, loop.batches_done, saved = epoch + 1, 0, None
+        if t.early_stopping_patience and loop.stale >= t.early_stopping_patience:
+            run.log(f"early stopping: no {recipe.task.metric} improvement for {loop.stale} evaluation(s); best epoch {loop.best_epoch}")
             break
-    if best_state is not None:
-        _load_trainable_state(raw_model, best_state)
-        log(f"restored best checkpoint from epoch {best_epoch} ({recipe.task.metric}={best_value:.4f})")
+        if epoch < t.epochs and (_stop_requested(accelerator, stop) or _due(run, loop, per_epoch=True)):
+            _checkpoint(run, loop, best_state, None)
+            if stop:
+                raise _interrupted(stop, recipe, run.checkpoints)
+    return best_state
 
-    # The test pass never uses the feature cache, so `mmpeft evaluate` reproduces it exactly.
-    logits, index = predict_logits(model, test_loader, accelerator, desc="test")
-    test_metrics = score(logits, index, splits.test, vocab, group_fields)
-    if writer:
-        writer.close()
+
+def _due(run: Run, loop: LoopState, per_epoch: bool) -> bool:
+    """Whether a checkpoint is due now: ``train.checkpoint_every`` (every epoch, or every N
+    steps) or ``train.checkpoint_minutes`` since the last one."""
+    t = run.recipe.train
+    every = t.checkpoint_every
+    if per_epoch and every == "epoch" or not per_epoch and isinstance(every, int) and loop.step % every == 0:
+        return True
+    return bool(t.checkpoint_minutes) and time.perf_counter() - run.last_checkpoint >= 60 * t.checkpoint_minutes
+
+
+def _checkpoint(run: Run, loop: LoopState, best_state, epoch_rng: Optional[dict], finished: bool = False) -> None:
+    """Write a checkpoint of the current state (every process's RNG, gathered to the first)."""
+    from accelerate.utils import gather_object
+
+    accelerator = run.accelerator
+    loop.finished = finished
+    loop.accelerator_step = accelerator.step
+    rng = capture_rng(run.train_loader.generator, _epoch_sampler(run.train_loader))
+    rngs = gather_object([rng]) if accelerator.num_processes > 1 else [rng]
+    epoch_rngs = (gather_object([epoch_rng]) if accelerator.num_processes > 1 else [epoch_rng]) if epoch_rng else None
+    if accelerator.is_main_process:
+        write_checkpoint(run.checkpoints, model=run.raw_model, optimizer=run.optimizer, scheduler=run.scheduler,
+                         scaler=accelerator.scaler, loop=loop, rng=rngs, epoch_rng=epoch_rngs, best_state=best_state,
+                         settings=run.settings, data_fp=run.data_fp, keep=run.recipe.train.keep_checkpoints)
     accelerator.wait_for_everyone()
-    if is_main:
-        print_test(test_metrics, group_fields)
-        metrics = {
-            "test": test_metrics,
-            "best_epoch": best_epoch or len(history),
-            "history": history,
-            "group_fields": group_fields,
-            "data": {"source": recipe.data.source, "train": len(splits.train), "eval": len(splits.eval), "test": len(splits.test)},
-            "eval_batch_size": t.eval_batch_size,
-        }
-        with bundle_writer(out_dir, overwrite=overwrite) as bundle:  # sealed (every file hashed) when the block ends
-            manifest = bundle.add_model(raw_model.cpu(), recipe, vocab.to_list(), metrics)
-            bundle.write_text("train_log.jsonl", "".join(json.dumps(row) + "\n" for row in history))
-            if recipe.output.plots:
-                save_plots(bundle.path, history, test_metrics, group_fields)
-            write_card(bundle.path, manifest, metrics, recipe, name=out_dir.name)
-        size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
-        log(f"bundle written to {out_dir} ({size / 1e6:.2f} MB)")
-        log(f"peak memory: {peak_memory_mib(accelerator.device):.0f} MiB "
-            f"({'torch.cuda.max_memory_allocated' if accelerator.device.type == 'cuda' else 'process peak RSS'})")
-    accelerator.wait_for_everyone()
-    return out_dir
+    run.last_checkpoint = time.perf_counter()
+
+
+def _stop_requested(accelerator, stop) -> bool:
+    """Whether any process was asked to stop (all processes must stop at the same step)."""
+    if accelerator.num_processes == 1:
+        return bool(stop)
+    flag = torch.tensor([1.0 if stop else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def _interrupted(stop, recipe: Recipe, checkpoints: Path) -> Interrupted:
+    return Interrupted(f"stopped by {stop.name}; checkpoint written to {checkpoints}. Resume with: "
+                       f"mmpeft finetune <the same recipe and overrides> --resume", stop.exit_code)
+
+
+def _epoch_sampler(loader):
+    """The batch sampler that counts epochs itself (:class:`~mmpeft.data.loader.ImageGroupedBatches`), if any."""
+    sampler = getattr(loader, "batch_sampler", None)
+    while sampler is not None and not hasattr(sampler, "set_epoch"):
+        sampler = getattr(sampler, "batch_sampler", None)
+    return sampler
+
+
+def _skip_batches(loader, count: int):
+    from accelerate import skip_first_batches
+
+    return skip_first_batches(loader, count)
+
+
+def _write_bundle(run: Run, out_dir: Path, loop: LoopState, test_metrics: dict) -> None:
+    recipe, splits = run.recipe, run.splits
+    print_test(test_metrics, run.group_fields)
+    metrics = {
+        "test": test_metrics,
+        "best_epoch": loop.best_epoch or len(loop.history),
+        "history": loop.history,
+        "group_fields": run.group_fields,
+        "data": {"source": recipe.data.source, "train": len(splits.train), "eval": len(splits.eval), "test": len(splits.test)},
+        "eval_batch_size": recipe.train.eval_batch_size,
+    }
+    with bundle_writer(out_dir, overwrite=True) as bundle:  # sealed (every file hashed) when the block ends
+        manifest = bundle.add_model(run.raw_model.cpu(), recipe, run.vocab.to_list(), metrics)
+        bundle.write_text("train_log.jsonl", "".join(json.dumps(row) + "\n" for row in loop.history))
+        if recipe.output.plots:
+            save_plots(bundle.path, loop.history, test_metrics, run.group_fields)
+        write_card(bundle.path, manifest, metrics, recipe, name=out_dir.name)
+        faults.point("bundle.writing")
+    size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
+    run.log(f"bundle written to {out_dir} ({size / 1e6:.2f} MB)")
+    device = run.accelerator.device
+    run.log(f"peak memory: {peak_memory_mib(device):.0f} MiB "
+            f"({'torch.cuda.max_memory_allocated' if device.type == 'cuda' else 'process peak RSS'})")
 
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:
@@ -219,3 +406,4 @@ def _tensorboard(logdir: Path):
     except ImportError:  # tensorboard not installed: logging is optional
         return None
     return SummaryWriter(str(logdir))
+

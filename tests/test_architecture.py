@@ -14,13 +14,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mmpeft"
 # Lowest first; a module may import only from its own layer or below (same-layer imports
 # are allowed as long as they form no loop).
 LAYERS = [
-    ["errors", "registry", "files", "version"],
+    ["errors", "registry", "files", "version", "progress", "faults", "interrupt"],
     ["config"],
     ["quant", "encoders", "tasks"],
     ["methods", "fusion", "data"],
     ["model"],
     ["runtime", "report"],
-    ["train", "inference", "bundle", "serve"],
+    ["checkpoint", "train", "inference", "bundle", "serve"],
     ["bench"],
     ["cli", "docs", "__init__"],
 ]

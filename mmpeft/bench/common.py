@@ -11,12 +11,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tqdm.auto import tqdm
 
 from ..config import EncoderConfig, load_recipe
 from ..errors import RecipeError, UsageError
 from ..files import atomic_text_file, json_fingerprint
 from ..methods import METHODS
+from ..progress import progress
 
 
 def benchmark_methods() -> list[str]:
@@ -188,7 +188,7 @@ def side_by_side(todo: list, jobs: int, train, record, desc: str) -> None:
     finish (and are recorded), then it is raised.
     """
     lock = threading.Lock()
-    bar = tqdm(total=len(todo), desc=desc, unit="run")
+    bar = progress(total=len(todo), desc=desc, unit="run")
 
     def one(job):
         result = train(job)

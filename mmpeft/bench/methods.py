@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tqdm.auto import tqdm
 
 from ..config import load_recipe
 from ..methods import METHODS
+from ..progress import progress
 from ..train import finetune
 from .common import (benchmark_methods, bundle_folder, choose, cpu_ticks, machine_info, output_folder, previous_results,
                      recipe_fingerprint, resolved_settings, steal_line, steal_percent, write_atomic)
@@ -35,7 +35,7 @@ def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results"
     prev = previous_results(cache, recipe, base, fingerprint)  # resume: keep rows measured with the same settings
     done = {(r["side"], r["method"]): r for r in prev["rows"]} if prev else {}
     jobs = [(side, m) for side in sides for m in methods]
-    for side, method in tqdm(jobs, desc="methods", unit="run"):
+    for side, method in progress(jobs, desc="methods", unit="run"):
         if (side, method) in done:
             rows.append(done[(side, method)])
             continue

@@ -177,7 +177,7 @@ def _train(recipe: str, overrides: list, name: str, seed: int, out: Path, thread
     (out / "logs").mkdir(exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-m", "mmpeft.cli", "finetune", recipe, *overrides, f"train.seed={seed}",
-           f"output.dir={out / 'runs'}", f"output.name={tag}", "--overwrite"]
+           f"output.dir={out / 'runs'}", f"output.name={tag}", "--overwrite", "--resume"]  # an interrupted run continues
     start = time.perf_counter()
     with (out / "logs" / f"{tag}.log").open("w") as log:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -90,7 +90,8 @@ def _train(recipe: str, base: list, recipe_methods: dict, method: str, config: s
             ov.append(f"encoders.{side}.peft={{method: {method}}}")
     ov += [f"train.seed={seed}", f"train.lr={METHODS.get(method).default_lr}", f"output.dir={work_dir}", f"output.name={name}"]
     start, ticks = time.perf_counter(), cpu_ticks()
-    proc = subprocess.Popen([sys.executable, "-m", "mmpeft.cli", "finetune", recipe, *ov, "--overwrite"],
+    # --resume: a run the benchmark was interrupted in continues from its last checkpoint
+    proc = subprocess.Popen([sys.executable, "-m", "mmpeft.cli", "finetune", recipe, *ov, "--overwrite", "--resume"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     log, _ = proc.communicate()
     wall = time.perf_counter() - start

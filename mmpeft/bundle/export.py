@@ -90,5 +90,5 @@ def export_onnx(bundle, out: Path, *, opset: int = 17, overwrite: bool = False, 
         }
         result = {"inputs": names, "output": "logits", "opset": opset, "onnx_max_abs_diff": diff, "exporter_warnings": exporter_warnings,
                   "onnxruntime": None if ort is None else ort.__version__, "merge": report}
-        sealing.manifest.update({**result, "preprocessing": preprocessing, "vocabulary": merged.vocab})
+        sealing.manifest.update({"format": "mmpeft-onnx-export", **result, "preprocessing": preprocessing, "vocabulary": merged.vocab})
     return result

@@ -207,6 +207,8 @@ def _format_error(err: dict, model: type[BaseModel], prefix: str = "") -> str:
         return f"{path}: must be true or false (got {err.get('input')!r})"
     if kind == "literal_error":
         return f"{path}: must be one of {ctx.get('expected')} (got {err.get('input')!r})"
+    if kind == "value_error":
+        return f"{path}: {ctx.get('error')} (got {err.get('input')!r})"
     if kind in ("dict_type", "model_type", "model_attributes_type"):
         return f"{path}: must be a mapping of keys (got {err.get('input')!r})"
     return f"{path}: {err['msg'][0].lower() + err['msg'][1:]} (got {err.get('input')!r})"

@@ -7,7 +7,7 @@ adding a method never means editing this file.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, PositiveFloat, PositiveInt, NonNegativeFloat, NonNegativeInt
 
@@ -93,6 +93,19 @@ class TrainConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
     num_workers: NonNegativeInt = Field(0, description="DataLoader worker processes")
     log_every: PositiveInt = Field(20, description="steps between progress-bar/TensorBoard loss updates")
+    checkpoint_every: Optional[Union[int, str]] = Field(
+        "epoch", description="write a checkpoint at the end of every epoch ('epoch'), every N optimizer steps (N), or "
+        "never (null); `finetune --resume` continues from the newest")
+    checkpoint_minutes: Optional[PositiveFloat] = Field(10.0, description="also write one when this many minutes have "
+                                                        "passed since the last (null: off)")
+    keep_checkpoints: PositiveInt = Field(2, description="checkpoints kept (the newest); all are removed once the bundle is written")
+
+    @field_validator("checkpoint_every", mode="before")
+    @classmethod
+    def _epoch_steps_or_null(cls, value):
+        if value is None or value == "epoch" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return value
+        raise ValueError("must be 'epoch', a positive number of steps, or null")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
 
 from ..config.paths import manifest_path
 from ..encoders.images import augment
 from ..errors import DataError
+from ..progress import progress
 from ..tasks.vocab import Vocabulary
 from .samples import Sample, easy_vqa_samples, load_manifest, vqa_rad_samples
 
@@ -116,7 +116,7 @@ def probe_images(splits: dict[str, list[Sample]], on_bad_image: str) -> None:
 def _bad_images(splits: dict[str, list[Sample]], open_one, desc: str) -> dict[str, str]:
     paths = sorted({s.image for rows in splits.values() for s in rows})
     bad: dict[str, str] = {}
-    for path in tqdm(paths, desc=desc, unit="img", leave=False, disable=len(paths) < 200):
+    for path in progress(paths, desc=desc, unit="img", leave=False, disable=len(paths) < 200):
         try:
             open_one(path)
         except FileNotFoundError:
@@ -137,6 +137,10 @@ class Collator:
     """Turns a list of sample indices into encoder inputs and labels.
 
     Returns ``{"inputs": {encoder name: tensors}, "labels": [B] long, "index": [B] long}``.
+
+    Augmentation draws from a generator seeded by (seed, epoch, the batch's indices), not
+    from one stream, so a batch's views do not depend on which batches were collated
+    before it: the same in DataLoader workers, with prefetching, and after a resume.
     """
 
     def __init__(self, samples: list[Sample], encoders: dict, vocab: Vocabulary, store: ImageStore,
@@ -146,10 +150,12 @@ class Collator:
         self.vocab = vocab
         self.store = store
         self.augment_images = augment_images
-        self.rng = random.Random(seed)
+        self.seed = seed
+        self.epoch = 0  # set by the training loop before each epoch
 
     def __call__(self, indices: list[int]) -> dict:
         rows = [self.samples[i] for i in indices]
+        rng = random.Random(f"{self.seed}/{self.epoch}/{list(indices)}") if self.augment_images else None
         inputs, keys = {}, {}
         for name, enc in self.encoders.items():
             if enc.modality == "text":
@@ -164,17 +170,17 @@ class Collator:
                 if not self.augment_images:  # augmented views must never hit the feature cache
                     keys[name] = unique
                 if len(unique) == len(rows):
-                    inputs[name] = {"pixel_values": torch.stack([self._pixels(name, enc, p) for p in unique])}
+                    inputs[name] = {"pixel_values": torch.stack([self._pixels(name, enc, p, rng) for p in unique])}
                 else:
                     position = {p: i for i, p in enumerate(unique)}
-                    inputs[name] = {"pixel_values": torch.stack([self._pixels(name, enc, p) for p in unique]),
+                    inputs[name] = {"pixel_values": torch.stack([self._pixels(name, enc, p, rng) for p in unique]),
                                     "row_index": torch.tensor([position[r.image] for r in rows], dtype=torch.long)}
         labels = torch.tensor([self.vocab.encode(r.answer) for r in rows], dtype=torch.long)
         return {"inputs": inputs, "labels": labels, "index": torch.tensor(indices, dtype=torch.long), "keys": keys}
 
-    def _pixels(self, name: str, enc, path: str) -> torch.Tensor:
-        if self.augment_images:
-            return enc.pixels(augment(self.store.get(path), self.rng))
+    def _pixels(self, name: str, enc, path: str, rng) -> torch.Tensor:
+        if rng is not None:
+            return enc.pixels(augment(self.store.get(path), rng))
         key = (name, path)
         cached = self.store.pixels.get(key)
         if cached is None:
@@ -230,6 +236,11 @@ class ImageGroupedBatches(torch.utils.data.Sampler):
         self.epoch += 1
         self._batches = self._make(self.epoch)
         return iter(batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The next iteration yields epoch ``epoch``'s batches (0-based; for resuming)."""
+        self.epoch = epoch
+        self._batches = self._make(epoch)
 
     def __len__(self) -> int:
         return len(self._batches)
