@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from . import faults
 from .errors import BundleError, RecipeError
-from .files import json_fingerprint, read_safetensors, sealed_directory, verify_sealed
+from .files import check_integrity, json_fingerprint, read_safetensors, sealed_directory, verify_sealed
 from .version import __version__
 
 FORMAT = "mmpeft-checkpoint"
@@ -269,6 +269,7 @@ def _read(path: Path, settings: dict, data_fp: str) -> Checkpoint:
         raise BundleError(f"{manifest_path}: unreadable ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BundleError(f"{manifest_path}: not an mmpeft checkpoint")
+    check_integrity(meta, manifest_path)
     verify_sealed(path, meta.get("files"), set(meta.get("files") or {}), str(manifest_path))
     versions = meta.get("versions", {})
     for lib, now in (("mmpeft", __version__), ("torch", torch.__version__)):
@@ -284,7 +285,7 @@ def _read(path: Path, settings: dict, data_fp: str) -> Checkpoint:
     if meta.get("data_fingerprint") != data_fp:
         raise RecipeError([f"{path}: the data rows (train, validation or test) changed since this checkpoint was "
                            "written; resume with the same data, or start again (without --resume)"])
-    tensors = read_safetensors(path / "state.safetensors")
+    tensors = read_safetensors(path / "state.safetensors", finite=False)  # as written, NaN of a diverging run included
     return Checkpoint(path, meta, tensors)
 
 

@@ -195,7 +195,8 @@ def inspect(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle di
     about.add_column("", style="bold")
     about.add_column("")
     for key, value in (("run", manifest["run_name"]), ("task", manifest["task"]), ("vocabulary", f"{len(manifest['vocabulary'])} answers"),
-                       ("created", manifest["created"]), *((f"{lib} version", v) for lib, v in manifest["versions"].items())):
+                       ("created", manifest.get("created", "?")),
+                       *((f"{lib} version", v) for lib, v in manifest.get("versions", {}).items())):
         about.add_row(key, str(value))
     console.print(about)
     table = Table(title="encoders")
@@ -204,13 +205,14 @@ def inspect(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle di
     for name, e in manifest["encoders"].items():
         q = e.get("quantization")
         table.add_row(name, e["model"], e["method"], f"{e['trainable_parameters']:,}", f"{e['total_parameters']:,}",
-                      f"{q['bits']}-bit" if q else "-", e["fingerprint"][:23] + "...")
+                      f"{q.get('bits', '?')}-bit" if q else "-", (e.get("fingerprint") or "-")[:23] + "...")
     table.add_row("head", manifest["head"]["type"], "trained", f"{manifest['head']['parameters']:,}", "", "", "")
     console.print(table)
-    metrics_path = Path(bundle) / "metrics.json"
-    if metrics_path.is_file():
-        test = json.loads(metrics_path.read_text())["test"]
-        console.print(f"test accuracy {100 * test['accuracy']:.2f}%  macro-F1 {100 * test['macro_f1']:.2f}%  n={test['count']}")
+    if (Path(bundle) / "metrics.json").is_file():
+        from .inference import stored_metrics
+
+        test = stored_metrics(Path(bundle))["test"]
+        console.print(f"test accuracy {100 * test['accuracy']:.2f}%  macro-F1 {100 * test['macro_f1']:.2f}%  n={test.get('count', '?')}")
     files = Table(title="files")
     files.add_column("file")
     files.add_column("bytes", justify="right")
@@ -295,6 +297,40 @@ def pull(source: str = typer.Argument(..., metavar="SOURCE", help="owner/name, a
     console.print(f"pulled {source} into {do_pull(source, target, hub_dir=hub_dir, overwrite=overwrite)} (verified)")
 
 
+@app.command()
+@friendly
+def serve(bundles: List[str] = typer.Argument(..., metavar="BUNDLE", help="bundle folders, each optionally NAME=FOLDER"),
+          host: str = typer.Option("127.0.0.1", help="address to listen on (the default answers this machine only)"),
+          port: int = typer.Option(8000, help="port to listen on"),
+          max_batch: int = typer.Option(16, help="requests of one bundle answered in one forward pass at most (1: no batching)"),
+          max_wait_ms: float = typer.Option(5.0, help="how long the first request of a batch waits for others"),
+          max_upload_mb: float = typer.Option(16.0, help="largest request body accepted"),
+          device: str = typer.Option("auto", help="cpu, cuda or auto")):
+    """Serve bundles over HTTP: an API (POST /predict, GET /bundles, /docs) and a web page at /."""
+    try:
+        import uvicorn
+
+        from .serve.app import ServeSettings, create_app
+    except ImportError as exc:
+        raise UsageError(f"serving needs FastAPI and uvicorn ({exc}): pip install 'mmpeft[serve]'") from None
+    from .serve.pool import AdapterPool
+
+    if max_batch < 1 or max_wait_ms < 0 or max_upload_mb <= 0:
+        raise UsageError("--max-batch must be at least 1, --max-wait-ms at least 0 and --max-upload-mb above 0")
+    paths = {}
+    for item in bundles:
+        name, _, folder = item.rpartition("=") if "=" in item else ("", "", item)
+        name = name or Path(folder.rstrip("/")).name
+        if name in paths:
+            raise UsageError(f"two bundles would be named {name!r}; name one with NAME=FOLDER")
+        paths[name] = Path(folder)
+    pool = AdapterPool(paths, _device(device), log=console.print)
+    app_ = create_app(pool, ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms,
+                                          max_upload_bytes=int(max_upload_mb * 1024 * 1024)))
+    console.print(f"serving {', '.join(paths)} at http://{host}:{port}/ (API: /predict, /bundles, /docs); Ctrl-C to stop")
+    uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+
+
 @bench_app.command("quickstart")
 @friendly
 def bench_quickstart(recipe: str = typer.Option("recipes/quickstart.yaml"), out: str = typer.Option("benchmarks/results"),
@@ -361,6 +397,52 @@ def bench_search(search_file: str = typer.Argument(..., metavar="SEARCH", help="
 
     run(search_file, out, jobs, threads, overrides or [], only.split(",") if only else None)
     console.print((Path(out) / "summary.md").read_text())
+
+
+@bench_app.command("serve")
+@friendly
+def bench_serve(bundles: str = typer.Option("adapters/vqa_rad_bitfit_hadamard_all40,adapters/vqa_rad_bitfit_hadamard,"
+                                            "adapters/vqa_rad_bitfit_hadamard_25ep", help="comma-separated bundles over one base"),
+                images: str = typer.Option("../shared/vqa_rad/images", help="a folder of test images (the first --image-count)"),
+                image_count: int = typer.Option(8, help="images used"),
+                questions: str = typer.Option("is there a fracture?|is this a ct scan?|what organ is shown?",
+                                              help="questions, separated by |"),
+                clients: str = typer.Option("1,4,16,64", help="concurrent clients per level"),
+                requests: int = typer.Option(256, help="requests per level"),
+                soak: int = typer.Option(2000, help="requests of the soak"),
+                out: str = typer.Option("benchmarks/results/serve", help="folder for serve.json and serve.md")):
+    """Load test, memory and soak of `mmpeft serve` on 127.0.0.1 (it starts and stops its own servers)."""
+    from .bench.serve import run
+
+    try:
+        levels = [int(c) for c in clients.split(",")]
+    except ValueError:
+        raise UsageError(f"--clients: expected comma-separated integers such as 1,4,16 (got {clients!r})") from None
+    folder = Path(images)
+    if not folder.is_dir():
+        raise UsageError(f"--images {images}: not a folder of images")
+    picked = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:image_count]
+    run([b for b in bundles.split(",") if b], out, [str(p) for p in picked], [q for q in questions.split("|") if q.strip()],
+        levels, requests, soak)
+    console.print((Path(out) / "serve.md").read_text())
+
+
+@bench_app.command("faults")
+@friendly
+def bench_faults(recipe: str = typer.Option("recipes/quickstart.yaml", help="recipe to kill and resume"),
+                 out: str = typer.Option("benchmarks/results/faults", help="folder for runs and results"),
+                 trials: int = typer.Option(5, help="kill-and-resume trials"),
+                 kills: int = typer.Option(2, help="SIGKILLs per trial, each at a random moment"),
+                 seed: int = typer.Option(0, help="seed of the kill moments"),
+                 checkpoint_every: int = typer.Option(5, help="train.checkpoint_every (steps) for the trials"),
+                 overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides for every run")):
+    """Kill runs with SIGKILL at random moments, resume them, and check they end identical to an uninterrupted run."""
+    from .bench.faults import run
+
+    if trials < 1 or kills < 1:
+        raise UsageError("--trials and --kills: must be at least 1")
+    run(recipe, out, trials, kills, seed, overrides or [], checkpoint_every)
+    console.print((Path(out) / "faults.md").read_text())
 
 
 def quiet_third_party() -> None:

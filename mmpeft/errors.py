@@ -19,11 +19,17 @@ class RecipeError(MMPeftError):
 
     exit_code = 2
 
+    #: problems listed in the message; the rest are counted (a recipe of 10,000 typos
+    #: gets a readable message, not a 10,000-line one)
+    SHOWN = 50
+
     def __init__(self, problems: list[str], source: str | None = None):
         self.problems = list(problems)
         self.source = source
         where = f" in {source}" if source else ""
-        lines = [f"{len(self.problems)} problem(s){where}:"] + [f"  - {p}" for p in self.problems]
+        lines = [f"{len(self.problems)} problem(s){where}:"] + [f"  - {p}" for p in self.problems[: self.SHOWN]]
+        if len(self.problems) > self.SHOWN:
+            lines.append(f"  ... and {len(self.problems) - self.SHOWN} more")
         super().__init__("\n".join(lines))
 
 

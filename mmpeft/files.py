@@ -36,6 +36,7 @@ from .errors import BundleError, MMPeftError, UsageError
 
 # safetensors itself refuses headers above 100 MB; a larger claim is a damaged or hostile file.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # a manifest with a million-answer vocabulary is ~20 MB
 SAFETENSORS_DTYPES = {"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F16", "BF16", "F32", "F64",
                       "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64"}
 
@@ -118,13 +119,16 @@ def check_state(found: Mapping, expected: Mapping, path) -> None:
         raise BundleError(f"{path} does not match the model its recipe builds: " + "; ".join(parts))
 
 
-def read_safetensors(path: Path, expected: Optional[Mapping] = None) -> dict:
+def read_safetensors(path: Path, expected: Optional[Mapping] = None, finite: bool = True) -> dict:
     """Read an untrusted tensor file: safetensors only, never pickle.
 
     Args:
         expected: ``{name: tensor or shape}``; when given, the header must hold exactly these
             names and shapes, checked before any tensor is read.
+        finite: refuse NaN and infinite values (a shared model holding them cannot answer;
+            a checkpoint is read as it was written).
     """
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -133,9 +137,15 @@ def read_safetensors(path: Path, expected: Optional[Mapping] = None) -> dict:
     if expected is not None:
         check_state(shapes, expected, path)
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise BundleError(f"{path}: not a valid safetensors file ({exc})") from None
+    if finite:
+        bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise BundleError(f"{path}: tensor(s) {', '.join(bad[:5])} hold NaN or infinite values; the model cannot answer "
+                              "with them (was its training diverging?)")
+    return tensors
 
 
 def inside(root: Path, rel) -> Optional[Path]:
@@ -161,6 +171,8 @@ def verify_sealed(root: Path, listed: dict, names, where: str) -> None:
         info = listed.get(rel)
         if not isinstance(info, dict):
             raise BundleError(f"{where}: {rel} has no recorded hash; the bundle was altered")
+        if full.stat().st_size != info.get("bytes"):  # checked before reading: a swapped-in huge file is not hashed
+            raise BundleError(f"{full} does not match the size in {Path(where).name}: the bundle was modified after it was written")
         if file_sha256(full) != info.get("sha256"):
             raise BundleError(f"{full} does not match the hash in {Path(where).name}: the bundle was modified after it was written")
 
@@ -313,12 +325,24 @@ def file_table(directory: Path, exclude: str = "manifest.json") -> dict[str, dic
 
 def seal(directory: Path, manifest: Optional[dict] = None, name: str = "manifest.json") -> dict:
     """Write ``manifest`` (default: the one already there) with a fresh ``files`` table of
-    everything in ``directory`` (added to ``manifest`` in place); returns it."""
+    everything in ``directory`` and its own ``integrity`` hash (both added to ``manifest`` in
+    place); returns it."""
     path = Path(directory) / name
     manifest = json.loads(path.read_text()) if manifest is None else manifest
     manifest["files"] = file_table(directory, exclude=name)
+    manifest.pop("integrity", None)
+    manifest["integrity"] = json_fingerprint(manifest)
     path.write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def check_integrity(manifest: dict, where) -> None:
+    """A sealed manifest's ``integrity`` must be the sha256 of the rest of it: an edit of a
+    field that no file hash covers (a vocabulary, a task) is caught. Damage and careless
+    edits, that is: without a key, a forger can recompute it."""
+    rest = {k: v for k, v in manifest.items() if k != "integrity"}
+    if manifest.get("integrity") != json_fingerprint(rest):
+        raise BundleError(f"{where} was edited after it was written (its integrity hash does not match its content)")
 
 
 @dataclass

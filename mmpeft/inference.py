@@ -8,13 +8,47 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from pydantic import BaseModel, Field, ValidationError
 
 from .bundle.io import load_bundle
 from .data import Collator, ImageStore, Sample, load_splits, make_loader, read_rows
-from .errors import DataError
-from .files import atomic_text_file
+from .config.loading import describe_error
+from .errors import BundleError, DataError, MMPeftError
+from .files import MAX_MANIFEST_BYTES, atomic_text_file, read_text
 from .runtime import fresh_accelerator, groups_to_report, inference_autocast, predict_logits, score
 from .tasks import Vocabulary
+
+
+class _Group(BaseModel):
+    accuracy: float
+
+
+class _TestMetrics(BaseModel):
+    accuracy: float
+    macro_f1: float
+    groups: dict[str, dict[str, _Group]] = Field(default_factory=dict)
+
+
+class _StoredMetrics(BaseModel):
+    test: _TestMetrics
+    group_fields: Optional[list[str]] = None
+    eval_batch_size: Optional[int] = Field(None, ge=1, le=65536)
+
+
+def stored_metrics(bundle: Path) -> dict:
+    """A bundle's ``metrics.json``, its shape checked (a bundle is untrusted)."""
+    path = Path(bundle) / "metrics.json"
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; evaluate needs the metrics the bundle was trained to")
+    try:
+        stored = json.loads(read_text(path, BundleError, max_bytes=MAX_MANIFEST_BYTES))
+        _StoredMetrics.model_validate(stored)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({type(exc).__name__})") from None
+    except ValidationError as exc:
+        raise BundleError(f"{path} is damaged or was edited: " +
+                          "; ".join(describe_error(e, _StoredMetrics) for e in exc.errors()[:5])) from None
+    return stored
 
 
 def evaluate_bundle(path, overrides: Sequence[str] = (), device: str = "cpu", allow_base_mismatch: bool = False) -> dict:
@@ -30,7 +64,7 @@ def evaluate_bundle(path, overrides: Sequence[str] = (), device: str = "cpu", al
     store = ImageStore.for_encoders(bundle.model.encoders.values())
     checked = store.check({"test": splits.test}, recipe.data.on_bad_image)
     test = checked["test"]
-    stored = json.loads((bundle.path / "metrics.json").read_text())
+    stored = stored_metrics(bundle.path)
     group_fields = stored.get("group_fields") or groups_to_report(recipe, test)
     loader = make_loader(test, Collator(test, dict(bundle.model.encoders.items()), vocab, store),
                          stored.get("eval_batch_size", recipe.train.eval_batch_size), False, 0)
@@ -63,21 +97,31 @@ class Predictor:
         """Top-k answers with probabilities for each (image path, text) pair."""
         rows = [Sample(str(i), str(t), "", {}, f"input {n + 1}") for n, (i, t) in enumerate(zip(images, texts))]
         self.store.check({"input": rows}, "error", hint="check the image path")
-        collator = Collator(rows, dict(self.model.encoders.items()), self.vocab, self.store)
-        results = []
-        for start in range(0, len(rows), batch_size):
-            batch = collator(list(range(start, min(start + batch_size, len(rows)))))
-            inputs = {k: {n: t.to(self.device) for n, t in v.items()} for k, v in batch["inputs"].items()}
-            with inference_autocast(self.bundle.recipe, self.device):
-                probs = self.model(inputs).float().softmax(-1).cpu()
-            top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
-            for i, (p, idx) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
-                row = rows[start + i]
-                results.append({
-                    "image": row.image, "question": row.text, "answer": self.vocab.answers[idx[0]],
-                    "top_k": [{"answer": self.vocab.answers[j], "probability": round(q, 6)} for j, q in zip(idx, p)],
-                })
-        return results
+        answers = answer_rows(self.model, self.vocab, self.bundle.recipe, rows, self.store, top_k, self.device, batch_size,
+                              where=str(self.bundle.path))
+        return [{"image": row.image, "question": row.text, **a} for row, a in zip(rows, answers)]
+
+
+@torch.no_grad()
+def answer_rows(model, vocab: Vocabulary, recipe, rows: list, store: ImageStore, top_k: int, device: str,
+                batch_size: int = 32, where: str = "") -> list[dict]:
+    """``{answer, top_k: [{answer, probability}]}`` per row, the images already in ``store``:
+    what ``predict`` and the server both answer (same preprocessing, autocast and rounding)."""
+    collator = Collator(rows, dict(model.encoders.items()), vocab, store)
+    results = []
+    for start in range(0, len(rows), batch_size):
+        batch = collator(list(range(start, min(start + batch_size, len(rows)))))
+        inputs = {k: {n: t.to(device) for n, t in v.items()} for k, v in batch["inputs"].items()}
+        with inference_autocast(recipe, device):
+            probs = model(inputs).float().softmax(-1).cpu()
+        if not bool(torch.isfinite(probs).all()):
+            raise MMPeftError(f"{where}: the model answered NaN for input(s) {start + 1}-{start + len(probs)}; "
+                              "no prediction is given")
+        top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+        for p, idx in zip(top.values.tolist(), top.indices.tolist()):
+            results.append({"answer": vocab.answers[idx[0]],
+                            "top_k": [{"answer": vocab.answers[j], "probability": round(q, 6)} for j, q in zip(idx, p)]})
+    return results
 
 
 PREDICTION_COLUMNS = ("prediction", "probability", "top_k")

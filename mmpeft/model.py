@@ -120,18 +120,28 @@ def build_model(recipe, num_outputs: int, device: str = "cpu") -> MultimodalMode
     """
     encoders, methods = {}, {}
     for name, cfg in recipe.encoders.items():
-        enc = build_encoder(
-            cfg.model, modality=cfg.modality, revision=cfg.revision, max_length=cfg.max_length,
-            image_size=cfg.image_size, pooling=cfg.pooling, quantization=cfg.quantization, device=device,
-        )
-        if cfg.quantization is not None:
-            prepare_for_kbit_training(enc)
-        enc.base_fingerprint = fingerprint_module(enc.model)
-        method = build_method(cfg.peft, where=f"encoders.{name}.peft")
-        method.apply(enc)
-        if recipe.train.gradient_checkpointing:
-            enc.checkpointing = enc.enable_gradient_checkpointing()  # False: the model cannot (reported by dry runs)
-        encoders[name], methods[name] = enc, method
+        encoders[name], methods[name] = build_adapted_encoder(name, cfg, recipe.train, device)
+    return assemble(recipe, encoders, methods, num_outputs)
+
+
+def build_adapted_encoder(name: str, cfg, train, device: str = "cpu"):
+    """One frozen encoder with its fingerprint taken and its method attached: ``(encoder, method)``."""
+    enc = build_encoder(
+        cfg.model, modality=cfg.modality, revision=cfg.revision, max_length=cfg.max_length,
+        image_size=cfg.image_size, pooling=cfg.pooling, quantization=cfg.quantization, device=device,
+    )
+    if cfg.quantization is not None:
+        prepare_for_kbit_training(enc)
+    enc.base_fingerprint = fingerprint_module(enc.model)
+    method = build_method(cfg.peft, where=f"encoders.{name}.peft")
+    method.apply(enc)
+    if train.gradient_checkpointing:
+        enc.checkpointing = enc.enable_gradient_checkpointing()  # False: the model cannot (reported by dry runs)
+    return enc, method
+
+
+def assemble(recipe, encoders: dict, methods: dict, num_outputs: int) -> MultimodalModel:
+    """The model of ``encoders`` (built, possibly shared with other models) and a new head."""
     dims = {name: enc.hidden_size for name, enc in encoders.items()}
     torch.manual_seed(recipe.train.seed)  # head init is reproducible
     head = build_fusion(recipe.fusion, dims, num_outputs)

@@ -32,8 +32,8 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._items)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._items
+    def __contains__(self, name) -> bool:
+        return isinstance(name, str) and name in self._items
 
     def get(self, name: str) -> T:
         if name not in self._items:

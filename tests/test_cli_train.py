@@ -156,6 +156,13 @@ def test_tampered_bundle_is_refused(trained, tmp_path):
     manifest["head"]["file"] = "../../etc/passwd"
     (copy / "manifest.json").write_text(json.dumps(manifest))
     res = runner.invoke(app, ["inspect", str(copy)])
+    assert res.exit_code == 2 and "was edited after it was written" in res.output  # its own integrity hash
+    from mmpeft.files import json_fingerprint
+
+    manifest.pop("integrity")
+    manifest["integrity"] = json_fingerprint(manifest)  # a forger recomputes it: the path is still refused
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    res = runner.invoke(app, ["inspect", str(copy)])
     assert res.exit_code == 2 and "outside the bundle" in res.output
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -38,14 +40,15 @@ def _check_repo_id(repo_id: str) -> None:
 def push(bundle, repo_id: str, *, hub_dir: Optional[str] = None, private: bool = False, token: Optional[str] = None) -> str:
     """Verify ``bundle`` and upload it (with its README model card) to ``repo_id``. Returns where it went."""
     bundle = Path(bundle)
-    verify_files(bundle, read_manifest(bundle))
     _check_repo_id(repo_id)
+    manifest = read_manifest(bundle)
+    files = _check_tree(bundle, manifest, str(bundle))
+    verify_files(bundle, manifest)
     local = _hub_dir(hub_dir)
     if local is not None:
         target = local / repo_id
         with atomic_directory(target, overwrite=True) as tmp:
-            for item in bundle.iterdir():
-                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+            _copy(bundle, files, tmp)
         return str(target)
     from huggingface_hub import HfApi
 
@@ -59,15 +62,62 @@ def push(bundle, repo_id: str, *, hub_dir: Optional[str] = None, private: bool =
     return f"https://huggingface.co/{repo_id}"
 
 
+MAX_ARCHIVE_BYTES = 16 * 1024**3  # what an archive may unpack to
+MAX_ARCHIVE_MEMBERS = 100_000
+
+
 def _safe_extract(archive: Path, into: Path) -> None:
-    with tarfile.open(archive, "r:gz") as tar:
-        for member in tar.getmembers():
-            name = Path(member.name)
-            if name.is_absolute() or ".." in name.parts:
-                raise BundleError(f"{archive}: member {member.name!r} points outside the archive; refusing to unpack")
-            if not (member.isfile() or member.isdir()):
-                raise BundleError(f"{archive}: member {member.name!r} is a link or device; refusing to unpack")
-        tar.extractall(into, filter="data")
+    """Unpack a ``.tar.gz`` of a bundle: plain files and folders only, inside the target, of a
+    bounded total size, all checked from the headers before anything is written."""
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = []
+            for member in tar:
+                members.append(member)
+                if len(members) > MAX_ARCHIVE_MEMBERS:
+                    raise BundleError(f"{archive}: more than {MAX_ARCHIVE_MEMBERS:,} members; not a bundle, refusing to unpack")
+            total = 0
+            for member in members:
+                name = Path(member.name)
+                if name.is_absolute() or ".." in name.parts:
+                    raise BundleError(f"{archive}: member {member.name!r} points outside the archive; refusing to unpack")
+                if not (member.isfile() or member.isdir()):
+                    raise BundleError(f"{archive}: member {member.name!r} is a link or device; refusing to unpack")
+                total += member.size
+            if total > MAX_ARCHIVE_BYTES:
+                raise BundleError(f"{archive}: unpacks to {total:,} bytes, more than the {MAX_ARCHIVE_BYTES:,} allowed; refusing")
+            tar.extractall(into, members=members, filter="data")
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise BundleError(f"{archive}: not a readable .tar.gz (truncated, damaged, or another kind of file: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def _check_tree(root: Path, manifest: dict, where: str, ignore: tuple = ()) -> list[str]:
+    """Before any file is read: the bundle holds plain files and folders only (no links, FIFOs
+    or devices, which could point anywhere or never end) and no file its manifest does not
+    list (nothing unverified is copied into a bundle that is then called verified).
+    Returns the files to copy."""
+    listed = set(manifest["files"]) | {"manifest.json"}
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        if here == Path(root):
+            dirnames[:] = [d for d in dirnames if d not in ignore]
+        for name in dirnames + filenames:
+            full = here / name
+            rel = full.relative_to(root).as_posix()
+            mode = os.lstat(full).st_mode
+            if stat.S_ISLNK(mode):
+                raise BundleError(f"{where}: {rel} is a symbolic link; a shared bundle holds plain files only, refusing it")
+            if stat.S_ISDIR(mode):
+                continue
+            if not stat.S_ISREG(mode):
+                raise BundleError(f"{where}: {rel} is not a regular file (a FIFO, device or socket); refusing it")
+            if rel not in listed:
+                raise BundleError(f"{where}: {rel} is not listed in the bundle's manifest; refusing it (a verified bundle "
+                                  "holds only the files it lists)")
+            files.append(rel)
+    return files
 
 
 def _bundle_root(directory: Path) -> Path:
@@ -104,10 +154,15 @@ def pull(source: str, out, *, hub_dir: Optional[str] = None, overwrite: bool = F
                 root = Path(snapshot_download(source, local_dir=str(scratch / "dl"), token=token))
             except Exception as exc:  # noqa: BLE001
                 raise MMPeftError(f"pull of {source!r} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
-        verify_files(root, read_manifest(root))
+        manifest = read_manifest(root)
+        files = _check_tree(root, manifest, source, ignore=(".cache",))  # hub downloads keep their cache there
+        verify_files(root, manifest)
         with atomic_directory(out, overwrite=overwrite) as tmp:
-            for item in root.iterdir():
-                if item.name.startswith(".cache"):
-                    continue
-                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+            _copy(root, files, tmp)
     return out
+
+
+def _copy(root: Path, files: list[str], into: Path) -> None:
+    for rel in files:
+        (into / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / rel, into / rel)

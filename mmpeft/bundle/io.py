@@ -8,7 +8,6 @@ match its recorded sha256 (:mod:`mmpeft.files`). The layout is described in
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -17,25 +16,18 @@ from ..config import load_recipe
 from ..errors import BundleError
 from ..files import read_safetensors, verify_sealed
 from ..model import build_model
-from .writer import FORMAT, FORMAT_VERSION
+from .manifest import parse_manifest
 
 
 def read_manifest(bundle: Path) -> dict:
+    """A bundle's manifest, its shape and integrity checked (:mod:`mmpeft.bundle.manifest`)."""
     bundle = Path(bundle)
     path = bundle / "manifest.json"
     if not bundle.is_dir():
         raise BundleError(f"bundle not found: {bundle} (expected a directory written by 'mmpeft finetune')")
     if not path.is_file():
         raise BundleError(f"{bundle} is not an mmpeft bundle: no manifest.json")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BundleError(f"{path}: not an mmpeft bundle manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise BundleError(f"{path}: bundle format {manifest['format_version']} is newer than this mmpeft understands; upgrade mmpeft")
-    return manifest
+    return parse_manifest(path)
 
 
 def verify_files(bundle: Path, manifest: dict) -> None:
@@ -71,6 +63,20 @@ def load_bundle(path, *, device: str = "cpu", allow_base_mismatch: bool = False,
     Raises:
         BundleError: missing/tampered files, wrong shapes, or a different base encoder.
     """
+    bundle, manifest, recipe, vocab = read_bundle(path, overrides)
+    model = build_model(recipe, len(vocab), device=device)
+    for name, enc in model.encoders.items():
+        if verify_base:
+            check_base(name, enc, manifest, recipe, allow_base_mismatch)
+        model.methods[name].load(enc, bundle / "encoders" / name)
+    load_head(model.head, bundle, manifest)
+    model.to(device)
+    model.train(False)
+    return LoadedBundle(bundle, manifest, recipe, model, vocab)
+
+
+def read_bundle(path, overrides: Sequence[str] = ()):
+    """A bundle's verified manifest, its resolved recipe and vocabulary: ``(path, manifest, recipe, vocab)``."""
     bundle = Path(path)
     manifest = read_manifest(bundle)
     verify_files(bundle, manifest)
@@ -84,27 +90,25 @@ def load_bundle(path, *, device: str = "cpu", allow_base_mismatch: bool = False,
                 raise BundleError(f"{bundle}/manifest.json: encoder {name!r} base {entry.get('model')!r} is not a directory inside the bundle")
             overrides.insert(0, f"encoders.{name}.model={base}")
     recipe = load_recipe(bundle / "recipe.yaml", overrides, anchor=False)  # a resolved recipe: its paths are as trained
-    vocab = manifest.get("vocabulary")
-    if not isinstance(vocab, list) or not vocab:
-        raise BundleError(f"{bundle}/manifest.json: missing answer vocabulary")
-    if set(manifest.get("encoders", {})) != set(recipe.encoders):
-        raise BundleError(f"{bundle}: manifest encoders {sorted(manifest.get('encoders', {}))} differ from the recipe's {sorted(recipe.encoders)}")
-    model = build_model(recipe, len(vocab), device=device)
-    for name, enc in model.encoders.items():
-        entry = manifest["encoders"][name]
-        recorded = entry.get("fingerprint")
-        if verify_base and recorded and recorded != enc.base_fingerprint:
-            message = (
-                f"encoder {name!r}: the base model {recipe.encoders[name].model!r} loaded here has fingerprint "
-                f"{enc.base_fingerprint[:19]}..., but the bundle was trained on a base with {recorded[:19]}... "
-                "(another checkpoint or revision)"
-            )
-            if not allow_base_mismatch:
-                raise BundleError(message + "; pass --allow-base-mismatch to load anyway")
-            print(f"warning: {message}; loading anyway (--allow-base-mismatch)")
-        model.methods[name].load(enc, bundle / "encoders" / name)
-    head_state = read_safetensors(bundle / manifest["head"]["file"], model.head.state_dict())
-    model.head.load_state_dict(head_state)
-    model.to(device)
-    model.train(False)
-    return LoadedBundle(bundle, manifest, recipe, model, vocab)
+    vocab = manifest["vocabulary"]
+    if set(manifest["encoders"]) != set(recipe.encoders):
+        raise BundleError(f"{bundle}: manifest encoders {sorted(manifest['encoders'])} differ from the recipe's {sorted(recipe.encoders)}")
+    return bundle, manifest, recipe, vocab
+
+
+def check_base(name: str, enc, manifest: dict, recipe, allow_base_mismatch: bool = False) -> None:
+    """The base encoder loaded here must be the one the bundle was trained on (its fingerprint)."""
+    recorded = manifest["encoders"][name].get("fingerprint")
+    if recorded and recorded != enc.base_fingerprint:
+        message = (
+            f"encoder {name!r}: the base model {recipe.encoders[name].model!r} loaded here has fingerprint "
+            f"{enc.base_fingerprint[:19]}..., but the bundle was trained on a base with {recorded[:19]}... "
+            "(another checkpoint or revision)"
+        )
+        if not allow_base_mismatch:
+            raise BundleError(message + "; pass --allow-base-mismatch to load anyway")
+        print(f"warning: {message}; loading anyway (--allow-base-mismatch)")
+
+
+def load_head(head, bundle: Path, manifest: dict) -> None:
+    head.load_state_dict(read_safetensors(Path(bundle) / manifest["head"]["file"], head.state_dict()))

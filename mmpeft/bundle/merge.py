@@ -13,6 +13,7 @@ model; if the largest logit difference exceeds the tolerance nothing is written.
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def merge_in_memory(bundle, *, tolerance: float = 1e-5, allow_base_mismatch: boo
     agree = (new_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
     report.update({"max_abs_logit_diff": diff, "top1_agreement": agree, "tolerance": tolerance,
                    "probe": {"source": source, "size": int(ref_logits.shape[0])}})
-    if diff > tolerance:
+    if not math.isfinite(diff) or diff > tolerance:  # NaN compares false with everything: it is a failure too
         raise MMPeftError(
             f"merge verification failed: max |logit difference| {diff:.3e} > tolerance {tolerance:.0e} "
             f"(top-1 agreement {100 * agree:.1f}%); nothing was written"

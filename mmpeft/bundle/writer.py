@@ -34,9 +34,7 @@ from ..files import Sealing, sealed_directory
 from ..methods import count_parameters
 from ..quant import quantized_layers
 from ..version import __version__
-
-FORMAT = "mmpeft-bundle"
-FORMAT_VERSION = 1
+from .manifest import FORMAT, FORMAT_VERSION
 
 
 def versions() -> dict[str, str]:

@@ -17,7 +17,7 @@ from ..registry import Registry
 
 class FusionSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    hidden_size: PositiveInt = Field(256, description="width of the fused representation")
+    hidden_size: PositiveInt = Field(256, le=65536, description="width of the fused representation")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout inside the head")
 
     def modality_problems(self, encoders: list[str]) -> list[str]:
@@ -56,8 +56,8 @@ class HadamardSettings(FusionSettings):
 
 @FUSION_SETTINGS.register("transformer")
 class AttentionSettings(FusionSettings):
-    num_layers: PositiveInt = Field(1, description="attention layers")
-    num_heads: PositiveInt = Field(4, description="attention heads (must divide hidden_size)")
+    num_layers: PositiveInt = Field(1, le=64, description="attention layers")
+    num_heads: PositiveInt = Field(4, le=1024, description="attention heads (must divide hidden_size)")
 
 
 @FUSION_SETTINGS.register("cross_attention")

@@ -25,6 +25,55 @@ from .schema import Recipe
 
 
 MAX_RECIPE_BYTES = 1_000_000  # a recipe is a page of YAML; anything larger is a mistake (or hostile)
+MAX_RECIPE_VALUES = 100_000  # values after YAML aliases are expanded ("billion laughs" stops here)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (the second would
+    silently replace the first: two ``train:`` blocks, say)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base constructor reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, source: str | None = None):
+    """YAML (safe loader, no duplicate keys) of bounded size after alias expansion."""
+    try:
+        value = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise RecipeError([f"not valid YAML: {exc}"], source) from None
+    except RecursionError:
+        raise RecipeError(["nested too deeply to be a recipe"], source) from None
+    except ValueError as exc:  # e.g. an integer of thousands of digits
+        raise RecipeError([f"not a usable recipe value: {str(exc).splitlines()[0]}"], source) from None
+    _check_size(value, source)
+    return value
+
+
+def _check_size(value, source) -> None:
+    """Count values as a consumer would see them (aliases expanded), stopping at the bound."""
+    count, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > MAX_RECIPE_VALUES:
+            raise RecipeError([f"expands to more than {MAX_RECIPE_VALUES:,} values (YAML aliases that repeat each other?); "
+                               "a recipe is much smaller"], source)
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 class _RecipeFileError(RecipeError):
@@ -56,10 +105,7 @@ def load_recipe(source: str | Path | dict, overrides: Sequence[str] = (), anchor
         if not path.is_file():
             raise RecipeError([f"recipe file not found: {path}"], None)
         text = read_text(path, _RecipeFileError, max_bytes=MAX_RECIPE_BYTES)
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise RecipeError([f"not valid YAML: {exc}"], name) from None
+        raw = parse_yaml(text, name)
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
@@ -86,9 +132,12 @@ def apply_overrides(raw: dict, overrides: Iterable[str]) -> list[str]:
             problems.append(f"override {item!r}: empty key")
             continue
         try:
-            value = yaml.safe_load(text) if text.strip() != "" else ""
-        except yaml.YAMLError:
-            value = text
+            value = parse_yaml(text) if text.strip() != "" else ""
+        except RecipeError as exc:
+            if "expands to" in str(exc) or "nested too deeply" in str(exc) or "usable recipe value" in str(exc):
+                problems.append(f"override {item!r}: {exc.problems[0]}")
+                continue
+            value = text  # not YAML: the text as it is
         node = raw
         for i, part in enumerate(parts[:-1]):
             nxt = node.get(part)
@@ -160,6 +209,8 @@ def _validate_choice(block: dict, key: str, default: str, registry, where: str):
         two are None when there are problems.
     """
     choice = block.get(key, default)
+    if not isinstance(choice, str):
+        return None, None, [f"{where}.{key}: must be a name such as {default!r} (got {choice!r})"]
     if choice not in registry:
         return None, None, [f"{where}.{key}: {registry.unknown_message(choice)}"]
     cls = registry.get(choice)
@@ -183,6 +234,11 @@ def _semantic_checks(recipe: Recipe) -> list[str]:
 # --- error formatting -------------------------------------------------------
 
 
+def describe_error(err: dict, model: type[BaseModel], prefix: str = "") -> str:
+    """One pydantic error as ``dotted.path: what is wrong (got ...)``."""
+    return _format_error(err, model, prefix)
+
+
 def _format_error(err: dict, model: type[BaseModel], prefix: str = "") -> str:
     loc = [str(p) for p in err["loc"]]
     path = ".".join(([prefix] if prefix else []) + loc) or "(recipe)"
@@ -197,6 +253,11 @@ def _format_error(err: dict, model: type[BaseModel], prefix: str = "") -> str:
         return f"{path}: unknown key{hint}"
     if kind == "missing":
         return f"{path}: is required"
+    if kind == "string_pattern_mismatch" and loc[-1] == "name":
+        return (f"{path}: must be one folder name: letters, digits, _ . - (not starting with '.', no '/'), "
+                f"at most 200 characters (got {err.get('input')!r})")
+    if kind == "less_than_equal":
+        return f"{path}: must be at most {ctx.get('le'):,} (got {err.get('input')!r})"
     if kind == "greater_than" and ctx.get("gt") == 0:
         return f"{path}: must be a positive {'integer' if is_int else 'number'} (got {err.get('input')!r})"
     if kind in ("int_parsing", "int_type", "int_from_float"):

@@ -37,8 +37,8 @@ class EncoderConfig(Strict):
         None, description="what the encoder reads; inferred from the model when omitted"
     )
     revision: Optional[str] = Field(None, description="hub revision (branch, tag or commit)")
-    max_length: PositiveInt = Field(32, description="text: maximum number of tokens")
-    image_size: Optional[PositiveInt] = Field(None, description="image: resize to this square size (default: the model's own)")
+    max_length: PositiveInt = Field(32, le=65536, description="text: maximum number of tokens")
+    image_size: Optional[PositiveInt] = Field(None, le=8192, description="image: resize to this square size (default: the model's own)")
     pooling: Literal["auto", "cls", "mean", "pooler"] = Field("auto", description="how token features become one vector")
     peft: dict[str, Any] = Field(
         default_factory=lambda: {"method": "lora"},
@@ -73,32 +73,32 @@ class DataConfig(Strict):
 
 
 class TrainConfig(Strict):
-    epochs: PositiveInt = Field(3, description="passes over the training data")
-    batch_size: PositiveInt = Field(32, description="per-process batch size")
-    eval_batch_size: PositiveInt = Field(64, description="batch size for evaluation")
+    epochs: PositiveInt = Field(3, le=100_000, description="passes over the training data")
+    batch_size: PositiveInt = Field(32, le=65536, description="per-process batch size")
+    eval_batch_size: PositiveInt = Field(64, le=65536, description="batch size for evaluation")
     lr: PositiveFloat = Field(5e-4, description="learning rate of encoder adapters")
     head_lr: PositiveFloat = Field(1e-3, description="learning rate of the fusion head")
     weight_decay: NonNegativeFloat = Field(0.01, description="AdamW weight decay")
     warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0, description="share of steps with linear warm-up, then cosine decay")
     max_grad_norm: Optional[PositiveFloat] = Field(1.0, description="gradient clipping (null: off)")
-    gradient_accumulation_steps: PositiveInt = Field(1, description="micro-batches per optimizer step")
+    gradient_accumulation_steps: PositiveInt = Field(1, le=65536, description="micro-batches per optimizer step")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="auto: bf16 on GPUs that support it, else off")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field("adamw", description="bitsandbytes 8-bit variants save optimizer memory")
     gradient_checkpointing: bool = Field(False, description="recompute encoder activations in backward (saves memory)")
     early_stopping_patience: Optional[PositiveInt] = Field(None, description="stop after N evals without improvement (null: off)")
     eval_every_epochs: PositiveInt = Field(1, description="evaluate every N epochs")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="cross-entropy label smoothing")
-    seed: NonNegativeInt = Field(0, description="seed for weights, shuffling and dropout")
+    seed: NonNegativeInt = Field(0, le=2**32 - 1, description="seed for weights, shuffling and dropout")
     cache_frozen_features: bool = Field(True, description="encode each input of a fully frozen (method none) encoder once and reuse it (not with data.augment)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
-    num_workers: NonNegativeInt = Field(0, description="DataLoader worker processes")
+    num_workers: NonNegativeInt = Field(0, le=256, description="DataLoader worker processes")
     log_every: PositiveInt = Field(20, description="steps between progress-bar/TensorBoard loss updates")
     checkpoint_every: Optional[Union[int, str]] = Field(
         "epoch", description="write a checkpoint at the end of every epoch ('epoch'), every N optimizer steps (N), or "
         "never (null); `finetune --resume` continues from the newest")
     checkpoint_minutes: Optional[PositiveFloat] = Field(10.0, description="also write one when this many minutes have "
                                                         "passed since the last (null: off)")
-    keep_checkpoints: PositiveInt = Field(2, description="checkpoints kept (the newest); all are removed once the bundle is written")
+    keep_checkpoints: PositiveInt = Field(2, le=1000, description="checkpoints kept (the newest); all are removed once the bundle is written")
 
     @field_validator("checkpoint_every", mode="before")
     @classmethod
@@ -115,9 +115,13 @@ class TrainConfig(Strict):
         return "no" if value is False else value
 
 
+# A run name is one folder name inside output.dir: no path separators, not "." or "..", not hidden.
+RUN_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}$"
+
+
 class OutputConfig(Strict):
     dir: str = Field("adapters", description="bundles are written to <dir>/<name>/")
-    name: Optional[str] = Field(None, description="run name (default: the recipe's name)")
+    name: Optional[str] = Field(None, pattern=RUN_NAME, description="run name, a folder inside output.dir (default: the recipe's name)")
     overwrite: bool = Field(False, description="replace an existing bundle of the same name")
     plots: bool = Field(True, description="save training-curve and per-group accuracy PNGs in the bundle")
 
@@ -125,7 +129,7 @@ class OutputConfig(Strict):
 class Recipe(Strict):
     """A whole run: encoders, fusion, task, data, training, output."""
 
-    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$", description="run name (letters, digits, _ . -)")
+    name: str = Field("run", pattern=RUN_NAME, description="run name (letters, digits, _ . -; not starting with '.')")
     encoders: dict[str, EncoderConfig] = Field(..., min_length=1, description="one block per modality, e.g. text: and image:")
     fusion: dict[str, Any] = Field(default_factory=lambda: {"type": "gated"}, description="type: concat|gated|... plus its settings")
     task: TaskConfig = Field(default_factory=TaskConfig)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import stat
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -60,12 +63,39 @@ def load_splits(data, group_fields, seed: int) -> Splits:
 BAD_IMAGE_HINT = "fix the file or set data.on_bad_image: skip to leave such rows out"
 
 
+# PIL's own limit (about 89 million pixels): larger is a decompression bomb, not a scan.
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+class BadImage(ValueError):
+    """An image file that must not be decoded (not a regular file, too many pixels)."""
+
+
+def open_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open (lazily: only the header is read) an image that is a regular file of at most
+    ``max_pixels`` pixels; a FIFO or device would block or never end, a bomb would fill memory."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise BadImage("not a regular file (a folder, FIFO or device?)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise BadImage(f"more than {max_pixels:,} pixels (a decompression bomb?)") from None
+    if image.width * image.height > max_pixels:
+        image.close()
+        raise BadImage(f"{image.width}x{image.height} = {image.width * image.height:,} pixels, more than the "
+                       f"{max_pixels:,} allowed")
+    return image
+
+
 class ImageStore:
     """Decodes each image once, keeps a downsized RGB copy, and caches pixel tensors
     per encoder (preprocessing is deterministic unless augmenting)."""
 
-    def __init__(self, max_side: int = 512):
+    def __init__(self, max_side: int = 512, max_pixels: int = MAX_IMAGE_PIXELS):
         self.max_side = max_side
+        self.max_pixels = max_pixels
         self.images: dict[str, Image.Image] = {}
         self.pixels: dict[tuple[str, str], torch.Tensor] = {}
 
@@ -78,11 +108,17 @@ class ImageStore:
     def get(self, path: str) -> Image.Image:
         image = self.images.get(path)
         if image is None:
-            with Image.open(path) as raw:
-                image = raw.convert("RGB")
-            if max(image.size) > self.max_side:
-                image.thumbnail((self.max_side, self.max_side), Image.BICUBIC)
-            self.images[path] = image
+            with open_image(path, self.max_pixels) as raw:
+                image = self.put(path, raw)
+        return image
+
+    def put(self, key: str, raw: Image.Image) -> Image.Image:
+        """Keep ``raw`` (an image already decoded elsewhere, e.g. an upload) under ``key``,
+        downsized exactly as files read by :meth:`get` are."""
+        image = raw.convert("RGB")
+        if max(image.size) > self.max_side:
+            image.thumbnail((self.max_side, self.max_side), Image.BICUBIC)
+        self.images[key] = image
         return image
 
     def check(self, splits: dict[str, list[Sample]], on_bad_image: str, hint: str = BAD_IMAGE_HINT) -> dict[str, list[Sample]]:
@@ -100,8 +136,7 @@ class ImageStore:
 
 
 def _read_header(path: str) -> None:
-    with Image.open(path) as image:
-        image.size  # noqa: B018 - the header is parsed on open; size proves it is an image
+    open_image(path).close()  # the header is parsed on open: it is an image of an allowed size
 
 
 def probe_images(splits: dict[str, list[Sample]], on_bad_image: str) -> None:
@@ -121,6 +156,8 @@ def _bad_images(splits: dict[str, list[Sample]], open_one, desc: str) -> dict[st
             open_one(path)
         except FileNotFoundError:
             bad[path] = "file not found"
+        except BadImage as exc:
+            bad[path] = str(exc)
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             bad[path] = f"unreadable image ({type(exc).__name__})"
     return bad

@@ -56,40 +56,72 @@ def load_manifest(
                 f"{where}: missing field(s) {', '.join(map(repr, missing))} "
                 f"(set data.image_field / data.text_field / data.label_field to this file's column names; it has: {', '.join(map(str, row))})"
             )
+        wrong = [f for f, v in ((image_field, row[image_field]), (text_field, row[text_field]), (label_field, row[label_field]))
+                 if not isinstance(v, (str, int, float)) or f == image_field and not isinstance(v, str)]
+        if wrong:
+            raise DataError(f"{where}: field(s) {', '.join(map(repr, wrong))} must be text (the image: a file path), "
+                            f"not {', '.join(type(row[f]).__name__ for f in wrong)}")
         groups = {g: str(row.get(g, "")).strip() for g in group_fields}
-        image = Path(str(row[image_field]))
+        image = Path(row[image_field])
         image = image if image.is_absolute() else base / image
         samples.append(Sample(str(image), str(row[text_field]), normalize_answer(row[label_field]), groups, where))
     return samples
+
+
+def _unique_keys(pairs):
+    keys = [k for k, _ in pairs]
+    duplicated = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicated:
+        raise ValueError(f"key(s) {', '.join(map(repr, duplicated))} appear twice in one row")
+    return dict(pairs)
+
+
+def _json(text: str, where: str, what: str):
+    """JSON that refuses a key given twice in one object (the second would silently win);
+    any problem is a DataError naming ``where``."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except ValueError as exc:  # a key twice, an integer of thousands of digits
+        raise DataError(f"{where}: {exc}") from None
+    except RecursionError:
+        raise DataError(f"{where}: nested too deeply to be {what}") from None
 
 
 def read_rows(path: Path) -> list[tuple[int, object]]:
     """``(row number, row)`` of a JSONL, CSV (header row first) or JSON-list file, read as
     UTF-8 with or without a byte-order mark."""
     suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".csv", ".json"):
+        raise DataError(f"{path}: unsupported manifest type {suffix!r}; use .jsonl, .csv or .json")
     text = read_text(path, DataError)
     if suffix == ".jsonl":
         rows = []
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
-            try:
-                rows.append((number, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
+            rows.append((number, _json(line, f"{path}, line {number}", "a row")))
         return rows
     if suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text))
-        return [(number, row) for number, row in enumerate(reader, start=2)]  # row 1 is the header
-    if suffix == ".json":
+        rows = []
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of rows")
-        return list(enumerate(data, start=1))
-    raise DataError(f"{path}: unsupported manifest type {suffix!r}; use .jsonl, .csv or .json")
+            for number, row in enumerate(reader, start=2):  # row 1 is the header
+                if None in row:
+                    raise DataError(f"{path}, row {number}: more values than the header has columns "
+                                    f"({len(reader.fieldnames or [])}); quote values that hold commas")
+                rows.append((number, row))
+        except csv.Error as exc:
+            raise DataError(f"{path}, row {reader.line_num}: not readable as CSV ({exc})") from None
+        names = reader.fieldnames or []
+        if len(set(names)) != len(names):
+            raise DataError(f"{path}: the header names a column twice ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
+        return rows
+    data = _json(text, str(path), "a manifest")
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of rows")
+    return list(enumerate(data, start=1))
 
 
 # --- easy-VQA -------------------------------------------------------------

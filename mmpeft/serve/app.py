@@ -1,0 +1,240 @@
+"""The HTTP API and the web page (FastAPI, served by uvicorn).
+
+Endpoints: ``GET /health``, ``GET /bundles``, ``POST /predict`` (multipart form fields
+``image``, ``question``, ``bundle``, ``top_k``; or a JSON body with ``image_base64``), the
+OpenAPI schema at ``/openapi.json`` (docs at ``/docs``), and the page at ``/``.
+
+Every client mistake is a 4xx with ``{"error": ..., "field": ...}``, never a 500: a missing
+field, an unknown bundle, a file that is not an image or is truncated, an image above the
+pixel limit, an upload above the size limit, an empty question, a ``top_k`` out of range.
+Requests are read into memory with a hard size limit (nothing is spooled to disk) and
+name no path: the server reads and writes no file on a request's behalf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image, UnidentifiedImageError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from ..data.loader import MAX_IMAGE_PIXELS
+from ..version import __version__
+from .batching import Batcher
+
+PAGE = Path(__file__).with_name("page.html")
+
+
+@dataclass
+class ServeSettings:
+    max_batch: int = 16
+    max_wait_ms: float = 5.0
+    max_upload_bytes: int = 16 * 1024 * 1024
+    max_pixels: int = MAX_IMAGE_PIXELS
+    max_question_chars: int = 2000
+    max_top_k: int = 50
+
+
+class ClientError(Exception):
+    """A request the client can fix: a status code and a message naming the field."""
+
+    def __init__(self, status: int, message: str, field: str = ""):
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+
+
+def _parse_multipart(body: bytes, content_type: str) -> dict[str, bytes]:
+    """Form fields of a multipart body, in memory (python-multipart's parser, no temp files)."""
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise ClientError(400, "multipart body without a boundary")
+    fields: dict[str, bytes] = {}
+    state = {"name": None, "data": [], "header": b"", "value": b""}
+
+    def on_header_field(data, start, end):
+        state["header"] += data[start:end]
+
+    def on_header_value(data, start, end):
+        state["value"] += data[start:end]
+
+    def on_header_end():
+        if state["header"].lower() == b"content-disposition":
+            _, options = parse_options_header(state["value"])
+            state["name"] = options.get(b"name", b"").decode("utf-8", "replace")
+        state["header"], state["value"] = b"", b""
+
+    def on_part_data(data, start, end):
+        state["data"].append(data[start:end])
+
+    def on_part_end():
+        if state["name"]:
+            fields[state["name"]] = b"".join(state["data"])
+        state["name"], state["data"] = None, []
+
+    parser = MultipartParser(boundary, {"on_header_field": on_header_field, "on_header_value": on_header_value,
+                                        "on_header_end": on_header_end, "on_part_data": on_part_data,
+                                        "on_part_end": on_part_end})
+    try:
+        parser.write(body)
+        parser.finalize()
+    except Exception as exc:  # noqa: BLE001 - a malformed body is the client's
+        raise ClientError(400, f"malformed multipart body ({type(exc).__name__})") from None
+    return fields
+
+
+def _decode_image(data: bytes, max_pixels: int):
+    if not data:
+        raise ClientError(422, "image is empty", "image")
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > max_pixels:
+            raise ClientError(413, f"image has {image.width}x{image.height} = {image.width * image.height:,} pixels, more "
+                                   f"than the {max_pixels:,} allowed", "image")
+        image.load()  # decodes now: a truncated file fails here, not in the model
+        return image
+    except ClientError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ClientError(413, f"image has more than {max_pixels:,} pixels (a decompression bomb?)", "image") from None
+    except UnidentifiedImageError:
+        raise ClientError(415, "image is not an image file PIL can read (PNG, JPEG, ...)", "image") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ClientError(400, f"image is truncated or damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
+                          "image") from None
+
+
+def create_app(pool, settings: ServeSettings | None = None) -> FastAPI:
+    """The app answering with ``pool`` (an :class:`~mmpeft.serve.pool.AdapterPool`)."""
+    settings = settings or ServeSettings()
+    batcher = Batcher(pool, settings.max_batch, settings.max_wait_ms)
+
+    async def lifespan(app):
+        batcher.start()
+        yield
+        await batcher.stop()  # requests in flight are answered before the workers stop
+
+    app = FastAPI(title="mmpeft serve", version=__version__, lifespan=lifespan,
+                  description="Answers questions about images with mmpeft bundles.")
+    app.state.batcher, app.state.pool, app.state.settings = batcher, pool, settings
+    weights = pool.weight_bytes()
+
+    @app.exception_handler(ClientError)
+    async def client_error(request: Request, exc: ClientError):
+        return JSONResponse({"error": exc.message, "field": exc.field}, status_code=exc.status)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception):  # a bug or a failed forward: said, not a stack trace
+        return JSONResponse({"error": f"the server failed to answer: {type(exc).__name__}: {str(exc)[:300]}", "field": ""},
+                            status_code=500)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "bundles": len(pool.bundles), "requests": batcher.requests, "batches": batcher.batches,
+                "weights": weights}
+
+    @app.get("/bundles")
+    async def bundles():
+        return {"bundles": [b.summary for b in pool.bundles.values()]}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(PAGE.read_text())
+
+    openapi = {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["image", "question"], "properties": {
+            "image": {"type": "string", "format": "binary"}, "question": {"type": "string"},
+            "bundle": {"type": "string", "description": "a name from /bundles; optional when one bundle is served"},
+            "top_k": {"type": "integer", "minimum": 1, "default": 3}}}},
+        "application/json": {"schema": {"type": "object", "required": ["image_base64", "question"], "properties": {
+            "image_base64": {"type": "string", "format": "byte"}, "question": {"type": "string"},
+            "bundle": {"type": "string"}, "top_k": {"type": "integer", "minimum": 1, "default": 3}}}}}}}
+
+    @app.post("/predict", openapi_extra=openapi)
+    async def predict(request: Request):
+        start = time.perf_counter()
+        fields = await _read_request(request, settings)
+        name = fields.get("bundle") or ""
+        if not name:
+            if len(pool.bundles) != 1:
+                raise ClientError(422, f"bundle is required when several are served (one of: {', '.join(pool.bundles)})", "bundle")
+            name = next(iter(pool.bundles))
+        if name not in pool.bundles:
+            raise ClientError(404, f"no bundle named {name!r} (served: {', '.join(pool.bundles)})", "bundle")
+        question = fields.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise ClientError(422, "question is required and must not be empty", "question")
+        if len(question) > settings.max_question_chars:
+            raise ClientError(422, f"question has {len(question):,} characters, more than the {settings.max_question_chars:,} allowed", "question")
+        served = pool.bundles[name]
+        limit = min(settings.max_top_k, len(served.vocab))
+        top_k = fields.get("top_k", 3)
+        try:
+            top_k = int(top_k) if not isinstance(top_k, bool) else None
+        except (TypeError, ValueError):
+            top_k = None
+        if top_k is None or not 1 <= top_k <= limit:
+            raise ClientError(422, f"top_k must be an integer from 1 to {limit} (got {fields.get('top_k')!r})", "top_k")
+        image = fields.get("image")
+        if image is None:
+            raise ClientError(422, "image is required (a file field, or image_base64 in a JSON body)", "image")
+        decoded = await asyncio.to_thread(_decode_image, image, settings.max_pixels)  # the loop keeps serving meanwhile
+        answer = await batcher.submit(name, decoded, question, top_k)
+        return {"bundle": name, "version": served.version, "question": question, "answer": answer["answer"],
+                "top_k": answer["top_k"], "batch_size": answer["batch_size"],
+                "seconds": round(time.perf_counter() - start, 4)}
+
+    return app
+
+
+async def _read_request(request: Request, settings: ServeSettings) -> dict:
+    """The request's fields, the body read into memory with a hard size limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > settings.max_upload_bytes:
+        raise ClientError(413, f"request of {int(declared):,} bytes, more than the {settings.max_upload_bytes:,} allowed")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > settings.max_upload_bytes:
+            raise ClientError(413, f"request of more than {settings.max_upload_bytes:,} bytes, the most allowed")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        raw = _parse_multipart(body, content_type)
+        fields = {k: v.decode("utf-8", "replace") for k, v in raw.items() if k != "image"}
+        if "image" in raw:
+            fields["image"] = raw["image"]
+        return fields
+    if content_type.startswith("application/x-www-form-urlencoded"):  # a form without a file
+        pairs = urllib.parse.parse_qsl(body.decode("utf-8", "replace"), max_num_fields=20)
+        return {k: v for k, v in pairs if k in ("bundle", "question", "top_k")}
+    if content_type.startswith("application/json"):
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise ClientError(400, "body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise ClientError(400, "body must be a JSON object with image_base64 and question")
+        fields = {k: data[k] for k in ("bundle", "question", "top_k") if k in data}
+        if "bundle" in fields and not isinstance(fields["bundle"], str):
+            raise ClientError(422, "bundle must be a name (text)", "bundle")
+        if "image_base64" in data:
+            if not isinstance(data["image_base64"], str):
+                raise ClientError(422, "image_base64 must be base64 text", "image")
+            try:
+                fields["image"] = base64.b64decode(data["image_base64"], validate=True)
+            except (binascii.Error, ValueError):
+                raise ClientError(400, "image_base64 is not valid base64", "image") from None
+        return fields
+    raise ClientError(415, f"send multipart/form-data or application/json (got {content_type or 'no content type'!r})")

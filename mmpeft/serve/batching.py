@@ -1,0 +1,83 @@
+"""Dynamic batching: requests to one bundle that arrive close together share one forward pass.
+
+Each bundle has a queue. A worker takes the first waiting request, then keeps collecting
+requests of the same bundle until ``max_batch`` are there or ``max_wait_ms`` have passed
+since the first, runs them as one batch in a worker thread (the event loop keeps
+accepting requests meanwhile) and hands each request its own answer. ``max_batch=1`` turns
+batching off (every request is its own forward pass), which ``mmpeft bench serve`` measures
+against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Job:
+    image: object
+    question: str
+    top_k: int
+    future: asyncio.Future
+    queued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    def __init__(self, pool, max_batch: int = 16, max_wait_ms: float = 5.0):
+        self.pool = pool
+        self.max_batch = max(1, max_batch)
+        self.max_wait = max_wait_ms / 1000
+        self.queues: dict[str, asyncio.Queue] = {}
+        self.workers: list[asyncio.Task] = []
+        self.batches = 0
+        self.requests = 0
+
+    def start(self) -> None:
+        for name in self.pool.bundles:
+            self.queues[name] = asyncio.Queue()
+            self.workers.append(asyncio.create_task(self._work(name), name=f"batcher {name}"))
+
+    async def stop(self) -> None:
+        """Answer what is queued, then stop the workers."""
+        for queue in self.queues.values():
+            await queue.join()
+        for worker in self.workers:
+            worker.cancel()
+        await asyncio.gather(*self.workers, return_exceptions=True)
+
+    async def submit(self, bundle: str, image, question: str, top_k: int) -> dict:
+        future = asyncio.get_running_loop().create_future()
+        await self.queues[bundle].put(Job(image, question, top_k, future))
+        return await future
+
+    async def _work(self, bundle: str) -> None:
+        queue = self.queues[bundle]
+        while True:
+            jobs = [await queue.get()]
+            deadline = jobs[0].queued + self.max_wait
+            while len(jobs) < self.max_batch:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                try:
+                    jobs.append(await asyncio.wait_for(queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            top_k = max(job.top_k for job in jobs)  # each answer is cut to its own top_k below
+            try:
+                answers = await asyncio.to_thread(self.pool.answer, bundle, [j.image for j in jobs],
+                                                  [j.question for j in jobs], top_k)
+                for job, answer in zip(jobs, answers):
+                    if not job.future.done():
+                        job.future.set_result({**answer, "top_k": answer["top_k"][: job.top_k], "batch_size": len(jobs)})
+            except Exception as exc:  # noqa: BLE001 - every waiting request learns of the failure
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+            finally:
+                self.batches += 1
+                self.requests += len(jobs)
+                for _ in jobs:
+                    queue.task_done()

@@ -1,0 +1,170 @@
+"""Many bundles over one copy of their base encoders.
+
+Bundles are loaded once, with the checks :func:`~mmpeft.bundle.io.load_bundle` makes
+(hashes, the manifest's shape and integrity, safetensors only, shapes, base fingerprints).
+An encoder is shared by every bundle whose encoder has the same structure: the same base
+model (fingerprint), quantization and method with the same settings. Each bundle keeps
+only what its method trained (a LoRA's matrices, BitFit's biases, an adapter's
+bottlenecks, a prompt) and its own head; before a batch of that bundle runs, its trained
+tensors are copied into the shared encoder (a few MB; skipped when it is already the
+active one). A method that trains the whole encoder (``full``) cannot share it: such an
+encoder is the bundle's own, and the start-up log says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..bundle.io import check_base, load_head, read_bundle
+from ..data import ImageStore, Sample
+from ..errors import UsageError
+from ..inference import answer_rows, stored_metrics
+from ..model import assemble, build_adapted_encoder
+from ..tasks import Vocabulary
+
+
+@dataclass
+class Shared:
+    """One encoder module and which bundle's trained tensors it currently holds."""
+
+    encoder: torch.nn.Module
+    method: object
+    shareable: bool
+    states: dict = field(default_factory=dict)  # bundle name -> its trained tensors
+    active: Optional[str] = None
+    users: list = field(default_factory=list)
+
+
+@dataclass
+class Served:
+    """A bundle as the server answers with it."""
+
+    name: str
+    path: Path
+    manifest: dict
+    recipe: object
+    vocab: Vocabulary
+    model: object  # a MultimodalModel over shared encoders and the bundle's own head
+    shared: dict  # encoder name -> Shared
+    version: str
+    summary: dict = field(default_factory=dict)
+
+
+def describe(name: str, path: Path, manifest: dict, recipe, vocab_size: int, version: str) -> dict:
+    """What ``GET /bundles`` says of a bundle: methods, metrics, data, its model card."""
+    card = (path / "README.md").read_text(errors="replace")[:4000] if (path / "README.md").is_file() else ""
+    metrics, test_rows = {}, None
+    if (path / "metrics.json").is_file():
+        stored = stored_metrics(path)
+        test = stored["test"]
+        metrics = {k: test[k] for k in ("accuracy", "macro_f1") if k in test}
+        test_rows = test.get("count")
+        first = (stored.get("group_fields") or list(test.get("groups", {})))[:1]  # e.g. answer_type: open / closed
+        for field_name in first:
+            for value, group in test.get("groups", {}).get(field_name, {}).items():
+                metrics[f"{field_name}={value}"] = group["accuracy"]
+    return {"name": name, "version": version, "created": manifest.get("created"), "task": manifest["task"],
+            "methods": {n: e["method"] for n, e in manifest["encoders"].items()}, "head": manifest["head"]["type"],
+            "vocabulary_size": vocab_size, "data": recipe.data.source, "test_rows": test_rows, "metrics": metrics, "card": card,
+            "intended_use": "research; not a medical device, not for diagnosis"}
+
+
+def _own_copy(state: dict) -> dict:
+    """A copy that does not alias the live parameters (``.cpu()`` of a CPU tensor is the tensor)."""
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _structure(cfg, entry: dict) -> str:
+    """What makes two bundles' encoders the same module (their trained values aside)."""
+    return json.dumps([cfg.model_dump(mode="json"), entry.get("fingerprint")], sort_keys=True)
+
+
+class AdapterPool:
+    """Loads bundles, shares their encoders, answers batches of one bundle at a time."""
+
+    def __init__(self, paths: dict[str, Path], device: str = "cpu", log=print):
+        self.device = device
+        self.log = log
+        self.bundles: dict[str, Served] = {}
+        self._encoders: dict[str, Shared] = {}
+        self._lock = threading.Lock()  # one forward at a time: it uses every core anyway
+        for name, path in paths.items():
+            self._add(name, Path(path))
+        for shared in self._encoders.values():
+            users = ", ".join(shared.users)
+            if shared.shareable and len(shared.users) > 1:
+                self.log(f"one {type(shared.encoder.base_model()).__name__} base ({shared.method.name}) shared by: {users}")
+            elif not shared.shareable:
+                self.log(f"{users}: {shared.method.name} trains the whole encoder, so it has its own copy")
+
+    def _add(self, name: str, path: Path) -> None:
+        if name in self.bundles:
+            raise UsageError(f"two bundles are named {name!r}; give one another name with NAME=PATH")
+        bundle, manifest, recipe, vocab = read_bundle(path)
+        encoders, methods, shared_of = {}, {}, {}
+        for enc_name, cfg in recipe.encoders.items():
+            key = _structure(cfg, manifest["encoders"][enc_name])
+            shared = self._encoders.get(key)
+            if shared is None or not shared.shareable:
+                enc, method = build_adapted_encoder(enc_name, cfg, recipe.train, self.device)
+                shared = Shared(enc, method, shareable=method.keeps_base_frozen)
+                self._encoders[key if shared.shareable else f"{key}/{name}"] = shared
+            check_base(enc_name, shared.encoder, manifest, recipe)
+            previous = _own_copy(shared.method.trainable_state(shared.encoder)) if shared.active else None
+            shared.method.load(shared.encoder, bundle / "encoders" / enc_name)  # checks names, shapes, finiteness
+            shared.states[name] = _own_copy(shared.method.trainable_state(shared.encoder))
+            if previous is not None:
+                self._copy_in(shared, previous)  # the bundle that was active stays active
+            else:
+                shared.active = name
+            shared.users.append(name)
+            encoders[enc_name], methods[enc_name], shared_of[enc_name] = shared.encoder, shared.method, shared
+        model = assemble(recipe, encoders, methods, len(vocab))
+        load_head(model.head, bundle, manifest)
+        model.to(self.device).train(False)
+        version = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()[:12]
+        self.bundles[name] = Served(name, bundle, manifest, recipe, Vocabulary(vocab), model, shared_of, version,
+                                    describe(name, bundle, manifest, recipe, len(vocab), version))
+
+    @staticmethod
+    def _copy_in(shared: Shared, state: dict) -> None:
+        params = dict(shared.encoder.state_dict(keep_vars=True))
+        with torch.no_grad():
+            for key, value in state.items():
+                params[key].data.copy_(value.to(params[key].device, params[key].dtype))
+
+    def _activate(self, served: Served) -> None:
+        for shared in served.shared.values():
+            if shared.active != served.name:
+                self._copy_in(shared, shared.states[served.name])
+                shared.active = served.name
+
+    def answer(self, name: str, images: list, questions: list[str], top_k: int) -> list[dict]:
+        """Answers for decoded images (PIL) and questions, with bundle ``name``; the same
+        preprocessing, autocast and rounding as ``mmpeft predict``."""
+        served = self.bundles[name]
+        store = ImageStore.for_encoders(served.model.encoders.values())  # per batch: nothing outlives the request
+        rows = []
+        for i, (image, question) in enumerate(zip(images, questions)):
+            key = f"<upload {i}>"
+            store.put(key, image)
+            rows.append(Sample(key, question, "", {}, f"request {i + 1}"))
+        with self._lock:
+            self._activate(served)
+            return answer_rows(served.model, served.vocab, served.recipe, rows, store, top_k, self.device,
+                               batch_size=max(1, len(rows)), where=name)
+
+    def weight_bytes(self) -> dict:
+        """Bytes of the shared encoders' tensors and of what each bundle keeps for itself."""
+        base = sum(t.numel() * t.element_size() for s in self._encoders.values() for t in s.encoder.state_dict().values())
+        own = {name: sum(t.numel() * t.element_size() for s in b.shared.values() for t in s.states[name].values())
+               + sum(t.numel() * t.element_size() for t in b.model.head.state_dict().values())
+               for name, b in self.bundles.items()}
+        return {"encoders": base, "bundles": own}

@@ -1,0 +1,98 @@
+"""The web page in a real headless browser (Chromium from Debian's packages, driven by
+Selenium): it loads, an uploaded image and a question give the API's top answer, a file
+that is not an image shows an error. Skipped, saying why, where Chromium is not installed
+(``.ci/run`` installs it: ``apt-get install chromium chromium-driver``)."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mmpeft.cli import app as cli
+from tests import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install -e '.[dev]')")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="Chromium and chromedriver are not installed "
+                                "(apt-get install chromium chromium-driver)")
+
+
+def start_server(bundle: Path, port: int) -> subprocess.Popen:
+    server = subprocess.Popen([sys.executable, "-m", "mmpeft.cli", "serve", str(bundle), "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+    for _ in range(120):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            time.sleep(0.5)
+    server.kill()
+    raise AssertionError("the server did not start: " + server.stdout.read())
+
+
+def browser():
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1100,1250"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(DRIVER), options=options)
+
+
+def ask(driver, url: str, image: Path, question: str) -> str:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url)
+    WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "bundle").text.strip())
+    driver.find_element(By.ID, "file").send_keys(str(image))
+    question_box = driver.find_element(By.ID, "question")
+    question_box.clear()
+    question_box.send_keys(question)
+    driver.find_element(By.ID, "ask").click()
+    WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "answer").text or d.find_element(By.ID, "error").text)
+    WebDriverWait(driver, 5).until(ready.presence_of_element_located((By.ID, "bars")))
+    return driver.find_element(By.ID, "answer").text, driver.find_element(By.ID, "error").text
+
+
+def test_page_answers_like_the_api_and_shows_errors(assets, tmp_path):
+    raw = tiny.recipe_dict(assets["bert"], assets["vit"], assets["data"], tmp_path, epochs=2)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    assert CliRunner().invoke(cli, ["finetune", str(tmp_path / "r.yaml")]).exit_code == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = start_server(tmp_path / "tiny", port)
+    driver = browser()
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        image = sorted((Path(assets["data"]["test"]).parent / "images").glob("test_*.png"))[0]
+        api = httpx.post(url + "predict", files={"image": ("x.png", image.read_bytes())},
+                         data={"question": "what color is the shape ?"}).json()
+        answer, error = ask(driver, url, image, "what color is the shape ?")
+        assert answer == api["answer"] and not error
+        bars = driver.find_elements("css selector", "#bars .bar")
+        assert len(bars) == 3 and api["top_k"][0]["answer"] in bars[0].text
+        not_an_image = tmp_path / "notes.txt"
+        not_an_image.write_text("not an image")
+        answer, error = ask(driver, url, not_an_image, "what color is the shape ?")
+        assert not answer and "not an image file" in error
+    finally:
+        driver.quit()
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
