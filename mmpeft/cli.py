@@ -399,6 +399,28 @@ def bench_search(search_file: str = typer.Argument(..., metavar="SEARCH", help="
     console.print((Path(out) / "summary.md").read_text())
 
 
+@bench_app.command("throughput")
+@friendly
+def bench_throughput(recipe: str = typer.Option("recipes/quickstart.yaml", help="recipe to measure"),
+                     out: str = typer.Option("benchmarks/results/throughput", help="folder for throughput.json / .md"),
+                     steps: int = typer.Option(40, help="optimizer steps an epoch (the rows: steps x batch size)"),
+                     scaling: str = typer.Option("1000,4000,16000", help="train rows of the scaling runs"),
+                     manifest_rows: str = typer.Option("10000,1000000", help="rows of the generated manifests"),
+                     overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides for every run")):
+    """The toolkit against a hand-written loop, each pipeline feature toggled, and scaling with rows."""
+    from .bench.throughput import run
+
+    try:
+        sizes = [int(x) for x in scaling.split(",") if x]
+        manifests = [int(x) for x in manifest_rows.split(",") if x]
+    except ValueError:
+        raise UsageError("--scaling and --manifest-rows: comma-separated integers") from None
+    if steps < 1:
+        raise UsageError("--steps: must be at least 1")
+    run(recipe, out, steps, overrides or [], sizes, manifests)
+    console.print((Path(out) / "throughput.md").read_text())
+
+
 @bench_app.command("serve")
 @friendly
 def bench_serve(bundles: str = typer.Option("adapters/vqa_rad_bitfit_hadamard_all40,adapters/vqa_rad_bitfit_hadamard,"

@@ -61,7 +61,7 @@ def evaluate_bundle(path, overrides: Sequence[str] = (), device: str = "cpu", al
     recipe = bundle.recipe
     vocab = Vocabulary(bundle.vocab)
     splits = load_splits(recipe.data, recipe.task.group_fields, recipe.train.seed)
-    store = ImageStore.for_encoders(bundle.model.encoders.values())
+    store = ImageStore.for_encoders(bundle.model.encoders.values(), recipe.data.image_cache_mb)
     checked = store.check({"test": splits.test}, recipe.data.on_bad_image)
     test = checked["test"]
     stored = stored_metrics(bundle.path)
@@ -89,7 +89,7 @@ class Predictor:
         self.model = self.bundle.model
         self.vocab = Vocabulary(self.bundle.vocab)
         # same downsizing as training and `evaluate`, so predict gives the probabilities evaluate scored
-        self.store = ImageStore.for_encoders(self.model.encoders.values())
+        self.store = ImageStore.for_encoders(self.model.encoders.values(), self.bundle.recipe.data.image_cache_mb)
         self.device = device
 
     @torch.no_grad()

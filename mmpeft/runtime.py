@@ -69,7 +69,15 @@ def make_accelerator(recipe: Recipe):
     precision = resolve_mixed_precision(t.mixed_precision, device)
     if precision == "fp16" and device == "cpu":
         raise RecipeError(["train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU"])
-    return fresh_accelerator(cpu=device == "cpu", mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps)
+    from accelerate.utils import DataLoaderConfiguration
+
+    return fresh_accelerator(cpu=device == "cpu", mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
+                             dataloader_config=DataLoaderConfiguration(non_blocking=pin_memory(t, device)))  # copies overlap compute
+
+
+def pin_memory(train, device: str) -> bool:
+    """``train.pin_memory``, or on by default where batches are copied to a GPU."""
+    return train.pin_memory if train.pin_memory is not None else device == "cuda"
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ from .model import build_model, summarize
 from .progress import progress
 from .quant import require_bitsandbytes
 from .report import print_epoch, print_summary, print_test, save_plots
-from .runtime import groups_to_report, make_accelerator, peak_memory_mib, predict_logits, score
+from .runtime import groups_to_report, make_accelerator, peak_memory_mib, pin_memory, predict_logits, score
 from .tasks import Vocabulary, summary_row
 
 
@@ -164,15 +164,18 @@ def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run:
     if dry_run:
         return summarize(model, recipe)
 
-    store = ImageStore.for_encoders(model.encoders.values())
+    store = ImageStore.for_encoders(model.encoders.values(), recipe.data.image_cache_mb)
     checked = store.check({"train": splits.train, "eval": splits.eval, "test": splits.test}, recipe.data.on_bad_image)
     splits.train, splits.eval, splits.test = checked["train"], checked["eval"], checked["test"]
     faults.point("data.checked")
     encoders = dict(model.encoders.items())
     collator = Collator(splits.train, encoders, vocab, store, recipe.data.augment, t.seed)
-    train_loader = make_loader(splits.train, collator, t.batch_size, True, t.seed, t.num_workers, recipe.data.group_by_image)
-    eval_loader = make_loader(splits.eval, Collator(splits.eval, encoders, vocab, store), t.eval_batch_size, False, t.seed, t.num_workers) if splits.eval else None
-    test_loader = make_loader(splits.test, Collator(splits.test, encoders, vocab, store), t.eval_batch_size, False, t.seed, t.num_workers)
+    pin = pin_memory(t, accelerator.device.type)
+    train_loader = make_loader(splits.train, collator, t.batch_size, True, t.seed, t.num_workers, recipe.data.group_by_image, pin)
+    eval_loader = make_loader(splits.eval, Collator(splits.eval, encoders, vocab, store), t.eval_batch_size, False, t.seed,
+                              t.num_workers, pin_memory=pin) if splits.eval else None
+    test_loader = make_loader(splits.test, Collator(splits.test, encoders, vocab, store), t.eval_batch_size, False, t.seed,
+                              t.num_workers, pin_memory=pin)
 
     optimizer = make_optimizer(model, t)
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / t.gradient_accumulation_steps)
@@ -185,7 +188,10 @@ def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run:
     model, optimizer, train_loader, test_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, test_loader, scheduler)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
-    run = Run(recipe, accelerator, model, accelerator.unwrap_model(model), optimizer, scheduler, train_loader, eval_loader,
+    raw_model = accelerator.unwrap_model(model)
+    if t.compile:
+        model = torch.compile(model)  # the first steps compile; _train reports how long they took
+    run = Run(recipe, accelerator, model, raw_model, optimizer, scheduler, train_loader, eval_loader,
               test_loader, collator, splits, vocab, groups_to_report(recipe, splits.test), checkpoints,
               run_settings(recipe), data_fingerprint(splits), last_checkpoint=time.perf_counter())
 
@@ -246,7 +252,8 @@ def _train(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -
             loop.seen, loop.batches_done = 0, 0
         loader = _skip_batches(run.train_loader, loop.batches_done) if mid_epoch else run.train_loader
         epoch_batches = loop.batches_done + len(loader)  # counted before the sampler moves on to the next epoch
-        batches = iter(loader)
+        waiting = [0.0]  # seconds this epoch spent waiting for batches (loading, collating), not computing
+        batches = _timed(iter(loader), waiting)
         first = next(batches, None)  # draws the epoch's order (and prefetches) before the RNG is set below
         if mid_epoch:
             restore_rng(saved["rng"][rank], data_order=False)
@@ -264,6 +271,8 @@ def _train(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -
                 run.optimizer.zero_grad(set_to_none=True)
             loop.step += 1
             loop.batches_done += 1
+            if t.compile and loop.batches_done == 1 and epoch == 1:
+                run.log(f"torch.compile: the first step took {time.perf_counter() - start:.1f} s (compiling)")
             loop.seen += batch["labels"].shape[0] * accelerator.num_processes
             loop.running = 0.9 * loop.running + 0.1 * loss.item() if loop.step > 1 else loss.item()
             if loop.step % t.log_every == 0 or loop.step == 1:
@@ -279,7 +288,7 @@ def _train(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -
                         raise _interrupted(stop, recipe, run.checkpoints)
         epoch_seconds = time.perf_counter() - start
         row = {"epoch": epoch, "step": loop.step, "train_loss": loop.running, "epoch_seconds": round(epoch_seconds, 2),
-               "samples_per_second": round(loop.seen / max(1e-9, epoch_seconds), 2)}
+               "samples_per_second": round(loop.seen / max(1e-9, epoch_seconds), 2), "data_seconds": round(waiting[0], 2)}
         if run.eval_loader is not None and (epoch % t.eval_every_epochs == 0 or epoch == t.epochs):
             logits, index = predict_logits(model, run.eval_loader, accelerator, use_cache=True, fault="eval")
             metrics = score(logits, index, run.splits.eval, run.vocab, run.group_fields)
@@ -307,6 +316,18 @@ def _train(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -
             if stop:
                 raise _interrupted(stop, recipe, run.checkpoints)
     return best_state
+
+
+def _timed(iterator, total: list):
+    """Yield from ``iterator``, adding the time spent waiting for each item to ``total[0]``."""
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        total[0] += time.perf_counter() - start
+        yield item
 
 
 def _due(run: Run, loop: LoopState, per_epoch: bool) -> bool:

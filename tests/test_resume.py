@@ -18,7 +18,7 @@ from mmpeft.cli import app
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = ("epoch_seconds", "samples_per_second")
+TIMING = ("epoch_seconds", "samples_per_second", "data_seconds")
 runner = CliRunner()
 
 

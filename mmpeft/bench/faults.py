@@ -26,7 +26,7 @@ from ..config import load_recipe
 from ..errors import MMPeftError
 from .common import machine_info, output_folder, write_atomic
 
-TIMING = ("epoch_seconds", "samples_per_second")
+TIMING = ("epoch_seconds", "samples_per_second", "data_seconds")
 
 
 def _command(recipe: str, overrides: list, out: Path, resume: bool) -> list[str]:

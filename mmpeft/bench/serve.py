@@ -184,29 +184,35 @@ def run(bundles: list[str], out: str, images: list[str], questions: list[str], c
 
     # memory: one bundle, then every bundle over the same base
     server = Server([first])
-    one = server.rss()
-    server.stop()
+    try:
+        one = server.rss()
+    finally:
+        server.stop()
     server = Server(bundles)
-    import httpx
+    try:
+        import httpx
 
-    sizes = httpx.get(server.url + "/health").json()["weights"]
-    result["memory"] = {"one_bundle_mib": round(one, 1), f"{len(bundles)}_bundles_mib": round(server.rss(), 1),
-                        "shared_encoder_weights_mib": round(sizes["encoders"] / 2**20, 1),
-                        "own_weights_mib": {n: round(v / 2**20, 2) for n, v in sizes["bundles"].items()}}
-    # soak across two bundles (the server with every bundle is already up)
-    soak_bundles = dict(list(zip(names, bundles))[:2])
-    result["soak"] = _soak(server, soak_bundles, [Path(i) for i in images], questions, soak)
-    server.stop()
+        sizes = httpx.get(server.url + "/health").json()["weights"]
+        result["memory"] = {"one_bundle_mib": round(one, 1), f"{len(bundles)}_bundles_mib": round(server.rss(), 1),
+                            "shared_encoder_weights_mib": round(sizes["encoders"] / 2**20, 1),
+                            "own_weights_mib": {n: round(v / 2**20, 2) for n, v in sizes["bundles"].items()}}
+        # soak across two bundles (the server with every bundle is already up)
+        soak_bundles = dict(list(zip(names, bundles))[:2])
+        result["soak"] = _soak(server, soak_bundles, [Path(i) for i in images], questions, soak)
+    finally:
+        server.stop()
 
     # load, batching on and off, on the first bundle
     result["load"] = []
     for label, args in (("batching on", ["--max-batch", "16", "--max-wait-ms", "5"]), ("batching off", ["--max-batch", "1"])):
         server = Server([first], *args)
-        for n in clients:
-            row = {"mode": label, **_load(server, names[0], inputs, n, requests)}
-            print(json.dumps(row), flush=True)
-            result["load"].append(row)
-        server.stop()
+        try:
+            for n in clients:
+                row = {"mode": label, **_load(server, names[0], inputs, n, requests)}
+                print(json.dumps(row), flush=True)
+                result["load"].append(row)
+        finally:
+            server.stop()
     by = {(r["mode"], r["clients"]): r for r in result["load"]}
     result["batching_gain"] = {n: round(by[("batching on", n)]["throughput"] / by[("batching off", n)]["throughput"], 2)
                                for n in clients}

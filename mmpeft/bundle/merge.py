@@ -84,7 +84,7 @@ def probe_batch(loaded, size: int = 16, seed: int = 0):
         rows = []
         for i in range(size):
             path = f"<probe {i}>"
-            store.images[path] = Image.fromarray(gen.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+            store.put(path, Image.fromarray(gen.integers(0, 256, (64, 64, 3), dtype=np.uint8)))
             text = " ".join(gen.choice(words, size=6))
             rows.append(Sample(path, text, vocab.answers[0], {}, path))
     collator = Collator(rows, dict(loaded.model.encoders.items()), vocab, store)

@@ -40,6 +40,8 @@ class EncoderConfig(Strict):
     max_length: PositiveInt = Field(32, le=65536, description="text: maximum number of tokens")
     image_size: Optional[PositiveInt] = Field(None, le=8192, description="image: resize to this square size (default: the model's own)")
     pooling: Literal["auto", "cls", "mean", "pooler"] = Field("auto", description="how token features become one vector")
+    attention: Literal["auto", "sdpa", "eager"] = Field(
+        "auto", description="transformers models: attention implementation (auto: the library's choice, SDPA where supported)")
     peft: dict[str, Any] = Field(
         default_factory=lambda: {"method": "lora"},
         description="method: lora|bitfit|none|full|... plus that method's own settings",
@@ -65,6 +67,8 @@ class DataConfig(Strict):
     label_field: str = Field("answer", description="manifest column holding the answer / label")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of train held out for validation when no eval file")
     on_bad_image: Literal["error", "skip"] = Field("error", description="a missing or unreadable image stops the run, or its rows are skipped")
+    image_cache_mb: PositiveInt = Field(8192, le=1_000_000, description="decoded images and their pixels kept in memory, "
+                                        "at most this many MiB (the least recently used are dropped, and decoded again when needed)")
     max_train_samples: Optional[PositiveInt] = Field(None, description="use only the first N training rows (after shuffling)")
     max_eval_samples: Optional[PositiveInt] = Field(None, description="cap on validation rows")
     max_test_samples: Optional[PositiveInt] = Field(None, description="cap on test rows")
@@ -92,6 +96,8 @@ class TrainConfig(Strict):
     cache_frozen_features: bool = Field(True, description="encode each input of a fully frozen (method none) encoder once and reuse it (not with data.augment)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
     num_workers: NonNegativeInt = Field(0, le=256, description="DataLoader worker processes")
+    pin_memory: Optional[bool] = Field(None, description="pinned host memory and non-blocking copies to the GPU (null: on with CUDA)")
+    compile: bool = Field(False, description="torch.compile the model (opt-in; the first steps compile, and the log says how long)")
     log_every: PositiveInt = Field(20, description="steps between progress-bar/TensorBoard loss updates")
     checkpoint_every: Optional[Union[int, str]] = Field(
         "epoch", description="write a checkpoint at the end of every epoch ('epoch'), every N optimizer steps (N), or "

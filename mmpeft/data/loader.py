@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import stat
+from collections import OrderedDict
 import warnings
 from dataclasses import dataclass
 
@@ -90,36 +91,84 @@ def open_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
 
 
 class ImageStore:
-    """Decodes each image once, keeps a downsized RGB copy, and caches pixel tensors
-    per encoder (preprocessing is deterministic unless augmenting)."""
+    """Decodes each image once, keeps a downsized RGB copy, and caches pixel tensors per
+    encoder (preprocessing is deterministic unless augmenting), within a memory budget:
+    beyond ``cache_mb`` the least recently used entries are dropped and made again when
+    needed (same values: the cache changes speed, never numbers). Images put in by hand
+    (uploads, probes) have no file to be read again from, so they are never dropped."""
 
-    def __init__(self, max_side: int = 512, max_pixels: int = MAX_IMAGE_PIXELS):
+    def __init__(self, max_side: int = 512, max_pixels: int = MAX_IMAGE_PIXELS, cache_mb: int = 8192):
         self.max_side = max_side
         self.max_pixels = max_pixels
-        self.images: dict[str, Image.Image] = {}
-        self.pixels: dict[tuple[str, str], torch.Tensor] = {}
+        self.budget = cache_mb * 2**20
+        self.cached_bytes = 0
+        self._cache: OrderedDict = OrderedDict()  # key -> (value, bytes)
+        self._pinned: set = set()
 
     @classmethod
-    def for_encoders(cls, encoders) -> "ImageStore":
+    def for_encoders(cls, encoders, cache_mb: int = 8192) -> "ImageStore":
         """Keep decoded images at twice the largest encoder input (at least 256 px)."""
         largest = max((getattr(e, "image_size", 0) for e in encoders), default=0)
-        return cls(max_side=max(256, 2 * largest))
+        return cls(max_side=max(256, 2 * largest), cache_mb=cache_mb)
+
+    def _lookup(self, key):
+        entry = self._cache.get(key)
+        if entry is None:
+            return None
+        self._cache.move_to_end(key)
+        return entry[0]
+
+    def _keep(self, key, value, size: int, pinned: bool = False):
+        old = self._cache.pop(key, None)
+        if old is not None:
+            self.cached_bytes -= old[1]
+        self._cache[key] = (value, size)
+        self.cached_bytes += size
+        if pinned:
+            self._pinned.add(key)
+        excess, victims = self.cached_bytes - self.budget, []
+        for victim, (_, victim_size) in self._cache.items():  # least recently used first; stops once enough is freed
+            if excess <= 0:
+                break
+            if victim not in self._pinned and victim != key:
+                victims.append(victim)
+                excess -= victim_size
+        for victim in victims:
+            self.cached_bytes -= self._cache.pop(victim)[1]
+        return value
 
     def get(self, path: str) -> Image.Image:
-        image = self.images.get(path)
+        image = self._lookup(("image", path))
         if image is None:
             with open_image(path, self.max_pixels) as raw:
-                image = self.put(path, raw)
+                image = self._prepare(raw)
+            self._keep(("image", path), image, 3 * image.width * image.height)
         return image
 
     def put(self, key: str, raw: Image.Image) -> Image.Image:
         """Keep ``raw`` (an image already decoded elsewhere, e.g. an upload) under ``key``,
         downsized exactly as files read by :meth:`get` are."""
+        image = self._prepare(raw)
+        return self._keep(("image", key), image, 3 * image.width * image.height, pinned=True)
+
+    def _prepare(self, raw: Image.Image) -> Image.Image:
         image = raw.convert("RGB")
         if max(image.size) > self.max_side:
             image.thumbnail((self.max_side, self.max_side), Image.BICUBIC)
-        self.images[key] = image
         return image
+
+    def pixels_for(self, name: str, encoder, path: str) -> torch.Tensor:
+        """``encoder``'s pixel tensor of the image at ``path`` (cached per encoder name)."""
+        pixels = self._lookup(("pixels", name, path))
+        if pixels is None:
+            pixels = encoder.pixels(self.get(path))
+            pixels = self._keep(("pixels", name, path), pixels, pixels.numel() * pixels.element_size())
+        return pixels
+
+    @property
+    def pixels(self) -> dict:
+        """The cached pixel tensors, ``{(encoder name, path): tensor}``."""
+        return {key[1:]: value for key, (value, _) in self._cache.items() if key[0] == "pixels"}
 
     def check(self, splits: dict[str, list[Sample]], on_bad_image: str, hint: str = BAD_IMAGE_HINT) -> dict[str, list[Sample]]:
         """Open every image before training. ``error``: stop at the first bad one with its
@@ -218,11 +267,7 @@ class Collator:
     def _pixels(self, name: str, enc, path: str, rng) -> torch.Tensor:
         if rng is not None:
             return enc.pixels(augment(self.store.get(path), rng))
-        key = (name, path)
-        cached = self.store.pixels.get(key)
-        if cached is None:
-            cached = self.store.pixels[key] = enc.pixels(self.store.get(path))
-        return cached
+        return self.store.pixels_for(name, enc, path)
 
 
 class IndexDataset(torch.utils.data.Dataset):
@@ -283,13 +328,14 @@ class ImageGroupedBatches(torch.utils.data.Sampler):
         return len(self._batches)
 
 
-def make_loader(samples, collator, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0, group_by_image: bool = False):
+def make_loader(samples, collator, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0, group_by_image: bool = False,
+                pin_memory: bool = False):
     if group_by_image and shuffle:
         return torch.utils.data.DataLoader(IndexDataset(len(samples)), batch_sampler=ImageGroupedBatches(samples, batch_size, seed),
-                                           collate_fn=collator, num_workers=num_workers)
+                                           collate_fn=collator, num_workers=num_workers, pin_memory=pin_memory)
     generator = torch.Generator()
     generator.manual_seed(seed)
     return torch.utils.data.DataLoader(
         IndexDataset(len(samples)), batch_size=batch_size, shuffle=shuffle, collate_fn=collator,
-        num_workers=num_workers, generator=generator,
+        num_workers=num_workers, generator=generator, pin_memory=pin_memory,
     )

@@ -19,13 +19,16 @@ from ..files import read_text
 from ..tasks.vocab import normalize_answer
 
 
-@dataclass
+@dataclass(slots=True)  # a manifest of a million rows holds a million of these: no per-instance __dict__
 class Sample:
     image: str  # absolute path
     text: str
     answer: str  # normalised
     groups: dict[str, str] = field(default_factory=dict)
     where: str = ""  # "file, row N" for error messages
+
+
+NO_GROUPS: dict = {}  # shared by the rows of a manifest without group fields (never written to)
 
 
 def load_manifest(
@@ -43,10 +46,11 @@ def load_manifest(
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path} (check data.train / data.eval / data.test in the recipe)")
-    rows = read_rows(path)
     base = path.parent
     samples = []
-    for number, row in rows:
+    resolved: dict[str, str] = {}  # one string per distinct image path (many rows share an image)
+    answers: dict[str, str] = {}
+    for number, row in iter_rows(path):
         where = f"{path}, row {number}"
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected an object with fields {image_field!r}, {text_field!r}, {label_field!r}")
@@ -61,10 +65,13 @@ def load_manifest(
         if wrong:
             raise DataError(f"{where}: field(s) {', '.join(map(repr, wrong))} must be text (the image: a file path), "
                             f"not {', '.join(type(row[f]).__name__ for f in wrong)}")
-        groups = {g: str(row.get(g, "")).strip() for g in group_fields}
-        image = Path(row[image_field])
-        image = image if image.is_absolute() else base / image
-        samples.append(Sample(str(image), str(row[text_field]), normalize_answer(row[label_field]), groups, where))
+        groups = {g: str(row.get(g, "")).strip() for g in group_fields} if group_fields else NO_GROUPS
+        image = resolved.get(row[image_field])
+        if image is None:
+            raw = Path(row[image_field])
+            image = resolved[row[image_field]] = str(raw if raw.is_absolute() else base / raw)
+        answer = normalize_answer(row[label_field])
+        samples.append(Sample(image, str(row[text_field]), answers.setdefault(answer, answer), groups, where))
     return samples
 
 
@@ -92,36 +99,40 @@ def _json(text: str, where: str, what: str):
 def read_rows(path: Path) -> list[tuple[int, object]]:
     """``(row number, row)`` of a JSONL, CSV (header row first) or JSON-list file, read as
     UTF-8 with or without a byte-order mark."""
+    return list(iter_rows(path))
+
+
+def iter_rows(path: Path):
+    """:func:`read_rows` one row at a time (a large manifest is never held as rows twice)."""
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".csv", ".json"):
         raise DataError(f"{path}: unsupported manifest type {suffix!r}; use .jsonl, .csv or .json")
     text = read_text(path, DataError)
     if suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            rows.append((number, _json(line, f"{path}, line {number}", "a row")))
-        return rows
+        for number, line in enumerate(io.StringIO(text), start=1):
+            if line.strip():
+                yield number, _json(line, f"{path}, line {number}", "a row")
+        return
     if suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text))
-        rows = []
         try:
             for number, row in enumerate(reader, start=2):  # row 1 is the header
+                if number == 2:
+                    names = reader.fieldnames or []
+                    if len(set(names)) != len(names):
+                        raise DataError(f"{path}: the header names a column twice "
+                                        f"({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
                 if None in row:
                     raise DataError(f"{path}, row {number}: more values than the header has columns "
                                     f"({len(reader.fieldnames or [])}); quote values that hold commas")
-                rows.append((number, row))
+                yield number, row
         except csv.Error as exc:
             raise DataError(f"{path}, row {reader.line_num}: not readable as CSV ({exc})") from None
-        names = reader.fieldnames or []
-        if len(set(names)) != len(names):
-            raise DataError(f"{path}: the header names a column twice ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
-        return rows
+        return
     data = _json(text, str(path), "a manifest")
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of rows")
-    return list(enumerate(data, start=1))
+    yield from enumerate(data, start=1)
 
 
 # --- easy-VQA -------------------------------------------------------------

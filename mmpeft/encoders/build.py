@@ -35,6 +35,7 @@ def build_encoder(
     pooling: str = "auto",
     quantization=None,
     device: str = "cpu",
+    attention: str = "auto",
 ) -> Encoder:
     """Load a frozen pretrained encoder.
 
@@ -64,7 +65,7 @@ def build_encoder(
                 "(minilm, efficientnet-lite0), a local transformers directory, or a hub id with internet access."
             ) from None
         kind = modality or hf_modality(config)
-        hf_model = load_hf_model(source, revision, quantization, device)
+        hf_model = load_hf_model(source, revision, quantization, device, attention)
         if kind == "text":
             from transformers import AutoTokenizer
 

@@ -35,7 +35,7 @@ def _bnb_config(quant) -> Any:
     )
 
 
-def load_hf_model(source: str, revision: Optional[str], quant, device: str) -> nn.Module:
+def load_hf_model(source: str, revision: Optional[str], quant, device: str, attention: str = "auto") -> nn.Module:
     """``AutoModel.from_pretrained`` with offline-friendly errors and optional bitsandbytes."""
     from transformers import AutoModel
 
@@ -43,6 +43,8 @@ def load_hf_model(source: str, revision: Optional[str], quant, device: str) -> n
     kwargs: dict[str, Any] = {}
     if revision:
         kwargs["revision"] = revision
+    if attention != "auto":
+        kwargs["attn_implementation"] = attention
     if quant is not None:
         kwargs["quantization_config"] = _bnb_config(quant)
         kwargs["device_map"] = {"": device}

@@ -1,0 +1,282 @@
+"""``mmpeft bench throughput``: what the toolkit costs over a hand-written loop, what each
+pipeline feature buys, and how cost grows with data.
+
+1. Reference loop: the recipe's own model (same encoders, PEFT layers, head), optimizer
+   and precision, fed with ready-made batches already on the device, in a plain loop
+   (below, ~30 lines): the ceiling for this model on this machine.
+2. ``mmpeft finetune`` on real data through the whole pipeline (decoding, preprocessing,
+   collation, transfer, the train step, progress and logging): samples/s of its second
+   epoch (the first also fills the image caches) and the share of the epoch spent waiting
+   for batches.
+3. The same with one feature changed at a time (workers, the image cache, the frozen-
+   feature cache, eager attention instead of SDPA, gradient checkpointing, torch.compile).
+4. Scaling: epoch time per row for 1k / 4k / 16k rows; and a generated manifest of
+   1,000,000 rows loaded, checked and trained for one step, with its time and peak memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+import torch.nn.functional as F
+from PIL import Image
+
+from ..config import load_recipe
+from ..data import Collator, ImageStore, load_splits
+from ..errors import Interrupted, MMPeftError
+from ..model import build_model
+from ..runtime import make_accelerator, resolve_mixed_precision, train_device
+from ..tasks import Vocabulary
+from ..train import finetune, make_optimizer
+from .common import cpu_ticks, machine_info, output_folder, steal_line, steal_percent, write_atomic
+
+
+def reference_loop(recipe, steps: int, warmup: int = 3) -> dict:
+    """The recipe's model trained on ready-made batches in a plain loop; samples/s."""
+    t = recipe.train
+    device = train_device(t)
+    torch.manual_seed(t.seed)
+    splits = load_splits(recipe.data, recipe.task.group_fields, t.seed)
+    vocab = Vocabulary.build([s.answer for s in splits.train], recipe.task.min_answer_count)
+    model = build_model(recipe, len(vocab), device=device).to(device)
+    store = ImageStore.for_encoders(model.encoders.values())
+    rows = splits.train[: steps * t.batch_size]
+    collate = Collator(rows, dict(model.encoders.items()), vocab, store)
+    batches = []
+    for start in range(0, len(rows), t.batch_size):  # built (and moved) before the clock starts
+        batch = collate(list(range(start, min(start + t.batch_size, len(rows)))))
+        batches.append(({k: {n: x.to(device) for n, x in v.items()} for k, v in batch["inputs"].items()}, batch["labels"].to(device)))
+    optimizer = make_optimizer(model, t)
+    precision = resolve_mixed_precision(t.mixed_precision, device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    model.train()
+    flops = _step_flops(model, batches[0], dtype, t.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    seen, start = 0, time.perf_counter()
+    for step in range(warmup + len(batches)):
+        if step == warmup:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seen, start = 0, time.perf_counter()
+        inputs, labels = batches[step % len(batches)]
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.float(), labels, ignore_index=-1, label_smoothing=t.label_smoothing)
+        loss.backward()
+        if t.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seen += labels.shape[0]
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    rate = seen / seconds
+    flops_per_sample = flops / batches[0][1].shape[0]
+    peak = peak_flops(precision)
+    return {"samples_per_second": round(rate, 2), "steps": len(batches), "trainable": trainable,
+            "gflops_per_sample": round(flops_per_sample / 1e9, 3), "achieved_tflops": round(rate * flops_per_sample / 1e12, 4),
+            "mfu": round(rate * flops_per_sample / peak, 4) if peak else None}
+
+
+def _step_flops(model, batch, dtype, label_smoothing: float) -> int:
+    """FLOPs of one training step's forward and backward passes on ``batch``, as PyTorch's
+    own counter (torch.utils.flop_counter: matmuls, convolutions, attention) counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    inputs, labels = batch
+    device = labels.device.type
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            logits = model(inputs)
+        F.cross_entropy(logits.float(), labels, ignore_index=-1, label_smoothing=label_smoothing).backward()
+    return counter.get_total_flops()
+
+
+# Dense peak FLOP/s (NVIDIA datasheets, SXM parts, no sparsity) for model FLOPs utilisation.
+PEAK_TFLOPS = {"H200": {"bf16": 989.4, "fp16": 989.4, "no": 66.9}, "H100": {"bf16": 989.4, "fp16": 989.4, "no": 66.9},
+               "A100": {"bf16": 312.0, "fp16": 312.0, "no": 19.5}, "L4": {"bf16": 121.0, "fp16": 121.0, "no": 30.3}}
+
+
+def peak_flops(precision: str) -> float | None:
+    """The visible GPU's peak FLOP/s for ``precision`` (None on a CPU or an unlisted GPU)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    row = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return row[precision] * 1e12 if row and precision in row else None
+
+
+def pipeline(recipe_path: str, overrides: list, out: Path, name: str, epochs: int = 2) -> dict:
+    """``mmpeft finetune`` for ``epochs`` epochs of the same rows; the last epoch's figures."""
+    ov = list(overrides) + [f"train.epochs={epochs}", "data.eval_fraction=0", "data.max_test_samples=256", "output.plots=false",
+                            "train.checkpoint_every=null", "train.checkpoint_minutes=null", f"output.dir={out}", f"output.name={name}"]
+    start, ticks = time.perf_counter(), cpu_ticks()
+    try:
+        bundle = finetune(load_recipe(recipe_path, ov), overwrite=True)
+    except Interrupted:
+        raise  # Ctrl-C or SIGTERM stops the benchmark, not just this configuration
+    except (MMPeftError, RuntimeError) as exc:
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    history = json.loads((Path(bundle) / "metrics.json").read_text())["history"]
+    first, second = history[0], history[-1]
+    return {"samples_per_second": second["samples_per_second"], "first_epoch_samples_per_second": first["samples_per_second"],
+            "epoch_seconds": [h["epoch_seconds"] for h in history], "data_share": round(second["data_seconds"] / second["epoch_seconds"], 3),
+            "wall_seconds": round(time.perf_counter() - start, 1), "cpu_steal_pct": steal_percent(ticks, cpu_ticks())}
+
+
+def trainable_of(recipe_path: str, overrides: list) -> list[str]:
+    recipe = load_recipe(recipe_path, overrides)
+    make_accelerator(recipe)
+    splits = load_splits(recipe.data, recipe.task.group_fields, recipe.train.seed)
+    vocab = Vocabulary.build([s.answer for s in splits.train], recipe.task.min_answer_count)
+    model = build_model(recipe, len(vocab))
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+TOGGLES = [
+    ("1 DataLoader worker", ["train.num_workers=1"]),
+    ("2 DataLoader workers", ["train.num_workers=2"]),
+    ("no image cache (decode every time)", ["data.image_cache_mb=1"]),
+    ("eager attention instead of SDPA", ["encoders.text.attention=eager"]),
+    ("gradient checkpointing", ["train.gradient_checkpointing=true"]),
+    ("torch.compile", ["train.compile=true"]),
+]
+
+
+def manifest_rows(out: Path, rows: int, recipe: str) -> Path:
+    """A generated manifest of ``rows`` rows over 64 small images, and ``recipe`` reading it."""
+    folder = out / f"manifest_{rows}"
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(64):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / "images" / f"{i}.png")
+    answers = ["red", "green", "blue", "yes", "no"]
+    with open(folder / "train.jsonl", "w") as handle:
+        for i in range(rows):
+            handle.write(json.dumps({"image": f"images/{i % 64}.png", "question": f"what color is shape {i % 97} ?",
+                                     "answer": answers[i % 5]}) + "\n")
+    (folder / "test.jsonl").write_text("".join(json.dumps({"image": f"images/{i}.png", "question": "what color ?",
+                                                           "answer": answers[i % 5]}) + "\n" for i in range(64)))
+    raw = yaml.safe_load(Path(recipe).read_text())
+    raw["data"] = {"source": "manifest", "train": str(folder / "train.jsonl"), "test": str(folder / "test.jsonl")}
+    raw.setdefault("task", {}).pop("group_fields", None)
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    return folder / "recipe.yaml"
+
+
+def first_step(recipe: Path, out: Path, name: str) -> dict:
+    """``mmpeft finetune`` in its own process until its first optimizer step, where it stops
+    itself (SIGSTOP): seconds to that step, and that process's own peak resident memory.
+
+    The peak is read from /proc (VmHWM, which starts afresh at exec), not from wait4's
+    ru_maxrss: Linux carries ru_maxrss over from the forking parent, so a child of a big
+    benchmark process would report the parent's size."""
+    env = dict(os.environ, MMPEFT_KILL_AT="train.step#1", MMPEFT_KILL_SIGNAL="STOP")
+    cmd = [sys.executable, "-m", "mmpeft.cli", "finetune", str(recipe), "data.max_train_samples=null", "data.eval_fraction=0",
+           "output.plots=false", f"output.dir={out}", f"output.name={name}", "--overwrite"]
+    log = out / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as handle:  # a file, not a pipe: a full pipe would block the run before its first step
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)
+        seconds = time.perf_counter() - start
+    if not os.WIFSTOPPED(status):
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        raise MMPeftError(f"the run {name} did not reach its first step:\n{log.read_text()[-2000:]}")
+    status_lines = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+    peak_kib = next(int(line.split()[1]) for line in status_lines if line.startswith("VmHWM:"))
+    proc.kill()
+    proc.wait()
+    return {"seconds_to_first_step": round(seconds, 1), "peak_rss_mib": round(peak_kib / 1024, 1)}
+
+
+def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results/throughput", steps: int = 40, overrides=(),
+        scaling=(1000, 4000, 16000), rows_test=(10_000, 1_000_000), toggles=TOGGLES) -> dict:
+    out_path = output_folder(out)
+    base = list(overrides) + [f"data.max_train_samples={steps * load_recipe(recipe, list(overrides)).train.batch_size}"]
+    result = {"recipe": recipe, "overrides": base, "machine": machine_info(), "steps": steps}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        reference = reference_loop(load_recipe(recipe, base), steps)
+        result["reference"] = {k: v for k, v in reference.items() if k != "trainable"}
+        result["same_trainable_parameters"] = reference["trainable"] == trainable_of(recipe, base)
+        rows = [{"configuration": "mmpeft finetune (the recipe's settings)", **pipeline(recipe, base, work, "base")}]
+        for label, extra in toggles:
+            rows.append({"configuration": label, **pipeline(recipe, base + extra, work, f"t{len(rows)}")})
+            print(json.dumps(rows[-1]), flush=True)
+        for row in rows:
+            if "samples_per_second" in row:
+                row["vs_reference"] = round(row["samples_per_second"] / result["reference"]["samples_per_second"], 3)
+                row["achieved_tflops"] = round(row["samples_per_second"] * reference["gflops_per_sample"] / 1e3, 4)
+        result["pipeline"] = rows
+        frozen = ["encoders.text.peft={method: none}", "encoders.image.peft={method: none}"]
+        cached = pipeline(recipe, base + frozen, work, "frozen_cached")
+        plain = pipeline(recipe, base + frozen + ["train.cache_frozen_features=false"], work, "frozen_plain")
+        result["feature_cache"] = {"cached": cached, "not_cached": plain,
+                                   "second_epoch_speedup": round(plain["epoch_seconds"][1] / cached["epoch_seconds"][1], 2)}
+        result["scaling"] = []
+        for n in scaling:
+            # three epochs, the fastest after the first: this shared machine's speed drifts by
+            # ~10% from minute to minute, and the minimum is the least noisy estimate (as timeit's)
+            r = pipeline(recipe, list(overrides) + [f"data.max_train_samples={n}"], work, f"rows{n}", epochs=3)
+            r.update(rows=n, best_epoch_seconds=min(r["epoch_seconds"][1:]))
+            r["seconds_per_1k_rows"] = round(1000 * r["best_epoch_seconds"] / n, 2)
+            result["scaling"].append(r)
+            print(json.dumps(r), flush=True)
+        per_row = [r["seconds_per_1k_rows"] for r in result["scaling"]]
+        result["scaling_spread_pct"] = round(100 * (max(per_row) - min(per_row)) / (sum(per_row) / len(per_row)), 1)
+        result["manifest_rows"] = []
+        for n in rows_test:
+            r = {"rows": n, **first_step(manifest_rows(work, n, recipe), work / "runs", f"rows{n}")}
+            result["manifest_rows"].append(r)
+            print(json.dumps(r), flush=True)
+    write_atomic(out_path / "throughput.json", json.dumps(result, indent=2))
+    write_atomic(out_path / "throughput.md", markdown(result))
+    return result
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    ref = r["reference"]["samples_per_second"]
+    lines = [f"`mmpeft bench throughput` on {m['cuda'] or m['processor']} ({m['cpu_count']} cores, torch {m['torch']}, "
+             f"{m['torch_threads']} threads); recipe `{r['recipe']}` with `{' '.join(r['overrides'])}`: {r['steps']} steps of "
+             "the same rows; finetune figures are its second epoch (the first also fills the image caches). The reference "
+             f"loop trains the same parameters: {r['same_trainable_parameters']}.", "",
+             "| configuration | samples/s | vs reference | waiting for data | 1st epoch samples/s |", "|---|---:|---:|---:|---:|",
+             f"| reference loop (ready-made batches, a plain loop) | {ref} | 1.000 | - | - |"]
+    for row in r["pipeline"]:
+        if "error" in row:
+            lines.append(f"| {row['configuration']} | failed: {row['error']} | | | |")
+        else:
+            lines.append(f"| {row['configuration']} | {row['samples_per_second']} | {row['vs_reference']:.3f} | "
+                         f"{100 * row['data_share']:.1f}% | {row['first_epoch_samples_per_second']} |")
+    mfu = (f"model FLOPs utilisation {100 * r['reference']['mfu']:.1f}% of the GPU's peak" if r["reference"]["mfu"] is not None
+           else "model FLOPs utilisation: reported on a listed GPU only (no peak figure for this device)")
+    base = r["pipeline"][0]
+    lines += ["", f"FLOPs per training sample (forward + backward, counted by `torch.utils.flop_counter`): "
+              f"{r['reference']['gflops_per_sample']} GFLOP; the reference loop achieves {r['reference']['achieved_tflops']} TFLOP/s, "
+              f"finetune {base.get('achieved_tflops', '-')} TFLOP/s; {mfu}."]
+    fc = r["feature_cache"]
+    lines += ["", f"Frozen encoders (`none` on both), second epoch: {fc['cached']['epoch_seconds'][1]} s with the frozen-feature "
+              f"cache, {fc['not_cached']['epoch_seconds'][1]} s without: {fc['second_epoch_speedup']}x.", "",
+              "| train rows | epochs 1-3 s | fastest of epochs 2-3, s per 1k rows |", "|---:|---|---:|"]
+    for s in r["scaling"]:
+        lines.append(f"| {s['rows']:,} | {' / '.join(str(x) for x in s['epoch_seconds'])} | {s['seconds_per_1k_rows']} |")
+    runs = r["pipeline"] + [r["feature_cache"]["cached"], r["feature_cache"]["not_cached"]] + r["scaling"]
+    lines += ["", f"Spread of the time per row: {r['scaling_spread_pct']}% of its mean.", "", steal_line([x.get("cpu_steal_pct") for x in runs]), "",
+              "| manifest rows | load, check, build, first step (s) | peak memory MiB |", "|---:|---:|---:|"]
+    for s in r["manifest_rows"]:
+        lines.append(f"| {s['rows']:,} | {s['seconds_to_first_step']} | {s['peak_rss_mib']} |")
+    return "\n".join(lines) + "\n"

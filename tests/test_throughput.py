@@ -1,0 +1,81 @@
+"""The throughput benchmark's CPU path on tiny models (every column produced; the reference
+loop trains exactly finetune's parameters), and pipeline features that change no number."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mmpeft.bench import throughput
+from mmpeft.config import load_recipe
+from mmpeft.train import finetune
+from tests import tiny
+
+TIMING = ("epoch_seconds", "samples_per_second", "data_seconds")
+
+
+def tiny_recipe(assets, tmp_path) -> Path:
+    raw = tiny.recipe_dict(assets["bert"], assets["vit"], assets["data"], tmp_path / "out", epochs=1)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_benchmark_produces_every_figure(assets, tmp_path):
+    recipe = tiny_recipe(assets, tmp_path)
+    toggles = [t for t in throughput.TOGGLES if "compile" not in t[0]]  # compiling takes minutes on CPU: the command runs it
+    result = throughput.run(str(recipe), str(tmp_path / "bench"), steps=2, scaling=(16, 32), rows_test=(500,), toggles=toggles)
+    assert result["same_trainable_parameters"] is True
+    assert result["reference"]["samples_per_second"] > 0 and result["reference"]["steps"] == 2
+    assert result["reference"]["gflops_per_sample"] > 0 and result["reference"]["achieved_tflops"] > 0
+    assert result["reference"]["mfu"] is None  # no GPU peak to divide by on a CPU
+    assert [r["configuration"] for r in result["pipeline"]][1:] == [label for label, _ in toggles]
+    for row in result["pipeline"]:
+        assert row["samples_per_second"] > 0 and 0 <= row["data_share"] <= 1 and row["vs_reference"] > 0, row
+    assert result["feature_cache"]["second_epoch_speedup"] > 0
+    assert [r["rows"] for r in result["scaling"]] == [16, 32] and result["scaling_spread_pct"] >= 0
+    assert result["manifest_rows"][0]["rows"] == 500 and result["manifest_rows"][0]["peak_rss_mib"] > 0
+    table = (tmp_path / "bench" / "throughput.md").read_text()
+    assert "reference loop" in table and "eager attention" in table and "per 1k rows" in table and "GFLOP" in table
+
+
+def run_results(recipe: Path, out: Path, *overrides):
+    bundle = finetune(load_recipe(recipe, [f"output.dir={out}", *overrides]))
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    for row in metrics["history"]:
+        for key in TIMING:
+            row.pop(key)
+    tensors = {f"{f.name}:{k}": v for f in sorted(bundle.rglob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    return metrics, tensors
+
+
+@pytest.mark.parametrize("feature", [["data.image_cache_mb=1"], ["train.num_workers=2"], ["train.pin_memory=true"]])
+def test_pipeline_features_change_no_number(assets, tmp_path, feature):
+    """A tiny image cache (every image decoded again), DataLoader workers and pinned memory
+    give bit-identical losses, metrics and weights on CPU."""
+    recipe = tiny_recipe(assets, tmp_path)
+    plain_metrics, plain_tensors = run_results(recipe, tmp_path / "plain", "train.epochs=2")
+    other_metrics, other_tensors = run_results(recipe, tmp_path / "other", "train.epochs=2", *feature)
+    assert plain_metrics == other_metrics
+    assert plain_tensors.keys() == other_tensors.keys() and all(torch.equal(plain_tensors[k], other_tensors[k]) for k in plain_tensors)
+
+
+def test_image_cache_stays_within_its_budget(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from mmpeft.data import ImageStore
+
+    store = ImageStore(max_side=64, cache_mb=1)  # 1 MiB: about 80 images of 64x64
+    paths = []
+    for i in range(300):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(np.full((64, 64, 3), i % 256, dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    first = [np.asarray(store.get(p)).copy() for p in paths]
+    assert store.cached_bytes <= 2**20
+    again = [np.asarray(store.get(p)) for p in paths]  # dropped ones are decoded again, to the same pixels
+    assert all((a == b).all() for a, b in zip(first, again))
