@@ -57,13 +57,14 @@ def run_settings(recipe) -> dict:
 
 
 def data_fingerprint(splits) -> str:
-    """sha256 over every row of every split (image, text, answer, groups), row by row (a
+    """sha256 over every row of every split (image, text, answer, groups, audio), row by row (a
     million rows are hashed without building one large string)."""
     digest = hashlib.sha256()
     for name in ("train", "eval", "test"):
         digest.update(f"[{name}]".encode())
         for s in getattr(splits, name):
-            digest.update(json.dumps([s.image, s.text, s.answer, sorted(s.groups.items())]).encode())
+            row = [s.image, s.text, s.answer, sorted(s.groups.items())] + ([s.audio] if s.audio else [])
+            digest.update(json.dumps(row).encode())
     return digest.hexdigest()
 
 

@@ -155,29 +155,37 @@ def evaluate(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle d
 def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (or merged model) directory"),
             image: Optional[Path] = typer.Option(None, help="image file"),
             question: Optional[str] = typer.Option(None, help="question / text"),
-            input: Optional[Path] = typer.Option(None, "--input", help="manifest (.jsonl/.csv/.json) with image and question columns"),
+            audio: Optional[Path] = typer.Option(None, help="audio file (bundles with an audio encoder)"),
+            input: Optional[Path] = typer.Option(None, "--input", help="manifest (.jsonl/.csv/.json) with the columns the bundle reads"),
             output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the input rows with their predictions (.jsonl or .csv)"),
             top_k: int = typer.Option(3, help="answers to show"),
             image_field: str = typer.Option("image", help="--input: the image column"),
             text_field: str = typer.Option("question", help="--input: the question column"),
+            audio_field: str = typer.Option("audio", help="--input: the audio column"),
             device: str = typer.Option("auto", help="cpu, cuda or auto"),
             allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="load onto a base whose fingerprint differs")):
-    """Answer a question about an image (or every row of a manifest)."""
+    """Answer a question about an image (or classify a clip, ...; or every row of a manifest)."""
     from .inference import Predictor, predict_manifest
 
-    if input is None and (image is None or question is None):
-        raise UsageError("give --image and --question, or --input manifest.jsonl")
+    if input is None and image is None and question is None and audio is None:
+        raise UsageError("give the inputs the bundle reads (--image, --question, --audio), or --input manifest.jsonl")
     if top_k < 1:
         raise UsageError(f"--top-k: must be at least 1 (got {top_k})")
     predictor = Predictor(bundle, _device(device), allow_base_mismatch)
+    given = {"image": image, "text": question, "audio": audio}
+    flags = {"image": "--image", "text": "--question", "audio": "--audio"}
+    missing = [flags[m] for m in predictor.reads if given[m] is None]
+    if input is None and missing:
+        raise UsageError(f"{bundle} reads {', '.join(predictor.reads)}: give {' and '.join(missing)} too (or --input manifest.jsonl)")
     if input is not None:
-        results = predict_manifest(predictor, input, output, top_k, image_field, text_field)
+        results = predict_manifest(predictor, input, output, top_k, image_field, text_field, audio_field)
         console.print(f"{len(results)} predictions" + (f" written to {output}" if output else ""))
         if output is None:
             for r in results:
                 print(json.dumps(r))
         return
-    result = predictor.predict([str(image)], [question], top_k)[0]
+    one = {m: [str(given[m])] if m in predictor.reads else [] for m in given}
+    result = predictor.predict(one["image"], one["text"], top_k, audios=one["audio"])[0]
     console.print(Text(result["answer"], style="bold"))
     for alt in result["top_k"]:
         console.print(f"  {alt['probability']:.4f}  {alt['answer']}")

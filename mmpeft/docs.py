@@ -14,7 +14,7 @@ from pydantic_core import PydanticUndefined
 
 from .config import FUSION_SETTINGS, METHOD_SETTINGS
 from .config.paths import REQUIRED_BY_SOURCE
-from .config.schema import DataConfig, EncoderConfig, OutputConfig, QuantizationConfig, Recipe, TaskConfig, TrainConfig
+from .config.schema import AudioConfig, DataConfig, EncoderConfig, OutputConfig, QuantizationConfig, Recipe, TaskConfig, TrainConfig
 
 
 def _default(field) -> str:
@@ -42,7 +42,8 @@ def _rows(prefix: str, model: type[BaseModel], skip=(), required: dict | None = 
 def recipe_reference() -> str:
     lines = ["| key | default | meaning |", "|---|---|---|"]
     lines += _rows("", Recipe, skip=("encoders", "fusion", "task", "data", "train", "output"))
-    lines += _rows("encoders.<name>.", EncoderConfig, skip=("quantization",))
+    lines += _rows("encoders.<name>.", EncoderConfig, skip=("quantization", "audio"))
+    lines += _rows("encoders.<name>.audio.", AudioConfig)
     lines += _rows("encoders.<name>.quantization.", QuantizationConfig)
     for method in METHOD_SETTINGS.names():
         for name, field in METHOD_SETTINGS.get(method).model_fields.items():

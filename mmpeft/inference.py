@@ -11,7 +11,7 @@ import torch
 from pydantic import BaseModel, Field, ValidationError
 
 from .bundle.io import load_bundle
-from .data import Collator, ImageStore, Sample, load_splits, make_loader, read_rows
+from .data import Collator, ImageStore, Sample, make_loader, read_rows, recipe_splits
 from .config.loading import describe_error
 from .errors import BundleError, DataError, MMPeftError
 from .files import MAX_MANIFEST_BYTES, atomic_text_file, read_text
@@ -60,9 +60,9 @@ def evaluate_bundle(path, overrides: Sequence[str] = (), device: str = "cpu", al
     bundle = load_bundle(path, device=device, allow_base_mismatch=allow_base_mismatch, overrides=overrides)
     recipe = bundle.recipe
     vocab = Vocabulary(bundle.vocab)
-    splits = load_splits(recipe.data, recipe.task.group_fields, recipe.train.seed)
+    splits = recipe_splits(recipe)
     store = ImageStore.for_encoders(bundle.model.encoders.values(), recipe.data.image_cache_mb)
-    checked = store.check({"test": splits.test}, recipe.data.on_bad_image)
+    checked = store.check({"test": splits.test}, recipe.data.on_bad_image, on_bad_audio=recipe.data.on_bad_audio)
     test = checked["test"]
     stored = stored_metrics(bundle.path)
     group_fields = stored.get("group_fields") or groups_to_report(recipe, test)
@@ -92,14 +92,25 @@ class Predictor:
         self.store = ImageStore.for_encoders(self.model.encoders.values(), self.bundle.recipe.data.image_cache_mb)
         self.device = device
 
+    @property
+    def reads(self) -> list[str]:
+        """The inputs this bundle's encoders read, of "image", "text", "audio"."""
+        kinds = {enc.modality for enc in self.model.encoders.values()}
+        return [m for m in ("image", "text", "audio") if m in kinds]
+
     @torch.no_grad()
-    def predict(self, images: Sequence[str], texts: Sequence[str], top_k: int = 3, batch_size: int = 32) -> list[dict]:
-        """Top-k answers with probabilities for each (image path, text) pair."""
-        rows = [Sample(str(i), str(t), "", {}, f"input {n + 1}") for n, (i, t) in enumerate(zip(images, texts))]
-        self.store.check({"input": rows}, "error", hint="check the image path")
+    def predict(self, images: Sequence[str], texts: Sequence[str], top_k: int = 3, batch_size: int = 32,
+                audios: Sequence[str] = ()) -> list[dict]:
+        """Top-k answers with probabilities for each input: the i-th image path, text and
+        audio path (a list the bundle does not read may be empty)."""
+        n = max(len(images), len(texts), len(audios))
+        images, texts, audios = (list(x) if len(x) else [""] * n for x in (images, texts, audios))
+        rows = [Sample(str(i), str(t), "", {}, f"input {k + 1}", str(a)) for k, (i, t, a) in enumerate(zip(images, texts, audios))]
+        self.store.check({"input": rows}, "error", hint="check the file path")
         answers = answer_rows(self.model, self.vocab, self.bundle.recipe, rows, self.store, top_k, self.device, batch_size,
                               where=str(self.bundle.path))
-        return [{"image": row.image, "question": row.text, **a} for row, a in zip(rows, answers)]
+        fields = {"image": "image", "text": "question", "audio": "audio"}
+        return [{**{fields[m]: getattr(row, m) for m in self.reads}, **a} for row, a in zip(rows, answers)]
 
 
 @torch.no_grad()
@@ -128,7 +139,7 @@ PREDICTION_COLUMNS = ("prediction", "probability", "top_k")
 
 
 def predict_manifest(predictor: Predictor, manifest: Path, out: Optional[Path], top_k: int, image_field="image",
-                     text_field="question") -> list[dict]:
+                     text_field="question", audio_field="audio") -> list[dict]:
     """Predict every row of a manifest. Each output row is the input row with every column
     as it was, plus ``prediction`` (the top answer), ``probability`` (its probability) and
     ``top_k`` (a list of ``{answer, probability}``; a JSON string in CSV). Written as JSONL
@@ -137,14 +148,19 @@ def predict_manifest(predictor: Predictor, manifest: Path, out: Optional[Path], 
     if not path.is_file():
         raise DataError(f"input manifest not found: {path.resolve()}")
     rows = read_rows(path)
-    images, texts = [], []
+    columns = {"image": image_field, "text": text_field, "audio": audio_field}
+    needed = [columns[m] for m in predictor.reads]
+    values: dict[str, list[str]] = {m: [] for m in columns}
     for number, row in rows:
-        if not isinstance(row, dict) or row.get(image_field) in (None, "") or text_field not in row:
-            raise DataError(f"{path}, row {number}: needs fields {image_field!r} and {text_field!r} (--image-field / --text-field)")
-        img = Path(str(row[image_field]))
-        images.append(str(img if img.is_absolute() else path.parent / img))
-        texts.append(str(row[text_field]))
-    results = predictor.predict(images, texts, top_k)
+        if not isinstance(row, dict) or any(row.get(f) in (None, "") and not (f == text_field and f in row) for f in needed):
+            raise DataError(f"{path}, row {number}: needs field(s) {', '.join(map(repr, needed))} "
+                            "(--image-field / --text-field / --audio-field)")
+        for m in predictor.reads:
+            value = str(row[columns[m]])
+            if m != "text":  # file paths are relative to the manifest
+                value = str(Path(value) if Path(value).is_absolute() else path.parent / value)
+            values[m].append(value)
+    results = predictor.predict(values["image"], values["text"], top_k, audios=values["audio"])
     replaced = sorted({c for _, row in rows for c in PREDICTION_COLUMNS if c in row})
     if replaced:
         print(f"note: the input's column(s) {', '.join(replaced)} are replaced by this prediction's")

@@ -129,6 +129,7 @@ def build_adapted_encoder(name: str, cfg, train, device: str = "cpu"):
     enc = build_encoder(
         cfg.model, modality=cfg.modality, revision=cfg.revision, max_length=cfg.max_length,
         image_size=cfg.image_size, pooling=cfg.pooling, quantization=cfg.quantization, device=device, attention=cfg.attention,
+        audio=cfg.audio,
     )
     if cfg.quantization is not None:
         prepare_for_kbit_training(enc)

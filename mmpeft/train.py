@@ -26,7 +26,7 @@ from .checkpoint import (LoopState, capture_rng, data_fingerprint, list_checkpoi
                          restore_rng, run_settings, write_checkpoint)
 from .config import Recipe, load_recipe
 from .config.paths import require_data
-from .data import Collator, ImageStore, load_splits, make_loader, probe_images
+from .data import Collator, ImageStore, make_loader, probe_images, recipe_splits
 from .errors import Interrupted, UsageError
 from .files import check_writable, output_lock
 from .interrupt import stop_on_signals
@@ -155,8 +155,8 @@ def _is_final(checkpoint: Path) -> bool:
 def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run: bool, resume: bool):
     t = recipe.train
     is_main = accelerator.is_main_process
-    splits = load_splits(recipe.data, recipe.task.group_fields, t.seed)
-    probe_images({"train": splits.train, "eval": splits.eval, "test": splits.test}, recipe.data.on_bad_image)
+    splits = recipe_splits(recipe)
+    probe_images({"train": splits.train, "eval": splits.eval, "test": splits.test}, recipe.data.on_bad_image, recipe.data.on_bad_audio)
     vocab = Vocabulary.build([s.answer for s in splits.train], recipe.task.min_answer_count)
     model = build_model(recipe, len(vocab), device=str(accelerator.device.type))
     if is_main:
@@ -165,7 +165,8 @@ def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run:
         return summarize(model, recipe)
 
     store = ImageStore.for_encoders(model.encoders.values(), recipe.data.image_cache_mb)
-    checked = store.check({"train": splits.train, "eval": splits.eval, "test": splits.test}, recipe.data.on_bad_image)
+    checked = store.check({"train": splits.train, "eval": splits.eval, "test": splits.test}, recipe.data.on_bad_image,
+                          on_bad_audio=recipe.data.on_bad_audio)
     splits.train, splits.eval, splits.test = checked["train"], checked["eval"], checked["test"]
     faults.point("data.checked")
     encoders = dict(model.encoders.items())

@@ -18,6 +18,8 @@ def assets(tmp_path_factory) -> dict:
         "clip": tiny.make_clip_vision(root / "clip"),
         "resnet": tiny.make_resnet(root / "resnet"),
         "effnet": tiny.make_efficientnet(root / "effnet"),
+        "effnet_audio": tiny.make_efficientnet_audio(root / "effnet_audio"),
+        "audio_data": tiny.make_audio_dataset(root / "audio_data"),
         "data": tiny.make_dataset(root / "data"),
         # bitsandbytes' CPU 4-bit kernels need layer widths of at least one block (64)
         "bert64": tiny.make_bert(root / "bert64", hidden=64),

@@ -7,8 +7,8 @@ import torch
 from mmpeft.config import load_recipe
 from tests import tiny
 
-ENCODER_KINDS = ["bert", "vit", "clip", "resnet", "effnet"]
-IMAGE_KINDS = ["vit", "clip", "resnet", "effnet"]
+ENCODER_KINDS = ["bert", "vit", "clip", "resnet", "effnet", "effnet_audio"]
+IMAGE_KINDS = ["vit", "clip", "resnet", "effnet", "effnet_audio"]  # the kinds that sit in a recipe's second encoder slot
 
 
 def recipe_for(assets, kind: str, method: str | dict, out_dir, fusion="gated", other="none", **train):
@@ -33,6 +33,10 @@ def fixed_batch(model, n: int = 8, seed: int = 0):
         if enc.modality == "text":
             questions = ["what color is the shape ?", "is there a red shape ?", "what is the shape ?"]
             inputs[name] = enc.preprocess([questions[i % 3] for i in range(n)])
+        elif enc.modality == "audio":  # noise clips of different lengths, so the frame mask matters
+            rate = enc.audio.sample_rate
+            waves = [(0.1 * rng.standard_normal(int(rate * (0.2 + 0.1 * (i % 4))))).astype(np.float32) for i in range(n)]
+            inputs[name] = enc.preprocess(waves)
         else:
             images = [Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)) for _ in range(n)]
             inputs[name] = enc.preprocess(images)
@@ -64,3 +68,22 @@ def write_and_reload(model, recipe, directory):
 
     manifest = write_bundle(directory, model, recipe, ["a", "b", "c"], {"test": {}})
     return manifest, load_bundle(directory)
+
+
+TIMING = ("epoch_seconds", "samples_per_second", "data_seconds")  # history columns that differ between identical runs
+
+
+def bundle_results(bundle) -> tuple[dict, dict]:
+    """(metrics without timings, every tensor of the bundle): what identical runs share."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    bundle = Path(bundle)
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    for row in metrics["history"]:
+        for key in TIMING:
+            row.pop(key)
+    tensors = {f"{f.relative_to(bundle)}:{k}": v for f in sorted(bundle.rglob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    return metrics, tensors

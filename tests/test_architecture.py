@@ -246,10 +246,12 @@ KIND = {"bert": "text", "roberta": "text", "xlm-roberta": "text", "electra": "te
 
 
 def tiny_model(model_type: str, assets):
-    if model_type == "efficientnet_lite":
+    if model_type in ("efficientnet_lite", "efficientnet_lite_audio"):  # mmpeft's own CNN encoders, image and audio
         from mmpeft.encoders import build_encoder
 
-        return build_encoder(str(assets["effnet"])).model
+        encoder = build_encoder(str(assets["effnet" if model_type == "efficientnet_lite" else "effnet_audio"]))
+        assert encoder.arch == model_type
+        return encoder.model
     from transformers import AutoConfig, AutoModel
 
     assert model_type in KIND, f"add a tiny config for the new architecture {model_type!r} to this test"
@@ -266,7 +268,7 @@ def test_every_table_row_fits_its_model(model_type, assets):
 
     row = architecture(model_type)
     model = tiny_model(model_type, assets)
-    if model_type != "efficientnet_lite":
+    if not model_type.startswith("efficientnet_lite"):
         assert hf_modality(model.config) == row.modality
     names = [n for n, _ in model.named_modules() if n]
     assert row.lora and match_targets(model, row.lora), f"{model_type}: LoRA targets {row.lora} match nothing"

@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from mmpeft.cli import app
 from tests import tiny
+from tests.helpers import bundle_results
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = ("epoch_seconds", "samples_per_second", "data_seconds")
 runner = CliRunner()
 
 
@@ -46,18 +45,8 @@ def reference(assets, tmp_path_factory):
     return {"recipe": recipe, "bundle": base / "ref" / "tiny"}
 
 
-def results(bundle: Path) -> tuple[dict, dict]:
-    """(metrics without timings, every tensor of the bundle)."""
-    metrics = json.loads((bundle / "metrics.json").read_text())
-    for row in metrics["history"]:
-        for key in TIMING:
-            row.pop(key)
-    tensors = {f"{f.relative_to(bundle)}:{k}": v for f in sorted(bundle.rglob("*.safetensors")) for k, v in load_file(str(f)).items()}
-    return metrics, tensors
-
-
 def assert_same(a: Path, b: Path) -> None:
-    (ma, ta), (mb, tb) = results(a), results(b)
+    (ma, ta), (mb, tb) = bundle_results(a), bundle_results(b)
     assert ma == mb
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 

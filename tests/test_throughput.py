@@ -1,21 +1,17 @@
 """The throughput benchmark's CPU path on tiny models (every column produced; the reference
 loop trains exactly finetune's parameters), and pipeline features that change no number."""
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from mmpeft.bench import throughput
 from mmpeft.config import load_recipe
 from mmpeft.train import finetune
 from tests import tiny
-
-TIMING = ("epoch_seconds", "samples_per_second", "data_seconds")
-
+from tests.helpers import bundle_results
 
 def tiny_recipe(assets, tmp_path) -> Path:
     raw = tiny.recipe_dict(assets["bert"], assets["vit"], assets["data"], tmp_path / "out", epochs=1)
@@ -43,13 +39,7 @@ def test_benchmark_produces_every_figure(assets, tmp_path):
 
 
 def run_results(recipe: Path, out: Path, *overrides):
-    bundle = finetune(load_recipe(recipe, [f"output.dir={out}", *overrides]))
-    metrics = json.loads((bundle / "metrics.json").read_text())
-    for row in metrics["history"]:
-        for key in TIMING:
-            row.pop(key)
-    tensors = {f"{f.name}:{k}": v for f in sorted(bundle.rglob("*.safetensors")) for k, v in load_file(str(f)).items()}
-    return metrics, tensors
+    return bundle_results(finetune(load_recipe(recipe, [f"output.dir={out}", *overrides])))
 
 
 @pytest.mark.parametrize("feature", [["data.image_cache_mb=1"], ["train.num_workers=2"], ["train.pin_memory=true"]])

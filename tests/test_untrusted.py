@@ -140,8 +140,7 @@ def test_manifest_with_wrong_types_or_missing_keys(bundle, tmp_path, edit):
 
 
 def test_decompression_bombs_and_fifo_images_follow_on_bad_image(tmp_path, monkeypatch):
-    from mmpeft.data import loader
-    from mmpeft.data.loader import ImageStore, probe_images
+    from mmpeft.data import ImageStore, checks, probe_images
     from mmpeft.data.samples import Sample
 
     big = tmp_path / "big.png"
@@ -151,7 +150,7 @@ def test_decompression_bombs_and_fifo_images_follow_on_bad_image(tmp_path, monke
     rows = [Sample(str(big), "q", "a", {}, "row 1"), Sample(str(fifo), "q", "a", {}, "row 2"),
             Sample(str(tmp_path / "ok.png"), "q", "a", {}, "row 3")]
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "ok.png")
-    monkeypatch.setattr(loader, "MAX_IMAGE_PIXELS", 100_000)
+    monkeypatch.setattr(checks, "MAX_IMAGE_PIXELS", 100_000)
     store = ImageStore(max_pixels=100_000)
     with pytest.raises(DataError, match=r"row 1: 500x400 = 200,000 pixels, more than the 100,000 allowed"):
         store.check({"t": rows}, "error")

@@ -82,6 +82,51 @@ def make_efficientnet(directory: Path) -> Path:
     return directory
 
 
+def make_efficientnet_audio(directory: Path) -> Path:
+    """The random EfficientNet-Lite0 saved as an audio encoder (its folder says modality: audio)."""
+    make_efficientnet(directory)
+    meta = json.loads((directory / "mmpeft_encoder.json").read_text())
+    (directory / "mmpeft_encoder.json").write_text(json.dumps({**meta, "modality": "audio"}))
+    return directory
+
+
+TONES = {"red": 300.0, "green": 900.0, "blue": 2000.0}  # each colour also has a sound, for audio rows
+
+
+def write_tone(path: Path, hz: float, seconds: float, rate: int = 8000, seed: int = 0, channels: int = 1) -> Path:
+    """A sine tone with a little noise, as 16-bit PCM WAV."""
+    import numpy as np
+    import soundfile
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(rate * seconds)) / rate
+    wave = 0.5 * np.sin(2 * np.pi * hz * t) + 0.02 * rng.standard_normal(t.shape)
+    soundfile.write(str(path), np.repeat(wave[:, None], channels, axis=1) if channels > 1 else wave, rate, subtype="PCM_16")
+    return path
+
+
+def make_audio_dataset(directory: Path, n_train: int = 36, n_test: int = 18, seed: int = 0) -> dict:
+    """Rows with an image, a question and a tone: the answer (the colour) is in the image and in the sound."""
+    rng = random.Random(seed)
+    (directory / "audio").mkdir(parents=True, exist_ok=True)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows = []
+        for i in range(n):
+            color = list(COLORS)[i % 3]
+            img = Image.new("RGB", (24, 24), (255, 255, 255))
+            ImageDraw.Draw(img).rectangle([4, 4, 20, 20], fill=COLORS[color])
+            img.save(directory / f"images/{split}_{i}.png")
+            write_tone(directory / f"audio/{split}_{i}.wav", TONES[color], rng.uniform(0.2, 0.6), seed=i)
+            rows.append({"image": f"images/{split}_{i}.png", "audio": f"audio/{split}_{i}.wav",
+                         "question": "what color is it ?", "answer": color})
+        path = directory / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        files[split] = path
+    return files
+
+
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..config import load_recipe
-from ..data import Collator, ImageStore, load_splits
+from ..data import Collator, ImageStore, recipe_splits
 from ..errors import Interrupted, MMPeftError
 from ..model import build_model
 from ..runtime import make_accelerator, resolve_mixed_precision, train_device
@@ -45,7 +45,7 @@ def reference_loop(recipe, steps: int, warmup: int = 3) -> dict:
     t = recipe.train
     device = train_device(t)
     torch.manual_seed(t.seed)
-    splits = load_splits(recipe.data, recipe.task.group_fields, t.seed)
+    splits = recipe_splits(recipe)
     vocab = Vocabulary.build([s.answer for s in splits.train], recipe.task.min_answer_count)
     model = build_model(recipe, len(vocab), device=device).to(device)
     store = ImageStore.for_encoders(model.encoders.values())
@@ -138,7 +138,7 @@ def pipeline(recipe_path: str, overrides: list, out: Path, name: str, epochs: in
 def trainable_of(recipe_path: str, overrides: list) -> list[str]:
     recipe = load_recipe(recipe_path, overrides)
     make_accelerator(recipe)
-    splits = load_splits(recipe.data, recipe.task.group_fields, recipe.train.seed)
+    splits = recipe_splits(recipe)
     vocab = Vocabulary.build([s.answer for s in splits.train], recipe.task.min_answer_count)
     model = build_model(recipe, len(vocab))
     return sorted(n for n, p in model.named_parameters() if p.requires_grad)

@@ -83,12 +83,20 @@ def export_onnx(bundle, out: Path, *, opset: int = 17, overwrite: bool = False, 
         for name, enc in model.encoders.items():
             if enc.modality == "text":
                 enc.tokenizer.save_pretrained(str(tmp / f"tokenizer_{name}"))
-        preprocessing = {
-            name: ({"tokenizer": f"tokenizer_{name}", "max_length": enc.max_length} if enc.modality == "text"
-                   else {"image_size": enc.image_size, "image_mean": list(enc.mean), "image_std": list(enc.std), "resize": "bicubic"})
-            for name, enc in model.encoders.items()
-        }
+        preprocessing = {name: _preprocessing(name, enc) for name, enc in model.encoders.items()}
         result = {"inputs": names, "output": "logits", "opset": opset, "onnx_max_abs_diff": diff, "exporter_warnings": exporter_warnings,
                   "onnxruntime": None if ort is None else ort.__version__, "merge": report}
         sealing.manifest.update({"format": "mmpeft-onnx-export", **result, "preprocessing": preprocessing, "vocabulary": merged.vocab})
     return result
+
+
+def _preprocessing(name: str, enc) -> dict:
+    """What a consumer of the exported graph must do to raw inputs before feeding it."""
+    if enc.modality == "text":
+        return {"tokenizer": f"tokenizer_{name}", "max_length": enc.max_length}
+    if enc.modality == "audio":
+        return {"audio": enc.audio.model_dump(), "frames": enc.frames, "image_mean": list(enc.mean), "image_std": list(enc.std),
+                "spectrogram": "mono; resampled; power STFT (periodic Hann, centred, reflect padding); Slaney mel; dB; "
+                               "(dB - (peak - top_db)) / top_db clipped to [0, 1]; padded with 0 to `frames`; normalised; "
+                               "repeated to 3 channels (mmpeft/encoders/audio.py)"}
+    return {"image_size": enc.image_size, "image_mean": list(enc.mean), "image_std": list(enc.std), "resize": "bicubic"}

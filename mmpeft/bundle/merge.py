@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..data import Collator, ImageStore, Sample, load_splits
+from ..data import Collator, ImageStore, Sample, recipe_splits
 from ..encoders import build_encoder
 from ..errors import MMPeftError, UsageError
 from ..files import fingerprint_module
@@ -71,22 +71,25 @@ def probe_batch(loaded, size: int = 16, seed: int = 0):
     store = ImageStore.for_encoders(loaded.model.encoders.values())  # one decode per image, check and batch alike
     rows, source = None, "synthetic"
     try:
-        splits = load_splits(loaded.recipe.data, loaded.recipe.task.group_fields, loaded.recipe.train.seed)
+        splits = recipe_splits(loaded.recipe)
         rng = random.Random(seed)
         rows = rng.sample(splits.test, min(size, len(splits.test)))
-        store.check({"probe": rows}, "error")
+        store.check({"probe": rows}, "error", on_bad_audio="error")
         source = "bundle test data"
     except Exception:  # noqa: BLE001 - data not reachable here: fall back to synthetic inputs
         rows = None
     if rows is None:
         gen = np.random.default_rng(seed)
         words = ["is", "there", "a", "what", "the", "in", "image", "?"] + loaded.vocab[:20]
+        rates = {enc.audio.sample_rate for enc in loaded.model.encoders.values() if enc.modality == "audio"}
         rows = []
         for i in range(size):
             path = f"<probe {i}>"
             store.put(path, Image.fromarray(gen.integers(0, 256, (64, 64, 3), dtype=np.uint8)))
+            if rates:  # a second of noise at the audio encoders' rate (one rate: several would need one clip each)
+                store.put_audio(path, (0.1 * gen.standard_normal(max(rates))).astype(np.float32))
             text = " ".join(gen.choice(words, size=6))
-            rows.append(Sample(path, text, vocab.answers[0], {}, path))
+            rows.append(Sample(path, text, vocab.answers[0], {}, path, path))
     collator = Collator(rows, dict(loaded.model.encoders.items()), vocab, store)
     return collator(list(range(len(rows))))["inputs"], source
 

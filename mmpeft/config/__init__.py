@@ -3,10 +3,10 @@
 from .fusion import FUSION_SETTINGS, FusionSettings
 from .loading import apply_overrides, dump_recipe, load_recipe, validate_recipe
 from .methods import METHOD_SETTINGS, MethodSettings
-from .schema import DataConfig, EncoderConfig, OutputConfig, QuantizationConfig, Recipe, TaskConfig, TrainConfig
+from .schema import AudioConfig, DataConfig, EncoderConfig, OutputConfig, QuantizationConfig, Recipe, TaskConfig, TrainConfig
 
 __all__ = [
     "Recipe", "EncoderConfig", "DataConfig", "TaskConfig", "TrainConfig", "OutputConfig",
-    "QuantizationConfig", "load_recipe", "validate_recipe", "apply_overrides", "dump_recipe",
+    "AudioConfig", "QuantizationConfig", "load_recipe", "validate_recipe", "apply_overrides", "dump_recipe",
     "METHOD_SETTINGS", "MethodSettings", "FUSION_SETTINGS", "FusionSettings",
 ]

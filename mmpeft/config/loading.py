@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from ..errors import RecipeError
 from ..files import read_text
 from .fusion import FUSION_SETTINGS
+from .inputs import encoder_modality
 from .methods import METHOD_SETTINGS
 from .paths import REQUIRED_BY_SOURCE, anchor_paths, apply_environment
 from .schema import Recipe
@@ -228,6 +229,17 @@ def _semantic_checks(recipe: Recipe) -> list[str]:
     for split in REQUIRED_BY_SOURCE.get(data.source, ()):
         if getattr(data, split) is None:
             problems.append(f"data.{split}: required when data.source is {data.source!r} (path to a .jsonl, .csv or .json file)")
+    reads = {name: encoder_modality(cfg) for name, cfg in recipe.encoders.items()}
+    if data.source == "fsdd":  # FSDD rows are recordings: images only when paired, text only when given
+        for name, kind in reads.items():
+            if kind == "image" and not data.pair_images:
+                problems.append(f"encoders.{name}: an image encoder on FSDD needs data.pair_images: true (handwritten "
+                                "images of each recording's digit)")
+            if kind == "text" and not data.text:
+                problems.append(f"encoders.{name}: a text encoder on FSDD needs data.text (the text of every row)")
+    elif "audio" in reads.values() and data.source != "manifest":
+        problems.append(f"data.source: {data.source} has no audio; audio encoders read data.source fsdd or a manifest "
+                        "with an audio column (data.audio_field)")
     return problems
 
 

@@ -18,6 +18,15 @@ from ..errors import RecipeError
 
 VQA_RAD_ENV = "MMPEFT_VQA_RAD_ROOT"
 VQA_RAD_DEFAULT = "../shared/vqa_rad"
+# built-in datasets read from a folder: (environment variable, default folder, a file it must hold, where it comes from)
+DATASET_FOLDERS = {
+    "vqa_rad": (VQA_RAD_ENV, VQA_RAD_DEFAULT, "trainset.json",
+                "VQA-RAD (Lau et al. 2018, CC0) comes from OSF project 89kps (https://osf.io/89kps/); put images/, "
+                "trainset.json and testset.json in one directory"),
+    "fsdd": ("MMPEFT_FSDD_ROOT", "../shared/fsdd", "recordings",
+             "The Free Spoken Digit Dataset (CC BY-SA 4.0) comes from github.com/Jakobovski/free-spoken-digit-dataset; "
+             "put its recordings/ folder in one directory"),
+}
 # data keys holding paths, and which of them each source needs
 PATH_KEYS = ("root", "train", "eval", "test")
 REQUIRED_BY_SOURCE = {"manifest": ("train", "test")}
@@ -35,11 +44,13 @@ def anchor_paths(raw: dict, folder: Path) -> None:
 
 
 def apply_environment(raw: dict) -> None:
-    """``$MMPEFT_VQA_RAD_ROOT``, when set, replaces a VQA-RAD recipe's ``data.root`` (in place;
-    command-line overrides, applied after, still win)."""
+    """``$MMPEFT_VQA_RAD_ROOT`` (``$MMPEFT_FSDD_ROOT``), when set, replaces a VQA-RAD (FSDD)
+    recipe's ``data.root`` (in place; command-line overrides, applied after, still win)."""
     data = raw.get("data")
-    if isinstance(data, dict) and data.get("source") == "vqa_rad" and os.environ.get(VQA_RAD_ENV):
-        data["root"] = os.environ[VQA_RAD_ENV]
+    if isinstance(data, dict) and isinstance(data.get("source"), str) and data["source"] in DATASET_FOLDERS:
+        env = DATASET_FOLDERS[data["source"]][0]
+        if os.environ.get(env):
+            data["root"] = os.environ[env]
 
 
 def manifest_path(data, value: str) -> Path:
@@ -50,9 +61,26 @@ def manifest_path(data, value: str) -> Path:
     return path
 
 
+def dataset_dir(source: str, root: Optional[str]) -> Path:
+    """A built-in dataset's folder: data.root, else its environment variable, else its default."""
+    env, default, _, _ = DATASET_FOLDERS[source]
+    return Path(root or os.environ.get(env) or default).expanduser()
+
+
 def vqa_rad_dir(root: Optional[str]) -> Path:
     """The VQA-RAD folder: data.root, else $MMPEFT_VQA_RAD_ROOT, else ../shared/vqa_rad."""
-    return Path(root or os.environ.get(VQA_RAD_ENV) or VQA_RAD_DEFAULT).expanduser()
+    return dataset_dir("vqa_rad", root)
+
+
+def dataset_missing(source: str, root: Optional[str]) -> Optional[str]:
+    """Why a built-in dataset's folder cannot be used (None when it can)."""
+    env, _, marker, origin = DATASET_FOLDERS[source]
+    folder = dataset_dir(source, root)
+    if (folder / marker).exists():
+        return None
+    name = {"vqa_rad": "VQA-RAD", "fsdd": "FSDD"}[source]
+    return (f"{name} not found at {folder.resolve()} (no {marker}). {origin} and set data.root=<that directory> in the "
+            f"recipe or on the command line, or ${env}.")
 
 
 def data_problems(recipe) -> list[str]:
@@ -70,13 +98,10 @@ def data_problems(recipe) -> list[str]:
                 where = "a folder, not a file" if path.is_dir() else "not found"
                 problems.append(f"data.{key}: {path.resolve()} {where} (relative paths in a recipe file are read from its "
                                 f"folder, or from data.root when set; on the command line, from the working directory)")
-    elif data.source == "vqa_rad":
-        folder = vqa_rad_dir(data.root)
-        if not (folder / "trainset.json").is_file():
-            problems.append(
-                f"data.root: VQA-RAD not found at {folder.resolve()} (no trainset.json). VQA-RAD (Lau et al. 2018, CC0) "
-                "comes from OSF project 89kps (https://osf.io/89kps/); put images/, trainset.json and testset.json in one "
-                f"directory and set data.root=<that directory> in the recipe or on the command line, or ${VQA_RAD_ENV}.")
+    elif data.source in DATASET_FOLDERS:
+        missing = dataset_missing(data.source, data.root)
+        if missing:
+            problems.append(f"data.root: {missing}")
     return problems
 
 

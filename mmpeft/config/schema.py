@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, PositiveFloat, PositiveInt, NonNegativeFloat, NonNegativeInt
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator, PositiveFloat, PositiveInt, NonNegativeFloat, NonNegativeInt
 
 
 class Strict(BaseModel):
@@ -29,17 +29,45 @@ class QuantizationConfig(Strict):
     )
 
 
+class AudioConfig(Strict):
+    """How an audio encoder reads a clip: mono, resampled, then a log-mel spectrogram
+    (efficientnet-lite0-audio). A longer clip is truncated (and counted in the run's summary)."""
+
+    sample_rate: PositiveInt = Field(16000, ge=1000, le=192000, description="audio: clips are resampled to this rate (Hz)")
+    max_seconds: PositiveFloat = Field(2.0, le=600, description="audio: clips are cut to this length (counted), shorter ones padded with silence")
+    window_ms: PositiveFloat = Field(25.0, le=1000, description="audio: spectrogram window (Hann), milliseconds")
+    hop_ms: PositiveFloat = Field(10.0, le=1000, description="audio: step between spectrogram frames, milliseconds")
+    n_mels: PositiveInt = Field(64, ge=8, le=512, description="audio: mel bins (the spectrogram image's height)")
+    f_min: NonNegativeFloat = Field(0.0, description="audio: lowest mel frequency (Hz)")
+    f_max: Optional[PositiveFloat] = Field(None, description="audio: highest mel frequency (Hz; null: half the sample rate)")
+    top_db: PositiveFloat = Field(80.0, le=200, description="audio: dynamic range kept below each clip's peak (dB)")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        nyquist = self.sample_rate / 2
+        if self.f_max is not None and self.f_max > nyquist:
+            raise ValueError(f"f_max {self.f_max:g} Hz is above half the sample rate ({nyquist:g} Hz)")
+        if self.f_min >= (self.f_max or nyquist):
+            raise ValueError(f"f_min {self.f_min:g} Hz must be below f_max ({self.f_max or nyquist:g} Hz)")
+        if self.hop_ms > self.window_ms:
+            raise ValueError(f"hop_ms {self.hop_ms:g} is longer than window_ms {self.window_ms:g}: frames would skip audio")
+        if self.max_seconds * 1000 / self.hop_ms > 100_000:
+            raise ValueError("max_seconds / hop_ms gives more than 100,000 frames a clip; raise hop_ms or lower max_seconds")
+        return self
+
+
 class EncoderConfig(Strict):
     """One frozen pretrained encoder and the PEFT method attached to it."""
 
-    model: str = Field(..., description="zoo short name (minilm, efficientnet-lite0), hub id or local directory")
-    modality: Optional[Literal["text", "image"]] = Field(
+    model: str = Field(..., description="zoo short name (minilm, efficientnet-lite0, efficientnet-lite0-audio), hub id or local directory")
+    modality: Optional[Literal["text", "image", "audio"]] = Field(
         None, description="what the encoder reads; inferred from the model when omitted"
     )
     revision: Optional[str] = Field(None, description="hub revision (branch, tag or commit)")
     max_length: PositiveInt = Field(32, le=65536, description="text: maximum number of tokens")
     image_size: Optional[PositiveInt] = Field(None, le=8192, description="image: resize to this square size (default: the model's own)")
     pooling: Literal["auto", "cls", "mean", "pooler"] = Field("auto", description="how token features become one vector")
+    audio: AudioConfig = Field(default_factory=AudioConfig, description="audio encoders: how clips are read")
     attention: Literal["auto", "sdpa", "eager"] = Field(
         "auto", description="transformers models: attention implementation (auto: the library's choice, SDPA where supported)")
     peft: dict[str, Any] = Field(
@@ -57,16 +85,21 @@ class TaskConfig(Strict):
 
 
 class DataConfig(Strict):
-    source: Literal["manifest", "easy_vqa", "vqa_rad"] = Field("manifest", description="where rows come from")
-    root: Optional[str] = Field(None, description="vqa_rad: dataset directory ($MMPEFT_VQA_RAD_ROOT replaces it; default ../shared/vqa_rad); manifest: the folder data.train/eval/test are relative to")
+    source: Literal["manifest", "easy_vqa", "vqa_rad", "fsdd"] = Field("manifest", description="where rows come from")
+    root: Optional[str] = Field(None, description="vqa_rad / fsdd: dataset directory ($MMPEFT_VQA_RAD_ROOT / $MMPEFT_FSDD_ROOT replace it; default ../shared/vqa_rad, ../shared/fsdd); manifest: the folder data.train/eval/test are relative to")
+    pair_images: bool = Field(False, description="fsdd: give each recording a handwritten image of its digit (scikit-learn's digits; disjoint image halves for train and test, seeded)")
+    text: str = Field("", max_length=1000, description="fsdd: the text of every row (for recipes with a text encoder)")
+    holdout_speakers: list[str] = Field(default_factory=list, max_length=16, description="fsdd: these speakers' recordings are the test set (speaker-independent split); empty: the official split (indices 0-4 of every digit and speaker)")
     train: Optional[str] = Field(None, description="manifest: training file (.jsonl, .csv or .json); relative paths in a recipe file are read from its folder (or data.root)")
     eval: Optional[str] = Field(None, description="manifest: validation file; default: a held-out part of train")
     test: Optional[str] = Field(None, description="manifest: test file")
     image_field: str = Field("image", description="manifest column holding the image path (relative to the manifest)")
     text_field: str = Field("question", description="manifest column holding the text")
     label_field: str = Field("answer", description="manifest column holding the answer / label")
+    audio_field: str = Field("audio", description="manifest column holding the audio path (relative to the manifest)")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of train held out for validation when no eval file")
     on_bad_image: Literal["error", "skip"] = Field("error", description="a missing or unreadable image stops the run, or its rows are skipped")
+    on_bad_audio: Literal["error", "skip"] = Field("error", description="a missing, unreadable, empty or zero-length audio file stops the run, or its rows are skipped")
     image_cache_mb: PositiveInt = Field(8192, le=1_000_000, description="decoded images and their pixels kept in memory, "
                                         "at most this many MiB (the least recently used are dropped, and decoded again when needed)")
     max_train_samples: Optional[PositiveInt] = Field(None, description="use only the first N training rows (after shuffling)")

@@ -1,23 +1,22 @@
-"""Splits, image checking/caching and batching."""
+"""Splits, the image and audio cache, and batching (file checks: :mod:`.checks`)."""
 
 from __future__ import annotations
 
-import os
 import random
-import stat
 from collections import OrderedDict
-import warnings
 from dataclasses import dataclass
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from ..config.inputs import recipe_inputs
 from ..config.paths import manifest_path
 from ..encoders.images import augment
 from ..errors import DataError
-from ..progress import progress
 from ..tasks.vocab import Vocabulary
-from .samples import Sample, easy_vqa_samples, load_manifest, vqa_rad_samples
+from .audio import read_audio
+from .checks import BAD_AUDIO_HINT, BAD_IMAGE_HINT, MAX_IMAGE_PIXELS, bad_files, clip_seconds, open_image, raise_first_bad, skip_bad
+from .samples import Sample, easy_vqa_samples, fsdd_samples, load_manifest, vqa_rad_samples
 
 
 @dataclass
@@ -27,8 +26,9 @@ class Splits:
     test: list[Sample]
 
 
-def load_splits(data, group_fields, seed: int) -> Splits:
-    """Load train/eval/test rows for a recipe's ``data:`` block.
+def load_splits(data, group_fields, seed: int, inputs=("image", "text")) -> Splits:
+    """Load train/eval/test rows for a recipe's ``data:`` block; ``inputs`` are the modalities
+    its encoders read (:func:`~mmpeft.config.inputs.recipe_inputs`).
 
     Without an eval file, ``eval_fraction`` of the (shuffled) training rows is held out.
     """
@@ -36,9 +36,12 @@ def load_splits(data, group_fields, seed: int) -> Splits:
         train, eval_rows, test = easy_vqa_samples("train"), None, easy_vqa_samples("test")
     elif data.source == "vqa_rad":
         train, eval_rows, test = vqa_rad_samples(data.root, "train"), None, vqa_rad_samples(data.root, "test")
+    elif data.source == "fsdd":
+        (train, test), eval_rows = fsdd_samples(data.root, data.holdout_speakers, data.pair_images, seed, data.text), None
     else:
         def read(p):
-            return load_manifest(manifest_path(data, p), data.image_field, data.text_field, data.label_field, group_fields)
+            return load_manifest(manifest_path(data, p), data.image_field, data.text_field, data.label_field, group_fields,
+                                 data.audio_field, inputs)
 
         train, test = read(data.train), read(data.test)
         eval_rows = read(data.eval) if data.eval else None
@@ -61,33 +64,9 @@ def load_splits(data, group_fields, seed: int) -> Splits:
     return Splits(train, eval_rows, test)
 
 
-BAD_IMAGE_HINT = "fix the file or set data.on_bad_image: skip to leave such rows out"
-
-
-# PIL's own limit (about 89 million pixels): larger is a decompression bomb, not a scan.
-MAX_IMAGE_PIXELS = 89_478_485
-
-
-class BadImage(ValueError):
-    """An image file that must not be decoded (not a regular file, too many pixels)."""
-
-
-def open_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open (lazily: only the header is read) an image that is a regular file of at most
-    ``max_pixels`` pixels; a FIFO or device would block or never end, a bomb would fill memory."""
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise BadImage("not a regular file (a folder, FIFO or device?)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(path)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise BadImage(f"more than {max_pixels:,} pixels (a decompression bomb?)") from None
-    if image.width * image.height > max_pixels:
-        image.close()
-        raise BadImage(f"{image.width}x{image.height} = {image.width * image.height:,} pixels, more than the "
-                       f"{max_pixels:,} allowed")
-    return image
+def recipe_splits(recipe) -> Splits:
+    """:func:`load_splits` for a whole recipe (its data, groups, seed and encoders' inputs)."""
+    return load_splits(recipe.data, recipe.task.group_fields, recipe.train.seed, recipe_inputs(recipe))
 
 
 class ImageStore:
@@ -95,11 +74,15 @@ class ImageStore:
     encoder (preprocessing is deterministic unless augmenting), within a memory budget:
     beyond ``cache_mb`` the least recently used entries are dropped and made again when
     needed (same values: the cache changes speed, never numbers). Images put in by hand
-    (uploads, probes) have no file to be read again from, so they are never dropped."""
+    (uploads, probes) have no file to be read again from, so they are never dropped.
+    Audio clips are read (:func:`~mmpeft.data.audio.read_audio`) and their spectrograms
+    cached per encoder the same way, within the same budget."""
 
-    def __init__(self, max_side: int = 512, max_pixels: int = MAX_IMAGE_PIXELS, cache_mb: int = 8192):
+    def __init__(self, max_side: int = 512, max_pixels: int = MAX_IMAGE_PIXELS, cache_mb: int = 8192,
+                 max_audio_seconds: float | None = None):
         self.max_side = max_side
         self.max_pixels = max_pixels
+        self.max_audio_seconds = max_audio_seconds  # the shortest audio encoder's limit: longer clips are counted
         self.budget = cache_mb * 2**20
         self.cached_bytes = 0
         self._cache: OrderedDict = OrderedDict()  # key -> (value, bytes)
@@ -107,9 +90,11 @@ class ImageStore:
 
     @classmethod
     def for_encoders(cls, encoders, cache_mb: int = 8192) -> "ImageStore":
-        """Keep decoded images at twice the largest encoder input (at least 256 px)."""
-        largest = max((getattr(e, "image_size", 0) for e in encoders), default=0)
-        return cls(max_side=max(256, 2 * largest), cache_mb=cache_mb)
+        """Keep decoded images at twice the largest image input (at least 256 px)."""
+        encoders = list(encoders)
+        largest = max((e.image_size for e in encoders if e.modality == "image"), default=0)
+        limits = [e.audio.max_seconds for e in encoders if e.modality == "audio"]
+        return cls(max_side=max(256, 2 * largest), cache_mb=cache_mb, max_audio_seconds=min(limits) if limits else None)
 
     def _lookup(self, key):
         entry = self._cache.get(key)
@@ -165,58 +150,48 @@ class ImageStore:
             pixels = self._keep(("pixels", name, path), pixels, pixels.numel() * pixels.element_size())
         return pixels
 
+    def audio_features_for(self, name: str, encoder, path: str) -> tuple[torch.Tensor, int]:
+        """``encoder``'s ``(spectrogram, real frames)`` of the clip at ``path`` (cached per encoder name)."""
+        found = self._lookup(("audio", name, path))
+        if found is None:
+            wave = self._lookup(("wave", path))  # a clip put in by hand, already at the encoder's rate
+            if wave is None:
+                wave, _ = read_audio(path, encoder.audio.sample_rate, encoder.audio.max_seconds)
+            features, frames = encoder.features(wave)
+            found = self._keep(("audio", name, path), (features, frames), features.numel() * features.element_size())
+        return found
+
+    def put_audio(self, key: str, wave) -> None:
+        """Keep a decoded mono waveform (at the encoders' sample rate) under ``key``, never dropped."""
+        self._keep(("wave", key), wave, wave.nbytes, pinned=True)
+
     @property
     def pixels(self) -> dict:
         """The cached pixel tensors, ``{(encoder name, path): tensor}``."""
         return {key[1:]: value for key, (value, _) in self._cache.items() if key[0] == "pixels"}
 
-    def check(self, splits: dict[str, list[Sample]], on_bad_image: str, hint: str = BAD_IMAGE_HINT) -> dict[str, list[Sample]]:
-        """Open every image before training. ``error``: stop at the first bad one with its
-        file and row; ``skip``: drop rows with bad images and report how many."""
-        bad = _bad_images(splits, self.get, "checking images")
-        if not bad:
-            return splits
-        if on_bad_image == "error":
-            _raise_first_bad(splits, bad, hint)
-        kept = {name: [s for s in rows if s.image not in bad] for name, rows in splits.items()}
-        skipped = sum(len(splits[n]) - len(kept[n]) for n in splits)
-        print(f"data.on_bad_image=skip: skipped {skipped} row(s) with {len(bad)} bad image(s)")
-        return kept
-
-
-def _read_header(path: str) -> None:
-    open_image(path).close()  # the header is parsed on open: it is an image of an allowed size
-
-
-def probe_images(splits: dict[str, list[Sample]], on_bad_image: str) -> None:
-    """Before any model loads: every image exists and has a readable image header, so a
-    wrong path fails in seconds (``error`` mode; ``skip`` reports after the full check)."""
-    if on_bad_image == "error":
-        bad = _bad_images(splits, _read_header, "looking for images")
+    def check(self, splits: dict[str, list[Sample]], on_bad_image: str, hint: str = BAD_IMAGE_HINT,
+              on_bad_audio: str = "error") -> dict[str, list[Sample]]:
+        """Open every image and read every audio header before training. ``error``: stop at
+        the first bad file with its row; ``skip``: drop rows with bad files and report how
+        many. Clips longer than the audio encoders read are counted and reported."""
+        bad = bad_files(splits, "image", self.get, "checking images")
         if bad:
-            _raise_first_bad(splits, bad, BAD_IMAGE_HINT)
-
-
-def _bad_images(splits: dict[str, list[Sample]], open_one, desc: str) -> dict[str, str]:
-    paths = sorted({s.image for rows in splits.values() for s in rows})
-    bad: dict[str, str] = {}
-    for path in progress(paths, desc=desc, unit="img", leave=False, disable=len(paths) < 200):
-        try:
-            open_one(path)
-        except FileNotFoundError:
-            bad[path] = "file not found"
-        except BadImage as exc:
-            bad[path] = str(exc)
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            bad[path] = f"unreadable image ({type(exc).__name__})"
-    return bad
-
-
-def _raise_first_bad(splits: dict[str, list[Sample]], bad: dict[str, str], hint: str) -> None:
-    for rows in splits.values():
-        for s in rows:
-            if s.image in bad:
-                raise DataError(f"{s.where}: {bad[s.image]}: {s.image} ({len(bad)} bad image(s) in all; {hint})")
+            if on_bad_image == "error":
+                raise_first_bad(splits, "image", bad, hint)
+            splits = skip_bad(splits, "image", bad, "data.on_bad_image")
+        lengths: dict[str, float] = {}
+        bad = bad_files(splits, "audio", lambda path: lengths.__setitem__(path, clip_seconds(path)), "checking audio")
+        if bad:
+            if on_bad_audio == "error":
+                raise_first_bad(splits, "audio", bad, BAD_AUDIO_HINT if hint == BAD_IMAGE_HINT else hint)
+            splits = skip_bad(splits, "audio", bad, "data.on_bad_audio")
+        if lengths and self.max_audio_seconds is not None:
+            long = sum(1 for seconds in lengths.values() if seconds > self.max_audio_seconds)
+            if long:
+                print(f"audio: {long} of {len(lengths)} clip(s) are longer than {self.max_audio_seconds:g} s and are cut "
+                      "to that length (encoders.<name>.audio.max_seconds)")
+        return splits
 
 
 class Collator:
@@ -247,6 +222,11 @@ class Collator:
             if enc.modality == "text":
                 inputs[name] = enc.preprocess([r.text for r in rows])
                 keys[name] = [r.text for r in rows]
+            elif enc.modality == "audio":
+                clips = [self.store.audio_features_for(name, enc, r.audio) for r in rows]
+                inputs[name] = {"input_features": torch.stack([f for f, _ in clips]),
+                                "frames": torch.tensor([n for _, n in clips], dtype=torch.long)}
+                keys[name] = [r.audio for r in rows]
             else:
                 # VQA datasets ask many questions per image: encode each unique image once
                 # and let the model index rows into it (``row_index``). With augmentation

@@ -9,11 +9,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..config.paths import VQA_RAD_ENV, vqa_rad_dir
+from ..config.paths import dataset_dir, dataset_missing, vqa_rad_dir
 from ..errors import DataError
 from ..files import read_text
 from ..tasks.vocab import normalize_answer
@@ -21,11 +24,12 @@ from ..tasks.vocab import normalize_answer
 
 @dataclass(slots=True)  # a manifest of a million rows holds a million of these: no per-instance __dict__
 class Sample:
-    image: str  # absolute path
+    image: str  # absolute path ("" for a row without an image)
     text: str
     answer: str  # normalised
     groups: dict[str, str] = field(default_factory=dict)
     where: str = ""  # "file, row N" for error messages
+    audio: str = ""  # absolute path of the row's audio clip ("" for none)
 
 
 NO_GROUPS: dict = {}  # shared by the rows of a manifest without group fields (never written to)
@@ -37,8 +41,12 @@ def load_manifest(
     text_field: str = "question",
     label_field: str = "answer",
     group_fields: Sequence[str] = (),
+    audio_field: str = "audio",
+    inputs: Sequence[str] = ("image", "text"),
 ) -> list[Sample]:
-    """Read a JSONL, CSV or JSON-list manifest. Image paths are relative to the manifest.
+    """Read a JSONL, CSV or JSON-list manifest. Image and audio paths are relative to the
+    manifest. ``inputs`` are the modalities the recipe's encoders read: their columns must
+    be in every row; a column no encoder reads may be absent.
 
     Raises:
         DataError: naming the file and row of a missing field or malformed line.
@@ -47,31 +55,41 @@ def load_manifest(
     if not path.is_file():
         raise DataError(f"data file not found: {path} (check data.train / data.eval / data.test in the recipe)")
     base = path.parent
+    columns = {"image": image_field, "text": text_field, "audio": audio_field}
+    required = [columns[m] for m in ("image", "text", "audio") if m in inputs] + [label_field]
+    paths = [f for f in (image_field, audio_field) if f in required]
     samples = []
-    resolved: dict[str, str] = {}  # one string per distinct image path (many rows share an image)
+    resolved: dict[str, str] = {}  # one string per distinct file path (many rows share an image)
     answers: dict[str, str] = {}
     for number, row in iter_rows(path):
         where = f"{path}, row {number}"
         if not isinstance(row, dict):
-            raise DataError(f"{where}: expected an object with fields {image_field!r}, {text_field!r}, {label_field!r}")
-        missing = [f for f in (image_field, text_field, label_field) if row.get(f) in (None, "")]
+            raise DataError(f"{where}: expected an object with fields {', '.join(map(repr, required))}")
+        missing = [f for f in required if row.get(f) in (None, "")]
         if missing:
             raise DataError(
-                f"{where}: missing field(s) {', '.join(map(repr, missing))} "
-                f"(set data.image_field / data.text_field / data.label_field to this file's column names; it has: {', '.join(map(str, row))})"
+                f"{where}: missing field(s) {', '.join(map(repr, missing))} (set data.image_field / data.text_field / "
+                f"data.audio_field / data.label_field to this file's column names; it has: {', '.join(map(str, row))})"
             )
-        wrong = [f for f, v in ((image_field, row[image_field]), (text_field, row[text_field]), (label_field, row[label_field]))
-                 if not isinstance(v, (str, int, float)) or f == image_field and not isinstance(v, str)]
+        wrong = [f for f in required if not isinstance(row[f], (str, int, float)) or f in paths and not isinstance(row[f], str)]
         if wrong:
-            raise DataError(f"{where}: field(s) {', '.join(map(repr, wrong))} must be text (the image: a file path), "
+            raise DataError(f"{where}: field(s) {', '.join(map(repr, wrong))} must be text (images and audio: a file path), "
                             f"not {', '.join(type(row[f]).__name__ for f in wrong)}")
         groups = {g: str(row.get(g, "")).strip() for g in group_fields} if group_fields else NO_GROUPS
-        image = resolved.get(row[image_field])
-        if image is None:
-            raw = Path(row[image_field])
-            image = resolved[row[image_field]] = str(raw if raw.is_absolute() else base / raw)
+        files = []
+        for f in (image_field, audio_field):
+            value = row.get(f) if f in paths else None
+            if not value:
+                files.append("")
+                continue
+            absolute = resolved.get(value)
+            if absolute is None:
+                raw = Path(value)
+                absolute = resolved[value] = str(raw if raw.is_absolute() else base / raw)
+            files.append(absolute)
+        text = str(row[text_field]) if row.get(text_field) not in (None, "") else ""
         answer = normalize_answer(row[label_field])
-        samples.append(Sample(image, str(row[text_field]), answers.setdefault(answer, answer), groups, where))
+        samples.append(Sample(files[0], text, answers.setdefault(answer, answer), groups, where, files[1]))
     return samples
 
 
@@ -170,14 +188,10 @@ VQA_RAD_FILES = {"train": "trainset.json", "test": "testset.json"}
 
 def vqa_rad_root(root: Optional[str]) -> Path:
     """Resolve the VQA-RAD directory: data.root, else $MMPEFT_VQA_RAD_ROOT, else ../shared/vqa_rad."""
-    path = vqa_rad_dir(root)
-    if not (path / "trainset.json").is_file():
-        raise DataError(
-            f"VQA-RAD not found at {path.resolve()} (no trainset.json). VQA-RAD (Lau et al. 2018, CC0) comes from "
-            "OSF project 89kps (https://osf.io/89kps/); put images/, trainset.json and testset.json in one directory "
-            f"and set data.root=<that directory> in the recipe or on the command line, or ${VQA_RAD_ENV}."
-        )
-    return path
+    missing = dataset_missing("vqa_rad", root)
+    if missing:
+        raise DataError(missing)
+    return vqa_rad_dir(root)
 
 
 def vqa_rad_samples(root: Optional[str], split: str) -> list[Sample]:
@@ -208,3 +222,84 @@ def vqa_rad_samples(root: Optional[str], split: str) -> list[Sample]:
         except KeyError as exc:
             raise DataError(f"{where}: missing field {exc}") from None
     return samples
+
+
+# --- Free Spoken Digit Dataset ----------------------------------------------
+
+FSDD_SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
+FSDD_NAME = re.compile(r"^([0-9])_([a-z]+)_([0-9]+)\.wav$")
+
+
+def fsdd_samples(root: Optional[str], holdout_speakers: Sequence[str] = (), pair_images: bool = False, seed: int = 0,
+                 text: str = "") -> tuple[list[Sample], list[Sample]]:
+    """FSDD (Jackson et al., CC BY-SA 4.0): 3,000 recordings ``{digit}_{speaker}_{index}.wav``
+    of the digits 0-9 by six speakers. Returns ``(train, test)``: the official split (indices
+    0-4 of every digit and speaker are the test set) or, with ``holdout_speakers``, those
+    speakers' recordings as the test set (speaker-independent). The answer is the digit;
+    groups: ``speaker``. ``pair_images``: each recording also gets a handwritten image of
+    its digit (:func:`pair_with_digit_images`); ``text``: every row's text."""
+    missing = dataset_missing("fsdd", root)
+    if missing:
+        raise DataError(missing)
+    folder = dataset_dir("fsdd", root) / "recordings"
+    unknown = sorted(set(holdout_speakers) - set(FSDD_SPEAKERS))
+    if unknown:
+        raise DataError(f"data.holdout_speakers: unknown FSDD speaker(s) {', '.join(unknown)} (FSDD has: {', '.join(FSDD_SPEAKERS)})")
+    if set(holdout_speakers) == set(FSDD_SPEAKERS):
+        raise DataError("data.holdout_speakers: holding out every speaker leaves nothing to train on")
+    train, test = [], []
+    for path in sorted(folder.iterdir()):
+        match = FSDD_NAME.match(path.name)
+        if not match:
+            continue
+        digit, speaker, index = match.group(1), match.group(2), int(match.group(3))
+        sample = Sample("", text, digit, {"speaker": speaker}, f"fsdd {path.name}", str(path))
+        held_out = speaker in holdout_speakers if holdout_speakers else index < 5
+        (test if held_out else train).append(sample)
+    if not train or not test:
+        raise DataError(f"{folder}: no FSDD recordings named <digit>_<speaker>_<index>.wav for one of the splits")
+    if pair_images:
+        pair_with_digit_images(train, test, seed)
+    return train, test
+
+
+def digit_images() -> list[tuple[str, str]]:
+    """scikit-learn's 1,797 handwritten digits (``load_digits``, UCI "Optical Recognition of
+    Handwritten Digits", shipped inside scikit-learn) as ``(png path, digit)``: 8x8 grey
+    levels 0-16 scaled to 0-255, written once to ``$MMPEFT_CACHE`` (default
+    ~/.cache/mmpeft)/sklearn_digits, whole files only (temp name, then rename)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("data.pair_images needs scikit-learn: pip install 'mmpeft[zoo]'") from None
+    import numpy as np
+    from PIL import Image
+
+    digits = load_digits()
+    folder = Path(os.environ.get("MMPEFT_CACHE") or Path.home() / ".cache" / "mmpeft").expanduser() / "sklearn_digits"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+        path = folder / f"{i:04d}_{label}.png"
+        if not path.is_file():
+            tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+            Image.fromarray(np.round(pixels * 255 / 16).astype(np.uint8), mode="L").save(tmp, format="PNG")
+            os.replace(tmp, path)
+        out.append((str(path), str(label)))
+    return out
+
+
+def pair_with_digit_images(train: list[Sample], test: list[Sample], seed: int) -> None:
+    """Give every recording an image of the same digit (in place): the images are split in
+    two disjoint halves by a seeded shuffle, training rows draw from one, test rows from the
+    other, each with its own seeded generator, so the pairing is the same on every run."""
+    images = digit_images()
+    random.Random(f"digits/{seed}").shuffle(images)
+    half = len(images) // 2
+    for rows, pool, tag in ((train, images[:half], "train"), (test, images[half:], "test")):
+        by_digit: dict[str, list[str]] = {}
+        for path, label in pool:
+            by_digit.setdefault(label, []).append(path)
+        rng = random.Random(f"pairs/{seed}/{tag}")
+        for row in rows:
+            row.image = rng.choice(by_digit[row.answer])

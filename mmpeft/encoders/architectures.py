@@ -16,7 +16,7 @@ the feed-forward output (Houlsby et al. 2019); residual adapters after each CNN 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Optional, Union
 
 Targets = Union[list[str], str]  # module names (a name or a ``.suffix`` of one), or one regex over full names
@@ -27,7 +27,7 @@ class Architecture:
     """One model family.
 
     Attributes:
-        modality: what it reads ("text", "image"); None: decided from the model's config.
+        modality: what it reads ("text", "image", "audio"); None: decided from the model's config.
         lora: default LoRA / DoRA targets.
         ia3: default IA3 ``(targets, feedforward subset)``; None: IA3 falls back to the LoRA
             targets with no feed-forward subset.
@@ -98,6 +98,8 @@ TABLE: dict[str, Architecture] = {
         modality="image", lora=["_expand_conv", "_project_conv", "_conv_head"], ia3=(["_expand_conv", "_project_conv"], ["_project_conv"]),
         cnn_blocks=r"net\._blocks\.\d+", prompt="border", pooling="mean", checkpointing=True),
 }
+# The same CNN reading log-mel spectrograms (encoders/audio.py): every default carries over.
+TABLE["efficientnet_lite_audio"] = replace(TABLE["efficientnet_lite"], modality="audio")
 # Full dual-encoder checkpoints whose image tower mmpeft keeps (see HFImageEncoder).
 DUAL_ENCODERS = {"clip": "image", "siglip": "image"}
 

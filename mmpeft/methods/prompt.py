@@ -39,13 +39,14 @@ class SoftPrompt(nn.Module):
 
 
 class BorderPrompt(nn.Module):
-    """Adds a learned border of width ``pad`` to ``[B,3,S,S]`` pixels (zero-initialised)."""
+    """Adds a learned border of width ``pad`` to ``[B,3,H,W]`` pixels (zero-initialised)."""
 
-    def __init__(self, size: int, pad: int):
+    def __init__(self, shape: tuple[int, int], pad: int):
         super().__init__()
-        self.prompt_border = nn.Parameter(torch.zeros(1, 3, size, size))
-        mask = torch.ones(1, 1, size, size)
-        mask[..., pad : size - pad, pad : size - pad] = 0
+        height, width = shape
+        self.prompt_border = nn.Parameter(torch.zeros(1, 3, height, width))
+        mask = torch.ones(1, 1, height, width)
+        mask[..., pad : height - pad, pad : width - pad] = 0
         self.register_buffer("border_mask", mask, persistent=False)
 
     def forward(self, pixels: torch.Tensor, mask=None):
@@ -91,10 +92,11 @@ class PromptTuning(PeftMethod):
         elif encoder.family.prompt == "vpt":
             self._apply_vpt(encoder)
         else:
-            pad = s.pad_size or max(1, round(encoder.image_size * 30 / 224))
-            if 2 * pad >= encoder.image_size:
-                raise RecipeError([f"{self.where}.pad_size: {pad} leaves no image inside a {encoder.image_size}px input"])
-            encoder.input_prompt = BorderPrompt(encoder.image_size, pad)
+            shape = getattr(encoder, "pixel_shape", (encoder.image_size, encoder.image_size))  # audio: mel bins x frames
+            pad = s.pad_size or max(1, round(min(shape) * 30 / 224))
+            if 2 * pad >= min(shape):
+                raise RecipeError([f"{self.where}.pad_size: {pad} leaves no image inside a {shape[0]}x{shape[1]} input"])
+            encoder.input_prompt = BorderPrompt(shape, pad)
             self.touched = [f"(pixels: {pad}px border)"]
 
     def _apply_vpt(self, encoder) -> None:

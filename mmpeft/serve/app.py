@@ -28,7 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from ..data.loader import MAX_IMAGE_PIXELS
+from ..data.checks import MAX_IMAGE_PIXELS
 from ..version import __version__
 from .batching import Batcher
 

@@ -1,0 +1,50 @@
+"""What a recipe's encoders read, known before any model loads (torch-free): the zoo's
+short names and their modalities, and the manifest columns a recipe needs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+# zoo short names (and accepted spellings) -> the canonical name
+ZOO_ALIASES = {
+    "minilm": "minilm",
+    "all-minilm-l6-v2": "minilm",
+    "sentence-transformers/all-minilm-l6-v2": "minilm",
+    "efficientnet-lite0": "efficientnet-lite0",
+    "efficientnet_lite0": "efficientnet-lite0",
+    "efficientnet-lite0-audio": "efficientnet-lite0-audio",
+    "efficientnet_lite0_audio": "efficientnet-lite0-audio",
+}
+ZOO_MODALITIES = {"minilm": "text", "efficientnet-lite0": "image", "efficientnet-lite0-audio": "audio"}
+MODALITIES = ("text", "image", "audio")
+
+
+def zoo_name(model: str) -> Optional[str]:
+    return ZOO_ALIASES.get(model.lower())
+
+
+CNN_MARKER = "mmpeft_encoder.json"  # what mmpeft writes beside a plain torch CNN's weights
+
+
+def encoder_modality(cfg) -> Optional[str]:
+    """An encoder block's modality: its ``modality`` key, else the zoo's, else what a CNN
+    folder written by mmpeft says, else None (known only once the model's config is read)."""
+    if cfg.modality or zoo_name(cfg.model):
+        return cfg.modality or ZOO_MODALITIES[zoo_name(cfg.model)]
+    marker = Path(cfg.model).expanduser() / CNN_MARKER
+    try:
+        meta = json.loads(marker.read_text()) if marker.is_file() else {}
+    except (OSError, ValueError):
+        return None  # the loader reports an unreadable folder with its path
+    return meta.get("modality", "image") if isinstance(meta, dict) else None
+
+
+def recipe_inputs(recipe) -> tuple[str, ...]:
+    """The modalities whose manifest columns every row must have. An encoder whose
+    modality is not known yet counts as text and image (the columns of an image-text recipe)."""
+    kinds = {encoder_modality(cfg) for cfg in recipe.encoders.values()}
+    if None in kinds:
+        kinds = (kinds - {None}) | {"text", "image"}
+    return tuple(m for m in MODALITIES if m in kinds)

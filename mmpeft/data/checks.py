@@ -1,0 +1,99 @@
+"""Checking a run's input files before anything trains: every image opened (within a pixel
+bound), every audio header read, and a bad file reported with its row, or its rows skipped."""
+
+from __future__ import annotations
+
+import os
+import stat
+import warnings
+
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DataError
+from ..progress import progress
+from .audio import BadAudio, audio_info
+from .samples import Sample
+
+BAD_IMAGE_HINT = "fix the file or set data.on_bad_image: skip to leave such rows out"
+BAD_AUDIO_HINT = "fix the file or set data.on_bad_audio: skip to leave such rows out"
+
+
+# PIL's own limit (about 89 million pixels): larger is a decompression bomb, not a scan.
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+class BadImage(ValueError):
+    """An image file that must not be decoded (not a regular file, too many pixels)."""
+
+
+def open_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open (lazily: only the header is read) an image that is a regular file of at most
+    ``max_pixels`` pixels; a FIFO or device would block or never end, a bomb would fill memory."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise BadImage("not a regular file (a folder, FIFO or device?)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise BadImage(f"more than {max_pixels:,} pixels (a decompression bomb?)") from None
+    if image.width * image.height > max_pixels:
+        image.close()
+        raise BadImage(f"{image.width}x{image.height} = {image.width * image.height:,} pixels, more than the "
+                       f"{max_pixels:,} allowed")
+    return image
+
+
+def _read_header(path: str) -> None:
+    open_image(path).close()  # the header is parsed on open: it is an image of an allowed size
+
+
+def probe_images(splits: dict[str, list[Sample]], on_bad_image: str, on_bad_audio: str = "error") -> None:
+    """Before any model loads: every image and audio file exists and has a readable header, so a
+    wrong path fails in seconds (``error`` mode; ``skip`` reports after the full check)."""
+    if on_bad_image == "error":
+        bad = bad_files(splits, "image", _read_header, "looking for images")
+        if bad:
+            raise_first_bad(splits, "image", bad, BAD_IMAGE_HINT)
+    if on_bad_audio == "error":
+        bad = bad_files(splits, "audio", audio_info, "looking for audio")
+        if bad:
+            raise_first_bad(splits, "audio", bad, BAD_AUDIO_HINT)
+
+
+def clip_seconds(path: str) -> float:
+    rate, frames, _ = audio_info(path)
+    return frames / rate
+
+
+def bad_files(splits: dict[str, list[Sample]], kind: str, open_one, desc: str) -> dict[str, str]:
+    """``{path: why}`` for the rows' ``kind`` ("image" / "audio") files that ``open_one`` refuses."""
+    paths = sorted({getattr(s, kind) for rows in splits.values() for s in rows} - {""})
+    bad: dict[str, str] = {}
+    for path in progress(paths, desc=desc, unit="file", leave=False, disable=len(paths) < 200):
+        try:
+            open_one(path)
+        except FileNotFoundError:
+            bad[path] = "file not found"
+        except (BadImage, BadAudio) as exc:
+            bad[path] = str(exc)
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            bad[path] = f"unreadable {kind} ({type(exc).__name__})"
+    return bad
+
+
+def raise_first_bad(splits: dict[str, list[Sample]], kind: str, bad: dict[str, str], hint: str) -> None:
+    for rows in splits.values():
+        for s in rows:
+            path = getattr(s, kind)
+            if path in bad:
+                raise DataError(f"{s.where}: {bad[path]}: {path} ({len(bad)} bad {kind} file(s) in all; {hint})"
+                                if kind == "audio" else f"{s.where}: {bad[path]}: {path} ({len(bad)} bad image(s) in all; {hint})")
+
+
+def skip_bad(splits: dict[str, list[Sample]], kind: str, bad: dict[str, str], setting: str) -> dict[str, list[Sample]]:
+    kept = {name: [s for s in rows if getattr(s, kind) not in bad] for name, rows in splits.items()}
+    skipped = sum(len(splits[n]) - len(kept[n]) for n in splits)
+    print(f"{setting}=skip: skipped {skipped} row(s) with {len(bad)} bad {kind} file(s)" if kind == "audio"
+          else f"{setting}=skip: skipped {skipped} row(s) with {len(bad)} bad image(s)")
+    return kept

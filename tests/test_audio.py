@@ -1,0 +1,177 @@
+"""Audio as a third modality: reading clips, the log-mel front end against transformers'
+reference implementation, the frame mask, bad files, FSDD, and three-modality runs
+through the CLI (finetune, evaluate, predict, merge, export)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from mmpeft.cli import app
+from mmpeft.config import AudioConfig
+from mmpeft.data import BadAudio, fsdd_samples, read_audio
+from mmpeft.encoders import build_encoder
+from mmpeft.encoders.audio import frame_settings, log_mel, mel_filters
+from tests import tiny
+
+runner = CliRunner()
+FSDD = Path(__file__).resolve().parents[2] / "shared" / "fsdd"
+
+
+def test_read_audio_mixes_down_resamples_and_truncates(tmp_path):
+    stereo = tiny.write_tone(tmp_path / "s.wav", 440.0, 0.5, rate=8000, channels=2)
+    wave, cut = read_audio(str(stereo), 8000, 10.0)
+    mono, _ = soundfile.read(str(stereo), dtype="float32")
+    assert wave.shape == (4000,) and not cut and np.allclose(wave, mono.mean(axis=1), atol=1e-7)
+    up, _ = read_audio(str(stereo), 16000, 10.0)
+    assert up.shape == (8000,) and up.dtype == np.float32
+    short, cut = read_audio(str(stereo), 8000, 0.25)
+    assert short.shape == (2000,) and cut and np.array_equal(short, wave[:2000])
+
+
+def test_bad_audio_files_are_named(tmp_path):
+    (tmp_path / "empty.wav").write_bytes(b"")
+    (tmp_path / "text.wav").write_text("not audio at all")
+    soundfile.write(str(tmp_path / "zero.wav"), np.zeros(0, dtype=np.float32), 8000)
+    (tmp_path / "folder.wav").mkdir()
+    expected = {"empty.wav": "empty file", "text.wav": "not an audio file", "zero.wav": "zero length", "folder.wav": "not a regular file"}
+    for name, why in expected.items():
+        with pytest.raises(BadAudio, match=why):
+            read_audio(str(tmp_path / name), 8000, 1.0)
+    with pytest.raises(FileNotFoundError):
+        read_audio(str(tmp_path / "missing.wav"), 8000, 1.0)
+
+
+def test_log_mel_agrees_with_transformers(tmp_path):
+    from transformers.audio_utils import spectrogram, window_function
+
+    wave, _ = read_audio(str(tiny.write_tone(tmp_path / "t.wav", 700.0, 0.7)), 8000, 2.0)
+    settings = AudioConfig(sample_rate=8000, n_mels=40, window_ms=32, hop_ms=8)
+    window, hop, n_fft = frame_settings(settings)
+    reference = spectrogram(wave.astype(np.float64), window_function(window, "hann", periodic=True), frame_length=window,
+                            hop_length=hop, fft_length=n_fft, power=2.0, center=True, pad_mode="reflect",
+                            mel_filters=mel_filters(n_fft, 40, 8000, 0.0, 4000.0).numpy().astype(np.float64),
+                            mel_floor=1e-10, log_mel="dB")
+    ours = log_mel(torch.from_numpy(wave), settings).numpy()
+    assert ours.shape == reference.shape and np.abs(ours - reference).max() < 1e-3
+
+
+def test_frames_past_a_clip_are_masked(assets):
+    enc = build_encoder(str(assets["effnet_audio"])).eval()
+    assert enc.modality == "audio" and enc.family.cnn_blocks  # the CNN's table row carries over
+    rate = enc.audio.sample_rate
+    short, full = np.full(rate // 4, 0.1, np.float32), np.full(3 * rate, 0.1, np.float32)
+    batch = enc.preprocess([short, full])
+    assert batch["frames"].tolist() == [1 + (rate // 4) // frame_settings(enc.audio)[1], enc.frames]  # the long one is cut
+    with torch.no_grad():
+        out = enc(batch)
+    assert out.mask[1].all() and 0 < out.mask[0].sum() < out.mask[0].numel()
+    masked = out.tokens[0][out.mask[0]].mean(0)
+    assert torch.allclose(out.pooled[0], masked, atol=1e-6)
+
+
+def three_modality_recipe(assets, tmp_path, audio_method="lora", fusion="gated", **data) -> Path:
+    files = assets["audio_data"]
+    raw = tiny.recipe_dict(assets["bert"], assets["effnet"], files, tmp_path / "out", fusion=fusion, epochs=2)
+    raw["encoders"]["audio"] = {"model": str(assets["effnet_audio"]), "peft": {"method": audio_method},
+                                "audio": {"sample_rate": 8000, "max_seconds": 0.5, "n_mels": 32}}
+    raw["encoders"]["image"]["image_size"] = 32
+    raw["task"] = {"type": "classification"}
+    raw["data"].update(data)
+    path = tmp_path / "three.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_three_modalities_train_evaluate_predict_merge_export(assets, tmp_path):
+    recipe = three_modality_recipe(assets, tmp_path)
+    dry = runner.invoke(app, ["finetune", str(recipe), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    for name in ("text", "image", "audio"):
+        assert name in dry.output
+    result = runner.invoke(app, ["finetune", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert "longer than 0.5 s" in result.output  # the tiny set has clips of up to 0.6 s: counted, not silently cut
+    bundle = tmp_path / "out" / "tiny"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert {e["modality"] for e in manifest["encoders"].values()} == {"text", "image", "audio"}
+    evaluated = runner.invoke(app, ["evaluate", str(bundle)])
+    assert evaluated.exit_code == 0 and "reproduced" in evaluated.output, evaluated.output
+    row = json.loads(assets["audio_data"]["test"].read_text().splitlines()[0])
+    folder = assets["audio_data"]["test"].parent
+    predicted = runner.invoke(app, ["predict", str(bundle), "--image", str(folder / row["image"]), "--question", row["question"],
+                                    "--audio", str(folder / row["audio"])])
+    assert predicted.exit_code == 0, predicted.output
+    missing = runner.invoke(app, ["predict", str(bundle), "--image", str(folder / row["image"]), "--question", "what ?"])
+    assert missing.exit_code == 2 and "--audio" in missing.output
+    out = tmp_path / "predictions.jsonl"
+    listed = runner.invoke(app, ["predict", str(bundle), "--input", str(assets["audio_data"]["test"]), "-o", str(out)])
+    assert listed.exit_code == 0, listed.output
+    first = json.loads(out.read_text().splitlines()[0])
+    assert first["audio"] == row["audio"] and first["prediction"] == predicted.output.split()[0]
+    merged = runner.invoke(app, ["merge", str(bundle), "--out", str(tmp_path / "merged")])
+    assert merged.exit_code == 0, merged.output
+    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+    assert report["max_abs_logit_diff"] <= 1e-5 and report["folded"]["audio"] == "lora"
+    # the merged audio encoder is a plain CNN folder that loads back as an audio encoder, without LoRA
+    base = build_encoder(str(tmp_path / "merged" / "encoders" / "audio" / "base"))
+    assert base.modality == "audio" and not any("lora" in n for n, _ in base.named_parameters())
+    exported = runner.invoke(app, ["export", str(bundle), "--format", "onnx", "--out", str(tmp_path / "onnx")])
+    assert exported.exit_code == 0, exported.output
+    export = json.loads((tmp_path / "onnx" / "export.json").read_text())
+    assert "audio.input_features" in export["inputs"] and export["preprocessing"]["audio"]["audio"]["sample_rate"] == 8000
+
+
+def test_bad_audio_row_is_named_or_skipped(assets, tmp_path):
+    files = {k: Path(v) for k, v in assets["audio_data"].items()}
+    rows = [json.loads(line) for line in files["train"].read_text().splitlines()]
+    rows[3]["audio"] = "audio/nope.wav"
+    broken = files["train"].parent / "broken_train.jsonl"
+    broken.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = three_modality_recipe(assets, tmp_path, train=str(broken))
+    result = runner.invoke(app, ["finetune", str(recipe)])
+    assert result.exit_code == 2 and "broken_train.jsonl, row 4: file not found" in result.output, result.output
+    assert "data.on_bad_audio: skip" in result.output and "Traceback" not in result.output
+    skipped = runner.invoke(app, ["finetune", str(recipe), "data.on_bad_audio=skip", "train.epochs=1"])
+    assert skipped.exit_code == 0 and "skipped 1 row(s) with 1 bad audio file(s)" in skipped.output, skipped.output
+
+
+def test_audio_only_recipe_needs_no_image_or_text_column(assets, tmp_path):
+    files = {k: Path(v) for k, v in assets["audio_data"].items()}
+    for split in ("train", "test"):
+        rows = [{"audio": r["audio"], "answer": r["answer"]} for r in map(json.loads, files[split].read_text().splitlines())]
+        (files[split].parent / f"audio_only_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = {"name": "audio_only", "encoders": {"audio": {"model": str(assets["effnet_audio"]), "peft": {"method": "bitfit"},
+                                                        "audio": {"sample_rate": 8000, "max_seconds": 0.6, "n_mels": 32}}},
+           "fusion": {"type": "concat", "hidden_size": 16}, "task": {"type": "classification"},
+           "data": {"train": str(files["train"].parent / "audio_only_train.jsonl"),
+                    "test": str(files["train"].parent / "audio_only_test.jsonl"), "eval_fraction": 0.2},
+           "train": {"epochs": 4, "batch_size": 8, "lr": 1e-2, "head_lr": 1e-2}, "output": {"dir": str(tmp_path / "out"), "plots": False}}
+    recipe = tmp_path / "audio.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    assert runner.invoke(app, ["validate", str(recipe)]).exit_code == 0
+    result = runner.invoke(app, ["finetune", str(recipe)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "out" / "audio_only" / "metrics.json").read_text())
+    assert len(metrics["history"]) == 4 and 0 <= metrics["test"]["accuracy"] <= 100  # learning itself: test_methods' loops
+    clip = files["test"].parent / "audio" / "test_0.wav"
+    predicted = runner.invoke(app, ["predict", str(tmp_path / "out" / "audio_only"), "--audio", str(clip)])
+    assert predicted.exit_code == 0 and predicted.output.split()[0] in tiny.TONES, predicted.output
+
+
+@pytest.mark.skipif(not (FSDD / "recordings").is_dir(), reason="FSDD is not at ../shared/fsdd")
+def test_fsdd_splits():
+    train, test = fsdd_samples(str(FSDD))
+    assert (len(train), len(test)) == (2700, 300)
+    assert all(int(Path(s.audio).stem.split("_")[2]) < 5 for s in test)
+    assert sorted({s.answer for s in test}) == [str(d) for d in range(10)]
+    train, test = fsdd_samples(str(FSDD), ["theo"])
+    assert len(test) == 500 and {s.groups["speaker"] for s in test} == {"theo"}
+    assert "theo" not in {s.groups["speaker"] for s in train} and len(train) == 2500
+    with pytest.raises(Exception, match="unknown FSDD speaker"):
+        fsdd_samples(str(FSDD), ["nobody"])
