@@ -108,6 +108,10 @@ class AdapterPool:
         if name in self.bundles:
             raise UsageError(f"two bundles are named {name!r}; give one another name with NAME=PATH")
         bundle, manifest, recipe, vocab = read_bundle(path)
+        audio = [n for n, e in manifest["encoders"].items() if e.get("modality") == "audio"]
+        if audio:  # the API takes an image and a question; an audio field is not there yet
+            raise UsageError(f"{path}: its encoder(s) {', '.join(audio)} read audio, which `mmpeft serve` does not "
+                             "take yet; use `mmpeft predict BUNDLE --audio FILE`")
         encoders, methods, shared_of = {}, {}, {}
         for enc_name, cfg in recipe.encoders.items():
             key = _structure(cfg, manifest["encoders"][enc_name])
