@@ -416,16 +416,14 @@ def bench_throughput(recipe: str = typer.Option("recipes/quickstart.yaml", help=
                      manifest_rows: str = typer.Option("10000,1000000", help="rows of the generated manifests"),
                      overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides for every run")):
     """The toolkit against a hand-written loop, each pipeline feature toggled, and scaling with rows."""
+    from .bench.common import parse_ints
     from .bench.throughput import run
 
-    try:
-        sizes = [int(x) for x in scaling.split(",") if x]
-        manifests = [int(x) for x in manifest_rows.split(",") if x]
-    except ValueError:
-        raise UsageError("--scaling and --manifest-rows: comma-separated integers") from None
+    sizes = parse_ints(scaling, "--scaling", "1000,4000")
+    manifests = parse_ints(manifest_rows, "--manifest-rows", "10000,1000000")
     if steps < 1:
         raise UsageError("--steps: must be at least 1")
-    run(recipe, out, steps, overrides or [], sizes, manifests)
+    run(recipe, out, steps, overrides or [], list(sizes), list(manifests))
     console.print((Path(out) / "throughput.md").read_text())
 
 
@@ -442,12 +440,10 @@ def bench_serve(bundles: str = typer.Option("adapters/vqa_rad_bitfit_hadamard_al
                 soak: int = typer.Option(2000, help="requests of the soak"),
                 out: str = typer.Option("benchmarks/results/serve", help="folder for serve.json and serve.md")):
     """Load test, memory and soak of `mmpeft serve` on 127.0.0.1 (it starts and stops its own servers)."""
+    from .bench.common import parse_ints
     from .bench.serve import run
 
-    try:
-        levels = [int(c) for c in clients.split(",")]
-    except ValueError:
-        raise UsageError(f"--clients: expected comma-separated integers such as 1,4,16 (got {clients!r})") from None
+    levels = list(parse_ints(clients, "--clients", "1,4,16"))
     folder = Path(images)
     if not folder.is_dir():
         raise UsageError(f"--images {images}: not a folder of images")

@@ -101,12 +101,16 @@ def choose(requested, available, option: str) -> list:
     return chosen
 
 
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """``"0,1,2"`` -> ``(0, 1, 2)``, with an error that names the option."""
+def parse_ints(text: str, option: str, example: str) -> tuple[int, ...]:
+    """``"0,1,2"`` -> ``(0, 1, 2)``, with an error that names the command-line option."""
     try:
         return tuple(int(s) for s in text.split(","))
     except ValueError:
-        raise UsageError(f"--seeds: expected comma-separated integers such as 0,1,2 (got {text!r})") from None
+        raise UsageError(f"{option}: expected comma-separated integers such as {example} (got {text!r})") from None
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    return parse_ints(text, "--seeds", "0,1,2")
 
 
 def resolved_settings(loaded) -> dict:
