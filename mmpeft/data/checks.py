@@ -82,18 +82,19 @@ def bad_files(splits: dict[str, list[Sample]], kind: str, open_one, desc: str) -
     return bad
 
 
+NOUNS = {"image": "image(s)", "audio": "audio file(s)"}  # as the messages name each kind
+
+
 def raise_first_bad(splits: dict[str, list[Sample]], kind: str, bad: dict[str, str], hint: str) -> None:
     for rows in splits.values():
         for s in rows:
             path = getattr(s, kind)
             if path in bad:
-                raise DataError(f"{s.where}: {bad[path]}: {path} ({len(bad)} bad {kind} file(s) in all; {hint})"
-                                if kind == "audio" else f"{s.where}: {bad[path]}: {path} ({len(bad)} bad image(s) in all; {hint})")
+                raise DataError(f"{s.where}: {bad[path]}: {path} ({len(bad)} bad {NOUNS[kind]} in all; {hint})")
 
 
 def skip_bad(splits: dict[str, list[Sample]], kind: str, bad: dict[str, str], setting: str) -> dict[str, list[Sample]]:
     kept = {name: [s for s in rows if getattr(s, kind) not in bad] for name, rows in splits.items()}
     skipped = sum(len(splits[n]) - len(kept[n]) for n in splits)
-    print(f"{setting}=skip: skipped {skipped} row(s) with {len(bad)} bad {kind} file(s)" if kind == "audio"
-          else f"{setting}=skip: skipped {skipped} row(s) with {len(bad)} bad image(s)")
+    print(f"{setting}=skip: skipped {skipped} row(s) with {len(bad)} bad {NOUNS[kind]}")
     return kept

@@ -180,8 +180,12 @@ class ImageStore:
             if on_bad_image == "error":
                 raise_first_bad(splits, "image", bad, hint)
             splits = skip_bad(splits, "image", bad, "data.on_bad_image")
-        lengths: dict[str, float] = {}
-        bad = bad_files(splits, "audio", lambda path: lengths.__setitem__(path, clip_seconds(path)), "checking audio")
+        lengths: dict[str, float] = {}  # seconds of every readable clip, read from its header
+
+        def measure(path: str) -> None:
+            lengths[path] = clip_seconds(path)
+
+        bad = bad_files(splits, "audio", measure, "checking audio")
         if bad:
             if on_bad_audio == "error":
                 raise_first_bad(splits, "audio", bad, BAD_AUDIO_HINT if hint == BAD_IMAGE_HINT else hint)
