@@ -63,7 +63,8 @@ def data_fingerprint(splits) -> str:
     for name in ("train", "eval", "test"):
         digest.update(f"[{name}]".encode())
         for s in getattr(splits, name):
-            row = [s.image, s.text, s.answer, sorted(s.groups.items())] + ([s.audio] if s.audio else [])
+            row = ([s.image, s.text, s.answer, sorted(s.groups.items())] + ([s.audio] if s.audio else [])
+                   + ([sorted(s.extra.items())] if s.extra else []))
             digest.update(json.dumps(row).encode())
     return digest.hexdigest()
 
@@ -122,6 +123,7 @@ class LoopState:
     step: int = 0
     seen: int = 0
     running: float = 0.0
+    task_running: dict = field(default_factory=dict)  # multi-task: each task's running loss
     history: list = field(default_factory=list)
     best_value: Optional[float] = None
     best_epoch: int = 0

@@ -112,8 +112,11 @@ def validate(recipe: Path = typer.Argument(..., metavar="RECIPE", help="recipe Y
              overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides")):
     """Check a recipe and that its data files exist, without loading any model."""
     r = _recipe_with_data(recipe, overrides)
+    from .config import recipe_tasks
+
     methods = ", ".join(f"{n}: {c.model} + {c.peft['method']}" for n, c in r.encoders.items())
-    console.print(f"{recipe}: OK ({methods}; fusion {r.fusion['type']}; task {r.task.type}; data {r.data.source})")
+    tasks = ", ".join(f"{n}: {t.registry_name}" for n, t in recipe_tasks(r).items())
+    console.print(f"{recipe}: OK ({methods}; fusion {r.fusion['type']}; task {tasks}; data {r.data.source})")
 
 
 @app.command()
@@ -142,10 +145,13 @@ def evaluate(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle d
     from .report import print_test
 
     result = evaluate_bundle(bundle, overrides or [], _device(device), allow_base_mismatch)
-    print_test(result["metrics"], result["group_fields"])
+    print_test(result["metrics"], result["tasks"])
     diff = result["max_abs_diff"]
-    console.print(f"stored accuracy {100 * result['stored']['accuracy']:.2f}%, now {100 * result['metrics']['accuracy']:.2f}%; "
-              f"max difference over reported metrics {diff:.2e} -> {'reproduced' if diff < 1e-9 else 'DIFFERENT'}")
+    for name, task in result["tasks"].items():
+        key, value = next(iter(task.headline(result["metrics"][name]).items()))
+        before = result["stored"][name].get(key, float("nan"))
+        console.print(f"{name}: stored {key} {before:.4f}, now {value:.4f}")
+    console.print(f"max difference over reported metrics {diff:.2e} -> {'reproduced' if diff < 1e-9 else 'DIFFERENT'}")
     if diff >= 1e-9:
         raise typer.Exit(1)
 
@@ -159,6 +165,7 @@ def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (o
             input: Optional[Path] = typer.Option(None, "--input", help="manifest (.jsonl/.csv/.json) with the columns the bundle reads"),
             output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the input rows with their predictions (.jsonl or .csv)"),
             top_k: int = typer.Option(3, help="answers to show"),
+            task: Optional[str] = typer.Option(None, help="multi-task bundles: answer only this task (default: every task)"),
             image_field: str = typer.Option("image", help="--input: the image column"),
             text_field: str = typer.Option("question", help="--input: the question column"),
             audio_field: str = typer.Option("audio", help="--input: the audio column"),
@@ -178,17 +185,23 @@ def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (o
     if input is None and missing:
         raise UsageError(f"{bundle} reads {', '.join(predictor.reads)}: give {' and '.join(missing)} too (or --input manifest.jsonl)")
     if input is not None:
-        results = predict_manifest(predictor, input, output, top_k, image_field, text_field, audio_field)
+        results = predict_manifest(predictor, input, output, top_k, image_field, text_field, audio_field, task)
         console.print(f"{len(results)} predictions" + (f" written to {output}" if output else ""))
         if output is None:
             for r in results:
                 print(json.dumps(r))
         return
     one = {m: [str(given[m])] if m in predictor.reads else [] for m in given}
-    result = predictor.predict(one["image"], one["text"], top_k, audios=one["audio"])[0]
-    console.print(Text(result["answer"], style="bold"))
-    for alt in result["top_k"]:
-        console.print(f"  {alt['probability']:.4f}  {alt['answer']}")
+    result = predictor.predict(one["image"], one["text"], top_k, audios=one["audio"], task=task)[0]
+    for name, answer in (result["tasks"].items() if "tasks" in result else [(None, result)]):
+        if name is not None:
+            console.print(f"{name}:")
+        if "answer" in answer and "top_k" in answer:
+            console.print(Text(answer["answer"], style="bold"))
+            for alt in answer["top_k"]:
+                console.print(f"  {alt['probability']:.4f}  {alt['answer']}")
+        else:
+            console.print(json.dumps(answer))
 
 
 @app.command()
@@ -352,6 +365,19 @@ def bench_quickstart(recipe: str = typer.Option("recipes/quickstart.yaml"), out:
     console.print(f"quickstart: test accuracy {100 * r['test_accuracy']:.2f}% (target >= {100 * r['target_accuracy']:.0f}%: "
                   f"{'met' if r['meets_accuracy'] else 'MISSED'}), wall {r['wall_seconds']:.0f} s (budget {r['budget_seconds']:.0f} s: "
                   f"{'met' if r['meets_time'] else 'MISSED'}); written to {out}/quickstart.json")
+
+
+@bench_app.command("contrastive")
+@friendly
+def bench_contrastive(recipe: str = typer.Option("recipes/easy_vqa_contrastive.yaml", help="a recipe with a contrastive task"),
+                      out: str = typer.Option("benchmarks/results/contrastive", help="folder for contrastive.json / .md"),
+                      overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides")):
+    """Train a contrastive recipe and score it against its untrained projections (the floor)."""
+    from .bench.contrastive import run
+
+    result = run(recipe, out, overrides or [])
+    console.print((Path(out) / "contrastive.md").read_text())
+    console.print(f"written to {out}/contrastive.json and contrastive.md ({result['train_seconds']:.0f} s of training)")
 
 
 @bench_app.command("methods")

@@ -12,9 +12,9 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from .config import FUSION_SETTINGS, METHOD_SETTINGS
+from .config import FUSION_SETTINGS, METHOD_SETTINGS, TASK_SETTINGS
 from .config.paths import REQUIRED_BY_SOURCE
-from .config.schema import AudioConfig, DataConfig, EncoderConfig, OutputConfig, QuantizationConfig, Recipe, TaskConfig, TrainConfig
+from .config.schema import AudioConfig, DataConfig, EncoderConfig, OutputConfig, QuantizationConfig, Recipe, TrainConfig
 
 
 def _default(field) -> str:
@@ -41,7 +41,7 @@ def _rows(prefix: str, model: type[BaseModel], skip=(), required: dict | None = 
 
 def recipe_reference() -> str:
     lines = ["| key | default | meaning |", "|---|---|---|"]
-    lines += _rows("", Recipe, skip=("encoders", "fusion", "task", "data", "train", "output"))
+    lines += _rows("", Recipe, skip=("encoders", "fusion", "task", "tasks", "data", "train", "output"))
     lines += _rows("encoders.<name>.", EncoderConfig, skip=("quantization", "audio"))
     lines += _rows("encoders.<name>.audio.", AudioConfig)
     lines += _rows("encoders.<name>.quantization.", QuantizationConfig)
@@ -51,7 +51,17 @@ def recipe_reference() -> str:
     for fusion in FUSION_SETTINGS.names():
         for name, field in FUSION_SETTINGS.get(fusion).model_fields.items():
             lines.append(f"| `fusion.{name}` (type `{fusion}`) | {_default(field)} | {field.description or ''} |")
-    lines += _rows("task.", TaskConfig)
+    lines += _rows("", Recipe, skip=tuple(k for k in Recipe.model_fields if k not in ("task", "tasks")))
+    shared = [n for n in TASK_SETTINGS.get("vqa").model_fields if n in TASK_SETTINGS.get("contrastive").model_fields]
+    for name in (n for n in shared if n != "metric"):
+        field = TASK_SETTINGS.get("vqa").model_fields[name]
+        lines.append(f"| `task.{name}` (every type) | {_default(field)} | {field.description or ''} |")
+    for kind in TASK_SETTINGS.names():
+        cls = TASK_SETTINGS.get(kind)
+        for name, field in cls.model_fields.items():
+            if name not in shared or name == "metric":
+                meaning = f"{field.description or ''} (one of: {', '.join(cls.metrics)})" if name == "metric" else field.description or ""
+                lines.append(f"| `task.{name}` (type `{kind}`) | {_default(field)} | {meaning} |")
     required = {}
     for source, keys in REQUIRED_BY_SOURCE.items():
         for key in keys:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from pydantic import BaseModel, Field, ValidationError
@@ -13,24 +14,15 @@ from pydantic import BaseModel, Field, ValidationError
 from .bundle.io import load_bundle
 from .data import Collator, ImageStore, Sample, make_loader, read_rows, recipe_splits
 from .config.loading import describe_error
-from .errors import BundleError, DataError, MMPeftError
+from .errors import BundleError, DataError, MMPeftError, UsageError
 from .files import MAX_MANIFEST_BYTES, atomic_text_file, read_text
-from .runtime import fresh_accelerator, groups_to_report, inference_autocast, predict_logits, score
+from .runtime import fresh_accelerator, groups_to_report, inference_autocast, predict_logits, prepare_tasks, score
 from .tasks import Vocabulary
 
 
-class _Group(BaseModel):
-    accuracy: float
-
-
-class _TestMetrics(BaseModel):
-    accuracy: float
-    macro_f1: float
-    groups: dict[str, dict[str, _Group]] = Field(default_factory=dict)
-
-
 class _StoredMetrics(BaseModel):
-    test: _TestMetrics
+    test: dict[str, Any]
+    tasks: Optional[dict[str, dict[str, Any]]] = None
     group_fields: Optional[list[str]] = None
     eval_batch_size: Optional[int] = Field(None, ge=1, le=65536)
 
@@ -55,30 +47,54 @@ def evaluate_bundle(path, overrides: Sequence[str] = (), device: str = "cpu", al
     """Rebuild the bundle's model, score its recipe's test split, compare to the stored metrics.
 
     Returns:
-        ``{"metrics": ..., "stored": ..., "max_abs_diff": float}`` (diff over headline numbers).
+        ``{"metrics": {task: ...}, "stored": {task: ...}, "max_abs_diff": float, "tasks": {name: Task}}``
+        (the difference over every task's headline numbers and per-group accuracies).
     """
     bundle = load_bundle(path, device=device, allow_base_mismatch=allow_base_mismatch, overrides=overrides)
-    recipe = bundle.recipe
-    vocab = Vocabulary(bundle.vocab)
+    recipe, tasks = bundle.recipe, bundle.tasks
     splits = recipe_splits(recipe)
     store = ImageStore.for_encoders(bundle.model.encoders.values(), recipe.data.image_cache_mb)
     checked = store.check({"test": splits.test}, recipe.data.on_bad_image, on_bad_audio=recipe.data.on_bad_audio)
     test = checked["test"]
+    for task in tasks.values():
+        task.check({"test": test, "train": test}, required=False)  # a bad target is named by file and row
     stored = stored_metrics(bundle.path)
-    group_fields = stored.get("group_fields") or groups_to_report(recipe, test)
-    loader = make_loader(test, Collator(test, dict(bundle.model.encoders.items()), vocab, store),
+    first = next(iter(tasks))
+    old_all = stored.get("tasks") or {first: stored["test"]}
+    group_fields = groups_to_report(recipe, test)
+    if stored.get("group_fields") is not None:
+        group_fields[first] = stored["group_fields"]
+    loader = make_loader(test, Collator(test, dict(bundle.model.encoders.items()), tasks, store),
                          stored.get("eval_batch_size", recipe.train.eval_batch_size), False, 0)
     accelerator = fresh_accelerator(cpu=device == "cpu")
     with inference_autocast(recipe, device):
-        logits, index = predict_logits(bundle.model, accelerator.prepare(loader), accelerator, desc="test")
-    metrics = score(logits, index, test, vocab, group_fields)
-    old = stored["test"]
-    diffs = [abs(metrics["accuracy"] - old["accuracy"]), abs(metrics["macro_f1"] - old["macro_f1"])]
-    for field, values in old.get("groups", {}).items():
-        for value, m in values.items():
-            new = metrics["groups"].get(field, {}).get(value)
-            diffs.append(abs(new["accuracy"] - m["accuracy"]) if new else 1.0)
-    return {"metrics": metrics, "stored": old, "max_abs_diff": max(diffs), "group_fields": group_fields}
+        prepare_tasks(bundle.model, tasks, torch.device(device))
+        outputs, index = predict_logits(bundle.model, accelerator.prepare(loader), accelerator, desc="test")
+    metrics = score(outputs, index, test, tasks, bundle.model.slices, group_fields)
+    diffs = []
+    for name, task in tasks.items():
+        old = old_all.get(name)
+        if not isinstance(old, dict):
+            raise BundleError(f"{bundle.path}/metrics.json: no stored metrics of task {name!r}")
+        for key, value in task.headline(metrics[name]).items():
+            before = old.get(key)
+            diffs.append(_diff(value, before))
+        for field, values in old.get("groups", {}).items():
+            for value, m in values.items():
+                new = metrics[name].get("groups", {}).get(field, {}).get(value)
+                key = "accuracy" if "accuracy" in m else "mae"
+                diffs.append(_diff(new.get(key), m.get(key)) if new else 1.0)
+    return {"metrics": metrics, "stored": old_all, "max_abs_diff": max(diffs) if diffs else 0.0, "group_fields": group_fields,
+            "tasks": tasks}
+
+
+def _diff(new, old) -> float:
+    """|new - old| of a stored headline number; two NaNs agree, anything unreadable is a full miss."""
+    if not isinstance(new, (int, float)) or not isinstance(old, (int, float)):
+        return 1.0
+    if math.isnan(new) and math.isnan(old):
+        return 0.0
+    return abs(new - old) if math.isfinite(new - old) else 1.0
 
 
 class Predictor:
@@ -87,6 +103,7 @@ class Predictor:
     def __init__(self, path, device: str = "cpu", allow_base_mismatch: bool = False):
         self.bundle = load_bundle(path, device=device, allow_base_mismatch=allow_base_mismatch)
         self.model = self.bundle.model
+        self.tasks = self.bundle.tasks
         self.vocab = Vocabulary(self.bundle.vocab)
         # same downsizing as training and `evaluate`, so predict gives the probabilities evaluate scored
         self.store = ImageStore.for_encoders(self.model.encoders.values(), self.bundle.recipe.data.image_cache_mb)
@@ -100,38 +117,47 @@ class Predictor:
 
     @torch.no_grad()
     def predict(self, images: Sequence[str], texts: Sequence[str], top_k: int = 3, batch_size: int = 32,
-                audios: Sequence[str] = ()) -> list[dict]:
-        """Top-k answers with probabilities for each input: the i-th image path, text and
-        audio path (a list the bundle does not read may be empty)."""
+                audios: Sequence[str] = (), task: Optional[str] = None) -> list[dict]:
+        """What the bundle's task answers for each input: the i-th image path, text and audio
+        path (a list the bundle does not read may be empty). One task: its answer (vqa:
+        ``answer`` and ``top_k``); several: ``{"tasks": {name: answer}}``, or only ``task``'s."""
         n = max(len(images), len(texts), len(audios))
         images, texts, audios = (list(x) if len(x) else [""] * n for x in (images, texts, audios))
         rows = [Sample(str(i), str(t), "", {}, f"input {k + 1}", str(a)) for k, (i, t, a) in enumerate(zip(images, texts, audios))]
         self.store.check({"input": rows}, "error", hint="check the file path")
-        answers = answer_rows(self.model, self.vocab, self.bundle.recipe, rows, self.store, top_k, self.device, batch_size,
-                              where=str(self.bundle.path))
+        if task is not None and task not in self.tasks:
+            raise UsageError(f"--task: {task!r} is not a task of {self.bundle.path} (it has: {', '.join(self.tasks)})")
+        answers = answer_rows(self.model, self.tasks, self.bundle.recipe, rows, self.store, top_k, self.device, batch_size,
+                              where=str(self.bundle.path), only=task)
         fields = {"image": "image", "text": "question", "audio": "audio"}
         return [{**{fields[m]: getattr(row, m) for m in self.reads}, **a} for row, a in zip(rows, answers)]
 
 
 @torch.no_grad()
-def answer_rows(model, vocab: Vocabulary, recipe, rows: list, store: ImageStore, top_k: int, device: str,
-                batch_size: int = 32, where: str = "") -> list[dict]:
-    """``{answer, top_k: [{answer, probability}]}`` per row, the images already in ``store``:
-    what ``predict`` and the server both answer (same preprocessing, autocast and rounding)."""
-    collator = Collator(rows, dict(model.encoders.items()), vocab, store)
+def answer_rows(model, tasks: dict, recipe, rows: list, store: ImageStore, top_k: int, device: str,
+                batch_size: int = 32, where: str = "", only: Optional[str] = None) -> list[dict]:
+    """Each row's answer (:meth:`~mmpeft.tasks.Task.answer`; vqa: ``{answer, top_k: [{answer,
+    probability}]}``), the images already in ``store``: what ``predict`` and the server both
+    answer (same preprocessing, autocast and rounding). Several tasks: ``{"tasks": {name:
+    answer}}``; ``only``: that task's answer alone."""
+    collator = Collator(rows, dict(model.encoders.items()), tasks, store)
+    prepare_tasks(model, tasks, torch.device(device), recipe)
     results = []
     for start in range(0, len(rows), batch_size):
         batch = collator(list(range(start, min(start + batch_size, len(rows)))))
         inputs = {k: {n: t.to(device) for n, t in v.items()} for k, v in batch["inputs"].items()}
         with inference_autocast(recipe, device):
-            probs = model(inputs).float().softmax(-1).cpu()
-        if not bool(torch.isfinite(probs).all()):
-            raise MMPeftError(f"{where}: the model answered NaN for input(s) {start + 1}-{start + len(probs)}; "
+            out = model(inputs).float().cpu()
+        if not bool(torch.isfinite(out).all()):
+            raise MMPeftError(f"{where}: the model answered NaN for input(s) {start + 1}-{start + len(out)}; "
                               "no prediction is given")
-        top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
-        for p, idx in zip(top.values.tolist(), top.indices.tolist()):
-            results.append({"answer": vocab.answers[idx[0]],
-                            "top_k": [{"answer": vocab.answers[j], "probability": round(q, 6)} for j, q in zip(idx, p)]})
+        answers = {name: task.answer(out[:, model.slices[name]], top_k) for name, task in tasks.items()
+                   if only is None or name == only}
+        for i in range(len(out)):
+            if len(answers) == 1:
+                results.append(next(iter(answers.values()))[i])
+            else:
+                results.append({"tasks": {name: a[i] for name, a in answers.items()}})
     return results
 
 
@@ -139,10 +165,11 @@ PREDICTION_COLUMNS = ("prediction", "probability", "top_k")
 
 
 def predict_manifest(predictor: Predictor, manifest: Path, out: Optional[Path], top_k: int, image_field="image",
-                     text_field="question", audio_field="audio") -> list[dict]:
+                     text_field="question", audio_field="audio", task: Optional[str] = None) -> list[dict]:
     """Predict every row of a manifest. Each output row is the input row with every column
     as it was, plus ``prediction`` (the top answer), ``probability`` (its probability) and
-    ``top_k`` (a list of ``{answer, probability}``; a JSON string in CSV). Written as JSONL
+    ``top_k`` (a list of ``{answer, probability}``; a JSON string in CSV). Other task kinds
+    and several tasks: ``prediction`` holds the task's answer as a mapping. Written as JSONL
     or CSV (by ``out``'s suffix) atomically; returns the output rows."""
     path = Path(manifest)
     if not path.is_file():
@@ -160,15 +187,20 @@ def predict_manifest(predictor: Predictor, manifest: Path, out: Optional[Path], 
             if m != "text":  # file paths are relative to the manifest
                 value = str(Path(value) if Path(value).is_absolute() else path.parent / value)
             values[m].append(value)
-    results = predictor.predict(values["image"], values["text"], top_k, audios=values["audio"])
+    results = predictor.predict(values["image"], values["text"], top_k, audios=values["audio"], task=task)
     replaced = sorted({c for _, row in rows for c in PREDICTION_COLUMNS if c in row})
     if replaced:
         print(f"note: the input's column(s) {', '.join(replaced)} are replaced by this prediction's")
-    output = [{**{k: v for k, v in row.items() if k not in PREDICTION_COLUMNS}, "prediction": r["answer"],
-               "probability": r["top_k"][0]["probability"], "top_k": r["top_k"]} for (_, row), r in zip(rows, results)]
+    output = [{**{k: v for k, v in row.items() if k not in PREDICTION_COLUMNS}, **_columns(r)} for (_, row), r in zip(rows, results)]
     if out is not None:
         write_rows(Path(out), output)
     return output
+
+
+def _columns(result: dict) -> dict:
+    if "answer" in result and "top_k" in result:  # one answer from a vocabulary
+        return {"prediction": result["answer"], "probability": result["top_k"][0]["probability"], "top_k": result["top_k"]}
+    return {"prediction": result}
 
 
 def write_rows(out: Path, rows: list[dict]) -> None:

@@ -12,16 +12,34 @@ from .files import fingerprint_module
 from .fusion import build_fusion
 from .methods import PeftMethod, build_method, count_parameters
 from .quant import prepare_for_kbit_training
+from .tasks import Task
+
+
+class TaskHeads(nn.Module):
+    """Several tasks' heads over shared encoder outputs: each reads its own encoders, and their
+    outputs are concatenated (``slices`` say which columns are whose), so the model still
+    returns one tensor that evaluation, merge checks and ONNX export handle as before."""
+
+    def __init__(self, heads: dict[str, nn.Module], reads: dict[str, list[str]]):
+        super().__init__()
+        self.heads = nn.ModuleDict(heads)
+        self.reads = reads
+
+    def forward(self, outputs: dict) -> torch.Tensor:
+        return torch.cat([head({n: outputs[n] for n in self.reads[name]}).float() for name, head in self.heads.items()], dim=-1)
 
 
 class MultimodalModel(nn.Module):
-    """``encoders[name](inputs[name]) -> EncoderOutput``, then ``head(outputs) -> logits [B, C]``."""
+    """``encoders[name](inputs[name]) -> EncoderOutput``, then ``head(outputs) -> [B, C]``: one
+    task's outputs, or every task's side by side (``slices[task]``)."""
 
-    def __init__(self, encoders: dict[str, Encoder], methods: dict[str, PeftMethod], head: nn.Module):
+    def __init__(self, encoders: dict[str, Encoder], methods: dict[str, PeftMethod], head: nn.Module,
+                 slices: dict[str, slice] | None = None):
         super().__init__()
         self.encoders = nn.ModuleDict(encoders)
         self.methods = methods
         self.head = head
+        self.slices = slices or {}
         self.feature_caches: dict[str, "FeatureCache"] = {}
 
     def enable_feature_cache(self) -> list[str]:
@@ -110,18 +128,19 @@ class EncoderSummary:
     total: int
 
 
-def build_model(recipe, num_outputs: int, device: str = "cpu") -> MultimodalModel:
-    """Build encoders, attach each encoder's method, and add the fusion head.
+def build_model(recipe, tasks: dict[str, Task] | int, device: str = "cpu") -> MultimodalModel:
+    """Build encoders, attach each encoder's method, and add each task's head.
 
     Args:
         recipe: a validated :class:`~mmpeft.config.Recipe`.
-        num_outputs: answer-vocabulary size.
+        tasks: the recipe's tasks (:func:`~mmpeft.tasks.build_task`), or a number of outputs
+            for one fusion head over every encoder (benchmarks).
         device: where quantized weights are placed at load.
     """
     encoders, methods = {}, {}
     for name, cfg in recipe.encoders.items():
         encoders[name], methods[name] = build_adapted_encoder(name, cfg, recipe.train, device)
-    return assemble(recipe, encoders, methods, num_outputs)
+    return assemble(recipe, encoders, methods, tasks)
 
 
 def build_adapted_encoder(name: str, cfg, train, device: str = "cpu"):
@@ -141,12 +160,28 @@ def build_adapted_encoder(name: str, cfg, train, device: str = "cpu"):
     return enc, method
 
 
-def assemble(recipe, encoders: dict, methods: dict, num_outputs: int) -> MultimodalModel:
-    """The model of ``encoders`` (built, possibly shared with other models) and a new head."""
+def assemble(recipe, encoders: dict, methods: dict, tasks: dict[str, Task] | int) -> MultimodalModel:
+    """The model of ``encoders`` (built, possibly shared with other models) and new heads:
+    one per task, each over the encoders it reads (its own head kind, else ``fusion:``)."""
     dims = {name: enc.hidden_size for name, enc in encoders.items()}
     torch.manual_seed(recipe.train.seed)  # head init is reproducible
-    head = build_fusion(recipe.fusion, dims, num_outputs)
-    model = MultimodalModel(encoders, methods, head)
+    if isinstance(tasks, int):
+        model = MultimodalModel(encoders, methods, build_fusion(recipe.fusion, dims, tasks))
+        model.train(False)
+        return model
+    heads, reads, slices, start = {}, {}, {}, 0
+    for name, task in tasks.items():
+        reads[name] = task.settings.encoders or list(encoders)
+        task.modalities = {n: encoders[n].modality for n in reads[name]}
+        sub = {n: dims[n] for n in reads[name]}
+        heads[name] = task.build_head(sub) or build_fusion(task.settings.head or recipe.fusion, sub, task.width)
+        task.head = heads[name]
+        slices[name] = slice(start, start + task.width)
+        start += task.width
+    only = next(iter(heads.values()))
+    # one task over every encoder: its head is the model's head (bundles of earlier versions load unchanged)
+    head = only if len(heads) == 1 and reads[next(iter(reads))] == list(encoders) else TaskHeads(heads, reads)
+    model = MultimodalModel(encoders, methods, head, slices)
     model.train(False)
     return model
 
@@ -160,5 +195,6 @@ def summarize(model: MultimodalModel, recipe) -> list[EncoderSummary]:
             count_parameters(enc, trainable_only=True), count_parameters(enc),
         ))
     head = model.head
-    rows.append(EncoderSummary("head", recipe.fusion["type"], "trainable", ["(all)"], count_parameters(head, True), count_parameters(head)))
+    kinds = recipe.fusion["type"] if not isinstance(head, TaskHeads) else f"{len(head.heads)} task heads"
+    rows.append(EncoderSummary("head", kinds, "trainable", ["(all)"], count_parameters(head, True), count_parameters(head)))
     return rows

@@ -26,7 +26,7 @@ def compact_names(names: list[str]) -> str:
     return ", ".join(f"{k} x{v}" if v > 1 else k for k, v in counts.items())
 
 
-def print_summary(rows, model, recipe, vocab_size: int, splits=None) -> None:
+def print_summary(rows, model, recipe, tasks: dict, splits=None) -> None:
     """Per encoder and head: method, touched modules, trainable and total parameters."""
     table = Table(title=f"{recipe.run_name}: model")
     for col in ("part", "model", "method", "trainable", "total", "%"):
@@ -59,7 +59,13 @@ def print_summary(rows, model, recipe, vocab_size: int, splits=None) -> None:
         if recipe.train.gradient_checkpointing and not enc.checkpointing:
             console.print(f"{name}: {type(enc.base_model()).__name__} does not support gradient checkpointing; it runs without")
     data = f"; rows train/eval/test {len(splits.train)}/{len(splits.eval)}/{len(splits.test)}" if splits else ""
-    console.print(f"answer vocabulary: {vocab_size}{data}")
+    for name, task in tasks.items():
+        kind = task.settings.registry_name
+        outputs = f"{len(task.labels)} answers" if kind in ("vqa", "classification") else f"{task.width} outputs"
+        reads = ", ".join(task.settings.encoders) or "every encoder"
+        console.print(f"task {name}: {kind}, {outputs}, reads {reads}" + (f", weight {task.settings.weight:g}" if len(tasks) > 1 else ""))
+    if data:
+        console.print(data.lstrip("; "))
 
 
 def print_epoch(row: dict) -> None:
@@ -67,18 +73,15 @@ def print_epoch(row: dict) -> None:
     console.print("  ".join(parts))
 
 
-def print_test(metrics: dict, group_fields) -> None:
+def print_test(metrics: dict[str, dict], tasks: dict) -> None:
+    """One table of every task's test metrics (:meth:`~mmpeft.tasks.Task.table`)."""
     table = Table(title="test metrics")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("n", justify="right")
-    table.add_row("accuracy", f"{100 * metrics['accuracy']:.2f}", str(metrics["count"]))
-    table.add_row("macro-F1", f"{100 * metrics['macro_f1']:.2f}", "")
-    for field in group_fields:
-        for value, m in metrics["groups"].get(field, {}).items():
-            table.add_row(f"{field}={value}", f"{100 * m['accuracy']:.2f}", str(m["count"]))
-    if "out_of_vocab" in metrics:
-        table.add_row("answers outside vocabulary (scored wrong)", "", str(metrics["out_of_vocab"]))
+    for name, task in tasks.items():
+        for metric, value, n in task.table(metrics[name]):
+            table.add_row(metric if len(tasks) == 1 else f"{name}.{metric}", value, n)
     console.print(table)
 
 
@@ -113,13 +116,13 @@ def save_plots(directory: Path, history: list[dict], test_metrics: dict, group_f
     fig.savefig(directory / "training_curves.png", dpi=100)
     plt.close(fig)
     written.append("training_curves.png")
-    bars = [(f"{f}={v}", m["accuracy"], m["count"]) for f in group_fields for v, m in test_metrics["groups"].get(f, {}).items()
-            if m["count"] >= 5]  # tiny groups (n < 5) say nothing and crowd the chart
+    bars = [(f"{f}={v}", m["accuracy"], m["count"]) for f in group_fields for v, m in test_metrics.get("groups", {}).get(f, {}).items()
+            if m["count"] >= 5 and "accuracy" in m]  # tiny groups (n < 5) say nothing and crowd the chart
     if bars:
         fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(bars) + 2), 4))
         ax.bar(range(len(bars)), [100 * b[1] for b in bars])
         ax.set_xticks(range(len(bars)), [f"{b[0]}\n(n={b[2]})" for b in bars], rotation=60, ha="right", fontsize=7)
-        ax.axhline(100 * test_metrics["accuracy"], color="gray", linestyle="--", label=f"overall {100 * test_metrics['accuracy']:.1f}%")
+        ax.axhline(100 * test_metrics.get("accuracy", 0.0), color="gray", linestyle="--", label=f"overall {100 * test_metrics['accuracy']:.1f}%")
         ax.set_ylabel("test accuracy (%)"), ax.set_ylim(0, 100), ax.legend()
         ax.set_title("test accuracy per group (groups with n >= 5)")
         fig.tight_layout()

@@ -19,7 +19,8 @@ from .config import Recipe
 from .errors import RecipeError
 from .progress import progress
 from .quant import weight_bytes
-from .tasks import Vocabulary, compute_metrics
+from .config.tasks import recipe_tasks
+from .tasks import summary_row
 
 
 def train_device(t) -> str:
@@ -96,27 +97,71 @@ def predict_logits(model, loader, accelerator, desc: str = "eval", use_cache: bo
     return torch.cat(all_logits), torch.cat(all_index)
 
 
-def score(logits, index, samples, vocab: Vocabulary, group_fields) -> dict:
-    """Metrics from logits; gold answers outside the vocabulary count as wrong."""
+def score(outputs, index, samples, tasks: dict, slices: dict, group_fields: dict[str, list]) -> dict[str, dict]:
+    """Every task's metrics from the model's outputs ``[N, C]`` (``index``: each output's row
+    in ``samples``). A task is scored on the rows that have its target (every row for a task
+    without one); rows are put in their original order first, so results never depend on
+    batching or on how processes split the data."""
     order = index.argsort()
-    logits, index = logits[order], index[order]
-    preds = [vocab.answers[i] for i in logits.argmax(-1).tolist()]
+    outputs, index = outputs[order], index[order]
     rows = [samples[i] for i in index.tolist()]
-    golds = [r.answer for r in rows]
-    groups = {f: [r.groups.get(f, "") for r in rows] for f in group_fields}
-    metrics = compute_metrics(preds, golds, groups, [vocab.encode(g) >= 0 for g in golds])
-    labels = torch.tensor([vocab.encode(g) for g in golds])
-    known = labels >= 0
-    metrics["loss"] = float(F.cross_entropy(logits[known], labels[known])) if known.any() else float("nan")
+    metrics = {}
+    for name, task in tasks.items():
+        keep = [i for i, r in enumerate(rows) if not task.Settings.has_target or task.target(r) is not None]
+        out = outputs[torch.tensor(keep, dtype=torch.long)][:, slices[name]] if len(keep) < len(rows) else outputs[:, slices[name]]
+        metrics[name] = task.score(out, [rows[i] for i in keep], group_fields.get(name, ()))
     return metrics
 
 
-def groups_to_report(recipe: Recipe, samples) -> list[str]:
-    """The row fields reported per group: the recipe's, else every group the rows carry."""
-    fields = list(recipe.task.group_fields)
-    if not fields and samples:
-        fields = sorted(samples[0].groups)
-    return fields
+def flat_metrics(tasks: dict, metrics: dict[str, dict]) -> dict[str, float]:
+    """One row of headline numbers: a single task's as they are (``accuracy``, ``macro_f1``,
+    per-group accuracy, ``loss``), several tasks' as ``<task>.<metric>``."""
+    row = {}
+    for name, task in tasks.items():
+        m = metrics[name]
+        numbers = summary_row(m, list(m.get("groups", {}))) if "accuracy" in m and "macro_f1" in m else task.headline(m)
+        numbers = {**numbers, "loss": m["loss"]}
+        row.update(numbers if len(tasks) == 1 else {f"{name}.{k}": v for k, v in numbers.items()})
+    return row
+
+
+@torch.no_grad()
+def prepare_tasks(model, tasks: dict, device, recipe: Recipe | None = None) -> None:
+    """What tasks need from the model before scoring or answering: a contrastive task with
+    classes gets the embedding of each class (its prompt templates, averaged) from the
+    current text encoder and projection (:class:`~mmpeft.tasks.ContrastiveTask`)."""
+    for task in tasks.values():
+        side = getattr(task, "text_side", None)
+        if not task.labels or side is None:
+            continue
+        encoder = model.encoders[side[0]]
+        prompts, chunks = task.prompts(), []
+        was_training = model.training
+        model.eval()
+        autocast = inference_autocast(recipe, device.type if hasattr(device, "type") else str(device)) if recipe else contextlib.nullcontext()
+        with autocast:
+            for start in range(0, len(prompts), 64):
+                inputs = {k: v.to(device) for k, v in encoder.preprocess(prompts[start:start + 64]).items()}
+                chunks.append(task.head.project(side[0], encoder(inputs).pooled).float())
+        model.train(was_training)
+        per_class = torch.cat(chunks).view(len(task.labels), len(task.settings.templates), -1).mean(1)
+        task.class_embeddings = F.normalize(per_class, dim=-1).cpu()
+
+
+def select_metric(recipe: Recipe, tasks: dict) -> tuple[str, str, bool]:
+    """``(task, metric, higher is better)`` of ``train.select``, else the first task's own metric."""
+    if recipe.train.select:
+        name, _, metric = recipe.train.select.partition(".")
+    else:
+        name = next(iter(tasks))
+        metric = tasks[name].settings.metric
+    return name, metric, metric not in tasks[name].settings.lower_is_better
+
+
+def groups_to_report(recipe: Recipe, samples) -> dict[str, list[str]]:
+    """The row fields each task reports per group: the task's own, else every group the rows carry."""
+    every = sorted(samples[0].groups) if samples else []
+    return {name: list(settings.group_fields) or every for name, settings in recipe_tasks(recipe).items()}
 
 
 def peak_memory_mib(device) -> float:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import faults
 from .bundle.card import write_card
@@ -34,8 +33,9 @@ from .model import build_model, summarize
 from .progress import progress
 from .quant import require_bitsandbytes
 from .report import print_epoch, print_summary, print_test, save_plots
-from .runtime import groups_to_report, make_accelerator, peak_memory_mib, pin_memory, predict_logits, score
-from .tasks import Vocabulary, summary_row
+from .runtime import (flat_metrics, groups_to_report, make_accelerator, peak_memory_mib, pin_memory, predict_logits, prepare_tasks,
+                      score, select_metric)
+from .tasks import recipe_task_set
 
 
 def cosine_with_warmup(optimizer, warmup: int, total: int):
@@ -80,8 +80,8 @@ class Run:
     test_loader: Any
     collator: Collator
     splits: Any
-    vocab: Vocabulary
-    group_fields: list
+    tasks: dict
+    group_fields: dict
     checkpoints: Path
     settings: dict
     data_fp: str
@@ -157,10 +157,13 @@ def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run:
     is_main = accelerator.is_main_process
     splits = recipe_splits(recipe)
     probe_images({"train": splits.train, "eval": splits.eval, "test": splits.test}, recipe.data.on_bad_image, recipe.data.on_bad_audio)
-    vocab = Vocabulary.build([s.answer for s in splits.train], recipe.task.min_answer_count)
-    model = build_model(recipe, len(vocab), device=str(accelerator.device.type))
+    tasks = recipe_task_set(recipe, splits.train, check={"train": splits.train, "eval": splits.eval, "test": splits.test})
+    for task in tasks.values():
+        if hasattr(task, "label_smoothing"):
+            task.label_smoothing = t.label_smoothing
+    model = build_model(recipe, tasks, device=str(accelerator.device.type))
     if is_main:
-        print_summary(summarize(model, recipe), model, recipe, len(vocab), splits)
+        print_summary(summarize(model, recipe), model, recipe, tasks, splits)
     if dry_run:
         return summarize(model, recipe)
 
@@ -170,12 +173,12 @@ def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run:
     splits.train, splits.eval, splits.test = checked["train"], checked["eval"], checked["test"]
     faults.point("data.checked")
     encoders = dict(model.encoders.items())
-    collator = Collator(splits.train, encoders, vocab, store, recipe.data.augment, t.seed)
+    collator = Collator(splits.train, encoders, tasks, store, recipe.data.augment, t.seed)
     pin = pin_memory(t, accelerator.device.type)
     train_loader = make_loader(splits.train, collator, t.batch_size, True, t.seed, t.num_workers, recipe.data.group_by_image, pin)
-    eval_loader = make_loader(splits.eval, Collator(splits.eval, encoders, vocab, store), t.eval_batch_size, False, t.seed,
+    eval_loader = make_loader(splits.eval, Collator(splits.eval, encoders, tasks, store), t.eval_batch_size, False, t.seed,
                               t.num_workers, pin_memory=pin) if splits.eval else None
-    test_loader = make_loader(splits.test, Collator(splits.test, encoders, vocab, store), t.eval_batch_size, False, t.seed,
+    test_loader = make_loader(splits.test, Collator(splits.test, encoders, tasks, store), t.eval_batch_size, False, t.seed,
                               t.num_workers, pin_memory=pin)
 
     optimizer = make_optimizer(model, t)
@@ -193,7 +196,7 @@ def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run:
     if t.compile:
         model = torch.compile(model)  # the first steps compile; _train reports how long they took
     run = Run(recipe, accelerator, model, raw_model, optimizer, scheduler, train_loader, eval_loader,
-              test_loader, collator, splits, vocab, groups_to_report(recipe, splits.test), checkpoints,
+              test_loader, collator, splits, tasks, groups_to_report(recipe, splits.test), checkpoints,
               run_settings(recipe), data_fingerprint(splits), last_checkpoint=time.perf_counter())
 
     loop, best_state, saved = LoopState(), None, None
@@ -214,10 +217,11 @@ def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run:
             _checkpoint(run, loop, best_state, None, finished=True)
         if best_state is not None:
             _load_trainable_state(run.raw_model, best_state)
-            run.log(f"restored best checkpoint from epoch {loop.best_epoch} ({recipe.task.metric}={loop.best_value:.4f})")
+            task_name, metric, _ = select_metric(recipe, tasks)
+            run.log(f"restored best checkpoint from epoch {loop.best_epoch} ({task_name}.{metric}={loop.best_value:.4f})")
+        _tune_on_validation(run)
         # The test pass never uses the feature cache, so `mmpeft evaluate` reproduces it exactly.
-        logits, index = predict_logits(model, test_loader, accelerator, desc="test", fault="test")
-        test_metrics = score(logits, index, splits.test, vocab, run.group_fields)
+        test_metrics = _evaluate(run, test_loader, splits.test, desc="test", fault="test")
         if stop:  # the final checkpoint is written: a resume repeats only the test pass
             raise _interrupted(stop, recipe, checkpoints)
     if run.writer:
@@ -237,7 +241,7 @@ def _train(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -
     t = recipe.train
     rank = accelerator.process_index
     generator, sampler = run.train_loader.generator, _epoch_sampler(run.train_loader)
-    higher_better = recipe.task.metric != "loss"
+    select_task, select, higher_better = select_metric(recipe, run.tasks)
     for epoch in range(loop.epoch, t.epochs + 1):
         resumed = saved is not None and epoch == loop.epoch
         mid_epoch = resumed and loop.batches_done > 0
@@ -262,8 +266,10 @@ def _train(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -
                        total=len(loader), unit="batch", disable=not accelerator.is_local_main_process)
         for batch in bar:
             with accelerator.accumulate(model):
-                logits = model(batch["inputs"], batch.get("keys"))
-                loss = F.cross_entropy(logits.float(), batch["labels"], ignore_index=-1, label_smoothing=t.label_smoothing)
+                out = model(batch["inputs"], batch.get("keys"))
+                losses = {name: task.loss(out[:, run.raw_model.slices[name]], batch["targets"][name])
+                          for name, task in run.tasks.items()}
+                loss = sum(run.tasks[name].settings.weight * value for name, value in losses.items())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.max_grad_norm:
                     accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
@@ -274,12 +280,19 @@ def _train(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -
             loop.batches_done += 1
             if t.compile and loop.batches_done == 1 and epoch == 1:
                 run.log(f"torch.compile: the first step took {time.perf_counter() - start:.1f} s (compiling)")
-            loop.seen += batch["labels"].shape[0] * accelerator.num_processes
+            loop.seen += batch["index"].shape[0] * accelerator.num_processes
             loop.running = 0.9 * loop.running + 0.1 * loss.item() if loop.step > 1 else loss.item()
+            if len(losses) > 1:
+                for name, value in losses.items():
+                    loop.task_running[name] = 0.9 * loop.task_running.get(name, value.item()) + 0.1 * value.item()
             if loop.step % t.log_every == 0 or loop.step == 1:
-                bar.set_postfix(loss=f"{loop.running:.4f}", samples_per_s=f"{loop.seen / max(1e-9, time.perf_counter() - start):.1f}")
+                each = {name: f"{v:.3f}" for name, v in loop.task_running.items()}
+                bar.set_postfix(loss=f"{loop.running:.4f}", **each,
+                                samples_per_s=f"{loop.seen / max(1e-9, time.perf_counter() - start):.1f}")
                 if run.writer:
                     run.writer.add_scalar("train/loss", loop.running, loop.step)
+                    for name, v in loop.task_running.items():
+                        run.writer.add_scalar(f"train/loss_{name}", v, loop.step)
             faults.point("train.step")
             if accelerator.sync_gradients and loop.batches_done < epoch_batches:  # the epoch's end has its own checkpoint
                 loop.epoch = epoch
@@ -291,12 +304,11 @@ def _train(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -
         row = {"epoch": epoch, "step": loop.step, "train_loss": loop.running, "epoch_seconds": round(epoch_seconds, 2),
                "samples_per_second": round(loop.seen / max(1e-9, epoch_seconds), 2), "data_seconds": round(waiting[0], 2)}
         if run.eval_loader is not None and (epoch % t.eval_every_epochs == 0 or epoch == t.epochs):
-            logits, index = predict_logits(model, run.eval_loader, accelerator, use_cache=True, fault="eval")
-            metrics = score(logits, index, run.splits.eval, run.vocab, run.group_fields)
-            row.update({f"eval_{k}": v for k, v in summary_row(metrics, run.group_fields).items()})
-            row["eval_loss"] = metrics["loss"]
-            value = metrics[recipe.task.metric]
-            if loop.best_value is None or (value > loop.best_value if higher_better else value < loop.best_value):
+            metrics = _evaluate(run, run.eval_loader, run.splits.eval, use_cache=True, fault="eval")
+            row.update({f"eval_{k}": v for k, v in flat_metrics(run.tasks, metrics).items()})
+            value = metrics[select_task].get(select, float("nan"))
+            improved = math.isfinite(value) and (loop.best_value is None or (value > loop.best_value if higher_better else value < loop.best_value))
+            if improved:
                 loop.best_value, loop.best_epoch, loop.stale = value, epoch, 0
                 best_state = _trainable_state(run.raw_model)
             else:
@@ -310,13 +322,36 @@ def _train(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -
                         run.writer.add_scalar(k.replace("_", "/", 1), v, epoch)
         loop.epoch, loop.batches_done, saved = epoch + 1, 0, None
         if t.early_stopping_patience and loop.stale >= t.early_stopping_patience:
-            run.log(f"early stopping: no {recipe.task.metric} improvement for {loop.stale} evaluation(s); best epoch {loop.best_epoch}")
+            run.log(f"early stopping: no {select_task}.{select} improvement for {loop.stale} evaluation(s); best epoch {loop.best_epoch}")
             break
         if epoch < t.epochs and (_stop_requested(accelerator, stop) or _due(run, loop, per_epoch=True)):
             _checkpoint(run, loop, best_state, None)
             if stop:
                 raise _interrupted(stop, recipe, run.checkpoints)
     return best_state
+
+
+def _evaluate(run: Run, loader, rows, desc: str = "eval", use_cache: bool = False, fault: str = "") -> dict[str, dict]:
+    """Every task's metrics on a split (contrastive class embeddings refreshed first)."""
+    prepare_tasks(run.raw_model, run.tasks, run.accelerator.device)
+    outputs, index = predict_logits(run.model, loader, run.accelerator, desc=desc, use_cache=use_cache, fault=fault)
+    return score(outputs, index, rows, run.tasks, run.raw_model.slices, run.group_fields)
+
+
+def _tune_on_validation(run: Run) -> None:
+    """Settings a task chooses on the validation split (a multilabel threshold), once, with the final weights."""
+    tuning = [task for task in run.tasks.values() if getattr(task.settings, "tune_threshold", False)]
+    if not tuning:
+        return
+    if run.eval_loader is None:
+        run.log("tune_threshold: no validation split (data.eval_fraction is 0); the threshold stays as set")
+        return
+    outputs, index = predict_logits(run.model, run.eval_loader, run.accelerator, desc="tune")
+    order = index.argsort()
+    rows = [run.splits.eval[i] for i in index[order].tolist()]
+    for task in tuning:
+        keep = [i for i, r in enumerate(rows) if task.target(r) is not None]
+        run.log(task.tune(outputs[order][keep][:, run.raw_model.slices[task.name]], [rows[i] for i in keep]))
 
 
 def _timed(iterator, total: list):
@@ -388,20 +423,23 @@ def _skip_batches(loader, count: int):
 
 def _write_bundle(run: Run, out_dir: Path, loop: LoopState, test_metrics: dict) -> None:
     recipe, splits = run.recipe, run.splits
-    print_test(test_metrics, run.group_fields)
+    print_test(test_metrics, run.tasks)
+    first = next(iter(run.tasks))
     metrics = {
-        "test": test_metrics,
+        "test": test_metrics[first],  # the first task's, where earlier versions kept the only one
+        "tasks": test_metrics,
         "best_epoch": loop.best_epoch or len(loop.history),
         "history": loop.history,
-        "group_fields": run.group_fields,
+        "group_fields": run.group_fields[first],
+        "task_group_fields": run.group_fields,
         "data": {"source": recipe.data.source, "train": len(splits.train), "eval": len(splits.eval), "test": len(splits.test)},
         "eval_batch_size": recipe.train.eval_batch_size,
     }
     with bundle_writer(out_dir, overwrite=True) as bundle:  # sealed (every file hashed) when the block ends
-        manifest = bundle.add_model(run.raw_model.cpu(), recipe, run.vocab.to_list(), metrics)
+        manifest = bundle.add_model(run.raw_model.cpu(), recipe, run.tasks, metrics)
         bundle.write_text("train_log.jsonl", "".join(json.dumps(row) + "\n" for row in loop.history))
         if recipe.output.plots:
-            save_plots(bundle.path, loop.history, test_metrics, run.group_fields)
+            save_plots(bundle.path, loop.history, test_metrics[first], run.group_fields[first])
         write_card(bundle.path, manifest, metrics, recipe, name=out_dir.name)
         faults.point("bundle.writing")
     size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())

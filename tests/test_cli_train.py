@@ -97,7 +97,7 @@ def test_predict_preprocesses_like_evaluate(trained, tmp_path):
     image_encoder = model.encoders["image"]
     assert torch.equal(image_encoder.pixels(predictor.store.get(str(path))), image_encoder.pixels(training_store.get(str(path))))
     rows = [Sample(str(path), "what color is the shape ?", "", {}, "row 1")]
-    batch = Collator(rows, dict(model.encoders.items()), predictor.vocab, training_store)([0])
+    batch = Collator(rows, dict(model.encoders.items()), predictor.tasks, training_store)([0])
     with torch.no_grad():
         probs = model(batch["inputs"]).float().softmax(-1)[0]
     top = probs.topk(3)
@@ -304,7 +304,7 @@ def test_bf16_bundle_is_scored_under_its_autocast(assets, tmp_path):
     assert res.exit_code == 0, res.output
     bundle = tmp_path / "tiny"
     result = evaluate_bundle(bundle)
-    assert result["metrics"]["loss"] == result["stored"]["loss"] and result["max_abs_diff"] == 0.0
+    assert result["metrics"]["answer"]["loss"] == result["stored"]["answer"]["loss"] and result["max_abs_diff"] == 0.0
 
     predictor = Predictor(bundle)
     image, question = str(assets["data"]["test"].parent / "images/test_1.png"), "what color is the shape ?"
@@ -313,7 +313,7 @@ def test_bf16_bundle_is_scored_under_its_autocast(assets, tmp_path):
     from mmpeft.data.samples import Sample
 
     rows = [Sample(image, question, "", {}, "input 1")]  # the same preprocessing as predict
-    inputs = Collator(rows, dict(predictor.model.encoders.items()), predictor.vocab, predictor.store)([0])["inputs"]
+    inputs = Collator(rows, dict(predictor.model.encoders.items()), predictor.tasks, predictor.store)([0])["inputs"]
     with torch.no_grad():
         fp32 = predictor.model(inputs).float().softmax(-1)[0]
         with torch.autocast("cpu", dtype=torch.bfloat16):

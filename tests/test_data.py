@@ -143,7 +143,7 @@ def test_augmentation_keeps_left_right_and_one_view_per_image(tmp_path):
 
     rows = [Sample(str(tmp_path / f), f"q{i}", "yes", {}, f"row {i}") for i, f in enumerate(["left.png", "left.png", "right.png"])]
     store = ImageStore()
-    collate = Collator(rows, {"image": _PixelEncoder()}, Vocabulary(["yes"]), store, augment_images=True, seed=0)
+    collate = Collator(rows, {"image": _PixelEncoder()}, {}, store, augment_images=True, seed=0)
     first, again = collate([0, 1, 2]), collate([0, 1, 2])
     collate.epoch = 1
     second = collate([0, 1, 2])
@@ -154,5 +154,5 @@ def test_augmentation_keeps_left_right_and_one_view_per_image(tmp_path):
     # what was collated before it (workers, prefetching and resumed runs see the same views)
     assert not torch.equal(pixels, second["inputs"]["image"]["pixel_values"])
     assert torch.equal(pixels, again["inputs"]["image"]["pixel_values"])
-    plain = Collator(rows, {"image": _PixelEncoder()}, Vocabulary(["yes"]), ImageStore())([0, 1, 2])
+    plain = Collator(rows, {"image": _PixelEncoder()}, {}, ImageStore())([0, 1, 2])
     assert plain["keys"]["image"] == [rows[0].image, rows[2].image]

@@ -221,7 +221,7 @@ def bundle(assets, tmp_path_factory):
 
     base = tmp_path_factory.mktemp("bundle")
     recipe = recipe_for(assets, "bert", "lora", base)
-    write_bundle(base / "b", build_model(recipe, num_outputs=3), recipe, ["a", "b", "c"], {"test": {"accuracy": 0.5, "macro_f1": 0.5}})
+    write_bundle(base / "b", build_model(recipe, 3), recipe, ["a", "b", "c"], {"test": {"accuracy": 0.5, "macro_f1": 0.5}})
     return base / "b"
 
 

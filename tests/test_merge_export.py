@@ -25,7 +25,7 @@ def trained_bundle(assets, tmp_path, text_method, image_method, image_kind="vit"
     raw = recipe.model_dump(mode="json")
     raw["encoders"]["text"]["peft"] = text_method if isinstance(text_method, dict) else {"method": text_method}
     recipe = load_recipe(raw)
-    model = build_model(recipe, num_outputs=len(VOCAB))
+    model = build_model(recipe, len(VOCAB))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():

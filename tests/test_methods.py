@@ -62,7 +62,7 @@ def test_trainable_set_and_identity(assets, kind, method):
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_steps_lower_loss_and_save_load_identical(assets, tmp_path, kind, method):
     recipe = recipe_for(assets, kind, method, tmp_path)
-    model = build_model(recipe, num_outputs=3)
+    model = build_model(recipe, 3)
     inputs, labels = fixed_batch(model)
     losses = train_steps(model, inputs, labels)
     assert losses[-1] < losses[0]
@@ -86,7 +86,7 @@ def test_steps_lower_loss_and_save_load_identical(assets, tmp_path, kind, method
 @pytest.mark.parametrize("kind,method", [("bert", "lora"), ("vit", "prompt"), ("effnet", "adapter")])
 def test_every_fusion_saves_and_reloads(assets, tmp_path, fusion, kind, method):
     recipe = recipe_for(assets, kind, method, tmp_path, fusion=fusion)
-    model = build_model(recipe, num_outputs=3).train(False)
+    model = build_model(recipe, 3).train(False)
     inputs, _ = fixed_batch(model)
     with torch.no_grad():
         logits = model(inputs)
@@ -102,7 +102,7 @@ def test_recipe_shape_mismatch_is_rejected(assets, tmp_path):
     from mmpeft.errors import BundleError
 
     recipe = recipe_for(assets, "effnet", "adapter", tmp_path)
-    model = build_model(recipe, num_outputs=3)
+    model = build_model(recipe, 3)
     bundle = tmp_path / "bundle"
     write_bundle(bundle, model, recipe, ["a", "b", "c"], {"test": {}})
     text = (bundle / "recipe.yaml").read_text().replace("hidden_size: 32", "hidden_size: 48")
@@ -149,7 +149,7 @@ def test_lora_dir_loads_with_plain_peft(assets, tmp_path):
 
 def test_frozen_encoder_runs_in_eval_mode(assets, tmp_path):
     recipe = recipe_for(assets, "effnet", "bitfit", tmp_path)
-    model = build_model(recipe, num_outputs=3)
+    model = build_model(recipe, 3)
     model.train()
     bns = [m for m in model.encoders["image"].modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and not any(m.training for m in bns)
@@ -173,7 +173,7 @@ def test_frozen_encoder_runs_in_eval_mode(assets, tmp_path):
 def test_gradient_checkpointing_recomputes_and_keeps_gradients(assets, tmp_path, kind, method):
     # frozen parts run in eval mode, and transformers checkpoints only layers in training
     # mode: checkpointing once silently did nothing for every method but full
-    model = build_model(recipe_for(assets, kind, method, tmp_path), num_outputs=3)
+    model = build_model(recipe_for(assets, kind, method, tmp_path), 3)
     name = "text" if kind == "bert" else "image"
     enc = model.encoders[name]
     inputs, labels = fixed_batch(model, n=4)

@@ -164,7 +164,7 @@ def test_shared_files_have_ordinary_permissions(assets, tmp_path):
     from tests.helpers import recipe_for
 
     recipe = recipe_for(assets, "bert", "lora", tmp_path)
-    model = build_model(recipe, num_outputs=3)
+    model = build_model(recipe, 3)
     old = os.umask(0o022)
     try:
         write_bundle(tmp_path / "b", model, recipe, ["a", "b", "c"], {"test": {}})

@@ -29,7 +29,7 @@ def quant_recipe(assets, tmp_path, bits, text_method="lora", image_method="bitfi
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_training_and_exact_reload(assets, tmp_path, bits):
     recipe = quant_recipe(assets, tmp_path, bits)
-    model = build_model(recipe, num_outputs=3)
+    model = build_model(recipe, 3)
     kind = "Linear4bit" if bits == 4 else "Linear8bitLt"
     assert quantized_layers(model.encoders["text"]).get(kind, 0) >= 8  # q,k,v,o,ffn x 2 layers
     assert quantized_layers(model.encoders["image"]).get(kind, 0) >= 8
@@ -62,7 +62,7 @@ def test_quantized_merge_dequantizes(assets, tmp_path):
     from mmpeft.bundle.merge import merge_bundle
 
     recipe = quant_recipe(assets, tmp_path, 4, image_method="lora")
-    model = build_model(recipe, num_outputs=3)
+    model = build_model(recipe, 3)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.requires_grad:
@@ -80,7 +80,7 @@ def test_8bit_optimizer_step(assets, tmp_path):
     from mmpeft.train import make_optimizer
 
     recipe = quant_recipe(assets, tmp_path, 4, optimizer="adamw_8bit")
-    model = build_model(recipe, num_outputs=3)
+    model = build_model(recipe, 3)
     opt = make_optimizer(model, recipe.train)
     assert type(opt).__name__ == "AdamW8bit"
     inputs, labels = fixed_batch(model)
@@ -94,7 +94,7 @@ def test_8bit_optimizer_step(assets, tmp_path):
 @pytest.mark.parametrize("method", ["adapter", "prompt", "ia3", "bitfit", "none"])
 def test_every_frozen_base_method_on_4bit(assets, tmp_path, method):
     recipe = quant_recipe(assets, tmp_path, 4, text_method=method, image_method=method)
-    model = build_model(recipe, num_outputs=3)
+    model = build_model(recipe, 3)
     assert quantized_layers(model.encoders["text"]).get("Linear4bit", 0) >= 8
     inputs, labels = fixed_batch(model)
     model.train()
@@ -117,7 +117,7 @@ def test_quantized_layers_return_the_autocast_dtype(assets, tmp_path, bits):
     # bitsandbytes returns its input's dtype (float32 after an autocast LayerNorm); nn.Linear
     # returns the autocast dtype. Measured on an H100, the difference doubled activation memory.
     recipe = quant_recipe(assets, tmp_path, bits, image_method="lora")
-    model = build_model(recipe, num_outputs=3)
+    model = build_model(recipe, 3)
     seen = []
     layers = [m for m in model.encoders["text"].modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
     for layer in layers:

@@ -105,7 +105,7 @@ def train_steps(text: str, image: str, method: str, base, checkpointing: bool, d
     """
     cuda = device == "cuda"
     recipe = _recipe(text, image, method, base, checkpointing, batch, tokens)
-    model = build_model(recipe, num_outputs=500, device=device)
+    model = build_model(recipe, 500, device=device)
     if base == "bf16":
         frozen_to_bfloat16(model)
     estimate = sum(estimate_training_memory(enc, recipe) for enc in model.encoders.values())

@@ -189,7 +189,7 @@ def _train(recipe: str, overrides: list, name: str, seed: int, out: Path, thread
     answer_type = metrics["test"].get("groups", {}).get("answer_type", {})
     row.update(overall=metrics["test"]["accuracy"], best_epoch=metrics["best_epoch"], epochs=len(history),
                answer_type={k: v["accuracy"] for k, v in answer_type.items()},
-               eval=[h.get("eval_accuracy") for h in history], train_loss=[round(h["train_loss"], 4) for h in history],
+               eval=[h.get("eval_accuracy", h.get("eval_answer.accuracy")) for h in history], train_loss=[round(h["train_loss"], 4) for h in history],
                epoch_seconds=[round(h["epoch_seconds"], 1) for h in history])
     return row
 

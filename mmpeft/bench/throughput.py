@@ -35,7 +35,7 @@ from ..data import Collator, ImageStore, recipe_splits
 from ..errors import Interrupted, MMPeftError
 from ..model import build_model
 from ..runtime import make_accelerator, resolve_mixed_precision, train_device
-from ..tasks import Vocabulary
+from ..tasks import recipe_task_set
 from ..train import finetune, make_optimizer
 from .common import cpu_ticks, machine_info, output_folder, steal_line, steal_percent, write_atomic
 
@@ -46,15 +46,16 @@ def reference_loop(recipe, steps: int, warmup: int = 3) -> dict:
     device = train_device(t)
     torch.manual_seed(t.seed)
     splits = recipe_splits(recipe)
-    vocab = Vocabulary.build([s.answer for s in splits.train], recipe.task.min_answer_count)
-    model = build_model(recipe, len(vocab), device=device).to(device)
+    tasks = recipe_task_set(recipe, splits.train)  # the plain loop below is one answer task's (the quickstart's)
+    model = build_model(recipe, tasks, device=device).to(device)
     store = ImageStore.for_encoders(model.encoders.values())
     rows = splits.train[: steps * t.batch_size]
-    collate = Collator(rows, dict(model.encoders.items()), vocab, store)
+    collate = Collator(rows, dict(model.encoders.items()), tasks, store)
+    first = next(iter(tasks))
     batches = []
     for start in range(0, len(rows), t.batch_size):  # built (and moved) before the clock starts
         batch = collate(list(range(start, min(start + t.batch_size, len(rows)))))
-        batches.append(({k: {n: x.to(device) for n, x in v.items()} for k, v in batch["inputs"].items()}, batch["labels"].to(device)))
+        batches.append(({k: {n: x.to(device) for n, x in v.items()} for k, v in batch["inputs"].items()}, batch["targets"][first].to(device)))
     optimizer = make_optimizer(model, t)
     precision = resolve_mixed_precision(t.mixed_precision, device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -139,8 +140,7 @@ def trainable_of(recipe_path: str, overrides: list) -> list[str]:
     recipe = load_recipe(recipe_path, overrides)
     make_accelerator(recipe)
     splits = recipe_splits(recipe)
-    vocab = Vocabulary.build([s.answer for s in splits.train], recipe.task.min_answer_count)
-    model = build_model(recipe, len(vocab))
+    model = build_model(recipe, recipe_task_set(recipe, splits.train))
     return sorted(n for n, p in model.named_parameters() if p.requires_grad)
 
 

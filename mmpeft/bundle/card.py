@@ -13,7 +13,7 @@ def write_card(directory: Path, manifest: dict, metrics: dict, recipe, name: str
     lines = [
         f"# {manifest['run_name']}: mmpeft adapter bundle",
         "",
-        f"Task: {manifest['task']} over {len(manifest['vocabulary'])} answers. "
+        f"Task: {manifest['task']}" + (f" over {len(manifest['vocabulary'])} answers. " if manifest['task'] in ("vqa", "classification") else ". ") +
         f"Data: `{recipe.data.source}` ({metrics['data']['train']} train / {metrics['data']['eval']} validation / "
         f"{metrics['data']['test']} test rows).",
         "",
@@ -31,15 +31,22 @@ def write_card(directory: Path, manifest: dict, metrics: dict, recipe, name: str
         qs = f"{q['bits']}-bit {q['quant_type'] if q['bits'] == 4 else ''}".strip() if q else "none"
         lines.append(f"| {name} | `{e['model']}` | {e['method']} | {e['trainable_parameters']:,} | {e['total_parameters']:,} | {qs} |")
     lines += [f"| head | {manifest['head']['type']} fusion | trained | {manifest['head']['parameters']:,} | | |", ""]
-    lines += ["## Test metrics", "", f"- accuracy: {100 * test['accuracy']:.2f}% (n={test['count']})",
-              f"- macro-F1: {100 * test['macro_f1']:.2f}%"]
-    for field in metrics.get("group_fields", []):
-        for value, m in test["groups"].get(field, {}).items():
-            lines.append(f"- {field}={value}: {100 * m['accuracy']:.2f}% (n={m['count']})")
-    if test.get("out_of_vocab"):
-        lines.append(f"- {test['out_of_vocab']} test answers never occur in training; they are kept and scored wrong.")
+    lines += ["## Test metrics", ""]
+    every = metrics.get("tasks") or {"answer": test}
+    for task, m in every.items():
+        if len(every) > 1:
+            lines += [f"Task `{task}` ({manifest.get('tasks', {}).get(task, {}).get('type', '')}):", ""]
+        if "accuracy" in m and "macro_f1" in m:
+            lines += [f"- accuracy: {100 * m['accuracy']:.2f}% (n={m['count']})", f"- macro-F1: {100 * m['macro_f1']:.2f}%"]
+            for field, values in m.get("groups", {}).items():
+                lines += [f"- {field}={value}: {100 * g['accuracy']:.2f}% (n={g['count']})" for value, g in values.items()]
+            if m.get("out_of_vocab"):
+                lines.append(f"- {m['out_of_vocab']} test answers never occur in training; they are kept and scored wrong.")
+        else:
+            lines += [f"- {key}: {value:.4f}" for key, value in m.items()
+                      if isinstance(value, float) and "_to_" not in key] + [f"- rows scored: {m.get('count')}"]
+        lines.append("")
     lines += [
-        "",
         "## Use",
         "",
         "```bash",

@@ -1,4 +1,4 @@
-"""Export a merged bundle to ONNX (text + image in, answer logits out), checked with onnxruntime."""
+"""Export a merged bundle to ONNX (its encoders' inputs in, every task's outputs side by side out), checked with onnxruntime."""
 
 from __future__ import annotations
 
@@ -86,7 +86,10 @@ def export_onnx(bundle, out: Path, *, opset: int = 17, overwrite: bool = False, 
         preprocessing = {name: _preprocessing(name, enc) for name, enc in model.encoders.items()}
         result = {"inputs": names, "output": "logits", "opset": opset, "onnx_max_abs_diff": diff, "exporter_warnings": exporter_warnings,
                   "onnxruntime": None if ort is None else ort.__version__, "merge": report}
-        sealing.manifest.update({"format": "mmpeft-onnx-export", **result, "preprocessing": preprocessing, "vocabulary": merged.vocab})
+        outputs = {name: [sl.start, sl.stop] for name, sl in model.slices.items()}  # each task's columns of `logits`
+        tasks = {name: {"type": t.settings.registry_name, "state": t.state} for name, t in merged.tasks.items()}
+        sealing.manifest.update({"format": "mmpeft-onnx-export", **result, "preprocessing": preprocessing, "vocabulary": merged.vocab,
+                                 "outputs": outputs, "tasks": tasks})
     return result
 
 

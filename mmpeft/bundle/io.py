@@ -16,6 +16,7 @@ from ..config import load_recipe
 from ..errors import BundleError
 from ..files import read_safetensors, verify_sealed
 from ..model import build_model
+from ..tasks import stored_task_set
 from .manifest import parse_manifest
 
 
@@ -46,7 +47,8 @@ class LoadedBundle:
     manifest: dict
     recipe: object
     model: object
-    vocab: list[str]
+    vocab: list[str]  # the first task's output names
+    tasks: dict  # name -> Task, with the state the bundle stored
 
 
 def load_bundle(path, *, device: str = "cpu", allow_base_mismatch: bool = False, overrides: Sequence[str] = (),
@@ -63,8 +65,8 @@ def load_bundle(path, *, device: str = "cpu", allow_base_mismatch: bool = False,
     Raises:
         BundleError: missing/tampered files, wrong shapes, or a different base encoder.
     """
-    bundle, manifest, recipe, vocab = read_bundle(path, overrides)
-    model = build_model(recipe, len(vocab), device=device)
+    bundle, manifest, recipe, tasks = read_bundle(path, overrides)
+    model = build_model(recipe, tasks, device=device)
     for name, enc in model.encoders.items():
         if verify_base:
             check_base(name, enc, manifest, recipe, allow_base_mismatch)
@@ -72,11 +74,11 @@ def load_bundle(path, *, device: str = "cpu", allow_base_mismatch: bool = False,
     load_head(model.head, bundle, manifest)
     model.to(device)
     model.train(False)
-    return LoadedBundle(bundle, manifest, recipe, model, vocab)
+    return LoadedBundle(bundle, manifest, recipe, model, manifest["vocabulary"], tasks)
 
 
 def read_bundle(path, overrides: Sequence[str] = ()):
-    """A bundle's verified manifest, its resolved recipe and vocabulary: ``(path, manifest, recipe, vocab)``."""
+    """A bundle's verified manifest, its resolved recipe and its tasks: ``(path, manifest, recipe, tasks)``."""
     bundle = Path(path)
     manifest = read_manifest(bundle)
     verify_files(bundle, manifest)
@@ -90,10 +92,10 @@ def read_bundle(path, overrides: Sequence[str] = ()):
                 raise BundleError(f"{bundle}/manifest.json: encoder {name!r} base {entry.get('model')!r} is not a directory inside the bundle")
             overrides.insert(0, f"encoders.{name}.model={base}")
     recipe = load_recipe(bundle / "recipe.yaml", overrides, anchor=False)  # a resolved recipe: its paths are as trained
-    vocab = manifest["vocabulary"]
     if set(manifest["encoders"]) != set(recipe.encoders):
         raise BundleError(f"{bundle}: manifest encoders {sorted(manifest['encoders'])} differ from the recipe's {sorted(recipe.encoders)}")
-    return bundle, manifest, recipe, vocab
+    tasks = stored_task_set(recipe, manifest, f"{bundle}/manifest.json")
+    return bundle, manifest, recipe, tasks
 
 
 def check_base(name: str, enc, manifest: dict, recipe, allow_base_mismatch: bool = False) -> None:

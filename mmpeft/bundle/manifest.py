@@ -60,7 +60,8 @@ class BundleManifest(_Open):
     versions: dict[str, str] = Field(default_factory=dict)
     encoders: dict[str, EncoderEntry] = Field(min_length=1, max_length=64)
     head: HeadEntry
-    vocabulary: list[str] = Field(min_length=1, max_length=MAX_VOCABULARY)
+    vocabulary: list[str] = Field(max_length=MAX_VOCABULARY)
+    tasks: Optional[dict[str, dict[str, Any]]] = Field(None, max_length=32)
     files: dict[str, FileEntry] = Field(max_length=100_000)
 
 

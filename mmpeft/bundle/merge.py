@@ -27,7 +27,6 @@ from ..encoders import build_encoder
 from ..errors import MMPeftError, UsageError
 from ..files import fingerprint_module
 from ..methods import build_method
-from ..tasks import Vocabulary
 from .io import load_bundle
 from .writer import bundle_writer
 
@@ -67,7 +66,6 @@ def copy_dequantized(source: nn.Module, target: nn.Module) -> int:
 
 def probe_batch(loaded, size: int = 16, seed: int = 0):
     """A seeded probe batch: the bundle's own test rows when its data is reachable, else synthetic."""
-    vocab = Vocabulary(loaded.vocab)
     store = ImageStore.for_encoders(loaded.model.encoders.values())  # one decode per image, check and batch alike
     rows, source = None, "synthetic"
     try:
@@ -89,8 +87,8 @@ def probe_batch(loaded, size: int = 16, seed: int = 0):
             if rates:  # a second of noise at the audio encoders' rate (one rate: several would need one clip each)
                 store.put_audio(path, (0.1 * gen.standard_normal(max(rates))).astype(np.float32))
             text = " ".join(gen.choice(words, size=6))
-            rows.append(Sample(path, text, vocab.answers[0], {}, path, path))
-    collator = Collator(rows, dict(loaded.model.encoders.items()), vocab, store)
+            rows.append(Sample(path, text, "", {}, path, path))
+    collator = Collator(rows, dict(loaded.model.encoders.items()), loaded.tasks, store)
     return collator(list(range(len(rows))))["inputs"], source
 
 
@@ -175,5 +173,5 @@ def _write_merged(merged, report: dict, out: Path, overwrite: bool, bundle: Path
             # fingerprint of the merged base as it will be loaded back
             enc.base_fingerprint = fingerprint_module(build_encoder(str(base_dir), modality=enc.modality).model)
         metrics = json.loads((bundle / "metrics.json").read_text()) if (bundle / "metrics.json").is_file() else {}
-        writer.add_model(merged.model, recipe, merged.vocab, metrics, extra={"merged": True, "merge_report": report})
+        writer.add_model(merged.model, recipe, merged.tasks, metrics, extra={"merged": True, "merge_report": report})
         writer.write_json("merge_report.json", report)

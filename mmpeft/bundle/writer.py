@@ -2,11 +2,12 @@
 
 Layout of ``adapters/<run>/``::
 
-    manifest.json          versions, per-encoder model/method/fingerprint/files, vocabulary, file hashes
+    manifest.json          versions, per-encoder model/method/fingerprint/files, tasks and their state
+                           (vocabulary, thresholds, target statistics), file hashes
     recipe.yaml            the fully resolved recipe
     encoders/<name>/       the method's trained weights (LoRA: peft's adapter_config.json +
                            adapter_model.safetensors; others: weights.safetensors)
-    head.safetensors       the fusion head
+    head.safetensors       the head (several tasks: every task's, under heads.<task>.)
     metrics.json           test metrics (and validation history)
     train_log.jsonl        one line per evaluation
     README.md              model card
@@ -33,6 +34,7 @@ from ..errors import MMPeftError
 from ..files import Sealing, sealed_directory
 from ..methods import count_parameters
 from ..quant import quantized_layers
+from ..tasks import vocabulary_tasks
 from ..version import __version__
 from .manifest import FORMAT, FORMAT_VERSION
 
@@ -55,9 +57,12 @@ class BundleWriter:
     def manifest(self) -> dict:
         return self._sealing.manifest
 
-    def add_model(self, model, recipe, vocab: Sequence[str], metrics: dict, extra: Optional[dict] = None) -> dict:
+    def add_model(self, model, recipe, tasks: dict | Sequence[str], metrics: dict, extra: Optional[dict] = None) -> dict:
         """Write the recipe, each encoder's method files, the head and the metrics; returns the
-        manifest (its file table is added when the bundle is sealed)."""
+        manifest (its file table is added when the bundle is sealed). ``tasks``: the recipe's
+        tasks, or the answer vocabulary of its one vqa / classification task."""
+        if not isinstance(tasks, dict):
+            tasks = vocabulary_tasks(recipe, tasks)
         directory = self.path
         (directory / "recipe.yaml").write_text(dump_recipe(recipe))
         enc_entries = {}
@@ -90,10 +95,11 @@ class BundleWriter:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": versions(),
             "run_name": recipe.run_name,
-            "task": recipe.task.type,
+            "task": "+".join(dict.fromkeys(t.settings.registry_name for t in tasks.values())),
+            "tasks": {name: {"type": t.settings.registry_name, "state": t.state} for name, t in tasks.items()},
             "encoders": enc_entries,
             "head": {"type": recipe.fusion["type"], "file": "head.safetensors", "parameters": count_parameters(model.head)},
-            "vocabulary": list(vocab),
+            "vocabulary": next(iter(tasks.values())).labels,  # the first task's output names (earlier versions' only vocabulary)
             **(extra or {}),
         })
         return self.manifest
@@ -120,9 +126,9 @@ def bundle_writer(target: Path, overwrite: bool = False) -> Iterator[BundleWrite
             raise MMPeftError(f"{target}: a bundle needs its model (BundleWriter.add_model) before it is sealed")
 
 
-def write_bundle(target: Path, model, recipe, vocab: Sequence[str], metrics: dict, extra: Optional[dict] = None,
+def write_bundle(target: Path, model, recipe, tasks: dict | Sequence[str], metrics: dict, extra: Optional[dict] = None,
                  overwrite: bool = False) -> dict:
     """A bundle holding only the model's files (no log, plots or card); returns its sealed manifest."""
     with bundle_writer(target, overwrite=overwrite) as writer:
-        manifest = writer.add_model(model, recipe, vocab, metrics, extra)
+        manifest = writer.add_model(model, recipe, tasks, metrics, extra)
     return manifest

@@ -21,6 +21,7 @@ from ..files import read_text
 from .fusion import FUSION_SETTINGS
 from .inputs import encoder_modality
 from .methods import METHOD_SETTINGS
+from .tasks import SINGLE_TASK, TASK_NAME, TASK_SETTINGS
 from .paths import REQUIRED_BY_SOURCE, anchor_paths, apply_environment
 from .schema import Recipe
 
@@ -191,6 +192,9 @@ def validate_recipe(raw: dict, source: str | None = None) -> Recipe:
         if parsed is not None and encoders:
             problems += parsed.modality_problems(list(encoders))
 
+    resolved_tasks, task_problems = _validate_tasks(raw, list(encoders))
+    problems += task_problems
+
     if recipe is not None:
         problems += _semantic_checks(recipe)
     if problems:
@@ -198,7 +202,73 @@ def validate_recipe(raw: dict, source: str | None = None) -> Recipe:
     for enc_name, settings in resolved_peft.items():
         recipe.encoders[enc_name].peft = settings
     recipe.fusion = resolved_fusion
+    if recipe.tasks:
+        recipe.tasks = resolved_tasks
+        recipe.task = None  # a recipe of several tasks has no single one (its dump says so)
+    else:
+        recipe.task = resolved_tasks[SINGLE_TASK]
     return recipe
+
+
+def _validate_tasks(raw: dict, encoders: list[str]):
+    """Each task block against its kind's settings, the encoders it names, and
+    ``train.select``. Returns ``({name: resolved block}, problems)``."""
+    problems: list[str] = []
+    many = raw.get("tasks")
+    if many is not None and raw.get("task") is not None:
+        problems.append("task: give either task: (one task) or tasks: (several, by name), not both")
+    if isinstance(many, dict):
+        if not many:
+            problems.append("tasks: needs at least one task (or use task:)")
+        blocks = {name: (block, f"tasks.{name}") for name, block in many.items()}
+    else:
+        single = raw.get("task")
+        blocks = {SINGLE_TASK: ({"type": "vqa"} if single is None else single, "task")}
+    resolved, parsed = {}, {}
+    for name, (block, where) in blocks.items():
+        if not isinstance(name, str) or not TASK_NAME.match(name):
+            problems.append(f"{where}: a task name is letters, digits and _ (starting with a letter), at most 64 characters")
+            continue
+        if not isinstance(block, dict):
+            if many is not None:  # a single task: block of the wrong type is already reported by pydantic
+                problems.append(f"{where}: must be a mapping with type: and the task's settings")
+            continue
+        settings, one, errs = _validate_choice(block, "type", "vqa", TASK_SETTINGS, where)
+        problems += errs
+        if one is None:
+            continue
+        if one.head is not None:
+            head, parsed_head, errs = _validate_choice(one.head, "type", "gated", FUSION_SETTINGS, f"{where}.head")
+            problems += errs + (parsed_head.modality_problems(one.encoders or encoders) if parsed_head else [])
+            settings["head"] = head
+        resolved[name], parsed[name] = settings, one
+        problems += one.problems(where)
+        unknown = [e for e in one.encoders if e not in encoders]
+        if unknown and encoders:
+            problems.append(f"{where}.encoders: {', '.join(map(repr, unknown))} not an encoder of this recipe "
+                            f"(have: {', '.join(encoders)})")
+        reads = one.encoders or encoders
+        if not one.uses_fusion and len(reads) != 2 and encoders:
+            problems.append(f"{where}: a {one.registry_name} task aligns exactly two encoders; it reads "
+                            f"{len(reads)} ({', '.join(reads)}): set {where}.encoders to two of them")
+    train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    batch = train.get("batch_size", 32)
+    for name, one in parsed.items():
+        if not one.uses_fusion and isinstance(batch, int) and batch < 2:
+            problems.append(f"train.batch_size: a {one.registry_name} task ({name}) contrasts each row with the rest of "
+                            f"its batch, so a batch needs at least 2 rows (got {batch})")
+    select = train.get("select")
+    if isinstance(select, str) and parsed:
+        task, _, metric = select.partition(".")
+        if task not in parsed and task in blocks:
+            pass  # that task's own block is wrong, and reported above
+        elif task not in parsed:
+            problems.append(f"train.select: {select!r} names no task of this recipe; use <task>.<metric> with a task of: "
+                            f"{', '.join(parsed)} (e.g. {next(iter(parsed))}.{next(iter(parsed.values())).metric})")
+        elif metric not in parsed[task].metrics:
+            problems.append(f"train.select: task {task!r} does not report {metric!r} (it reports: "
+                            f"{', '.join(parsed[task].metrics)})")
+    return resolved, problems
 
 
 def _validate_choice(block: dict, key: str, default: str, registry, where: str):

@@ -77,15 +77,10 @@ class EncoderConfig(Strict):
     quantization: Optional[QuantizationConfig] = Field(None, description="load the base quantized (bitsandbytes)")
 
 
-class TaskConfig(Strict):
-    type: Literal["vqa", "classification"] = Field("vqa", description="answer classification (vqa) or label classification")
-    metric: Literal["accuracy", "macro_f1", "loss"] = Field("accuracy", description="eval metric for early stopping / best checkpoint")
-    min_answer_count: PositiveInt = Field(1, description="answers seen fewer times in training are left out of the vocabulary")
-    group_fields: list[str] = Field(default_factory=list, description="row fields reported as per-group accuracy (e.g. answer_type)")
-
-
 class DataConfig(Strict):
-    source: Literal["manifest", "easy_vqa", "vqa_rad", "fsdd"] = Field("manifest", description="where rows come from")
+    source: Literal["manifest", "easy_vqa", "easy_vqa_captions", "vqa_rad", "fsdd"] = Field(
+        "manifest", description="where rows come from (easy_vqa_captions: one caption per easy-VQA image, \"a red circle\", "
+        "its class the answer)")
     root: Optional[str] = Field(None, description="vqa_rad / fsdd: dataset directory ($MMPEFT_VQA_RAD_ROOT / $MMPEFT_FSDD_ROOT replace it; default ../shared/vqa_rad, ../shared/fsdd); manifest: the folder data.train/eval/test are relative to")
     pair_images: bool = Field(False, description="fsdd: give each recording a handwritten image of its digit (scikit-learn's digits; disjoint image halves for train and test, seeded)")
     text: str = Field("", max_length=1000, description="fsdd: the text of every row (for recipes with a text encoder)")
@@ -124,6 +119,8 @@ class TrainConfig(Strict):
     gradient_checkpointing: bool = Field(False, description="recompute encoder activations in backward (saves memory)")
     early_stopping_patience: Optional[PositiveInt] = Field(None, description="stop after N evals without improvement (null: off)")
     eval_every_epochs: PositiveInt = Field(1, description="evaluate every N epochs")
+    select: Optional[str] = Field(None, description="<task>.<metric> that picks the best checkpoint and drives early "
+                                  "stopping, e.g. answer.accuracy (null: the first task's own metric)")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="cross-entropy label smoothing")
     seed: NonNegativeInt = Field(0, le=2**32 - 1, description="seed for weights, shuffling and dropout")
     cache_frozen_features: bool = Field(True, description="encode each input of a fully frozen (method none) encoder once and reuse it (not with data.augment)")
@@ -166,12 +163,16 @@ class OutputConfig(Strict):
 
 
 class Recipe(Strict):
-    """A whole run: encoders, fusion, task, data, training, output."""
+    """A whole run: encoders, fusion, task(s), data, training, output."""
 
     name: str = Field("run", pattern=RUN_NAME, description="run name (letters, digits, _ . -; not starting with '.')")
     encoders: dict[str, EncoderConfig] = Field(..., min_length=1, description="one block per modality, e.g. text: and image:")
     fusion: dict[str, Any] = Field(default_factory=lambda: {"type": "gated"}, description="type: concat|gated|... plus its settings")
-    task: TaskConfig = Field(default_factory=TaskConfig)
+    task: Optional[dict[str, Any]] = Field(default_factory=lambda: {"type": "vqa"},
+                                 description="type: vqa|classification|multilabel|regression|contrastive plus its settings "
+                                 "(the one task of a recipe, named answer)")
+    tasks: Optional[dict[str, dict[str, Any]]] = Field(
+        None, max_length=32, description="multi-task: {name: task block} instead of task:, all sharing the encoders")
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)

@@ -10,13 +10,14 @@ import torch
 from PIL import Image
 
 from ..config.inputs import recipe_inputs
+from ..config.tasks import recipe_tasks
 from ..config.paths import manifest_path
 from ..encoders.images import augment
 from ..errors import DataError
-from ..tasks.vocab import Vocabulary
+from ..tasks import Task
 from .audio import read_audio
 from .checks import BAD_AUDIO_HINT, BAD_IMAGE_HINT, MAX_IMAGE_PIXELS, bad_files, clip_seconds, open_image, raise_first_bad, skip_bad
-from .samples import Sample, easy_vqa_samples, fsdd_samples, load_manifest, vqa_rad_samples
+from .samples import Sample, easy_vqa_caption_samples, easy_vqa_samples, fsdd_samples, load_manifest, vqa_rad_samples
 
 
 @dataclass
@@ -26,14 +27,17 @@ class Splits:
     test: list[Sample]
 
 
-def load_splits(data, group_fields, seed: int, inputs=("image", "text")) -> Splits:
+def load_splits(data, group_fields, seed: int, inputs=("image", "text"), targets=(), label_required: bool = True) -> Splits:
     """Load train/eval/test rows for a recipe's ``data:`` block; ``inputs`` are the modalities
-    its encoders read (:func:`~mmpeft.config.inputs.recipe_inputs`).
+    its encoders read (:func:`~mmpeft.config.inputs.recipe_inputs`); ``targets`` and
+    ``label_required``: the columns its tasks read (:func:`task_columns`).
 
     Without an eval file, ``eval_fraction`` of the (shuffled) training rows is held out.
     """
     if data.source == "easy_vqa":
         train, eval_rows, test = easy_vqa_samples("train"), None, easy_vqa_samples("test")
+    elif data.source == "easy_vqa_captions":
+        train, eval_rows, test = easy_vqa_caption_samples("train"), None, easy_vqa_caption_samples("test")
     elif data.source == "vqa_rad":
         train, eval_rows, test = vqa_rad_samples(data.root, "train"), None, vqa_rad_samples(data.root, "test")
     elif data.source == "fsdd":
@@ -41,7 +45,7 @@ def load_splits(data, group_fields, seed: int, inputs=("image", "text")) -> Spli
     else:
         def read(p):
             return load_manifest(manifest_path(data, p), data.image_field, data.text_field, data.label_field, group_fields,
-                                 data.audio_field, inputs)
+                                 data.audio_field, inputs, targets, label_required)
 
         train, test = read(data.train), read(data.test)
         eval_rows = read(data.eval) if data.eval else None
@@ -64,9 +68,32 @@ def load_splits(data, group_fields, seed: int, inputs=("image", "text")) -> Spli
     return Splits(train, eval_rows, test)
 
 
+def task_columns(recipe) -> tuple[list[str], bool]:
+    """``(columns kept raw for the tasks, whether every row needs the label column)``: the
+    label column is required when the recipe's one task reads it; a column of a kind that
+    is not one answer (lists, numbers), or any column besides the label, is kept raw."""
+    tasks = recipe_tasks(recipe)
+    label = recipe.data.label_field
+    columns = []
+    for settings in tasks.values():
+        for column in (settings.field or (label if settings.has_target else None), getattr(settings, "class_field", None)):
+            answer_kind = settings.registry_name in ("vqa", "classification") and column == label
+            if column and not answer_kind and column not in columns:
+                columns.append(column)
+    only = next(iter(tasks.values()))
+    required = len(tasks) == 1 and only.has_target and (only.field or label) == label
+    return columns, required
+
+
+def group_fields(recipe) -> list[str]:
+    """Every task's group fields, in order, once."""
+    return list(dict.fromkeys(f for settings in recipe_tasks(recipe).values() for f in settings.group_fields))
+
+
 def recipe_splits(recipe) -> Splits:
-    """:func:`load_splits` for a whole recipe (its data, groups, seed and encoders' inputs)."""
-    return load_splits(recipe.data, recipe.task.group_fields, recipe.train.seed, recipe_inputs(recipe))
+    """:func:`load_splits` for a whole recipe (its data, groups, seed, encoders' inputs and tasks' columns)."""
+    targets, required = task_columns(recipe)
+    return load_splits(recipe.data, group_fields(recipe), recipe.train.seed, recipe_inputs(recipe), targets, required)
 
 
 class ImageStore:
@@ -201,18 +228,19 @@ class ImageStore:
 class Collator:
     """Turns a list of sample indices into encoder inputs and labels.
 
-    Returns ``{"inputs": {encoder name: tensors}, "labels": [B] long, "index": [B] long}``.
+    Returns ``{"inputs": {encoder name: tensors}, "targets": {task: tensor}, "index": [B] long}``
+    (each task collates its own targets: :meth:`~mmpeft.tasks.Task.collate`).
 
     Augmentation draws from a generator seeded by (seed, epoch, the batch's indices), not
     from one stream, so a batch's views do not depend on which batches were collated
     before it: the same in DataLoader workers, with prefetching, and after a resume.
     """
 
-    def __init__(self, samples: list[Sample], encoders: dict, vocab: Vocabulary, store: ImageStore,
+    def __init__(self, samples: list[Sample], encoders: dict, tasks: dict[str, Task], store: ImageStore,
                  augment_images: bool = False, seed: int = 0):
         self.samples = samples
         self.encoders = encoders
-        self.vocab = vocab
+        self.tasks = tasks
         self.store = store
         self.augment_images = augment_images
         self.seed = seed
@@ -245,8 +273,8 @@ class Collator:
                     position = {p: i for i, p in enumerate(unique)}
                     inputs[name] = {"pixel_values": torch.stack([self._pixels(name, enc, p, rng) for p in unique]),
                                     "row_index": torch.tensor([position[r.image] for r in rows], dtype=torch.long)}
-        labels = torch.tensor([self.vocab.encode(r.answer) for r in rows], dtype=torch.long)
-        return {"inputs": inputs, "labels": labels, "index": torch.tensor(indices, dtype=torch.long), "keys": keys}
+        targets = {name: task.collate(rows) for name, task in self.tasks.items()}
+        return {"inputs": inputs, "targets": targets, "index": torch.tensor(indices, dtype=torch.long), "keys": keys}
 
     def _pixels(self, name: str, enc, path: str, rng) -> torch.Tensor:
         if rng is not None:

@@ -30,6 +30,7 @@ class Sample:
     groups: dict[str, str] = field(default_factory=dict)
     where: str = ""  # "file, row N" for error messages
     audio: str = ""  # absolute path of the row's audio clip ("" for none)
+    extra: dict = field(default_factory=dict)  # manifest columns the tasks read, as they were (multilabel lists, numbers)
 
 
 NO_GROUPS: dict = {}  # shared by the rows of a manifest without group fields (never written to)
@@ -43,10 +44,14 @@ def load_manifest(
     group_fields: Sequence[str] = (),
     audio_field: str = "audio",
     inputs: Sequence[str] = ("image", "text"),
+    targets: Sequence[str] = (),
+    label_required: bool = True,
 ) -> list[Sample]:
     """Read a JSONL, CSV or JSON-list manifest. Image and audio paths are relative to the
     manifest. ``inputs`` are the modalities the recipe's encoders read: their columns must
-    be in every row; a column no encoder reads may be absent.
+    be in every row; a column no encoder reads may be absent. ``targets`` are columns the
+    tasks read, kept as they are in ``Sample.extra`` (lists, numbers; the tasks parse them);
+    the label column is required in every row only with ``label_required`` (one task).
 
     Raises:
         DataError: naming the file and row of a missing field or malformed line.
@@ -56,7 +61,8 @@ def load_manifest(
         raise DataError(f"data file not found: {path} (check data.train / data.eval / data.test in the recipe)")
     base = path.parent
     columns = {"image": image_field, "text": text_field, "audio": audio_field}
-    required = [columns[m] for m in ("image", "text", "audio") if m in inputs] + [label_field]
+    required = [columns[m] for m in ("image", "text", "audio") if m in inputs] + ([label_field] if label_required else [])
+    raw_label = label_field in targets
     paths = [f for f in (image_field, audio_field) if f in required]
     samples = []
     resolved: dict[str, str] = {}  # one string per distinct file path (many rows share an image)
@@ -71,7 +77,8 @@ def load_manifest(
                 f"{where}: missing field(s) {', '.join(map(repr, missing))} (set data.image_field / data.text_field / "
                 f"data.audio_field / data.label_field to this file's column names; it has: {', '.join(map(str, row))})"
             )
-        wrong = [f for f in required if not isinstance(row[f], (str, int, float)) or f in paths and not isinstance(row[f], str)]
+        wrong = [f for f in required if not (raw_label and f == label_field) and
+                 (not isinstance(row[f], (str, int, float)) or f in paths and not isinstance(row[f], str))]
         if wrong:
             raise DataError(f"{where}: field(s) {', '.join(map(repr, wrong))} must be text (images and audio: a file path), "
                             f"not {', '.join(type(row[f]).__name__ for f in wrong)}")
@@ -88,8 +95,10 @@ def load_manifest(
                 absolute = resolved[value] = str(raw if raw.is_absolute() else base / raw)
             files.append(absolute)
         text = str(row[text_field]) if row.get(text_field) not in (None, "") else ""
-        answer = normalize_answer(row[label_field])
-        samples.append(Sample(files[0], text, answers.setdefault(answer, answer), groups, where, files[1]))
+        label = row.get(label_field)
+        answer = normalize_answer(label) if isinstance(label, (str, int, float)) and label != "" else ""
+        extra = {f: row[f] for f in targets if row.get(f) not in (None, "")} if targets else NO_GROUPS
+        samples.append(Sample(files[0], text, answers.setdefault(answer, answer), groups, where, files[1], extra))
     return samples
 
 
@@ -178,6 +187,28 @@ def easy_vqa_samples(split: str) -> list[Sample]:
         ans = normalize_answer(a)
         qtype = "yes/no" if ans in ("yes", "no") else ("color" if ans in EASY_VQA_COLORS else "shape")
         samples.append(Sample(paths[image_id], t, ans, {"question_type": qtype}, f"easy_vqa {split}, question {i}"))
+    return samples
+
+
+def easy_vqa_caption_samples(split: str) -> list[Sample]:
+    """easy-VQA's images with a caption each, for contrastive alignment and zero-shot
+    classification: every image shows one shape of one colour, both read from the answers of
+    its own questions (``what color is the shape?``, ``what is the <colour> shape?``), so the
+    caption is ``"a {colour} {shape}"`` and the answer (the class) ``"{colour} {shape}"``
+    (8 colours x 3 shapes = 24 classes). 4,000 train / 1,000 test images; images whose
+    questions do not give both are left out. Groups: ``color``, ``shape``."""
+    color: dict[str, str] = {}
+    shape: dict[str, str] = {}
+    for row in easy_vqa_samples(split):
+        kind = row.groups["question_type"]
+        if kind == "color":
+            color[row.image] = row.answer
+        elif kind == "shape":
+            shape[row.image] = row.answer
+    samples = []
+    for i, image in enumerate(sorted(set(color) & set(shape))):
+        c, s = color[image], shape[image]
+        samples.append(Sample(image, f"a {c} {s}", f"{c} {s}", {"color": c, "shape": s}, f"easy_vqa captions {split}, image {i}"))
     return samples
 
 

@@ -51,6 +51,7 @@ class Served:
     manifest: dict
     recipe: object
     vocab: Vocabulary
+    tasks: dict
     model: object  # a MultimodalModel over shared encoders and the bundle's own head
     shared: dict  # encoder name -> Shared
     version: str
@@ -107,7 +108,12 @@ class AdapterPool:
     def _add(self, name: str, path: Path) -> None:
         if name in self.bundles:
             raise UsageError(f"two bundles are named {name!r}; give one another name with NAME=PATH")
-        bundle, manifest, recipe, vocab = read_bundle(path)
+        bundle, manifest, recipe, tasks = read_bundle(path)
+        kinds = [t.settings.registry_name for t in tasks.values()]
+        if kinds not in (["vqa"], ["classification"]):  # the API's answer is one top-k list
+            raise UsageError(f"{path}: its task(s) ({', '.join(f'{n}: {k}' for n, k in zip(tasks, kinds))}) are not one "
+                             "vqa or classification task, which is what `mmpeft serve` answers; use `mmpeft predict`")
+        vocab = next(iter(tasks.values())).labels
         audio = [n for n, e in manifest["encoders"].items() if e.get("modality") == "audio"]
         if audio:  # the API takes an image and a question; an audio field is not there yet
             raise UsageError(f"{path}: its encoder(s) {', '.join(audio)} read audio, which `mmpeft serve` does not "
@@ -130,11 +136,11 @@ class AdapterPool:
                 shared.active = name
             shared.users.append(name)
             encoders[enc_name], methods[enc_name], shared_of[enc_name] = shared.encoder, shared.method, shared
-        model = assemble(recipe, encoders, methods, len(vocab))
+        model = assemble(recipe, encoders, methods, tasks)
         load_head(model.head, bundle, manifest)
         model.to(self.device).train(False)
         version = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()[:12]
-        self.bundles[name] = Served(name, bundle, manifest, recipe, Vocabulary(vocab), model, shared_of, version,
+        self.bundles[name] = Served(name, bundle, manifest, recipe, Vocabulary(vocab), tasks, model, shared_of, version,
                                     describe(name, bundle, manifest, recipe, len(vocab), version))
 
     @staticmethod
@@ -162,7 +168,7 @@ class AdapterPool:
             rows.append(Sample(key, question, "", {}, f"request {i + 1}"))
         with self._lock:
             self._activate(served)
-            return answer_rows(served.model, served.vocab, served.recipe, rows, store, top_k, self.device,
+            return answer_rows(served.model, served.tasks, served.recipe, rows, store, top_k, self.device,
                                batch_size=max(1, len(rows)), where=name)
 
     def weight_bytes(self) -> dict:

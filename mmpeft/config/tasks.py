@@ -1,0 +1,135 @@
+"""Recipe settings of every task kind: the ``task:`` block, or each block of ``tasks:``.
+
+Torch-free, like :mod:`mmpeft.config.methods`: each kind's settings class is registered
+here under the kind's name, and its implementation (``mmpeft/tasks/<kind>.py``) registers
+under the same name and points at it (a test checks that the two registries agree). The
+metrics a kind reports are declared here too, so ``train.select: answer.accuracy`` is
+checked when the recipe is loaded, before anything trains.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+
+from ..registry import Registry
+
+#: the name of the task of a recipe's single ``task:`` block (``train.select: answer.accuracy``)
+SINGLE_TASK = "answer"
+TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+
+
+class TaskSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    #: metrics this kind reports, each selectable with ``train.select: <task>.<metric>``
+    metrics: ClassVar[tuple[str, ...]] = ("loss",)
+    #: metrics where lower is better (the rest: higher is better)
+    lower_is_better: ClassVar[tuple[str, ...]] = ("loss",)
+    #: whether the task's head is a fusion head (``fusion:``) over its encoders
+    uses_fusion: ClassVar[bool] = True
+    #: whether the task reads a target column (contrastive alignment does not)
+    has_target: ClassVar[bool] = True
+
+    weight: float = Field(1.0, ge=0.0, le=1e6, description="multi-task: this task's weight in the summed loss")
+    field: Optional[str] = Field(None, min_length=1, max_length=200, description="the row field holding this task's "
+                                 "target (null: data.label_field, or the built-in dataset's answer)")
+    encoders: list[str] = Field(default_factory=list, max_length=64, description="the encoders this task's head reads "
+                                "(empty: all of them)")
+    group_fields: list[str] = Field(default_factory=list, description="row fields reported as per-group metrics (e.g. answer_type)")
+    head: Optional[dict[str, Any]] = Field(None, description="this task's own fusion block (type: concat|gated|... and its "
+                                           "settings; null: the recipe's fusion:), e.g. a small head for an auxiliary task")
+    metric: str = Field("loss", description="the metric that selects the best checkpoint when train.select is not set")
+
+    def problems(self, where: str) -> list[str]:
+        if self.metric not in self.metrics:
+            return [f"{where}.metric: {self.metric!r} is not a metric of this task (it reports: {', '.join(self.metrics)})"]
+        return []
+
+
+TASK_SETTINGS: Registry[type[TaskSettings]] = Registry("task type")
+
+
+@TASK_SETTINGS.register("vqa")
+class VqaSettings(TaskSettings):
+    """One answer per row from a vocabulary built on the training split; softmax cross-entropy."""
+
+    metrics = ("accuracy", "macro_f1", "loss")
+    metric: str = Field("accuracy", description="the metric that selects the best checkpoint when train.select is not set")
+    min_answer_count: PositiveInt = Field(1, description="vqa / classification: answers seen fewer times in training are "
+                                          "left out of the vocabulary")
+
+
+@TASK_SETTINGS.register("classification")
+class ClassificationSettings(VqaSettings):
+    """Same as vqa, named for label classification."""
+
+
+@TASK_SETTINGS.register("multilabel")
+class MultilabelSettings(TaskSettings):
+    """Several labels per row (a list, or text split at ``delimiter``); sigmoid / binary cross-entropy."""
+
+    metrics = ("micro_f1", "macro_f1", "auroc", "average_precision", "subset_accuracy", "loss")
+    metric: str = Field("micro_f1", description="the metric that selects the best checkpoint when train.select is not set")
+    delimiter: str = Field("|", min_length=1, max_length=8, description="multilabel: separator of labels in a text cell "
+                           "(a JSON list cell needs none)")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="multilabel: a label is predicted when its probability reaches this")
+    tune_threshold: bool = Field(False, description="multilabel: choose the threshold (one for all labels) that maximises "
+                                 "micro-F1 on the validation split; stored in the bundle")
+    pos_weight: Literal["none", "balanced"] = Field("none", description="multilabel: weight positives by negatives/positives "
+                                                   "of each label in training (balanced), or not")
+    min_label_count: PositiveInt = Field(1, description="multilabel: labels seen fewer times in training are left out")
+
+
+@TASK_SETTINGS.register("regression")
+class RegressionSettings(TaskSettings):
+    """A number per row; MSE or L1 on the standardised target."""
+
+    metrics = ("mae", "rmse", "pearson", "spearman", "accuracy", "loss")
+    lower_is_better = ("mae", "rmse", "loss")
+    metric: str = Field("mae", description="the metric that selects the best checkpoint when train.select is not set")
+    loss: Literal["mse", "l1"] = Field("mse", description="regression: mean squared or mean absolute error")
+    binarize_at: float = Field(0.0, description="regression: accuracy counts a prediction right when it falls on the same "
+                               "side of this value as the target (sentiment benchmarks' Acc-2; targets equal to it are left out)")
+
+
+@TASK_SETTINGS.register("contrastive")
+class ContrastiveSettings(TaskSettings):
+    """Two encoders aligned by symmetric InfoNCE with in-batch negatives (CLIP)."""
+
+    metrics = ("recall@1", "recall@5", "recall@10", "mean_recall", "median_rank", "zero_shot_accuracy", "loss")
+    lower_is_better = ("median_rank", "loss")
+    uses_fusion = False
+    has_target = False
+    metric: str = Field("mean_recall", description="the metric that selects the best checkpoint when train.select is not set")
+    projection_dim: PositiveInt = Field(256, le=8192, description="contrastive: width of the shared embedding space")
+    temperature: PositiveFloat = Field(0.07, le=1.0, description="contrastive: initial temperature (CLIP's 0.07); learned, "
+                                       "the logit scale 1/temperature clamped at max_logit_scale")
+    max_logit_scale: PositiveFloat = Field(100.0, le=1000.0, description="contrastive: upper bound of the learned logit scale (CLIP's 100)")
+    class_field: Optional[str] = Field(None, min_length=1, description="contrastive: a row field naming each pair's class: "
+                                       "enables zero-shot classification from templates over the class names")
+    templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."], min_length=1, max_length=100,
+                                 description="contrastive: prompts for zero-shot classification; {} is the class name")
+
+    def problems(self, where: str) -> list[str]:
+        found = super().problems(where)
+        if self.metric == "zero_shot_accuracy" and not self.class_field:
+            found.append(f"{where}.metric: zero_shot_accuracy needs {where}.class_field (the class of each pair)")
+        found += [f"{where}.templates: {t!r} has no {{}} for the class name" for t in self.templates if "{}" not in t]
+        return found
+
+
+def parse_task(block: dict) -> TaskSettings:
+    """A resolved task block (``{type: ..., settings}``) as its settings object."""
+    return TASK_SETTINGS.get(block["type"]).model_validate({k: v for k, v in block.items() if k != "type"})
+
+
+def recipe_tasks(recipe) -> dict[str, TaskSettings]:
+    """A recipe's tasks by name, in order: its ``tasks:`` blocks, or its one ``task:`` (named answer)."""
+    blocks = recipe.tasks if recipe.tasks else {SINGLE_TASK: recipe.task}
+    return {name: parse_task(block) for name, block in blocks.items()}
+
+
+def task_kind(settings: TaskSettings) -> str:
+    return settings.registry_name

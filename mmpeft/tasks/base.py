@@ -1,0 +1,216 @@
+"""What a task kind owns: its targets, its loss, its metrics, its answers and its stored state.
+
+A task sees the slice of the model's output that its head wrote (``[B, width]``) and the
+rows of the batch; the training loop asks it for a loss and the evaluation for metrics, and
+knows nothing of any one kind. A new kind is one file here plus one registration (and its
+settings class in :mod:`mmpeft.config.tasks`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Optional, Sequence
+
+import torch
+
+from ..config.tasks import TaskSettings, recipe_tasks
+from ..errors import BundleError, DataError
+from ..registry import Registry
+
+
+def missing(value) -> bool:
+    """A row without a target for a task: an absent or empty cell (a NaN is a bad value, not a missing one)."""
+    return value is None or value == ""
+
+
+class Task:
+    """One named task of a recipe. Subclasses set ``Settings`` and implement the kind."""
+
+    Settings: ClassVar[type[TaskSettings]] = TaskSettings
+
+    def __init__(self, name: str, settings: TaskSettings, state: dict, label_field: str = "answer"):
+        self.name = name
+        self.settings = settings
+        self.state = state  # JSON: what the bundle stores (labels, thresholds, target statistics)
+        self.field = settings.field or label_field
+        self.label_field = label_field
+        self.head = None  # the task's head module, set when the model is built (contrastive reads its logit scale)
+
+    # --- what the kind defines ---------------------------------------------------------
+
+    @classmethod
+    def fit(cls, name: str, settings: TaskSettings, rows: Sequence, label_field: str = "answer") -> "Task":
+        """The task with its state drawn from the training rows (vocabulary, statistics)."""
+        return cls(name, settings, {}, label_field)
+
+    @property
+    def width(self) -> int:
+        """Columns of the model's output this task's head writes."""
+        raise NotImplementedError
+
+    def parse(self, value) -> Any:
+        """A raw cell as this kind's target; raises ``ValueError`` saying what is wrong."""
+        return value
+
+    def collate(self, rows: Sequence) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score(self, out: torch.Tensor, rows: Sequence, group_fields: Sequence[str] = ()) -> dict:
+        """Metrics over ``rows`` (in the order of ``out``), including ``loss``."""
+        raise NotImplementedError
+
+    def answer(self, out: torch.Tensor, top_k: int) -> list[dict]:
+        """What ``predict`` returns per row."""
+        raise NotImplementedError
+
+    def headline(self, metrics: dict) -> dict[str, float]:
+        """The flat numbers logged each epoch and compared by ``evaluate``."""
+        return {m: metrics[m] for m in self.settings.metrics if isinstance(metrics.get(m), (int, float))}
+
+    def table(self, metrics: dict) -> list[tuple[str, str, str]]:
+        """``(metric, value, n)`` rows of the test table."""
+        return [(m, f"{metrics[m]:.4f}", str(metrics.get("count", ""))) for m in self.headline(metrics)]
+
+    def build_head(self, dims: dict[str, int]):
+        """The task's own head over encoders of these widths, or None for a fusion head (``fusion:``)."""
+        return None
+
+    def tune(self, out: torch.Tensor, rows: Sequence) -> Optional[str]:
+        """Settle settings chosen on validation outputs (e.g. a threshold); returns a log line."""
+        return None
+
+    @property
+    def labels(self) -> list[str]:
+        """Names of the output columns, where they have names (answers, labels, classes)."""
+        return list(self.state.get("labels", []))
+
+    # --- shared -------------------------------------------------------------------------
+
+    def raw(self, row):
+        """The row's cell for this task: a manifest column read as it was, the answer, or a group field."""
+        extra = getattr(row, "extra", None) or {}
+        if self.field in extra:
+            return extra[self.field]
+        if self.field == self.label_field:
+            return row.answer
+        return row.groups.get(self.field)
+
+    def target(self, row):
+        """The parsed target of a row, or None when the row has none for this task."""
+        value = self.raw(row)
+        return None if missing(value) else self.parse(value)
+
+    def check(self, splits: dict[str, Sequence], required: bool) -> None:
+        """Every target parses (named by file, row and column); with ``required`` every row has one;
+        the training split has at least one."""
+        if not self.Settings.has_target:
+            return
+        for split, rows in splits.items():
+            for row in rows:
+                value = self.raw(row)
+                if missing(value):
+                    if required:
+                        raise DataError(f"{row.where}: no {self.field!r} for task {self.name!r} (every row needs one "
+                                        "when the recipe has a single task)")
+                    continue
+                try:
+                    self.parse(value)
+                except ValueError as exc:
+                    raise DataError(f"{row.where}: column {self.field!r} (task {self.name!r}): {exc}") from None
+        if not any(not missing(self.raw(r)) for r in splits.get("train", ())):
+            raise DataError(f"task {self.name!r}: no training row has a {self.field!r} value")
+
+
+TASKS: Registry[type[Task]] = Registry("task type")
+
+
+def build_task(name: str, settings: TaskSettings, rows: Sequence, label_field: str = "answer") -> Task:
+    return TASKS.get(settings.registry_name).fit(name, settings, rows, label_field)
+
+
+def load_task(name: str, settings: TaskSettings, state: dict, label_field: str = "answer") -> Task:
+    return TASKS.get(settings.registry_name)(name, settings, state, label_field)
+
+
+def ranks(values: torch.Tensor) -> torch.Tensor:
+    """Average ranks (1-based; ties share the mean of their ranks), as Spearman's rho uses."""
+    order = values.argsort(stable=True)
+    sorted_values = values[order]
+    ranked = torch.empty_like(values, dtype=torch.float64)
+    n = len(values)
+    start = 0
+    while start < n:
+        end = start
+        while end + 1 < n and sorted_values[end + 1] == sorted_values[start]:
+            end += 1
+        ranked[order[start:end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranked
+
+
+def recipe_task_set(recipe, train_rows: Sequence, check: Optional[dict[str, Sequence]] = None) -> dict[str, Task]:
+    """A recipe's tasks with their state drawn from the training rows; with ``check``
+    (``{split: rows}``), every row's target is checked first (:meth:`Task.check`), so a bad
+    cell is named by file, row and column before anything is built from it."""
+    every = recipe_tasks(recipe)
+    if check is not None:
+        for name, settings in every.items():
+            load_task(name, settings, {}, recipe.data.label_field).check(check, required=len(every) == 1)
+    return {name: build_task(name, settings, train_rows, recipe.data.label_field) for name, settings in every.items()}
+
+
+def vocabulary_tasks(recipe, labels: Sequence[str]) -> dict[str, Task]:
+    """A recipe's one vqa / classification task with this answer vocabulary."""
+    tasks = recipe_tasks(recipe)
+    name, settings = next(iter(tasks.items()))
+    if len(tasks) != 1 or settings.registry_name not in ("vqa", "classification"):
+        raise ValueError("a vocabulary stands for the tasks only of a recipe with one vqa or classification task")
+    return {name: load_task(name, settings, {"labels": list(labels)}, recipe.data.label_field)}
+
+
+MAX_LABELS = 1_000_000
+
+
+def _check_state(state, where: str) -> dict:
+    """A stored task state (from an untrusted bundle): only known keys, of known types, bounded."""
+    if not isinstance(state, dict):
+        raise BundleError(f"{where}: a task's state is a mapping")
+    labels = state.get("labels", [])
+    if not isinstance(labels, list) or len(labels) > MAX_LABELS or not all(isinstance(x, str) for x in labels):
+        raise BundleError(f"{where}: labels must be a list of at most {MAX_LABELS:,} strings")
+    numbers = {k: state[k] for k in ("threshold", "mean", "std") if k in state}
+    weights = state.get("pos_weight", [])
+    if not isinstance(weights, list) or (weights and len(weights) != len(labels)):
+        raise BundleError(f"{where}: pos_weight must be a list with one number per label")
+    for key, value in [*numbers.items(), *(("pos_weight", w) for w in weights)]:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise BundleError(f"{where}: {key} must be a finite number")
+    if "std" in state and state["std"] <= 0 or "threshold" in state and not 0 < state["threshold"] < 1:
+        raise BundleError(f"{where}: std must be positive and threshold between 0 and 1")
+    unknown = sorted(set(state) - {"labels", "threshold", "mean", "std", "pos_weight"})
+    if unknown:
+        raise BundleError(f"{where}: unknown task state key(s) {', '.join(unknown)}")
+    return state
+
+
+def stored_task_set(recipe, manifest: dict, where: str = "manifest.json") -> dict[str, Task]:
+    """A bundle's tasks: the recipe's settings with the state the manifest stored. Bundles
+    written before tasks were stored hold one task whose vocabulary is the manifest's."""
+    settings = recipe_tasks(recipe)
+    stored = manifest.get("tasks")
+    if stored is None:
+        name = next(iter(settings))
+        stored = {name: {"type": settings[name].registry_name, "state": {"labels": manifest["vocabulary"]}}}
+    if not isinstance(stored, dict) or list(stored) != list(settings):
+        raise BundleError(f"{where}: its tasks ({', '.join(stored) if isinstance(stored, dict) else '?'}) differ from "
+                          f"the recipe's ({', '.join(settings)})")
+    tasks = {}
+    for name, entry in stored.items():
+        if not isinstance(entry, dict) or entry.get("type") != settings[name].registry_name:
+            raise BundleError(f"{where}: task {name!r} is stored as another type than its recipe's")
+        tasks[name] = load_task(name, settings[name], _check_state(entry.get("state"), f"{where}: task {name!r}"),
+                                recipe.data.label_field)
+    return tasks

@@ -1,0 +1,169 @@
+"""``contrastive``: two encoders aligned in one embedding space (CLIP: Radford et al., 2021,
+"Learning Transferable Visual Models From Natural Language Supervision"; LiT: Zhai et al.,
+2022, when one tower is locked).
+
+Each of the two encoders' pooled output goes through its own linear projection, is
+L2-normalised, and the symmetric InfoNCE loss over in-batch negatives is minimised with a
+learned logit scale (initialised at 1/temperature, clamped at ``max_logit_scale``, as CLIP).
+Rows that share an input of either encoder (the same caption, the same image) are
+positives of each other: the loss spreads each row's target evenly over its positives
+instead of pushing identical captions apart, and retrieval counts any of them as a hit.
+
+Metrics on a split (its rows are the gallery): recall@1/5/10 in both directions (and their
+mean), the median rank of the first correct match, and with ``class_field`` zero-shot
+classification: the non-text side's embedding against the mean embedding of the prompt
+templates filled with each class name.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config.tasks import ContrastiveSettings
+from .base import TASKS, Task
+
+
+class ContrastiveHead(nn.Module):
+    """Projects two encoders' pooled outputs into one space; output ``[B, 2 * dim]``: the two normalised embeddings."""
+
+    def __init__(self, dims: dict[str, int], dim: int, temperature: float, max_logit_scale: float):
+        super().__init__()
+        self.names = list(dims)
+        self.projections = nn.ModuleDict({n: nn.Linear(d, dim, bias=False) for n, d in dims.items()})
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        self.max_logit_scale = max_logit_scale
+        self.dim = dim
+
+    def project(self, name: str, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.projections[name](pooled.float()), dim=-1)
+
+    def forward(self, outputs) -> torch.Tensor:
+        return torch.cat([self.project(n, outputs[n].pooled) for n in self.names], dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=self.max_logit_scale)
+
+
+def first_hit_ranks(similarity: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """1-based rank of the best-placed positive in each row of ``similarity`` ``[N, M]``."""
+    best = similarity.masked_fill(~positive, float("-inf")).max(1).values
+    return (similarity > best[:, None]).sum(1) + 1
+
+
+@TASKS.register("contrastive")
+class ContrastiveTask(Task):
+    Settings = ContrastiveSettings
+
+    def __init__(self, name, settings, state, label_field="answer"):
+        super().__init__(name, settings, state, label_field)
+        self.field = settings.class_field or ""
+        self.modalities: dict[str, str] = {}  # encoder name -> modality, set when the model is built
+        self.class_embeddings = None  # [classes, dim], computed by the runtime for zero-shot scoring and answers
+
+    @classmethod
+    def fit(cls, name, settings, rows, label_field="answer"):
+        labels = []
+        if settings.class_field:
+            probe = cls(name, settings, {}, label_field)
+            labels = sorted({str(v).strip().lower() for v in (probe.raw(r) for r in rows) if v not in (None, "")})
+        return cls(name, settings, {"labels": labels}, label_field)
+
+    @property
+    def width(self) -> int:
+        return 2 * self.settings.projection_dim
+
+    def build_head(self, dims):
+        s = self.settings
+        return ContrastiveHead(dims, s.projection_dim, s.temperature, s.max_logit_scale)
+
+    @property
+    def text_side(self):
+        """``(text encoder, other encoder)`` for zero-shot classification, or None."""
+        names = list(self.modalities)
+        texts = [n for n in names if self.modalities[n] == "text"]
+        if not texts or len(names) != 2:
+            return None
+        other = names[1] if names[0] == texts[0] else names[0]
+        return texts[0], other
+
+    def prompts(self) -> list[str]:
+        return [t.format(label) for label in self.labels for t in self.settings.templates]
+
+    def keys(self, row) -> tuple:
+        return tuple({"text": row.text, "image": row.image, "audio": row.audio}[m] for m in self.modalities.values())
+
+    def collate(self, rows: Sequence) -> torch.Tensor:
+        """``[B, 2]`` ids of each row's two inputs within the batch (equal ids: the same input)."""
+        ids = [{}, {}]
+        return torch.tensor([[ids[k].setdefault(key, len(ids[k])) for k, key in enumerate(self.keys(r))] for r in rows],
+                            dtype=torch.long)
+
+    def split(self, out: torch.Tensor):
+        d = self.settings.projection_dim
+        return out[:, :d].float(), out[:, d:].float()
+
+    def loss(self, out, target):
+        if len(out) < 2:  # an epoch's last batch of one row has nothing to contrast with (train.batch_size >= 2 is checked)
+            return out.sum() * 0.0
+        a, b = self.split(out)
+        target = target.to(out.device)
+        positive = ((target[:, None, 0] == target[None, :, 0]) | (target[:, None, 1] == target[None, :, 1])).float()
+        logits = self.head.scale() * a @ b.T
+        soft = positive / positive.sum(1, keepdim=True)
+        return 0.5 * (torch.sum(-soft * logits.log_softmax(1), 1).mean() + torch.sum(-soft.T * logits.T.log_softmax(1), 1).mean())
+
+    @torch.no_grad()
+    def score(self, out, rows, group_fields=()):
+        a, b = self.split(out)
+        ids = self.collate(rows)
+        first, second = ids[:, 0], ids[:, 1]
+        positive = (first[:, None] == first[None]) | (second[:, None] == second[None])
+        similarity = a @ b.T
+        forward, backward = first_hit_ranks(similarity, positive), first_hit_ranks(similarity.T, positive.T)
+        names = list(self.modalities) or ["a", "b"]
+        metrics = {"count": len(rows)}
+        for direction, r in ((f"{names[0]}_to_{names[1]}", forward), (f"{names[1]}_to_{names[0]}", backward)):
+            for k in (1, 5, 10):
+                metrics[f"{direction}_recall@{k}"] = float((r <= k).double().mean())
+            metrics[f"{direction}_median_rank"] = float(r.double().median())
+        both = torch.cat([forward, backward]).double()
+        for k in (1, 5, 10):
+            metrics[f"recall@{k}"] = float((both <= k).double().mean())
+        metrics["mean_recall"] = (metrics["recall@1"] + metrics["recall@5"] + metrics["recall@10"]) / 3
+        metrics["median_rank"] = float(both.median())
+        metrics["loss"] = float(self.loss(out, self.collate(rows))) if len(rows) > 1 else float("nan")
+        metrics["logit_scale"] = float(self.head.scale())
+        if self.class_embeddings is not None and self.text_side is not None:
+            other = self.text_side[1]
+            image_side = a if names[0] == other else b
+            guesses = (image_side @ self.class_embeddings.T).argmax(1)
+            gold = [str(self.raw(r)).strip().lower() for r in rows]
+            index = {label: i for i, label in enumerate(self.labels)}
+            right = [index.get(g) == int(p) for g, p in zip(gold, guesses)]
+            metrics["zero_shot_accuracy"] = sum(right) / len(right)
+            metrics["zero_shot_classes"] = len(self.labels)
+        return metrics
+
+    def headline(self, metrics):
+        keys = ("recall@1", "recall@5", "recall@10", "mean_recall", "median_rank", "zero_shot_accuracy")
+        return {k: metrics[k] for k in keys if k in metrics}
+
+    @torch.no_grad()
+    def answer(self, out, top_k):
+        a, b = self.split(out)
+        results = []
+        for i in range(len(out)):
+            result = {"similarity": round(float(a[i] @ b[i]), 6)}
+            if self.class_embeddings is not None and self.text_side is not None:
+                side = a if list(self.modalities)[0] == self.text_side[1] else b
+                probs = (self.head.scale().detach().cpu() * side[i] @ self.class_embeddings.T).softmax(-1)
+                top = probs.topk(min(top_k, len(probs)))
+                result["zero_shot"] = [{"class": self.labels[j], "probability": round(float(p), 6)}
+                                       for p, j in zip(top.values, top.indices.tolist())]
+            results.append(result)
+        return results
