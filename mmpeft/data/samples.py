@@ -165,6 +165,7 @@ def iter_rows(path: Path):
 # --- easy-VQA -------------------------------------------------------------
 
 EASY_VQA_COLORS = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
+EASY_VQA_SHAPES = {"rectangle", "circle", "triangle"}
 
 
 def easy_vqa_samples(split: str) -> list[Sample]:
@@ -193,10 +194,12 @@ def easy_vqa_samples(split: str) -> list[Sample]:
 def easy_vqa_caption_samples(split: str) -> list[Sample]:
     """easy-VQA's images with a caption each, for contrastive alignment and zero-shot
     classification: every image shows one shape of one colour, both read from the answers of
-    its own questions (``what color is the shape?``, ``what is the <colour> shape?``), so the
-    caption is ``"a {colour} {shape}"`` and the answer (the class) ``"{colour} {shape}"``
-    (8 colours x 3 shapes = 24 classes). 4,000 train / 1,000 test images; images whose
-    questions do not give both are left out. Groups: ``color``, ``shape``."""
+    its own questions (``what color is the shape?``, ``what is the <colour> shape?``, and the
+    yes/no questions that affirm a colour or shape, negations read as such), so the caption is ``"a {colour} {shape}"`` and the answer (the class) ``"{colour} {shape}"``
+    (8 colours x 3 shapes = 24 classes). Of easy-VQA's 4,000 train / 1,000 test images,
+    3,132 / 772 have questions that give both (where a direct question and a yes/no one
+    both tell an attribute, they agree on every train and test image); the rest are left
+    out. Groups: ``color``, ``shape``."""
     color: dict[str, str] = {}
     shape: dict[str, str] = {}
     for row in easy_vqa_samples(split):
@@ -205,6 +208,14 @@ def easy_vqa_caption_samples(split: str) -> list[Sample]:
             color[row.image] = row.answer
         elif kind == "shape":
             shape[row.image] = row.answer
+        else:  # "is there a red shape?" yes, "does the image not contain a circle?" no: the image has it
+            words = row.text.lower().rstrip("?").split()
+            if (row.answer == "yes") != ("not" in words or "no" in words):
+                for word in words:
+                    if word in EASY_VQA_COLORS:
+                        color.setdefault(row.image, word)
+                    elif word in EASY_VQA_SHAPES:
+                        shape.setdefault(row.image, word)
     samples = []
     for i, image in enumerate(sorted(set(color) & set(shape))):
         c, s = color[image], shape[image]
