@@ -187,6 +187,8 @@ def estimate_training_memory(encoder, recipe) -> int:
     hidden = encoder.hidden_size
     if encoder.modality == "text":
         tokens = encoder.max_length
+    elif hasattr(encoder, "max_tokens"):  # transformers audio models: output frames of a longest clip
+        tokens = encoder.max_tokens
     else:
         tokens = (encoder.image_size // 16) ** 2 + 1
     layers = sum(1 for n, _ in encoder.named_modules() if n.count(".") >= 1 and n.rsplit(".", 1)[-1].isdigit()) or 12

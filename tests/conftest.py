@@ -19,6 +19,9 @@ def assets(tmp_path_factory) -> dict:
         "resnet": tiny.make_resnet(root / "resnet"),
         "effnet": tiny.make_efficientnet(root / "effnet"),
         "effnet_audio": tiny.make_efficientnet_audio(root / "effnet_audio"),
+        "wav2vec2": tiny.make_wav2vec2(root / "wav2vec2"),
+        "whisper": tiny.make_whisper(root / "whisper"),
+        "ast": tiny.make_ast(root / "ast"),
         "audio_data": tiny.make_audio_dataset(root / "audio_data"),
         "data": tiny.make_dataset(root / "data"),
         # bitsandbytes' CPU 4-bit kernels need layer widths of at least one block (64)

@@ -7,8 +7,15 @@ import torch
 from mmpeft.config import load_recipe
 from tests import tiny
 
-ENCODER_KINDS = ["bert", "vit", "clip", "resnet", "effnet", "effnet_audio"]
-IMAGE_KINDS = ["vit", "clip", "resnet", "effnet", "effnet_audio"]  # the kinds that sit in a recipe's second encoder slot
+ENCODER_KINDS = ["bert", "vit", "clip", "resnet", "effnet", "effnet_audio", "wav2vec2", "whisper", "ast"]
+# the kinds that sit in a recipe's second encoder slot
+IMAGE_KINDS = ["vit", "clip", "resnet", "effnet", "effnet_audio", "wav2vec2", "whisper", "ast"]
+
+
+def refuses(enc, method: str) -> bool:
+    """Whether ``method`` declares it cannot adapt this encoder (prompt tuning on a family
+    whose architecture row says ``prompt: none``): the method loops check the refusal instead."""
+    return method == "prompt" and enc.family.prompt == "none"
 
 
 def recipe_for(assets, kind: str, method: str | dict, out_dir, fusion="gated", other="none", **train):

@@ -239,10 +239,18 @@ TINY = {
     "vision": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, image_size=32, patch_size=8),
     "convnext": dict(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2),
     "resnet": dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"),
+    "waveform": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, conv_dim=(16, 16),
+                     conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2),
+    "whisper": dict(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                    encoder_ffn_dim=37, decoder_ffn_dim=37, num_mel_bins=16, max_source_positions=25, max_target_positions=8,
+                    vocab_size=50, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1),
+    "ast": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, num_mel_bins=16, max_length=32,
+                patch_size=8, frequency_stride=8, time_stride=8),
 }
 KIND = {"bert": "text", "roberta": "text", "xlm-roberta": "text", "electra": "text", "deberta-v2": "text",
         "distilbert": "distilbert", "vit": "vision", "deit": "vision", "dinov2": "vision", "clip_vision_model": "vision",
-        "siglip_vision_model": "vision", "convnext": "convnext", "resnet": "resnet"}
+        "siglip_vision_model": "vision", "convnext": "convnext", "resnet": "resnet", "wav2vec2": "waveform", "hubert": "waveform",
+        "wavlm": "waveform", "whisper": "whisper", "audio-spectrogram-transformer": "ast"}
 
 
 def tiny_model(model_type: str, assets):

@@ -4,12 +4,10 @@ kind trained end to end through the CLI, multi-task recipes, and bad targets ref
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 import yaml
-from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from mmpeft.cli import app
@@ -20,7 +18,7 @@ from mmpeft.tasks.multilabel import average_precision, binary_auroc
 from mmpeft.tasks.regression import pearson
 from tests import tiny
 
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+COLORS = tiny.COLORS
 SHAPES = ["square", "circle"]
 
 
@@ -109,22 +107,13 @@ def test_contrastive_loss_is_clip_infonce_and_duplicates_are_positives():
 
 def write_rows(directory, n_train=48, n_test=24, seed=0):
     """Shapes with every kind of target: a vqa answer, its kind, a number, a list of tags, a caption."""
-    rng = random.Random(seed)
-    (directory / "images").mkdir(parents=True, exist_ok=True)
-    files = {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        rows = []
-        for i in range(n):
-            color, shape = rng.choice(list(COLORS)), SHAPES[i % 2]
-            img = Image.new("RGB", (24, 24), (255, 255, 255))
-            (ImageDraw.Draw(img).rectangle if shape == "square" else ImageDraw.Draw(img).ellipse)([4, 4, 20, 20], fill=COLORS[color])
-            img.save(directory / f"images/{split}_{i}.png")
-            rows.append({"image": f"images/{split}_{i}.png", "question": f"a {color} {shape}", "answer": color,
-                         "kind": shape, "score": list(COLORS).index(color) - 1.0 + 0.1 * rng.random(),
-                         "tags": [color, shape], "caption": f"a {color} {shape}", "cls": f"{color} {shape}"})
-        files[split] = directory / f"{split}.jsonl"
-        files[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return files
+    def row(rng, i, name):
+        color, shape = rng.choice(list(COLORS)), SHAPES[i % 2]
+        return color, shape, {"image": name, "question": f"a {color} {shape}", "answer": color, "kind": shape,
+                              "score": list(COLORS).index(color) - 1.0 + 0.1 * rng.random(), "tags": [color, shape],
+                              "caption": f"a {color} {shape}", "cls": f"{color} {shape}"}
+
+    return tiny.write_shape_manifests(directory, row, n_train, n_test, seed)
 
 
 def recipe(assets, files, out, task=None, tasks=None, **train):

@@ -90,6 +90,43 @@ def make_efficientnet_audio(directory: Path) -> Path:
     return directory
 
 
+def make_wav2vec2(directory: Path, hidden: int = 32) -> Path:
+    """A random Wav2Vec2 (two conv layers, two transformer layers) and its feature extractor, at 8 kHz."""
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    torch.manual_seed(5)
+    Wav2Vec2Model(Wav2Vec2Config(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=hidden + 5,
+                                 conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16,
+                                 num_conv_pos_embedding_groups=2, feat_extract_norm="layer")).save_pretrained(directory)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=8000, padding_value=0.0, do_normalize=True,
+                             return_attention_mask=True).save_pretrained(directory)
+    return directory
+
+
+def make_whisper(directory: Path) -> Path:
+    """A random Whisper (encoder and a one-layer decoder) reading 1-second 16-bin log-mel windows at 8 kHz."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+    torch.manual_seed(6)
+    WhisperModel(WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                               encoder_ffn_dim=37, decoder_ffn_dim=37, num_mel_bins=16, max_source_positions=25,
+                               max_target_positions=8, vocab_size=50, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                               decoder_start_token_id=1)).save_pretrained(directory)
+    WhisperFeatureExtractor(feature_size=16, sampling_rate=8000, hop_length=160, chunk_length=1, n_fft=400).save_pretrained(directory)
+    return directory
+
+
+def make_ast(directory: Path) -> Path:
+    """A random Audio Spectrogram Transformer over 32 frames x 16 mel bins, at 8 kHz."""
+    from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
+
+    torch.manual_seed(7)
+    ASTModel(ASTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, num_mel_bins=16,
+                       max_length=32, patch_size=8, frequency_stride=8, time_stride=8)).save_pretrained(directory)
+    ASTFeatureExtractor(feature_size=1, sampling_rate=8000, num_mel_bins=16, max_length=32).save_pretrained(directory)
+    return directory
+
+
 TONES = {"red": 300.0, "green": 900.0, "blue": 2000.0}  # each colour also has a sound, for audio rows
 
 
@@ -130,30 +167,44 @@ def make_audio_dataset(directory: Path, n_train: int = 36, n_test: int = 18, see
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 
 
-def make_dataset(directory: Path, n_train: int = 48, n_test: int = 24, seed: int = 0) -> dict:
-    """Coloured shapes with two question types; answers are learnable from image + text."""
+def shape_image(path: Path, color: str, shape: str) -> None:
+    """A 24x24 white image with one square or circle of ``color``."""
+    img = Image.new("RGB", (24, 24), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    (draw.rectangle if shape == "square" else draw.ellipse)([4, 4, 20, 20], fill=COLORS[color])
+    img.save(path)
+
+
+def write_shape_manifests(directory: Path, row, n_train: int, n_test: int, seed: int = 0) -> dict:
+    """``train.jsonl`` / ``test.jsonl`` of shape images: ``row(rng, i, name) -> (colour, shape, row dict)``
+    for the i-th image of a split, drawn with one seeded generator."""
     rng = random.Random(seed)
     (directory / "images").mkdir(parents=True, exist_ok=True)
     files = {}
     for split, n in (("train", n_train), ("test", n_test)):
         rows = []
         for i in range(n):
-            color = rng.choice(list(COLORS))
-            shape = rng.choice(["square", "circle"])
-            img = Image.new("RGB", (24, 24), (255, 255, 255))
-            draw = ImageDraw.Draw(img)
-            (draw.rectangle if shape == "square" else draw.ellipse)([4, 4, 20, 20], fill=COLORS[color])
             name = f"images/{split}_{i}.png"
-            img.save(directory / name)
-            if i % 2:
-                rows.append({"image": name, "question": "what color is the shape ?", "answer": color.upper(), "kind": "color"})
-            else:
-                asked = rng.choice(list(COLORS))
-                rows.append({"image": name, "question": f"is there a {asked} shape ?", "answer": "Yes" if asked == color else " no", "kind": "yes/no"})
-        path = directory / f"{split}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        files[split] = path
+            color, shape, record = row(rng, i, name)
+            shape_image(directory / name, color, shape)
+            rows.append(record)
+        files[split] = directory / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
     return files
+
+
+def make_dataset(directory: Path, n_train: int = 48, n_test: int = 24, seed: int = 0) -> dict:
+    """Coloured shapes with two question types; answers are learnable from image + text."""
+    def row(rng, i, name):
+        color = rng.choice(list(COLORS))
+        shape = rng.choice(["square", "circle"])
+        if i % 2:
+            return color, shape, {"image": name, "question": "what color is the shape ?", "answer": color.upper(), "kind": "color"}
+        asked = rng.choice(list(COLORS))
+        return color, shape, {"image": name, "question": f"is there a {asked} shape ?",
+                              "answer": "Yes" if asked == color else " no", "kind": "yes/no"}
+
+    return write_shape_manifests(directory, row, n_train, n_test, seed)
 
 
 def recipe_dict(text_dir, image_dir, data_files, out_dir, text_method="lora", image_method="lora", fusion="gated", **train):

@@ -28,17 +28,26 @@ def zoo_name(model: str) -> Optional[str]:
 CNN_MARKER = "mmpeft_encoder.json"  # what mmpeft writes beside a plain torch CNN's weights
 
 
+# transformers model types that read audio (mmpeft/encoders/architectures.py has their rows)
+AUDIO_MODEL_TYPES = {"wav2vec2", "hubert", "wavlm", "whisper", "audio-spectrogram-transformer"}
+
+
 def encoder_modality(cfg) -> Optional[str]:
     """An encoder block's modality: its ``modality`` key, else the zoo's, else what a CNN
-    folder written by mmpeft says, else None (known only once the model's config is read)."""
+    folder written by mmpeft says, else "audio" for a local transformers folder of an audio
+    model type, else None (known only once the model's config is read)."""
     if cfg.modality or zoo_name(cfg.model):
         return cfg.modality or ZOO_MODALITIES[zoo_name(cfg.model)]
-    marker = Path(cfg.model).expanduser() / CNN_MARKER
+    folder = Path(cfg.model).expanduser()
+    marker, config = folder / CNN_MARKER, folder / "config.json"
     try:
-        meta = json.loads(marker.read_text()) if marker.is_file() else {}
+        meta = json.loads(marker.read_text()) if marker.is_file() else None
+        hf = json.loads(config.read_text()) if meta is None and config.is_file() else {}
     except (OSError, ValueError):
         return None  # the loader reports an unreadable folder with its path
-    return meta.get("modality", "image") if isinstance(meta, dict) else None
+    if meta is not None:
+        return meta.get("modality", "image") if isinstance(meta, dict) else None
+    return "audio" if isinstance(hf, dict) and hf.get("model_type") in AUDIO_MODEL_TYPES else None
 
 
 def recipe_inputs(recipe) -> tuple[str, ...]:

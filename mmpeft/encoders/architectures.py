@@ -36,7 +36,8 @@ class Architecture:
         cnn_blocks: regex of CNN blocks that get a residual 1x1-convolution adapter after them
             (set for CNNs instead of the two above).
         prompt: "soft" (prepended to text embeddings), "vpt" (visual prompt tokens after the
-            patch embedding) or "border" (a learned pixel border, for CNNs).
+            patch embedding), "border" (a learned pixel border, for CNNs) or "none" (prompt
+            tuning is not available for the family).
         prompt_offset: where VPT tokens are inserted (1: after [CLS]).
         pooling: what ``pooling: auto`` means: "mean" (over real tokens), "cls" (first token)
             or "pooler" (the model's own pooled output).
@@ -49,7 +50,7 @@ class Architecture:
     adapter_attention: Optional[str] = None
     adapter_ffn: Optional[str] = None
     cnn_blocks: Optional[str] = None
-    prompt: Literal["soft", "vpt", "border"] = "soft"
+    prompt: Literal["soft", "vpt", "border", "none"] = "soft"
     prompt_offset: int = 0
     pooling: Literal["mean", "cls", "pooler"] = "mean"
     checkpointing: Optional[bool] = None
@@ -98,6 +99,18 @@ TABLE: dict[str, Architecture] = {
         modality="image", lora=["_expand_conv", "_project_conv", "_conv_head"], ia3=(["_expand_conv", "_project_conv"], ["_project_conv"]),
         cnn_blocks=r"net\._blocks\.\d+", prompt="border", pooling="mean", checkpointing=True),
 }
+# transformers audio models (encoders/hf_audio.py). Waveform models and Whisper's encoder take
+# no prompts here (their attention masks are derived from the input length); AST is a ViT
+# over filter-bank patches with two leading tokens ([CLS], distillation).
+WAV2VEC2 = Architecture(
+    modality="audio", lora=_QV, ia3=(["k_proj", "v_proj", "output_dense"], ["output_dense"]),
+    adapter_attention=r".*\.attention\.out_proj", adapter_ffn=r".*\.feed_forward\.output_dense", prompt="none", pooling="mean")
+TABLE.update({
+    "wav2vec2": WAV2VEC2, "hubert": WAV2VEC2, "wavlm": WAV2VEC2,
+    "whisper": Architecture(modality="audio", lora=_QV, ia3=(["k_proj", "v_proj", "fc2"], ["fc2"]),
+                            adapter_attention=r".*\.self_attn\.out_proj", adapter_ffn=r".*\.fc2", prompt="none", pooling="mean"),
+    "audio-spectrogram-transformer": replace(VIT, modality="audio", prompt_offset=2, pooling="pooler"),
+})
 # The same CNN reading log-mel spectrograms (encoders/audio.py): every default carries over.
 TABLE["efficientnet_lite_audio"] = replace(TABLE["efficientnet_lite"], modality="audio")
 # Full dual-encoder checkpoints whose image tower mmpeft keeps (see HFImageEncoder).

@@ -17,6 +17,7 @@ from .hf import HFImageEncoder, HFTextEncoder, hf_modality, load_hf_model, load_
 from ..config.inputs import zoo_name
 from ..config.schema import AudioConfig
 from .audio import EfficientNetAudioEncoder
+from .hf_audio import HFAudioEncoder
 from .zoo import CNN_MARKER, CNN_ZOO, EfficientNetEncoder, load_efficientnet, minilm_path
 
 
@@ -79,6 +80,15 @@ def build_encoder(
 
             tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
             encoder = HFTextEncoder(model, hf_model, tokenizer, max_length, pooling)
+        elif kind == "audio":
+            from transformers import AutoFeatureExtractor
+
+            try:
+                extractor = AutoFeatureExtractor.from_pretrained(source, revision=revision)
+            except (OSError, ValueError) as exc:
+                raise MMPeftError(f"cannot load the feature extractor of audio encoder {model!r}: {str(exc).splitlines()[0]} "
+                                  "(a transformers audio model directory has a preprocessor_config.json)") from None
+            encoder = HFAudioEncoder(model, hf_model, extractor, audio or AudioConfig(), pooling)
         else:
             encoder = HFImageEncoder(model, hf_model, load_processor_config(source, revision), image_size, pooling)
     if quantization is not None:

@@ -82,6 +82,9 @@ class PromptTuning(PeftMethod):
         s = self.settings
         for p in encoder.parameters():
             p.requires_grad_(False)
+        if encoder.family.prompt == "none":
+            raise RecipeError([f"{self.where}: prompt tuning is not available for {encoder.arch} encoders (their attention "
+                               "masks follow the input length); choose lora, ia3, adapter or bitfit"])
         if encoder.modality == "text":
             table = encoder.base_model().get_input_embeddings().weight
             g = torch.Generator().manual_seed(0)

@@ -1,0 +1,134 @@
+"""Audio encoders backed by Hugging Face transformers models, read through their own
+feature extractor (``AutoFeatureExtractor``):
+
+- waveform models: Wav2Vec2 (Baevski et al. 2020), HuBERT (Hsu et al. 2021), WavLM (Chen
+  et al. 2022): the clip as samples, normalised as the extractor does (zero mean, unit
+  variance over the real samples), padded with zeros; the attention mask is passed only
+  where the extractor asks for one (wav2vec2-base was trained without it, on zero padding);
+- Whisper's encoder (Radford et al. 2022): the extractor's log-mel spectrogram, always
+  padded to the model's fixed window (``chunk_length`` seconds), as Whisper requires;
+- AST (Gong et al. 2021): the extractor's Kaldi-style filter bank, padded or cut to its
+  ``max_length`` frames; AST attends to every frame and pools its two leading tokens.
+
+Clips are read at the extractor's sampling rate (``encoders.<name>.audio.sample_rate`` does
+not apply to these models) and cut at ``audio.max_seconds`` (or at what the model can
+take, if less). Pooling over frames respects the mask: only the frames a clip fills count
+(waveform models: the convolutional front end's output lengths; Whisper: two mel frames
+per position).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import RecipeError
+from .base import Encoder, EncoderOutput, masked_mean
+
+WAVEFORM = ("wav2vec2", "hubert", "wavlm")
+
+
+class HFAudioEncoder(Encoder):
+    """A transformers audio model with its feature extractor (see the module docstring).
+
+    Inputs: ``input_features`` (the extractor's output per clip, padded to one shape) and
+    ``frames [B]`` (real samples, or real spectrogram frames, per clip)."""
+
+    modality = "audio"
+
+    def __init__(self, source: str, model: nn.Module, extractor, settings, pooling: str = "auto"):
+        super().__init__(source, pooling)
+        model_type = model.config.model_type
+        self._whole = None
+        if model_type == "whisper" and hasattr(model, "get_encoder"):
+            # a whole Whisper checkpoint: its encoder is what trains; the whole model (not a
+            # submodule, so its decoder is neither adapted nor counted) is what save_base writes,
+            # so a merged base loads back with AutoModel as the checkpoint did
+            self._whole = [model]
+            model = model.get_encoder()
+        self.model = model
+        self.arch = model_type
+        self.extractor = extractor
+        self.hidden_size = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model
+        rate = int(extractor.sampling_rate)
+        if model_type == "whisper":
+            limit = float(extractor.chunk_length)
+        elif model_type == "audio-spectrogram-transformer":
+            limit = extractor.max_length * 0.01  # Kaldi filter banks: one frame every 10 ms
+        else:
+            limit = settings.max_seconds
+        self.audio = settings.model_copy(update={"sample_rate": rate, "max_seconds": min(settings.max_seconds, limit)})
+        self.samples = int(round(self.audio.max_seconds * rate))
+        if model_type not in WAVEFORM + ("whisper", "audio-spectrogram-transformer"):
+            raise RecipeError([f"encoder {source!r}: audio model type {model_type!r} is not supported yet "
+                               "(supported: wav2vec2, hubert, wavlm, whisper, audio-spectrogram-transformer)"])
+
+    @property
+    def max_tokens(self) -> int:
+        """Output positions of a clip of ``max_seconds`` (for the dry run's memory estimate)."""
+        cfg = self.base_model().config
+        if self.arch in WAVEFORM:
+            return int(self.base_model()._get_feat_extract_output_lengths(torch.tensor(self.samples)))
+        if self.arch == "whisper":
+            return int(cfg.max_source_positions)
+        rows = (cfg.num_mel_bins - cfg.patch_size) // cfg.frequency_stride + 1
+        return rows * ((cfg.max_length - cfg.patch_size) // cfg.time_stride + 1) + 2
+
+    def features(self, wave: np.ndarray) -> tuple[torch.Tensor, int]:
+        """One mono waveform at the extractor's rate -> ``(model input, real length)``."""
+        wave = np.asarray(wave, dtype=np.float32)[: self.samples]
+        if self.arch in WAVEFORM:
+            if getattr(self.extractor, "do_normalize", True) and len(wave):
+                wave = (wave - wave.mean()) / np.sqrt(wave.var() + 1e-7)
+            padded = np.full(self.samples, float(getattr(self.extractor, "padding_value", 0.0)), dtype=np.float32)
+            padded[: len(wave)] = wave
+            return torch.from_numpy(padded), max(1, len(wave))
+        out = self.extractor(wave, sampling_rate=self.audio.sample_rate, return_tensors="np")
+        if self.arch == "whisper":
+            features = torch.from_numpy(np.asarray(out["input_features"][0], dtype=np.float32))
+            return features, max(1, math.ceil(len(wave) / self.extractor.hop_length))
+        features = torch.from_numpy(np.asarray(out["input_values"][0], dtype=np.float32))  # AST: [frames, mel bins]
+        return features, features.shape[0]
+
+    def preprocess(self, items) -> dict[str, torch.Tensor]:
+        feats = [self.features(w) for w in items]
+        return {"input_features": torch.stack([f for f, _ in feats]),
+                "frames": torch.tensor([n for _, n in feats], dtype=torch.long)}
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> EncoderOutput:
+        x, frames = inputs["input_features"], inputs["frames"].to(inputs["input_features"].device)
+        base = self.base_model()
+        if self.arch in WAVEFORM:
+            sample_mask = torch.arange(x.shape[1], device=x.device)[None] < frames[:, None]
+            use_mask = getattr(self.extractor, "return_attention_mask", False)
+            out = self.model(input_values=x, attention_mask=sample_mask.long() if use_mask else None)
+            lengths = base._get_feat_extract_output_lengths(frames)
+        elif self.arch == "whisper":
+            out = self.model(input_features=x)
+            lengths = torch.div(frames + 1, 2, rounding_mode="floor")  # the second convolution has stride 2
+        else:
+            out = self.model(input_values=x)
+            lengths = None
+        tokens = out.last_hidden_state
+        if self.num_prompt_tokens:  # VPT tokens (AST) sit after its two leading tokens
+            o, p = self.family.prompt_offset, self.num_prompt_tokens
+            tokens = torch.cat([tokens[:, :o], tokens[:, o + p:]], dim=1)
+        if lengths is None:
+            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        else:
+            mask = torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths.clamp(1, tokens.shape[1])[:, None]
+        pooling = self.family.pooling if self.pooling == "auto" else self.pooling
+        if pooling == "pooler" and getattr(out, "pooler_output", None) is not None:
+            pooled = out.pooler_output
+        elif pooling == "cls":
+            pooled = tokens[:, 0]
+        else:
+            pooled = masked_mean(tokens, mask)
+        return EncoderOutput(tokens=tokens, mask=mask, pooled=pooled)
+
+    def save_base(self, directory) -> None:
+        (self._whole[0] if self._whole else self.base_model()).save_pretrained(directory)
+        self.extractor.save_pretrained(directory)
