@@ -162,12 +162,27 @@ def test_audio_only_recipe_needs_no_image_or_text_column(assets, tmp_path):
     clip = files["test"].parent / "audio" / "test_0.wav"
     predicted = runner.invoke(app, ["predict", str(tmp_path / "out" / "audio_only"), "--audio", str(clip)])
     assert predicted.exit_code == 0 and predicted.output.split()[0] in tiny.TONES, predicted.output
-    # the server's API has no audio field yet: it refuses such a bundle at start-up, saying so
-    from mmpeft.errors import UsageError
+    # the server takes the clip as an upload (multipart `audio`, or `audio_base64` in JSON) and
+    # answers what predict answers; no image or question is asked of an audio-only bundle
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from mmpeft.inference import Predictor
+    from mmpeft.serve.app import create_app
     from mmpeft.serve.pool import AdapterPool
 
-    with pytest.raises(UsageError, match="read audio, which `mmpeft serve` does not take yet"):
-        AdapterPool({"digits": tmp_path / "out" / "audio_only"})
+    expected = Predictor(tmp_path / "out" / "audio_only").predict([], [], top_k=3, audios=[str(clip)])[0]
+    with TestClient(create_app(AdapterPool({"digits": tmp_path / "out" / "audio_only"}, log=lambda m: None))) as client:
+        reply = client.post("/predict", files={"audio": ("clip.wav", clip.read_bytes(), "audio/wav")}, data={"top_k": "3"})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["answer"] == expected["answer"] and reply.json()["top_k"] == expected["top_k"]
+        again = client.post("/predict", json={"audio_base64": base64.b64encode(clip.read_bytes()).decode(), "top_k": 3})
+        assert again.status_code == 200 and again.json()["top_k"] == expected["top_k"]
+        missing = client.post("/predict", json={"top_k": 3})
+        assert missing.status_code == 422 and "audio is required" in missing.json()["error"]
+        bad = client.post("/predict", files={"audio": ("clip.wav", b"not audio at all", "audio/wav")})
+        assert bad.status_code == 415 and "not an audio file" in bad.json()["error"]
 
 
 @pytest.mark.skipif(not (FSDD / "recordings").is_dir(), reason="FSDD is not at ../shared/fsdd")

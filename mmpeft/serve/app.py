@@ -18,6 +18,8 @@ import base64
 import binascii
 import io
 import json
+import os
+import tempfile
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from ..data.audio import BadAudio, audio_info
 from ..data.checks import MAX_IMAGE_PIXELS
 from ..version import __version__
 from .batching import Batcher
@@ -114,6 +117,22 @@ def _decode_image(data: bytes, max_pixels: int):
                           "image") from None
 
 
+def _audio_file(data: bytes) -> str:
+    """An uploaded clip, written to a private temporary file (removed once answered) and
+    checked the way training data is (header first, regular file, bounded decoding)."""
+    if not data:
+        raise ClientError(422, "audio is empty", "audio")
+    handle, path = tempfile.mkstemp(prefix="mmpeft-upload-", suffix=".audio")
+    with os.fdopen(handle, "wb") as out:
+        out.write(data)
+    try:
+        audio_info(path)
+    except BadAudio as exc:
+        Path(path).unlink(missing_ok=True)
+        raise ClientError(415, f"audio is {exc}", "audio") from None
+    return path
+
+
 def create_app(pool, settings: ServeSettings | None = None) -> FastAPI:
     """The app answering with ``pool`` (an :class:`~mmpeft.serve.pool.AdapterPool`)."""
     settings = settings or ServeSettings()
@@ -154,10 +173,12 @@ def create_app(pool, settings: ServeSettings | None = None) -> FastAPI:
     openapi = {"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": {"type": "object", "required": ["image", "question"], "properties": {
             "image": {"type": "string", "format": "binary"}, "question": {"type": "string"},
+            "audio": {"type": "string", "format": "binary", "description": "bundles with an audio encoder"},
             "bundle": {"type": "string", "description": "a name from /bundles; optional when one bundle is served"},
             "top_k": {"type": "integer", "minimum": 1, "default": 3}}}},
         "application/json": {"schema": {"type": "object", "required": ["image_base64", "question"], "properties": {
             "image_base64": {"type": "string", "format": "byte"}, "question": {"type": "string"},
+            "audio_base64": {"type": "string", "format": "byte", "description": "bundles with an audio encoder"},
             "bundle": {"type": "string"}, "top_k": {"type": "integer", "minimum": 1, "default": 3}}}}}}}
 
     @app.post("/predict", openapi_extra=openapi)
@@ -171,12 +192,13 @@ def create_app(pool, settings: ServeSettings | None = None) -> FastAPI:
             name = next(iter(pool.bundles))
         if name not in pool.bundles:
             raise ClientError(404, f"no bundle named {name!r} (served: {', '.join(pool.bundles)})", "bundle")
-        question = fields.get("question")
-        if not isinstance(question, str) or not question.strip():
-            raise ClientError(422, "question is required and must not be empty", "question")
-        if len(question) > settings.max_question_chars:
-            raise ClientError(422, f"question has {len(question):,} characters, more than the {settings.max_question_chars:,} allowed", "question")
         served = pool.bundles[name]
+        reads = {enc.modality for enc in served.model.encoders.values()}
+        question = fields.get("question")
+        if "text" in reads and (not isinstance(question, str) or not question.strip()):
+            raise ClientError(422, "question is required and must not be empty", "question")
+        if isinstance(question, str) and len(question) > settings.max_question_chars:
+            raise ClientError(422, f"question has {len(question):,} characters, more than the {settings.max_question_chars:,} allowed", "question")
         limit = min(settings.max_top_k, len(served.vocab))
         top_k = fields.get("top_k", 3)
         try:
@@ -185,11 +207,20 @@ def create_app(pool, settings: ServeSettings | None = None) -> FastAPI:
             top_k = None
         if top_k is None or not 1 <= top_k <= limit:
             raise ClientError(422, f"top_k must be an integer from 1 to {limit} (got {fields.get('top_k')!r})", "top_k")
-        image = fields.get("image")
-        if image is None:
-            raise ClientError(422, "image is required (a file field, or image_base64 in a JSON body)", "image")
-        decoded = await asyncio.to_thread(_decode_image, image, settings.max_pixels)  # the loop keeps serving meanwhile
-        answer = await batcher.submit(name, decoded, question, top_k)
+        decoded, clip = None, None
+        if "image" in reads:
+            if fields.get("image") is None:
+                raise ClientError(422, "image is required (a file field, or image_base64 in a JSON body)", "image")
+            decoded = await asyncio.to_thread(_decode_image, fields["image"], settings.max_pixels)  # the loop keeps serving
+        if "audio" in reads:
+            if fields.get("audio") is None:
+                raise ClientError(422, "audio is required for this bundle (a file field, or audio_base64 in a JSON body)", "audio")
+            clip = await asyncio.to_thread(_audio_file, fields["audio"])
+        try:
+            answer = await batcher.submit(name, decoded, question if "text" in reads else "", top_k, clip)
+        finally:
+            if clip is not None:
+                Path(clip).unlink(missing_ok=True)
         return {"bundle": name, "version": served.version, "question": question, "answer": answer["answer"],
                 "top_k": answer["top_k"], "batch_size": answer["batch_size"],
                 "seconds": round(time.perf_counter() - start, 4)}
@@ -212,9 +243,8 @@ async def _read_request(request: Request, settings: ServeSettings) -> dict:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         raw = _parse_multipart(body, content_type)
-        fields = {k: v.decode("utf-8", "replace") for k, v in raw.items() if k != "image"}
-        if "image" in raw:
-            fields["image"] = raw["image"]
+        fields = {k: v.decode("utf-8", "replace") for k, v in raw.items() if k not in ("image", "audio")}
+        fields.update({k: raw[k] for k in ("image", "audio") if k in raw})
         return fields
     if content_type.startswith("application/x-www-form-urlencoded"):  # a form without a file
         pairs = urllib.parse.parse_qsl(body.decode("utf-8", "replace"), max_num_fields=20)
@@ -229,12 +259,14 @@ async def _read_request(request: Request, settings: ServeSettings) -> dict:
         fields = {k: data[k] for k in ("bundle", "question", "top_k") if k in data}
         if "bundle" in fields and not isinstance(fields["bundle"], str):
             raise ClientError(422, "bundle must be a name (text)", "bundle")
-        if "image_base64" in data:
-            if not isinstance(data["image_base64"], str):
-                raise ClientError(422, "image_base64 must be base64 text", "image")
-            try:
-                fields["image"] = base64.b64decode(data["image_base64"], validate=True)
-            except (binascii.Error, ValueError):
-                raise ClientError(400, "image_base64 is not valid base64", "image") from None
+        for kind in ("image", "audio"):
+            key = f"{kind}_base64"
+            if key in data:
+                if not isinstance(data[key], str):
+                    raise ClientError(422, f"{key} must be base64 text", kind)
+                try:
+                    fields[kind] = base64.b64decode(data[key], validate=True)
+                except (binascii.Error, ValueError):
+                    raise ClientError(400, f"{key} is not valid base64", kind) from None
         return fields
     raise ClientError(415, f"send multipart/form-data or application/json (got {content_type or 'no content type'!r})")

@@ -114,10 +114,6 @@ class AdapterPool:
             raise UsageError(f"{path}: its task(s) ({', '.join(f'{n}: {k}' for n, k in zip(tasks, kinds))}) are not one "
                              "vqa or classification task, which is what `mmpeft serve` answers; use `mmpeft predict`")
         vocab = next(iter(tasks.values())).labels
-        audio = [n for n, e in manifest["encoders"].items() if e.get("modality") == "audio"]
-        if audio:  # the API takes an image and a question; an audio field is not there yet
-            raise UsageError(f"{path}: its encoder(s) {', '.join(audio)} read audio, which `mmpeft serve` does not "
-                             "take yet; use `mmpeft predict BUNDLE --audio FILE`")
         encoders, methods, shared_of = {}, {}, {}
         for enc_name, cfg in recipe.encoders.items():
             key = _structure(cfg, manifest["encoders"][enc_name])
@@ -156,16 +152,18 @@ class AdapterPool:
                 self._copy_in(shared, shared.states[served.name])
                 shared.active = served.name
 
-    def answer(self, name: str, images: list, questions: list[str], top_k: int) -> list[dict]:
-        """Answers for decoded images (PIL) and questions, with bundle ``name``; the same
+    def answer(self, name: str, images: list, questions: list[str], top_k: int, audios: list | None = None) -> list[dict]:
+        """Answers for decoded images (PIL, or None for a bundle without an image encoder),
+        questions and uploaded clips (file paths), with bundle ``name``; the same
         preprocessing, autocast and rounding as ``mmpeft predict``."""
         served = self.bundles[name]
         store = ImageStore.for_encoders(served.model.encoders.values())  # per batch: nothing outlives the request
         rows = []
-        for i, (image, question) in enumerate(zip(images, questions)):
+        for i, (image, question, audio) in enumerate(zip(images, questions, audios or [None] * len(images))):
             key = f"<upload {i}>"
-            store.put(key, image)
-            rows.append(Sample(key, question, "", {}, f"request {i + 1}"))
+            if image is not None:
+                store.put(key, image)
+            rows.append(Sample(key if image is not None else "", question, "", {}, f"request {i + 1}", audio or ""))
         with self._lock:
             self._activate(served)
             return answer_rows(served.model, served.tasks, served.recipe, rows, store, top_k, self.device,
