@@ -57,7 +57,7 @@ def evaluate_bundle(path, overrides: Sequence[str] = (), device: str = "cpu", al
     checked = store.check({"test": splits.test}, recipe.data.on_bad_image, on_bad_audio=recipe.data.on_bad_audio)
     test = checked["test"]
     for task in tasks.values():
-        task.check({"test": test, "train": test}, required=False)  # a bad target is named by file and row
+        task.check({"test": test}, required=False)  # a bad target is named by file and row
     stored = stored_metrics(bundle.path)
     first = next(iter(tasks))
     old_all = stored.get("tasks") or {first: stored["test"]}

@@ -333,7 +333,7 @@ def _train(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -
 
 def _evaluate(run: Run, loader, rows, desc: str = "eval", use_cache: bool = False, fault: str = "") -> dict[str, dict]:
     """Every task's metrics on a split (contrastive class embeddings refreshed first)."""
-    prepare_tasks(run.raw_model, run.tasks, run.accelerator.device)
+    prepare_tasks(run.raw_model, run.tasks, run.accelerator.device, run.recipe)
     outputs, index = predict_logits(run.model, loader, run.accelerator, desc=desc, use_cache=use_cache, fault=fault)
     return score(outputs, index, rows, run.tasks, run.raw_model.slices, run.group_fields)
 

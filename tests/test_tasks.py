@@ -4,6 +4,7 @@ kind trained end to end through the CLI, multi-task recipes, and bad targets ref
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 
 from mmpeft.cli import app
 from mmpeft.config import TASK_SETTINGS, load_recipe
-from mmpeft.errors import RecipeError
+from mmpeft.errors import DataError, RecipeError
 from mmpeft.tasks import TASKS, ContrastiveHead, build_task
 from mmpeft.tasks.multilabel import average_precision, binary_auroc
 from mmpeft.tasks.regression import pearson
@@ -41,18 +42,18 @@ def test_multilabel_metrics_match_sklearn():
         assert binary_auroc(scores[:, j], gold[:, j]) == pytest.approx(roc_auc_score(gold[:, j], scores[:, j]), abs=1e-12)
         assert average_precision(scores[:, j], gold[:, j]) == pytest.approx(
             average_precision_score(gold[:, j], scores[:, j]), abs=1e-12)
-    task = build_task("tags", TASK_SETTINGS.get("multilabel")(), [])
-    task.state["labels"] = [str(j) for j in range(5)]
-    task.index = {str(j): j for j in range(5)}
+    from mmpeft.tasks import load_task
+
+    task = load_task("tags", TASK_SETTINGS.get("multilabel")(), {"labels": [str(j) for j in range(5)], "threshold": 0.5})
     rows = [_Row(extra={"answer": [str(j) for j in range(5) if gold[i, j]]}) for i in range(60)]
     logits = torch.logit((scores / 1.6).clamp(1e-4, 1 - 1e-4))
     m = task.score(logits, rows)
-    probs = logits.sigmoid()  # the probabilities the task scores
+    probs = logits.sigmoid()  # thresholded probabilities; AUROC and AP rank the logits themselves
     pred = probs >= 0.5
     assert m["micro_f1"] == pytest.approx(f1_score(gold, pred, average="micro"), abs=1e-12)
     assert m["macro_f1"] == pytest.approx(f1_score(gold, pred, average="macro", zero_division=0), abs=1e-12)
-    assert m["auroc"] == pytest.approx(roc_auc_score(gold, probs, average="macro"), abs=1e-12)
-    assert m["average_precision"] == pytest.approx(average_precision_score(gold, probs, average="macro"), abs=1e-12)
+    assert m["auroc"] == pytest.approx(roc_auc_score(gold, logits.double(), average="macro"), abs=1e-12)
+    assert m["average_precision"] == pytest.approx(average_precision_score(gold, logits.double(), average="macro"), abs=1e-12)
     assert m["subset_accuracy"] == pytest.approx(float((pred == gold).all(1).double().mean()), abs=1e-12)
 
 
@@ -315,3 +316,32 @@ def test_contrastive_benchmark_scores_the_floor_and_the_trained_model(assets, ta
     assert "untrained projections (floor)" in (tmp_path / "results" / "contrastive.md").read_text()
     res = CliRunner().invoke(app, ["bench", "contrastive", "--recipe", str(tmp_path / "nope.yaml")])
     assert res.exit_code == 2 and "not found" in res.output
+
+
+def test_edge_cases_give_zero_loss_nan_metrics_and_clear_errors():
+    """A batch with no usable answer adds no loss (not NaN); a split without rows for a task
+    scores NaN (so it never selects a checkpoint); a stored state missing what its kind needs
+    is a BundleError; AUROC ranks logits, which do not saturate as float32 probabilities do."""
+    from mmpeft.errors import BundleError
+    from mmpeft.tasks import load_task
+    from mmpeft.tasks.base import _check_kind_state
+
+    vqa = load_task("answer", TASK_SETTINGS.get("vqa")(), {"labels": ["a", "b"]})
+    assert float(vqa.loss(torch.randn(2, 2), torch.tensor([-1, -1]))) == 0.0
+    assert math.isnan(vqa.score(torch.zeros(0, 2), [])["accuracy"])
+    tags = load_task("tags", TASK_SETTINGS.get("multilabel")(), {"labels": ["x"], "threshold": 0.5})
+    assert math.isnan(tags.score(torch.zeros(0, 1), [])["micro_f1"])
+    rows = [_Row(extra={"answer": ["x"] if i >= 2 else []}) for i in range(4)]
+    assert tags.score(torch.tensor([[18.0], [20.0], [25.0], [30.0]]), rows)["auroc"] == 1.0
+    with pytest.raises(BundleError, match="needs mean, std"):
+        _check_kind_state(load_task("score", TASK_SETTINGS.get("regression")(), {}), "manifest.json")
+    with pytest.raises(DataError, match="no label is seen 3 time"):
+        build_task("tags", TASK_SETTINGS.get("multilabel")(min_label_count=3), [_Row(extra={"answer": ["x"]})])
+
+
+def test_a_task_on_a_subset_is_checked_against_the_shared_head(assets, tmp_path):
+    raw = recipe(assets, {"train": "x.jsonl", "test": "y.jsonl"}, tmp_path, tasks={
+        "answer": {"type": "vqa"}, "shape": {"type": "classification", "field": "kind", "encoders": ["image"]}})
+    raw["fusion"] = {"type": "cross_attention", "query": "text"}
+    with pytest.raises(RecipeError, match="tasks.shape.encoders: fusion.query: 'text'"):
+        load_recipe(raw)

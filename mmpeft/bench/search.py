@@ -186,10 +186,13 @@ def _train(recipe: str, overrides: list, name: str, seed: int, out: Path, thread
         return row
     metrics = json.loads((out / "runs" / tag / "metrics.json").read_text())
     history = metrics["history"]
+    first = next(iter(metrics.get("tasks") or {"answer": None}))  # the first task's (the only one's) accuracy is compared
+    if "accuracy" not in metrics["test"]:
+        return {**row, "rc": 2, "error": f"the first task ({first}) reports no accuracy: a search compares accuracies"}
     answer_type = metrics["test"].get("groups", {}).get("answer_type", {})
     row.update(overall=metrics["test"]["accuracy"], best_epoch=metrics["best_epoch"], epochs=len(history),
                answer_type={k: v["accuracy"] for k, v in answer_type.items()},
-               eval=[h.get("eval_accuracy", h.get("eval_answer.accuracy")) for h in history], train_loss=[round(h["train_loss"], 4) for h in history],
+               eval=[h.get("eval_accuracy", h.get(f"eval_{first}.accuracy")) for h in history], train_loss=[round(h["train_loss"], 4) for h in history],
                epoch_seconds=[round(h["epoch_seconds"], 1) for h in history])
     return row
 

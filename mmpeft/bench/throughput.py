@@ -32,7 +32,7 @@ from PIL import Image
 
 from ..config import load_recipe
 from ..data import Collator, ImageStore, recipe_splits
-from ..errors import Interrupted, MMPeftError
+from ..errors import Interrupted, MMPeftError, UsageError
 from ..model import build_model
 from ..runtime import make_accelerator, resolve_mixed_precision, train_device
 from ..tasks import recipe_task_set
@@ -46,7 +46,10 @@ def reference_loop(recipe, steps: int, warmup: int = 3) -> dict:
     device = train_device(t)
     torch.manual_seed(t.seed)
     splits = recipe_splits(recipe)
-    tasks = recipe_task_set(recipe, splits.train)  # the plain loop below is one answer task's (the quickstart's)
+    tasks = recipe_task_set(recipe, splits.train)
+    if [t.settings.registry_name for t in tasks.values()] not in (["vqa"], ["classification"]):
+        raise UsageError("bench throughput: the reference loop is one vqa / classification task's (cross-entropy); "
+                         "this recipe has other tasks")
     model = build_model(recipe, tasks, device=device).to(device)
     store = ImageStore.for_encoders(model.encoders.values())
     rows = splits.train[: steps * t.batch_size]
@@ -170,7 +173,8 @@ def manifest_rows(out: Path, rows: int, recipe: str) -> Path:
                                                            "answer": answers[i % 5]}) + "\n" for i in range(64)))
     raw = yaml.safe_load(Path(recipe).read_text())
     raw["data"] = {"source": "manifest", "train": str(folder / "train.jsonl"), "test": str(folder / "test.jsonl")}
-    raw.setdefault("task", {}).pop("group_fields", None)
+    if isinstance(raw.get("task"), dict):
+        raw["task"].pop("group_fields", None)
     (folder / "recipe.yaml").write_text(yaml.safe_dump(raw))
     return folder / "recipe.yaml"
 

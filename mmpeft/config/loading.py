@@ -241,6 +241,10 @@ def _validate_tasks(raw: dict, encoders: list[str]):
             head, parsed_head, errs = _validate_choice(one.head, "type", "gated", FUSION_SETTINGS, f"{where}.head")
             problems += errs + (parsed_head.modality_problems(one.encoders or encoders) if parsed_head else [])
             settings["head"] = head
+        elif one.uses_fusion and one.encoders and isinstance(raw.get("fusion", {}), dict):
+            _, shared_head, _ = _validate_choice(raw.get("fusion", {"type": "gated"}), "type", "gated", FUSION_SETTINGS, "fusion")
+            if shared_head is not None:  # fusion: names modalities; this task's head sees only its own encoders
+                problems += [f"{where}.encoders: {p}" for p in shared_head.modality_problems(one.encoders)]
         resolved[name], parsed[name] = settings, one
         problems += one.problems(where)
         unknown = [e for e in one.encoders if e not in encoders]

@@ -50,6 +50,13 @@ class HFAudioEncoder(Encoder):
             self._whole = [model]
             model = model.get_encoder()
         self.model = model
+        if getattr(model.config, "layerdrop", 0.0):
+            # LayerDrop (on in Wav2Vec2 / HuBERT / WavLM configs) skips whole layers in training mode
+            # (full fine-tuning): their adapters then get no gradient, which data-parallel training refuses
+            model.config.layerdrop = 0.0
+            for module in model.modules():
+                if hasattr(module, "layerdrop"):
+                    module.layerdrop = 0.0
         self.arch = model_type
         self.extractor = extractor
         self.hidden_size = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model

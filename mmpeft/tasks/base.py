@@ -105,7 +105,7 @@ class Task:
 
     def check(self, splits: dict[str, Sequence], required: bool) -> None:
         """Every target parses (named by file, row and column); with ``required`` every row has one;
-        the training split has at least one."""
+        a training split, where given, has at least one."""
         if not self.Settings.has_target:
             return
         for split, rows in splits.items():
@@ -120,7 +120,7 @@ class Task:
                     self.parse(value)
                 except ValueError as exc:
                     raise DataError(f"{row.where}: column {self.field!r} (task {self.name!r}): {exc}") from None
-        if not any(not missing(self.raw(r)) for r in splits.get("train", ())):
+        if "train" in splits and not any(not missing(self.raw(r)) for r in splits["train"]):
             raise DataError(f"task {self.name!r}: no training row has a {self.field!r} value")
 
 
@@ -137,18 +137,9 @@ def load_task(name: str, settings: TaskSettings, state: dict, label_field: str =
 
 def ranks(values: torch.Tensor) -> torch.Tensor:
     """Average ranks (1-based; ties share the mean of their ranks), as Spearman's rho uses."""
-    order = values.argsort(stable=True)
-    sorted_values = values[order]
-    ranked = torch.empty_like(values, dtype=torch.float64)
-    n = len(values)
-    start = 0
-    while start < n:
-        end = start
-        while end + 1 < n and sorted_values[end + 1] == sorted_values[start]:
-            end += 1
-        ranked[order[start:end + 1]] = (start + end) / 2 + 1
-        start = end + 1
-    return ranked
+    _, inverse, counts = torch.unique(values.double(), sorted=True, return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).double()  # rank of the last member of each group of equal values
+    return (last - (counts.double() - 1) / 2)[inverse]
 
 
 def recipe_task_set(recipe, train_rows: Sequence, check: Optional[dict[str, Sequence]] = None) -> dict[str, Task]:
@@ -172,6 +163,7 @@ def vocabulary_tasks(recipe, labels: Sequence[str]) -> dict[str, Task]:
 
 
 MAX_LABELS = 1_000_000
+MAX_PROMPTS = 200_000
 
 
 def _check_state(state, where: str) -> dict:
@@ -193,7 +185,24 @@ def _check_state(state, where: str) -> dict:
     unknown = sorted(set(state) - {"labels", "threshold", "mean", "std", "pos_weight"})
     if unknown:
         raise BundleError(f"{where}: unknown task state key(s) {', '.join(unknown)}")
+    if len(set(labels)) != len(labels):
+        raise BundleError(f"{where}: a label appears twice")
     return state
+
+
+def _check_kind_state(task: Task, where: str) -> Task:
+    """What each kind needs from its stored state is there (a damaged bundle fails here, not mid-forward)."""
+    kind, state = task.settings.registry_name, task.state
+    needs = {"vqa": ("labels",), "classification": ("labels",), "multilabel": ("labels", "threshold"),
+             "regression": ("mean", "std")}.get(kind, ())
+    missing_keys = [k for k in needs if k not in state or (k == "labels" and not state[k])]
+    if missing_keys:
+        raise BundleError(f"{where}: a {kind} task needs {', '.join(missing_keys)} in its stored state")
+    prompts = len(task.labels) * len(getattr(task.settings, "templates", ()) or ())
+    if prompts > MAX_PROMPTS:  # each is encoded when the bundle loads
+        raise BundleError(f"{where}: {len(task.labels):,} classes x {len(task.settings.templates)} templates is more than "
+                          f"the {MAX_PROMPTS:,} prompts a bundle may ask to encode")
+    return task
 
 
 def stored_task_set(recipe, manifest: dict, where: str = "manifest.json") -> dict[str, Task]:
@@ -211,6 +220,6 @@ def stored_task_set(recipe, manifest: dict, where: str = "manifest.json") -> dic
     for name, entry in stored.items():
         if not isinstance(entry, dict) or entry.get("type") != settings[name].registry_name:
             raise BundleError(f"{where}: task {name!r} is stored as another type than its recipe's")
-        tasks[name] = load_task(name, settings[name], _check_state(entry.get("state"), f"{where}: task {name!r}"),
-                                recipe.data.label_field)
+        task = load_task(name, settings[name], _check_state(entry.get("state"), f"{where}: task {name!r}"), recipe.data.label_field)
+        tasks[name] = _check_kind_state(task, f"{where}: task {name!r}")
     return tasks

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config.tasks import ClassificationSettings, VqaSettings
+from ..errors import DataError
 from .base import TASKS, Task
 from .metrics import compute_metrics
 from .vocab import Vocabulary, normalize_answer
@@ -30,6 +31,9 @@ class AnswerTask(Task):
         probe = cls(name, settings, {"labels": []}, label_field)
         values = [probe.target(r) for r in rows]
         vocab = Vocabulary.build([v for v in values if v is not None], settings.min_answer_count)
+        if not len(vocab):
+            raise DataError(f"task {name!r}: no answer is seen {settings.min_answer_count} time(s) in training; "
+                            "lower min_answer_count")
         return cls(name, settings, {"labels": vocab.to_list()}, label_field)
 
     @property
@@ -50,6 +54,8 @@ class AnswerTask(Task):
         return torch.tensor([-1 if (v := self.target(r)) is None else self.vocab.encode(v) for r in rows], dtype=torch.long)
 
     def loss(self, out, target):
+        if not bool((target >= 0).any()):  # no row of this batch has an answer of the vocabulary: nothing to learn
+            return out.sum() * 0.0
         return F.cross_entropy(out.float(), target, ignore_index=-1, label_smoothing=self.label_smoothing)
 
     def score(self, out, rows, group_fields=()):

@@ -28,6 +28,9 @@ from ..config.tasks import ContrastiveSettings
 from .base import TASKS, Task
 
 
+EVAL_BATCH = 256  # rows per chunk of the validation / test loss
+
+
 class ContrastiveHead(nn.Module):
     """Projects two encoders' pooled outputs into one space; output ``[B, 2 * dim]``: the two normalised embeddings."""
 
@@ -49,10 +52,19 @@ class ContrastiveHead(nn.Module):
         return self.logit_scale.exp().clamp(max=self.max_logit_scale)
 
 
-def first_hit_ranks(similarity: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """1-based rank of the best-placed positive in each row of ``similarity`` ``[N, M]``."""
-    best = similarity.masked_fill(~positive, float("-inf")).max(1).values
-    return (similarity > best[:, None]).sum(1) + 1
+def first_hit_ranks(queries: torch.Tensor, gallery: torch.Tensor, query_ids: torch.Tensor, gallery_ids: torch.Tensor,
+                    chunk: int = 1024) -> torch.Tensor:
+    """1-based rank of the best-placed positive in the gallery for each query (embeddings
+    ``[N, D]`` and ``[M, D]``; ``*_ids [N, 2]``: rows sharing either id are positives), a
+    chunk of queries at a time, so a large split never holds an N x M matrix."""
+    ranks = []
+    for start in range(0, len(queries), chunk):
+        similarity = queries[start:start + chunk] @ gallery.T
+        ids = query_ids[start:start + chunk]
+        positive = (ids[:, None, 0] == gallery_ids[None, :, 0]) | (ids[:, None, 1] == gallery_ids[None, :, 1])
+        best = similarity.masked_fill(~positive, float("-inf")).max(1).values
+        ranks.append((similarity > best[:, None]).sum(1) + 1)
+    return torch.cat(ranks)
 
 
 @TASKS.register("contrastive")
@@ -119,12 +131,11 @@ class ContrastiveTask(Task):
 
     @torch.no_grad()
     def score(self, out, rows, group_fields=()):
+        if not rows:
+            return {"count": 0, **{m: float("nan") for m in self.settings.metrics}}
         a, b = self.split(out)
         ids = self.collate(rows)
-        first, second = ids[:, 0], ids[:, 1]
-        positive = (first[:, None] == first[None]) | (second[:, None] == second[None])
-        similarity = a @ b.T
-        forward, backward = first_hit_ranks(similarity, positive), first_hit_ranks(similarity.T, positive.T)
+        forward, backward = first_hit_ranks(a, b, ids, ids), first_hit_ranks(b, a, ids, ids)
         names = list(self.modalities) or ["a", "b"]
         metrics = {"count": len(rows)}
         for direction, r in ((f"{names[0]}_to_{names[1]}", forward), (f"{names[1]}_to_{names[0]}", backward)):
@@ -136,16 +147,22 @@ class ContrastiveTask(Task):
             metrics[f"recall@{k}"] = float((both <= k).double().mean())
         metrics["mean_recall"] = (metrics["recall@1"] + metrics["recall@5"] + metrics["recall@10"]) / 3
         metrics["median_rank"] = float(both.median())
-        metrics["loss"] = float(self.loss(out, self.collate(rows))) if len(rows) > 1 else float("nan")
+        # the loss of in-batch negatives, over consecutive chunks of EVAL_BATCH rows (one split-wide
+        # batch would hold an N x N matrix), averaged by rows
+        chunks = [(start, min(start + EVAL_BATCH, len(rows))) for start in range(0, len(rows), EVAL_BATCH)]
+        chunks = [(s, e) for s, e in chunks if e - s > 1]
+        metrics["loss"] = (sum(float(self.loss(out[s:e], self.collate(rows[s:e]))) * (e - s) for s, e in chunks)
+                           / sum(e - s for s, e in chunks)) if chunks else float("nan")
         metrics["logit_scale"] = float(self.head.scale())
         if self.class_embeddings is not None and self.text_side is not None:
             other = self.text_side[1]
             image_side = a if names[0] == other else b
             guesses = (image_side @ self.class_embeddings.T).argmax(1)
-            gold = [str(self.raw(r)).strip().lower() for r in rows]
             index = {label: i for i, label in enumerate(self.labels)}
-            right = [index.get(g) == int(p) for g, p in zip(gold, guesses)]
-            metrics["zero_shot_accuracy"] = sum(right) / len(right)
+            right = [index.get(str(value).strip().lower()) == int(p) for value, p in zip((self.raw(r) for r in rows), guesses)
+                     if value not in (None, "")]  # rows without a class are left out, not counted wrong
+            metrics["zero_shot_accuracy"] = sum(right) / len(right) if right else float("nan")
+            metrics["zero_shot_rows"] = len(right)
             metrics["zero_shot_classes"] = len(self.labels)
         return metrics
 

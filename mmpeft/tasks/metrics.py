@@ -30,7 +30,7 @@ def compute_metrics(
     """
     n = len(golds)
     correct = [p == g for p, g in zip(predictions, golds)]
-    result: dict = {"count": n, "accuracy": sum(correct) / n if n else 0.0}
+    result: dict = {"count": n, "accuracy": sum(correct) / n if n else float("nan")}  # no rows: no accuracy (not 0)
     tp, fp, fn = Counter(), Counter(), Counter()
     for p, g, ok in zip(predictions, golds, correct):
         if ok:
@@ -48,7 +48,7 @@ def compute_metrics(
         f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
         f1s.append(f1)
         per_answer[label] = {"precision": prec, "recall": rec, "f1": f1, "support": support[label]}
-    result["macro_f1"] = sum(f1s) / len(f1s) if f1s else 0.0
+    result["macro_f1"] = sum(f1s) / len(f1s) if f1s else float("nan")
     result["per_answer"] = per_answer
     if in_vocab is not None:
         result["out_of_vocab"] = sum(1 for v in in_vocab if not v)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config.tasks import MultilabelSettings
+from ..errors import DataError
 from .base import TASKS, Task, ranks
 from .vocab import normalize_answer
 
@@ -61,6 +62,9 @@ class MultilabelTask(Task):
         targets = [t for t in (probe.target(r) for r in rows) if t is not None]
         counts = Counter(label for t in targets for label in t)
         labels = sorted((label for label, c in counts.items() if c >= settings.min_label_count), key=lambda a: (-counts[a], a))
+        if not labels:
+            raise DataError(f"task {name!r}: no label is seen {settings.min_label_count} time(s) in training; "
+                            "lower min_label_count")
         state = {"labels": labels, "threshold": settings.threshold}
         if settings.pos_weight == "balanced":  # negatives / positives per label, from training rows
             state["pos_weight"] = [(len(targets) - counts[label]) / counts[label] for label in labels]
@@ -113,8 +117,11 @@ class MultilabelTask(Task):
         return self.collate(rows).bool()
 
     def score(self, out, rows, group_fields=()):
+        if not rows:
+            return {"count": 0, **{m: float("nan") for m in self.settings.metrics}, "threshold": self.threshold}
         gold = self._matrix(rows)
         probs = out.float().sigmoid()
+        ranked = out.double()  # AUROC and AP rank the logits: float32 probabilities saturate (tie) above ~17
         pred = probs >= self.threshold
         tp = (pred & gold).sum(0).double()
         fp = (pred & ~gold).sum(0).double()
@@ -127,8 +134,8 @@ class MultilabelTask(Task):
             entry = {"precision": precision, "recall": recall, "f1": f1, "support": int(gold[:, j].sum())}
             column = gold[:, j]
             if 0 < int(column.sum()) < len(column):
-                entry["auroc"] = binary_auroc(probs[:, j], column)
-                entry["average_precision"] = average_precision(probs[:, j], column)
+                entry["auroc"] = binary_auroc(ranked[:, j], column)
+                entry["average_precision"] = average_precision(ranked[:, j], column)
                 aurocs.append(entry["auroc"])
                 aps.append(entry["average_precision"])
             per_label[label] = entry
@@ -136,7 +143,7 @@ class MultilabelTask(Task):
         micro_den = 2 * tp.sum() + fp.sum() + fn.sum()
         # rows whose gold labels all lie outside the vocabulary still count in subset accuracy (as wrong when predicted)
         known = [self.target(r) for r in rows]
-        unseen = torch.tensor([any(label not in self.index for label in t) for t in known])
+        unseen = torch.tensor([any(label not in self.index for label in t) for t in known], dtype=torch.bool)
         subset = ((pred == gold).all(1) & ~unseen).double().mean()
         weight = self.state.get("pos_weight")
         return {
@@ -154,10 +161,15 @@ class MultilabelTask(Task):
 
     def tune(self, out, rows):
         """The threshold (0.05 ... 0.95 by 0.05) with the best validation micro-F1; ties: the one nearest 0.5."""
+        if not rows:
+            return f"task {self.name}: no validation row has labels; the threshold stays {self.threshold:g}"
+        gold, probs = self._matrix(rows), out.float().sigmoid()
         best = None
         for step in range(1, 20):
             self.threshold = step / 20
-            f1 = self.score(out, rows)["micro_f1"]
+            pred = probs >= self.threshold
+            tp, wrong = int((pred & gold).sum()), int((pred ^ gold).sum())
+            f1 = 2 * tp / (2 * tp + wrong) if tp + wrong else 0.0
             key = (f1, -abs(self.threshold - 0.5))
             if best is None or key > best[0]:
                 best = (key, self.threshold)
