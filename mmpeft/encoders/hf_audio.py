@@ -108,6 +108,9 @@ class HFAudioEncoder(Encoder):
     def forward(self, inputs: dict[str, torch.Tensor]) -> EncoderOutput:
         x, frames = inputs["input_features"], inputs["frames"].to(inputs["input_features"].device)
         base = self.base_model()
+        front = next((m.weight for m in base.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))), None)
+        if front is not None and front.is_floating_point():  # a quantized model keeps its convolutions in the compute dtype
+            x = x.to(front.dtype)
         if self.arch in WAVEFORM:
             sample_mask = torch.arange(x.shape[1], device=x.device)[None] < frames[:, None]
             use_mask = getattr(self.extractor, "return_attention_mask", False)
