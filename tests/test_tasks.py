@@ -345,3 +345,21 @@ def test_a_task_on_a_subset_is_checked_against_the_shared_head(assets, tmp_path)
     raw["fusion"] = {"type": "cross_attention", "query": "text"}
     with pytest.raises(RecipeError, match="tasks.shape.encoders: fusion.query: 'text'"):
         load_recipe(raw)
+
+
+def test_contrastive_targets_sum_to_one_in_both_directions_with_mixed_positives():
+    """Row 0 and 1 share a caption, rows 1 and 2 an image: positives are not transitive, and each
+    direction's soft targets must still be a distribution per query (checked against the loss
+    written out by hand)."""
+    task = build_task("align", TASK_SETTINGS.get("contrastive")(projection_dim=2), [])
+    task.head = ContrastiveHead({"text": 2, "image": 2}, 2, 0.5, 100.0)
+    task.modalities = {"text": "text", "image": "image"}
+    rows = [_Row(text="t0", image="i0"), _Row(text="t0", image="i1"), _Row(text="t2", image="i1")]
+    gen = torch.Generator().manual_seed(3)
+    a = torch.nn.functional.normalize(torch.randn(3, 2, generator=gen), dim=-1)
+    b = torch.nn.functional.normalize(torch.randn(3, 2, generator=gen), dim=-1)
+    logits = a @ b.T / 0.5
+    positive = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 1, 1]], dtype=torch.float)
+    forward = -(positive / positive.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+    backward = -(positive.T / positive.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
+    assert float(task.loss(torch.cat([a, b], 1), task.collate(rows))) == pytest.approx(float((forward + backward) / 2), rel=1e-5)

@@ -126,8 +126,10 @@ class ContrastiveTask(Task):
         target = target.to(out.device)
         positive = ((target[:, None, 0] == target[None, :, 0]) | (target[:, None, 1] == target[None, :, 1])).float()
         logits = self.head.scale() * a @ b.T
-        soft = positive / positive.sum(1, keepdim=True)
-        return 0.5 * (torch.sum(-soft * logits.log_softmax(1), 1).mean() + torch.sum(-soft.T * logits.T.log_softmax(1), 1).mean())
+        forward = positive / positive.sum(1, keepdim=True)  # each row's target, spread over its positives
+        backward = positive.T / positive.T.sum(1, keepdim=True)  # the same for each column (not forward.T: positives need
+        # not be transitive, e.g. rows 0 and 1 share a caption, rows 1 and 2 an image)
+        return 0.5 * (torch.sum(-forward * logits.log_softmax(1), 1).mean() + torch.sum(-backward * logits.T.log_softmax(1), 1).mean())
 
     @torch.no_grad()
     def score(self, out, rows, group_fields=()):
