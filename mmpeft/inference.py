@@ -67,8 +67,8 @@ def evaluate_bundle(path, overrides: Sequence[str] = (), device: str = "cpu", al
     loader = make_loader(test, Collator(test, dict(bundle.model.encoders.items()), tasks, store),
                          stored.get("eval_batch_size", recipe.train.eval_batch_size), False, 0)
     accelerator = fresh_accelerator(cpu=device == "cpu")
+    prepare_tasks(bundle.model, tasks, torch.device(device), recipe)  # under the recipe's autocast, as in training
     with inference_autocast(recipe, device):
-        prepare_tasks(bundle.model, tasks, torch.device(device))
         outputs, index = predict_logits(bundle.model, accelerator.prepare(loader), accelerator, desc="test")
     metrics = score(outputs, index, test, tasks, bundle.model.slices, group_fields)
     diffs = []

@@ -102,15 +102,23 @@ def score(outputs, index, samples, tasks: dict, slices: dict, group_fields: dict
     in ``samples``). A task is scored on the rows that have its target (every row for a task
     without one); rows are put in their original order first, so results never depend on
     batching or on how processes split the data."""
+    ordered = in_order(outputs, index, samples)
+    return {name: task.score(*task_rows(ordered, task, slices[name]), group_fields.get(name, ())) for name, task in tasks.items()}
+
+
+def in_order(outputs, index, samples) -> tuple:
+    """``(outputs, rows)`` put back in the rows' original order (``index``: each output's row in ``samples``)."""
     order = index.argsort()
-    outputs, index = outputs[order], index[order]
-    rows = [samples[i] for i in index.tolist()]
-    metrics = {}
-    for name, task in tasks.items():
-        keep = [i for i, r in enumerate(rows) if not task.Settings.has_target or task.target(r) is not None]
-        out = outputs[torch.tensor(keep, dtype=torch.long)][:, slices[name]] if len(keep) < len(rows) else outputs[:, slices[name]]
-        metrics[name] = task.score(out, [rows[i] for i in keep], group_fields.get(name, ()))
-    return metrics
+    return outputs[order], [samples[i] for i in index[order].tolist()]
+
+
+def task_rows(ordered: tuple, task, columns: slice) -> tuple:
+    """A task's output columns and rows, of the rows that have its target (every row for a task without one)."""
+    outputs, rows = ordered
+    keep = [i for i, r in enumerate(rows) if not task.Settings.has_target or task.target(r) is not None]
+    if len(keep) < len(rows):
+        outputs = outputs[torch.tensor(keep, dtype=torch.long)]
+    return outputs[:, columns], [rows[i] for i in keep]
 
 
 def flat_metrics(tasks: dict, metrics: dict[str, dict]) -> dict[str, float]:

@@ -33,8 +33,8 @@ from .model import build_model, summarize
 from .progress import progress
 from .quant import require_bitsandbytes
 from .report import print_epoch, print_summary, print_test, save_plots
-from .runtime import (flat_metrics, groups_to_report, make_accelerator, peak_memory_mib, pin_memory, predict_logits, prepare_tasks,
-                      score, select_metric)
+from .runtime import (flat_metrics, groups_to_report, in_order, make_accelerator, peak_memory_mib, pin_memory, predict_logits,
+                      prepare_tasks, score, select_metric, task_rows)
 from .tasks import recipe_task_set
 
 
@@ -347,11 +347,9 @@ def _tune_on_validation(run: Run) -> None:
         run.log("tune_threshold: no validation split (data.eval_fraction is 0); the threshold stays as set")
         return
     outputs, index = predict_logits(run.model, run.eval_loader, run.accelerator, desc="tune")
-    order = index.argsort()
-    rows = [run.splits.eval[i] for i in index[order].tolist()]
+    ordered = in_order(outputs, index, run.splits.eval)
     for task in tuning:
-        keep = [i for i, r in enumerate(rows) if task.target(r) is not None]
-        run.log(task.tune(outputs[order][keep][:, run.raw_model.slices[task.name]], [rows[i] for i in keep]))
+        run.log(task.tune(*task_rows(ordered, task, run.raw_model.slices[task.name])))
 
 
 def _timed(iterator, total: list):
