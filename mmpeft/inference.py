@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from .bundle.io import load_bundle
 from .data import Collator, ImageStore, Sample, make_loader, read_rows, recipe_splits
-from .config.loading import describe_error
+from .config.problems import describe_error
 from .errors import BundleError, DataError, MMPeftError, UsageError
 from .files import MAX_MANIFEST_BYTES, atomic_text_file, read_text
 from .runtime import fresh_accelerator, groups_to_report, inference_autocast, predict_logits, prepare_tasks, score

@@ -20,13 +20,21 @@ class TaskHeads(nn.Module):
     outputs are concatenated (``slices`` say which columns are whose), so the model still
     returns one tensor that evaluation, merge checks and ONNX export handle as before."""
 
-    def __init__(self, heads: dict[str, nn.Module], reads: dict[str, list[str]]):
+    def __init__(self, heads: dict[str, nn.Module], reads: dict[str, list[str]], widths: dict[str, int]):
         super().__init__()
         self.heads = nn.ModuleDict(heads)
         self.reads = reads
+        self.widths = widths
 
     def forward(self, outputs: dict) -> torch.Tensor:
-        return torch.cat([head({n: outputs[n] for n in self.reads[name]}).float() for name, head in self.heads.items()], dim=-1)
+        rows = next(iter(outputs.values())).pooled
+        columns = []
+        for name, head in self.heads.items():
+            if all(n in outputs for n in self.reads[name]):
+                columns.append(head({n: outputs[n] for n in self.reads[name]}).float())
+            else:  # a batch of another task's data, without this head's inputs: its columns are not read
+                columns.append(rows.new_zeros(rows.shape[0], self.widths[name], dtype=torch.float32))
+        return torch.cat(columns, dim=-1)
 
 
 class MultimodalModel(nn.Module):
@@ -60,6 +68,8 @@ class MultimodalModel(nn.Module):
         (question text / image path per tensor row) lets frozen encoders use the feature cache."""
         outputs = {}
         for name, enc in self.encoders.items():
+            if name not in inputs:  # a batch of a task's own data, which this encoder does not read
+                continue
             tensors = dict(inputs[name])
             rows = tensors.pop("row_index", None)
             cache = self.feature_caches.get(name)
@@ -180,7 +190,8 @@ def assemble(recipe, encoders: dict, methods: dict, tasks: dict[str, Task] | int
         start += task.width
     only = next(iter(heads.values()))
     # one task over every encoder: its head is the model's head (bundles of earlier versions load unchanged)
-    head = only if len(heads) == 1 and reads[next(iter(reads))] == list(encoders) else TaskHeads(heads, reads)
+    widths = {n: t.width for n, t in tasks.items()}
+    head = only if len(heads) == 1 and reads[next(iter(reads))] == list(encoders) else TaskHeads(heads, reads, widths)
     model = MultimodalModel(encoders, methods, head, slices)
     model.train(False)
     return model

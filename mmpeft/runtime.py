@@ -19,7 +19,7 @@ from .config import Recipe
 from .errors import RecipeError
 from .progress import progress
 from .quant import weight_bytes
-from .config.tasks import recipe_tasks
+from .config.tasks import recipe_tasks, task_dataset
 from .tasks import summary_row
 
 
@@ -87,14 +87,28 @@ def predict_logits(model, loader, accelerator, desc: str = "eval", use_cache: bo
     ``fault`` names the :mod:`~mmpeft.faults` point reached after the first batch."""
     model.eval()
     all_logits, all_index = [], []
+    several = accelerator.num_processes > 1
     for batch in progress(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
-        logits = model(batch["inputs"], batch.get("keys") if use_cache else None).float()
-        logits, index = accelerator.gather_for_metrics((logits, batch["index"]))
+        logits, index = model(batch["inputs"], batch.get("keys") if use_cache else None).float(), batch["index"]
+        if several:
+            # Not gather_for_metrics: it trims the last batch by len(rows) % batch size, which is wrong
+            # for batches of uneven size (one dataset at a time). Rows repeated to even out the
+            # processes are dropped by their index below instead.
+            logits = accelerator.pad_across_processes(logits, dim=0)
+            index = accelerator.pad_across_processes(index, dim=0, pad_index=-1)
+            logits, index = accelerator.gather((logits, index))
         all_logits.append(logits.cpu())
         all_index.append(index.cpu())
         if fault:
             faults.point(fault)
-    return torch.cat(all_logits), torch.cat(all_index)
+    logits, index = torch.cat(all_logits), torch.cat(all_index)
+    if several:
+        logits, index = logits[index >= 0], index[index >= 0]
+        ordered, order = torch.sort(index, stable=True)
+        first = torch.ones_like(ordered, dtype=torch.bool)
+        first[1:] = ordered[1:] != ordered[:-1]
+        logits, index = logits[order[first]], ordered[first]
+    return logits, index
 
 
 def score(outputs, index, samples, tasks: dict, slices: dict, group_fields: dict[str, list]) -> dict[str, dict]:
@@ -113,9 +127,9 @@ def in_order(outputs, index, samples) -> tuple:
 
 
 def task_rows(ordered: tuple, task, columns: slice) -> tuple:
-    """A task's output columns and rows, of the rows that have its target (every row for a task without one)."""
+    """A task's output columns and rows, of the rows it learns from (:meth:`~mmpeft.tasks.Task.has`)."""
     outputs, rows = ordered
-    keep = [i for i, r in enumerate(rows) if not task.Settings.has_target or task.target(r) is not None]
+    keep = [i for i, r in enumerate(rows) if task.has(r)]
     if len(keep) < len(rows):
         outputs = outputs[torch.tensor(keep, dtype=torch.long)]
     return outputs[:, columns], [rows[i] for i in keep]
@@ -167,9 +181,13 @@ def select_metric(recipe: Recipe, tasks: dict) -> tuple[str, str, bool]:
 
 
 def groups_to_report(recipe: Recipe, samples) -> dict[str, list[str]]:
-    """The row fields each task reports per group: the task's own, else every group the rows carry."""
-    every = sorted(samples[0].groups) if samples else []
-    return {name: list(settings.group_fields) or every for name, settings in recipe_tasks(recipe).items()}
+    """The row fields each task reports per group: the task's own, else every group its rows carry."""
+    first = {}  # each dataset's first row
+    for s in samples:
+        first.setdefault(s.dataset, s)
+    every = {key: sorted(row.groups) for key, row in first.items()}
+    return {name: list(settings.group_fields) or every.get(task_dataset(name, settings), [])
+            for name, settings in recipe_tasks(recipe).items()}
 
 
 def peak_memory_mib(device) -> float:

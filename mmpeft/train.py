@@ -26,6 +26,7 @@ from .checkpoint import (LoopState, capture_rng, data_fingerprint, list_checkpoi
 from .config import Recipe, load_recipe
 from .config.paths import require_data
 from .data import Collator, ImageStore, make_loader, probe_images, recipe_splits
+from .data.sampling import DatasetBatches
 from .errors import Interrupted, UsageError
 from .files import check_writable, output_lock
 from .interrupt import stop_on_signals
@@ -175,7 +176,10 @@ def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run:
     encoders = dict(model.encoders.items())
     collator = Collator(splits.train, encoders, tasks, store, recipe.data.augment, t.seed)
     pin = pin_memory(t, accelerator.device.type)
-    train_loader = make_loader(splits.train, collator, t.batch_size, True, t.seed, t.num_workers, recipe.data.group_by_image, pin)
+    train_loader = make_loader(splits.train, collator, t.batch_size, True, t.seed, t.num_workers, recipe.data.group_by_image, pin,
+                               t.task_sampling, t.sampling_temperature)
+    if isinstance(train_loader.batch_sampler, DatasetBatches):
+        run_log_sampling(accelerator, train_loader.batch_sampler, t)
     eval_loader = make_loader(splits.eval, Collator(splits.eval, encoders, tasks, store), t.eval_batch_size, False, t.seed,
                               t.num_workers, pin_memory=pin) if splits.eval else None
     test_loader = make_loader(splits.test, Collator(splits.test, encoders, tasks, store), t.eval_batch_size, False, t.seed,
@@ -284,7 +288,8 @@ def _train(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -
             loop.running = 0.9 * loop.running + 0.1 * loss.item() if loop.step > 1 else loss.item()
             if len(losses) > 1:
                 for name, value in losses.items():
-                    loop.task_running[name] = 0.9 * loop.task_running.get(name, value.item()) + 0.1 * value.item()
+                    if batch["counts"][name]:  # a batch of another task's data teaches this one nothing
+                        loop.task_running[name] = 0.9 * loop.task_running.get(name, value.item()) + 0.1 * value.item()
             if loop.step % t.log_every == 0 or loop.step == 1:
                 each = {name: f"{v:.3f}" for name, v in loop.task_running.items()}
                 bar.set_postfix(loss=f"{loop.running:.4f}", **each,
@@ -302,7 +307,8 @@ def _train(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -
                         raise _interrupted(stop, recipe, run.checkpoints)
         epoch_seconds = time.perf_counter() - start
         row = {"epoch": epoch, "step": loop.step, "train_loss": loop.running, "epoch_seconds": round(epoch_seconds, 2),
-               "samples_per_second": round(loop.seen / max(1e-9, epoch_seconds), 2), "data_seconds": round(waiting[0], 2)}
+               "samples_per_second": round(loop.seen / max(1e-9, epoch_seconds), 2), "data_seconds": round(waiting[0], 2),
+               **{f"train_loss.{name}": v for name, v in loop.task_running.items()}}
         if run.eval_loader is not None and (epoch % t.eval_every_epochs == 0 or epoch == t.epochs):
             metrics = _evaluate(run, run.eval_loader, run.splits.eval, use_cache=True, fault="eval")
             row.update({f"eval_{k}": v for k, v in flat_metrics(run.tasks, metrics).items()})
@@ -350,6 +356,14 @@ def _tune_on_validation(run: Run) -> None:
     ordered = in_order(outputs, index, run.splits.eval)
     for task in tuning:
         run.log(task.tune(*task_rows(ordered, task, run.raw_model.slices[task.name])))
+
+
+def run_log_sampling(accelerator, sampler: DatasetBatches, t) -> None:
+    """Say how an epoch's batches are shared between the tasks' datasets."""
+    rule = f"temperature (T={t.sampling_temperature:g})" if t.task_sampling == "temperature" else t.task_sampling
+    parts = ", ".join(f"{name or 'data'} {rows:,} rows {share:.1%}" for name, rows, share in
+                      zip(sampler.names, sampler.rows, sampler.shares()))
+    accelerator.print(f"batches drawn by {rule}, {len(sampler)} an epoch: {parts}")
 
 
 def _timed(iterator, total: list):

@@ -176,6 +176,15 @@ def test_registries_agree():
         assert FUSIONS.get(name).Settings is FUSION_SETTINGS.get(name), name
 
 
+def test_model_type_modalities_agree_with_the_architecture_table():
+    """What the torch-free config layer knows a local transformers folder reads is what its row says."""
+    from mmpeft.config.inputs import MODEL_TYPE_MODALITIES
+    from mmpeft.encoders.architectures import DUAL_ENCODERS, TABLE
+
+    hf_types = {k: row.modality for k, row in TABLE.items() if not k.startswith("efficientnet_lite")}
+    assert MODEL_TYPE_MODALITIES == {**hf_types, **DUAL_ENCODERS}
+
+
 @pytest.fixture
 def dummy_method():
     """A new method registered the way a contributor would (settings + implementation)."""

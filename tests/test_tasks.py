@@ -293,7 +293,7 @@ def test_old_single_task_recipes_and_bundles_are_unchanged(tmp_path):
            "data": {"source": "easy_vqa"}}
     rec = load_recipe(raw)
     assert rec.task == {"type": "classification", "weight": 1.0, "field": None, "encoders": [], "group_fields": ["kind"],
-                        "head": None, "metric": "macro_f1", "min_answer_count": 2}
+                        "head": None, "metric": "macro_f1", "min_answer_count": 2, "data": None}
 
 
 def test_contrastive_benchmark_scores_the_floor_and_the_trained_model(assets, task_files, tmp_path, monkeypatch):

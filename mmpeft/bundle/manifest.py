@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..config.loading import describe_error
+from ..config.problems import describe_error
 from ..errors import BundleError
 from ..files import MAX_MANIFEST_BYTES, check_integrity, read_text
 

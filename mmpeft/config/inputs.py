@@ -28,14 +28,19 @@ def zoo_name(model: str) -> Optional[str]:
 CNN_MARKER = "mmpeft_encoder.json"  # what mmpeft writes beside a plain torch CNN's weights
 
 
-# transformers model types that read audio (mmpeft/encoders/architectures.py has their rows)
-AUDIO_MODEL_TYPES = {"wav2vec2", "hubert", "wavlm", "whisper", "audio-spectrogram-transformer"}
+# what the transformers model types of mmpeft/encoders/architectures.py read (a test keeps the two in step)
+MODEL_TYPE_MODALITIES = {
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "distilbert", "deberta-v2"), "text"),
+    **dict.fromkeys(("vit", "deit", "dinov2", "clip_vision_model", "siglip_vision_model", "convnext", "resnet", "clip",
+                     "siglip"), "image"),
+    **dict.fromkeys(("wav2vec2", "hubert", "wavlm", "whisper", "audio-spectrogram-transformer"), "audio"),
+}
 
 
 def encoder_modality(cfg) -> Optional[str]:
     """An encoder block's modality: its ``modality`` key, else the zoo's, else what a CNN
-    folder written by mmpeft says, else "audio" for a local transformers folder of an audio
-    model type, else None (known only once the model's config is read)."""
+    folder written by mmpeft says, else what a local transformers folder's model type reads,
+    else None (a hub id: known only once the model's config is read)."""
     if cfg.modality or zoo_name(cfg.model):
         return cfg.modality or ZOO_MODALITIES[zoo_name(cfg.model)]
     folder = Path(cfg.model).expanduser()
@@ -47,13 +52,14 @@ def encoder_modality(cfg) -> Optional[str]:
         return None  # the loader reports an unreadable folder with its path
     if meta is not None:
         return meta.get("modality", "image") if isinstance(meta, dict) else None
-    return "audio" if isinstance(hf, dict) and hf.get("model_type") in AUDIO_MODEL_TYPES else None
+    return MODEL_TYPE_MODALITIES.get(hf.get("model_type")) if isinstance(hf, dict) else None
 
 
-def recipe_inputs(recipe) -> tuple[str, ...]:
-    """The modalities whose manifest columns every row must have. An encoder whose
-    modality is not known yet counts as text and image (the columns of an image-text recipe)."""
-    kinds = {encoder_modality(cfg) for cfg in recipe.encoders.values()}
+def recipe_inputs(recipe, names=None) -> tuple[str, ...]:
+    """The modalities whose manifest columns every row must have (of the encoders ``names``;
+    default all). An encoder whose modality is not known yet counts as text and image (the
+    columns of an image-text recipe)."""
+    kinds = {encoder_modality(recipe.encoders[n]) for n in (names if names is not None else recipe.encoders)}
     if None in kinds:
         kinds = (kinds - {None}) | {"text", "image"}
     return tuple(m for m in MODALITIES if m in kinds)

@@ -8,22 +8,22 @@ dotted path and, for a misspelt key, the closest valid key.
 from __future__ import annotations
 
 import copy
-import difflib
-import typing
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from ..errors import RecipeError
 from ..files import read_text
 from .fusion import FUSION_SETTINGS
 from .inputs import encoder_modality
 from .methods import METHOD_SETTINGS
-from .tasks import SINGLE_TASK, TASK_NAME, TASK_SETTINGS
+from .problems import format_error, validate_choice
+from .task_checks import validate_tasks
+from .tasks import SINGLE_TASK
 from .paths import REQUIRED_BY_SOURCE, anchor_paths, apply_environment
-from .schema import Recipe
+from .schema import DataConfig, Recipe
 
 
 MAX_RECIPE_BYTES = 1_000_000  # a recipe is a page of YAML; anything larger is a mistake (or hostile)
@@ -161,7 +161,7 @@ def validate_recipe(raw: dict, source: str | None = None) -> Recipe:
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        problems += [_format_error(err, Recipe) for err in exc.errors()]
+        problems += [format_error(err, Recipe) for err in exc.errors()]
 
     # Method settings, per encoder, even if other parts failed: report all at once.
     resolved_peft: dict[str, dict] = {}
@@ -173,7 +173,7 @@ def validate_recipe(raw: dict, source: str | None = None) -> Recipe:
         if not isinstance(peft, dict):
             continue  # already reported by pydantic
         where = f"encoders.{enc_name}.peft"
-        settings, parsed, errs = _validate_choice(peft, "method", "lora", METHOD_SETTINGS, where)
+        settings, parsed, errs = validate_choice(peft, "method", "lora", METHOD_SETTINGS, where)
         problems += errs
         if settings is not None:
             resolved_peft[enc_name] = settings
@@ -187,16 +187,16 @@ def validate_recipe(raw: dict, source: str | None = None) -> Recipe:
     fusion = raw.get("fusion", {"type": "gated"})
     resolved_fusion = None
     if isinstance(fusion, dict):
-        resolved_fusion, parsed, errs = _validate_choice(fusion, "type", "gated", FUSION_SETTINGS, "fusion")
+        resolved_fusion, parsed, errs = validate_choice(fusion, "type", "gated", FUSION_SETTINGS, "fusion")
         problems += errs
         if parsed is not None and encoders:
             problems += parsed.modality_problems(list(encoders))
 
-    resolved_tasks, task_problems = _validate_tasks(raw, list(encoders))
+    resolved_tasks, task_problems = validate_tasks(raw, list(encoders))
     problems += task_problems
 
     if recipe is not None:
-        problems += _semantic_checks(recipe)
+        problems += _semantic_checks(recipe, resolved_tasks if not task_problems else {})
     if problems:
         raise RecipeError(problems, source)
     for enc_name, settings in resolved_peft.items():
@@ -210,194 +210,35 @@ def validate_recipe(raw: dict, source: str | None = None) -> Recipe:
     return recipe
 
 
-def _validate_tasks(raw: dict, encoders: list[str]):
-    """Each task block against its kind's settings, the encoders it names, and
-    ``train.select``. Returns ``({name: resolved block}, problems)``."""
-    problems: list[str] = []
-    many = raw.get("tasks")
-    if many is not None and raw.get("task") is not None:
-        problems.append("task: give either task: (one task) or tasks: (several, by name), not both")
-    if isinstance(many, dict):
-        if not many:
-            problems.append("tasks: needs at least one task (or use task:)")
-        blocks = {name: (block, f"tasks.{name}") for name, block in many.items()}
-    else:
-        single = raw.get("task")
-        blocks = {SINGLE_TASK: ({"type": "vqa"} if single is None else single, "task")}
-    resolved, parsed = {}, {}
-    for name, (block, where) in blocks.items():
-        if not isinstance(name, str) or not TASK_NAME.match(name):
-            problems.append(f"{where}: a task name is letters, digits and _ (starting with a letter), at most 64 characters")
-            continue
-        if not isinstance(block, dict):
-            if many is not None:  # a single task: block of the wrong type is already reported by pydantic
-                problems.append(f"{where}: must be a mapping with type: and the task's settings")
-            continue
-        settings, one, errs = _validate_choice(block, "type", "vqa", TASK_SETTINGS, where)
-        problems += errs
-        if one is None:
-            continue
-        if one.head is not None:
-            head, parsed_head, errs = _validate_choice(one.head, "type", "gated", FUSION_SETTINGS, f"{where}.head")
-            problems += errs + (parsed_head.modality_problems(one.encoders or encoders) if parsed_head else [])
-            settings["head"] = head
-        elif one.uses_fusion and one.encoders and isinstance(raw.get("fusion", {}), dict):
-            _, shared_head, _ = _validate_choice(raw.get("fusion", {"type": "gated"}), "type", "gated", FUSION_SETTINGS, "fusion")
-            if shared_head is not None:  # fusion: names modalities; this task's head sees only its own encoders
-                problems += [f"{where}.encoders: {p}" for p in shared_head.modality_problems(one.encoders)]
-        resolved[name], parsed[name] = settings, one
-        problems += one.problems(where)
-        unknown = [e for e in one.encoders if e not in encoders]
-        if unknown and encoders:
-            problems.append(f"{where}.encoders: {', '.join(map(repr, unknown))} not an encoder of this recipe "
-                            f"(have: {', '.join(encoders)})")
-        reads = one.encoders or encoders
-        if not one.uses_fusion and len(reads) != 2 and encoders:
-            problems.append(f"{where}: a {one.registry_name} task aligns exactly two encoders; it reads "
-                            f"{len(reads)} ({', '.join(reads)}): set {where}.encoders to two of them")
-    train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
-    batch = train.get("batch_size", 32)
-    for name, one in parsed.items():
-        if not one.uses_fusion and isinstance(batch, int) and batch < 2:
-            problems.append(f"train.batch_size: a {one.registry_name} task ({name}) contrasts each row with the rest of "
-                            f"its batch, so a batch needs at least 2 rows (got {batch})")
-    select = train.get("select")
-    if isinstance(select, str) and parsed:
-        task, _, metric = select.partition(".")
-        if task not in parsed and task in blocks:
-            pass  # that task's own block is wrong, and reported above
-        elif task not in parsed:
-            problems.append(f"train.select: {select!r} names no task of this recipe; use <task>.<metric> with a task of: "
-                            f"{', '.join(parsed)} (e.g. {next(iter(parsed))}.{next(iter(parsed.values())).metric})")
-        elif metric not in parsed[task].metrics:
-            problems.append(f"train.select: task {task!r} does not report {metric!r} (it reports: "
-                            f"{', '.join(parsed[task].metrics)})")
-    return resolved, problems
-
-
-def _validate_choice(block: dict, key: str, default: str, registry, where: str):
-    """Validate ``{key: name, ...settings}`` against the settings class registered as ``name``
-    in ``registry`` (:data:`METHOD_SETTINGS` or :data:`FUSION_SETTINGS`).
-
-    Returns:
-        ``(resolved dict with every default, the parsed settings, problems)``; the first
-        two are None when there are problems.
-    """
-    choice = block.get(key, default)
-    if not isinstance(choice, str):
-        return None, None, [f"{where}.{key}: must be a name such as {default!r} (got {choice!r})"]
-    if choice not in registry:
-        return None, None, [f"{where}.{key}: {registry.unknown_message(choice)}"]
-    cls = registry.get(choice)
-    rest = {k: v for k, v in block.items() if k != key}
-    try:
-        settings = cls.model_validate(rest)
-    except ValidationError as exc:
-        return None, None, [_format_error(err, cls, prefix=where) for err in exc.errors()]
-    return {key: choice, **settings.model_dump()}, settings, []
-
-
-def _semantic_checks(recipe: Recipe) -> list[str]:
+def _semantic_checks(recipe: Recipe, tasks: dict) -> list[str]:
+    """Each data block the recipe reads (its data:, and each task's own) against the encoders
+    that read it (a task's data: only its own encoders)."""
+    encoders = list(recipe.encoders)
+    readers: dict[str, list[str]] = {}  # data block path -> the encoders reading its rows
+    for name, block in tasks.items():
+        where = f"tasks.{name}.data" if block.get("data") else "data"
+        readers.setdefault(where, [])
+        readers[where] += [e for e in (block.get("encoders") or encoders) if e not in readers[where] and e in encoders]
+    if not tasks:  # the task blocks had problems of their own: check the recipe's data: as it stands
+        readers["data"] = encoders
     problems = []
-    data = recipe.data
-    for split in REQUIRED_BY_SOURCE.get(data.source, ()):
-        if getattr(data, split) is None:
-            problems.append(f"data.{split}: required when data.source is {data.source!r} (path to a .jsonl, .csv or .json file)")
-    reads = {name: encoder_modality(cfg) for name, cfg in recipe.encoders.items()}
-    if data.source == "fsdd":  # FSDD rows are recordings: images only when paired, text only when given
-        for name, kind in reads.items():
-            if kind == "image" and not data.pair_images:
-                problems.append(f"encoders.{name}: an image encoder on FSDD needs data.pair_images: true (handwritten "
-                                "images of each recording's digit)")
-            if kind == "text" and not data.text:
-                problems.append(f"encoders.{name}: a text encoder on FSDD needs data.text (the text of every row)")
-    elif "audio" in reads.values() and data.source != "manifest":
-        problems.append(f"data.source: {data.source} has no audio; audio encoders read data.source fsdd or a manifest "
-                        "with an audio column (data.audio_field)")
+    for where, names in readers.items():
+        data = recipe.data if where == "data" else DataConfig.model_validate(tasks[where.split(".")[1]]["data"])
+        if where == "data":
+            problems += [f"data.{split}: required when data.source is {data.source!r} (path to a .jsonl, .csv or .json file)"
+                         for split in REQUIRED_BY_SOURCE.get(data.source, ()) if getattr(data, split) is None]
+        reads = {name: encoder_modality(recipe.encoders[name]) for name in names}
+        if data.source == "fsdd":  # FSDD rows are recordings: images only when paired, text only when given
+            for name, kind in reads.items():
+                if kind == "image" and not data.pair_images:
+                    problems.append(f"encoders.{name}: an image encoder on FSDD needs {where}.pair_images: true "
+                                    "(handwritten images of each recording's digit)")
+                if kind == "text" and not data.text:
+                    problems.append(f"encoders.{name}: a text encoder on FSDD needs {where}.text (the text of every row)")
+        elif "audio" in reads.values() and data.source != "manifest":
+            problems.append(f"{where}.source: {data.source} has no audio; audio encoders read source fsdd or a manifest "
+                            "with an audio column (audio_field)")
     return problems
-
-
-# --- error formatting -------------------------------------------------------
-
-
-def describe_error(err: dict, model: type[BaseModel], prefix: str = "") -> str:
-    """One pydantic error as ``dotted.path: what is wrong (got ...)``."""
-    return _format_error(err, model, prefix)
-
-
-def _format_error(err: dict, model: type[BaseModel], prefix: str = "") -> str:
-    loc = [str(p) for p in err["loc"]]
-    path = ".".join(([prefix] if prefix else []) + loc) or "(recipe)"
-    kind = err["type"]
-    ctx = err.get("ctx") or {}
-    field_type = _field_type_at(model, loc)
-    is_int = field_type is not None and "int" in str(field_type).lower()
-    if kind == "extra_forbidden":
-        allowed = _keys_at(model, loc[:-1])
-        close = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else (f"; valid keys: {', '.join(allowed)}" if allowed else "")
-        return f"{path}: unknown key{hint}"
-    if kind == "missing":
-        return f"{path}: is required"
-    if kind == "string_pattern_mismatch" and loc[-1] == "name":
-        return (f"{path}: must be one folder name: letters, digits, _ . - (not starting with '.', no '/'), "
-                f"at most 200 characters (got {err.get('input')!r})")
-    if kind == "less_than_equal":
-        return f"{path}: must be at most {ctx.get('le'):,} (got {err.get('input')!r})"
-    if kind == "greater_than" and ctx.get("gt") == 0:
-        return f"{path}: must be a positive {'integer' if is_int else 'number'} (got {err.get('input')!r})"
-    if kind in ("int_parsing", "int_type", "int_from_float"):
-        return f"{path}: must be an integer (got {err.get('input')!r})"
-    if kind in ("float_parsing", "float_type"):
-        return f"{path}: must be a number (got {err.get('input')!r})"
-    if kind in ("bool_parsing", "bool_type"):
-        return f"{path}: must be true or false (got {err.get('input')!r})"
-    if kind == "literal_error":
-        return f"{path}: must be one of {ctx.get('expected')} (got {err.get('input')!r})"
-    if kind == "value_error":
-        return f"{path}: {ctx.get('error')} (got {err.get('input')!r})"
-    if kind in ("dict_type", "model_type", "model_attributes_type"):
-        return f"{path}: must be a mapping of keys (got {err.get('input')!r})"
-    return f"{path}: {err['msg'][0].lower() + err['msg'][1:]} (got {err.get('input')!r})"
-
-
-def _unwrap(tp):
-    """Find the BaseModel class inside Optional[...] / dict[str, ...] annotations."""
-    origin = typing.get_origin(tp)
-    if origin is None:
-        return tp
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if origin is dict and len(args) == 2:
-        return ("dict", _unwrap(args[1]))
-    return _unwrap(args[0]) if args else tp
-
-
-def _walk(model, loc: list[str]):
-    node = model
-    for part in loc:
-        if isinstance(node, tuple) and node[0] == "dict":
-            node = node[1]
-            continue
-        if not (isinstance(node, type) and issubclass(node, BaseModel)) or part not in node.model_fields:
-            return None
-        node = _unwrap(node.model_fields[part].annotation)
-    return node
-
-
-def _keys_at(model, loc: list[str]) -> list[str]:
-    node = _walk(model, loc)
-    if isinstance(node, type) and issubclass(node, BaseModel):
-        return sorted(node.model_fields)
-    return []
-
-
-def _field_type_at(model, loc: list[str]):
-    if not loc:
-        return None
-    parent = _walk(model, loc[:-1])
-    if isinstance(parent, type) and issubclass(parent, BaseModel) and loc[-1] in parent.model_fields:
-        return parent.model_fields[loc[-1]].annotation
-    return None
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import RecipeError
+from .tasks import data_blocks
 
 VQA_RAD_ENV = "MMPEFT_VQA_RAD_ROOT"
 VQA_RAD_DEFAULT = "../shared/vqa_rad"
@@ -32,25 +33,30 @@ PATH_KEYS = ("root", "train", "eval", "test")
 REQUIRED_BY_SOURCE = {"manifest": ("train", "test")}
 
 
+def _raw_blocks(raw: dict) -> list[dict]:
+    """A raw recipe's data blocks: its data: and each task's own."""
+    tasks = raw.get("tasks") if isinstance(raw.get("tasks"), dict) else {}
+    blocks = [raw.get("data")] + [t.get("data") for t in tasks.values() if isinstance(t, dict)]
+    return [b for b in blocks if isinstance(b, dict)]
+
+
 def anchor_paths(raw: dict, folder: Path) -> None:
     """Make the relative data paths of a recipe file absolute, from ``folder`` (in place)."""
-    data = raw.get("data")
-    if not isinstance(data, dict):
-        return
-    for key in PATH_KEYS:
-        value = data.get(key)
-        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-            data[key] = str((folder / value).resolve())
+    for data in _raw_blocks(raw):
+        for key in PATH_KEYS:
+            value = data.get(key)
+            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+                data[key] = str((folder / value).resolve())
 
 
 def apply_environment(raw: dict) -> None:
     """``$MMPEFT_VQA_RAD_ROOT`` (``$MMPEFT_FSDD_ROOT``), when set, replaces a VQA-RAD (FSDD)
-    recipe's ``data.root`` (in place; command-line overrides, applied after, still win)."""
-    data = raw.get("data")
-    if isinstance(data, dict) and isinstance(data.get("source"), str) and data["source"] in DATASET_FOLDERS:
-        env = DATASET_FOLDERS[data["source"]][0]
-        if os.environ.get(env):
-            data["root"] = os.environ[env]
+    data block's ``root`` (in place; command-line overrides, applied after, still win)."""
+    for data in _raw_blocks(raw):
+        if isinstance(data.get("source"), str) and data["source"] in DATASET_FOLDERS:
+            env = DATASET_FOLDERS[data["source"]][0]
+            if os.environ.get(env):
+                data["root"] = os.environ[env]
 
 
 def manifest_path(data, value: str) -> Path:
@@ -86,22 +92,23 @@ def dataset_missing(source: str, root: Optional[str]) -> Optional[str]:
 def data_problems(recipe) -> list[str]:
     """Data files the recipe names that are not there, each with the absolute path tried
     and the key that named it (empty when everything is in place)."""
-    data = recipe.data
     problems = []
-    if data.source == "manifest":
-        for key in ("train", "eval", "test"):
-            value = getattr(data, key)
-            if value is None:
-                continue
-            path = manifest_path(data, value)
-            if not path.is_file():
-                where = "a folder, not a file" if path.is_dir() else "not found"
-                problems.append(f"data.{key}: {path.resolve()} {where} (relative paths in a recipe file are read from its "
-                                f"folder, or from data.root when set; on the command line, from the working directory)")
-    elif data.source in DATASET_FOLDERS:
-        missing = dataset_missing(data.source, data.root)
-        if missing:
-            problems.append(f"data.root: {missing}")
+    for key, data in data_blocks(recipe).items():
+        prefix = f"tasks.{key}.data" if key else "data"
+        if data.source == "manifest":
+            for split in ("train", "eval", "test"):
+                value = getattr(data, split)
+                if value is None:
+                    continue
+                path = manifest_path(data, value)
+                if not path.is_file():
+                    where = "a folder, not a file" if path.is_dir() else "not found"
+                    problems.append(f"{prefix}.{split}: {path.resolve()} {where} (relative paths in a recipe file are read "
+                                    "from its folder, or from root when set; on the command line, from the working directory)")
+        elif data.source in DATASET_FOLDERS:
+            missing = dataset_missing(data.source, data.root)
+            if missing:
+                problems.append(f"{prefix}.root: {missing}")
     return problems
 
 

@@ -121,6 +121,12 @@ class TrainConfig(Strict):
     eval_every_epochs: PositiveInt = Field(1, description="evaluate every N epochs")
     select: Optional[str] = Field(None, description="<task>.<metric> that picks the best checkpoint and drives early "
                                   "stopping, e.g. answer.accuracy (null: the first task's own metric)")
+    task_sampling: Literal["proportional", "round_robin", "temperature"] = Field(
+        "proportional", description="multi-task with tasks' own data: which dataset each batch is drawn from "
+        "(proportional: every row once an epoch; round_robin: datasets in turn; temperature: dataset i with probability "
+        "proportional to rows_i^(1/T)); an epoch has as many batches as the datasets have together")
+    sampling_temperature: float = Field(2.0, ge=1.0, le=1000.0, description="task_sampling temperature: T (1: "
+                                        "proportional to rows, large: every dataset equally often)")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="cross-entropy label smoothing")
     seed: NonNegativeInt = Field(0, le=2**32 - 1, description="seed for weights, shuffling and dropout")
     cache_frozen_features: bool = Field(True, description="encode each input of a fully frozen (method none) encoder once and reuse it (not with data.augment)")

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
 from ..registry import Registry
+from .schema import DataConfig
 
 #: the name of the task of a recipe's single ``task:`` block (``train.select: answer.accuracy``)
 SINGLE_TASK = "answer"
@@ -41,6 +42,9 @@ class TaskSettings(BaseModel):
     head: Optional[dict[str, Any]] = Field(None, description="this task's own fusion block (type: concat|gated|... and its "
                                            "settings; null: the recipe's fusion:), e.g. a small head for an auxiliary task")
     metric: str = Field("loss", description="the metric that selects the best checkpoint when train.select is not set")
+    data: Optional[dict[str, Any]] = Field(None, description="multi-task: this task's own rows, a block like data: (source, "
+                                           "train / eval / test, columns, caps); batches then hold one dataset's rows, drawn "
+                                           "by train.task_sampling (null: the recipe's data:)")
 
     def problems(self, where: str) -> list[str]:
         if self.metric not in self.metrics:
@@ -129,6 +133,23 @@ def recipe_tasks(recipe) -> dict[str, TaskSettings]:
     """A recipe's tasks by name, in order: its ``tasks:`` blocks, or its one ``task:`` (named answer)."""
     blocks = recipe.tasks if recipe.tasks else {SINGLE_TASK: recipe.task}
     return {name: parse_task(block) for name, block in blocks.items()}
+
+
+def task_dataset(name: str, settings: TaskSettings) -> str:
+    """The key of the rows a task reads: its own name when it has its own ``data:``, else ""
+    (the recipe's ``data:``, shared by every task without its own)."""
+    return name if settings.data else ""
+
+
+def data_blocks(recipe) -> dict[str, "DataConfig"]:
+    """The data blocks a recipe reads, by dataset key (:func:`task_dataset`), in task order:
+    the recipe's ``data:`` (key "") when a task reads it, then each task's own."""
+    blocks: dict[str, DataConfig] = {}
+    for name, settings in recipe_tasks(recipe).items():
+        key = task_dataset(name, settings)
+        if key not in blocks:
+            blocks[key] = DataConfig.model_validate(settings.data) if key else recipe.data
+    return blocks
 
 
 def task_kind(settings: TaskSettings) -> str:

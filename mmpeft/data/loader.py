@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
 
 from ..config.inputs import recipe_inputs
-from ..config.tasks import recipe_tasks
+from ..config.tasks import data_blocks, recipe_tasks, task_dataset
 from ..config.paths import manifest_path
 from ..encoders.images import augment
 from ..errors import DataError
 from ..tasks import Task
 from .audio import read_audio
 from .checks import BAD_AUDIO_HINT, BAD_IMAGE_HINT, MAX_IMAGE_PIXELS, bad_files, clip_seconds, open_image, raise_first_bad, skip_bad
+from .sampling import DatasetBatches, ImageGroupedBatches
 from .samples import Sample, easy_vqa_caption_samples, easy_vqa_samples, fsdd_samples, load_manifest, vqa_rad_samples
 
 
@@ -68,32 +69,47 @@ def load_splits(data, group_fields, seed: int, inputs=("image", "text"), targets
     return Splits(train, eval_rows, test)
 
 
-def task_columns(recipe) -> tuple[list[str], bool]:
-    """``(columns kept raw for the tasks, whether every row needs the label column)``: the
-    label column is required when the recipe's one task reads it; a column of a kind that
-    is not one answer (lists, numbers), or any column besides the label, is kept raw."""
-    tasks = recipe_tasks(recipe)
-    label = recipe.data.label_field
+def task_columns(tasks: dict, label: str, only: bool) -> tuple[list[str], bool]:
+    """``(columns kept raw for the tasks, whether every row needs the label column)`` for the
+    tasks (settings by name) reading one data block whose label column is ``label``; ``only``:
+    they are the recipe's only task. The label column is required when the one task reads
+    it; a column of a kind that is not one answer (lists, numbers), or any column besides
+    the label, is kept raw."""
     columns = []
     for settings in tasks.values():
         for column in (settings.field or (label if settings.has_target else None), getattr(settings, "class_field", None)):
             answer_kind = settings.registry_name in ("vqa", "classification") and column == label
             if column and not answer_kind and column not in columns:
                 columns.append(column)
-    only = next(iter(tasks.values()))
-    required = len(tasks) == 1 and only.has_target and (only.field or label) == label
+    first = next(iter(tasks.values()))
+    required = only and first.has_target and (first.field or label) == label
     return columns, required
 
 
-def group_fields(recipe) -> list[str]:
+def group_fields(tasks: dict) -> list[str]:
     """Every task's group fields, in order, once."""
-    return list(dict.fromkeys(f for settings in recipe_tasks(recipe).values() for f in settings.group_fields))
+    return list(dict.fromkeys(f for settings in tasks.values() for f in settings.group_fields))
 
 
 def recipe_splits(recipe) -> Splits:
-    """:func:`load_splits` for a whole recipe (its data, groups, seed, encoders' inputs and tasks' columns)."""
-    targets, required = task_columns(recipe)
-    return load_splits(recipe.data, group_fields(recipe), recipe.train.seed, recipe_inputs(recipe), targets, required)
+    """:func:`load_splits` for a whole recipe: each data block it reads (its data:, each task's
+    own) with the inputs of the encoders reading it and the columns of its tasks. Rows of a
+    task's own data carry its name in ``Sample.dataset``; the splits are the blocks' rows in turn."""
+    every = recipe_tasks(recipe)
+    parts = []
+    for key, data in data_blocks(recipe).items():
+        tasks = {n: s for n, s in every.items() if task_dataset(n, s) == key}
+        names = list(dict.fromkeys(e for s in tasks.values() for e in (s.encoders or recipe.encoders)))
+        if len(parts) == 0 and key == "" and len(tasks) == len(every):
+            names = list(recipe.encoders)  # one dataset: every row has every encoder's input (as always)
+        targets, required = task_columns(tasks, data.label_field, len(every) == 1)
+        split = load_splits(data, group_fields(tasks), recipe.train.seed, recipe_inputs(recipe, names), targets, required)
+        if key:
+            split = Splits(*([replace(s, dataset=key) for s in rows] for rows in (split.train, split.eval, split.test)))
+        parts.append(split)
+    if len(parts) == 1:
+        return parts[0]
+    return Splits(*([s for part in parts for s in getattr(part, split)] for split in ("train", "eval", "test")))
 
 
 class ImageStore:
@@ -245,12 +261,20 @@ class Collator:
         self.augment_images = augment_images
         self.seed = seed
         self.epoch = 0  # set by the training loop before each epoch
+        # tasks with their own data: a row of such a dataset needs only the inputs of the encoders its tasks read
+        self.needs: dict[str, set] = {}
+        for task in tasks.values():
+            self.needs.setdefault(task.dataset, set()).update(task.settings.encoders or encoders)
 
     def __call__(self, indices: list[int]) -> dict:
         rows = [self.samples[i] for i in indices]
         rng = random.Random(f"{self.seed}/{self.epoch}/{list(indices)}") if self.augment_images else None
         inputs, keys = {}, {}
+        datasets = {r.dataset for r in rows}
+        needed = set(self.encoders) if datasets == {""} else set().union(*(self.needs.get(d, ()) for d in datasets))
         for name, enc in self.encoders.items():
+            if name not in needed:
+                continue
             if enc.modality == "text":
                 inputs[name] = enc.preprocess([r.text for r in rows])
                 keys[name] = [r.text for r in rows]
@@ -274,7 +298,9 @@ class Collator:
                     inputs[name] = {"pixel_values": torch.stack([self._pixels(name, enc, p, rng) for p in unique]),
                                     "row_index": torch.tensor([position[r.image] for r in rows], dtype=torch.long)}
         targets = {name: task.collate(rows) for name, task in self.tasks.items()}
-        return {"inputs": inputs, "targets": targets, "index": torch.tensor(indices, dtype=torch.long), "keys": keys}
+        counts = {name: sum(1 for r in rows if task.has(r)) for name, task in self.tasks.items()}  # rows each task learns from
+        return {"inputs": inputs, "targets": targets, "index": torch.tensor(indices, dtype=torch.long), "keys": keys,
+                "counts": counts}
 
     def _pixels(self, name: str, enc, path: str, rng) -> torch.Tensor:
         if rng is not None:
@@ -295,56 +321,16 @@ class IndexDataset(torch.utils.data.Dataset):
         return i
 
 
-class ImageGroupedBatches(torch.utils.data.Sampler):
-    """Batches made of whole images: all questions of an image land in the same batch,
-    images in a new seeded random order every epoch. With :class:`Collator`'s
-    de-duplication, the image encoder then runs once per image per epoch."""
-
-    def __init__(self, samples: list[Sample], batch_size: int, seed: int):
-        groups: dict[str, list[int]] = {}
-        for i, s in enumerate(samples):
-            groups.setdefault(s.image, []).append(i)
-        self.groups = list(groups.values())
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-        self._batches = self._make(0)
-
-    def _make(self, epoch: int) -> list[list[int]]:
-        rng = random.Random(self.seed * 100003 + epoch)
-        order = list(range(len(self.groups)))
-        rng.shuffle(order)
-        batches, current = [], []
-        for g in order:
-            group = self.groups[g]
-            if current and len(current) + len(group) > self.batch_size:
-                batches.append(current)
-                current = []
-            current = current + group
-        if current:
-            batches.append(current)
-        return batches
-
-    def __iter__(self):
-        batches = self._batches
-        self.epoch += 1
-        self._batches = self._make(self.epoch)
-        return iter(batches)
-
-    def set_epoch(self, epoch: int) -> None:
-        """The next iteration yields epoch ``epoch``'s batches (0-based; for resuming)."""
-        self.epoch = epoch
-        self._batches = self._make(epoch)
-
-    def __len__(self) -> int:
-        return len(self._batches)
-
-
 def make_loader(samples, collator, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0, group_by_image: bool = False,
-                pin_memory: bool = False):
-    if group_by_image and shuffle:
-        return torch.utils.data.DataLoader(IndexDataset(len(samples)), batch_sampler=ImageGroupedBatches(samples, batch_size, seed),
-                                           collate_fn=collator, num_workers=num_workers, pin_memory=pin_memory)
+                pin_memory: bool = False, rule: str = "proportional", temperature: float = 2.0):
+    """A DataLoader of row indices; rows of several datasets (tasks' own data) are batched one
+    dataset at a time (:class:`~mmpeft.data.sampling.DatasetBatches`, mixed by ``rule``)."""
+    several = len(dict.fromkeys(s.dataset for s in samples)) > 1
+    if several or group_by_image and shuffle:
+        batches = (DatasetBatches(samples, batch_size, seed, shuffle, rule, temperature, group_by_image) if several
+                   else ImageGroupedBatches(samples, batch_size, seed))
+        return torch.utils.data.DataLoader(IndexDataset(len(samples)), batch_sampler=batches, collate_fn=collator,
+                                           num_workers=num_workers, pin_memory=pin_memory)
     generator = torch.Generator()
     generator.manual_seed(seed)
     return torch.utils.data.DataLoader(

@@ -31,6 +31,7 @@ class Sample:
     where: str = ""  # "file, row N" for error messages
     audio: str = ""  # absolute path of the row's audio clip ("" for none)
     extra: dict = field(default_factory=dict)  # manifest columns the tasks read, as they were (multilabel lists, numbers)
+    dataset: str = ""  # the task whose own data: the row came from ("": the recipe's data:, shared)
 
 
 NO_GROUPS: dict = {}  # shared by the rows of a manifest without group fields (never written to)

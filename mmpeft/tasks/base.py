@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 
-from ..config.tasks import TaskSettings, recipe_tasks
+from ..config.tasks import TaskSettings, recipe_tasks, task_dataset
 from ..errors import BundleError, DataError
 from ..registry import Registry
 
@@ -32,6 +32,9 @@ class Task:
         self.name = name
         self.settings = settings
         self.state = state  # JSON: what the bundle stores (labels, thresholds, target statistics)
+        self.dataset = task_dataset(name, settings)  # rows of other datasets are not this task's
+        if settings.data:
+            label_field = settings.data.get("label_field", "answer")  # its own data's label column
         self.field = settings.field or label_field
         self.label_field = label_field
         self.head = None  # the task's head module, set when the model is built (contrastive reads its logit scale)
@@ -89,8 +92,19 @@ class Task:
 
     # --- shared -------------------------------------------------------------------------
 
+    def owns(self, row) -> bool:
+        """Whether the row comes from this task's data (its own, or the recipe's shared data:)."""
+        return getattr(row, "dataset", "") == self.dataset
+
+    def has(self, row) -> bool:
+        """Whether this task learns from the row: one of its rows, with a target where the kind reads one."""
+        return self.owns(row) and (not self.Settings.has_target or self.target(row) is not None)
+
     def raw(self, row):
-        """The row's cell for this task: a manifest column read as it was, the answer, or a group field."""
+        """The row's cell for this task: a manifest column read as it was, the answer, or a group field
+        (None for a row of another task's data)."""
+        if not self.owns(row):
+            return None
         extra = getattr(row, "extra", None) or {}
         if self.field in extra:
             return extra[self.field]
@@ -110,6 +124,8 @@ class Task:
             return
         for split, rows in splits.items():
             for row in rows:
+                if not self.owns(row):
+                    continue
                 value = self.raw(row)
                 if missing(value):
                     if required:

@@ -110,20 +110,24 @@ class ContrastiveTask(Task):
         return tuple({"text": row.text, "image": row.image, "audio": row.audio}[m] for m in self.modalities.values())
 
     def collate(self, rows: Sequence) -> torch.Tensor:
-        """``[B, 2]`` ids of each row's two inputs within the batch (equal ids: the same input)."""
+        """``[B, 2]`` ids of each row's two inputs within the batch (equal ids: the same input;
+        -1 for a row of another task's data)."""
         ids = [{}, {}]
-        return torch.tensor([[ids[k].setdefault(key, len(ids[k])) for k, key in enumerate(self.keys(r))] for r in rows],
-                            dtype=torch.long)
+        return torch.tensor([[ids[k].setdefault(key, len(ids[k])) for k, key in enumerate(self.keys(r))]
+                             if self.owns(r) else [-1, -1] for r in rows], dtype=torch.long).reshape(len(rows), 2)
 
     def split(self, out: torch.Tensor):
         d = self.settings.projection_dim
         return out[:, :d].float(), out[:, d:].float()
 
     def loss(self, out, target):
+        target = target.to(out.device)
+        mine = target[:, 0] >= 0
+        if not bool(mine.all()):  # rows of another task's data have no pair here
+            out, target = out[mine], target[mine]
         if len(out) < 2:  # an epoch's last batch of one row has nothing to contrast with (train.batch_size >= 2 is checked)
             return out.sum() * 0.0
         a, b = self.split(out)
-        target = target.to(out.device)
         positive = ((target[:, None, 0] == target[None, :, 0]) | (target[:, None, 1] == target[None, :, 1])).float()
         logits = self.head.scale() * a @ b.T
         forward = positive / positive.sum(1, keepdim=True)  # each row's target, spread over its positives
