@@ -64,7 +64,7 @@ def data_fingerprint(splits) -> str:
         digest.update(f"[{name}]".encode())
         for s in getattr(splits, name):
             row = ([s.image, s.text, s.answer, sorted(s.groups.items())] + ([s.audio] if s.audio else [])
-                   + ([sorted(s.extra.items())] if s.extra else []))
+                   + ([sorted(s.extra.items())] if s.extra else []) + ([s.dataset] if s.dataset else []))
             digest.update(json.dumps(row).encode())
     return digest.hexdigest()
 

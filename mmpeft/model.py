@@ -184,7 +184,7 @@ def assemble(recipe, encoders: dict, methods: dict, tasks: dict[str, Task] | int
         reads[name] = task.settings.encoders or list(encoders)
         task.modalities = {n: encoders[n].modality for n in reads[name]}
         sub = {n: dims[n] for n in reads[name]}
-        heads[name] = task.build_head(sub) or build_fusion(task.settings.head or recipe.fusion, sub, task.width)
+        heads[name] = task.build_head(sub, {n: encoders[n] for n in reads[name]}) or build_fusion(task.settings.head or recipe.fusion, sub, task.width)
         task.head = heads[name]
         slices[name] = slice(start, start + task.width)
         start += task.width

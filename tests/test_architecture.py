@@ -258,7 +258,7 @@ TINY = {
 }
 KIND = {"bert": "text", "roberta": "text", "xlm-roberta": "text", "electra": "text", "deberta-v2": "text",
         "distilbert": "distilbert", "vit": "vision", "deit": "vision", "dinov2": "vision", "clip_vision_model": "vision",
-        "siglip_vision_model": "vision", "convnext": "convnext", "resnet": "resnet", "wav2vec2": "waveform", "hubert": "waveform",
+        "clip_text_model": "text", "siglip_vision_model": "vision", "convnext": "convnext", "resnet": "resnet", "wav2vec2": "waveform", "hubert": "waveform",
         "wavlm": "waveform", "whisper": "whisper", "audio-spectrogram-transformer": "ast"}
 
 

@@ -113,6 +113,8 @@ class ContrastiveSettings(TaskSettings):
     max_logit_scale: PositiveFloat = Field(100.0, le=1000.0, description="contrastive: upper bound of the learned logit scale (CLIP's 100)")
     class_field: Optional[str] = Field(None, min_length=1, description="contrastive: a row field naming each pair's class: "
                                        "enables zero-shot classification from templates over the class names")
+    checkpoint_head: bool = Field(True, description="contrastive: when the two encoders are both towers of one CLIP "
+                                  "checkpoint, start from its projections (projection_dim must match) and logit scale")
     templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."], min_length=1, max_length=100,
                                  description="contrastive: prompts for zero-shot classification; {} is the class name")
 

@@ -87,6 +87,9 @@ TABLE: dict[str, Architecture] = {
     "deit": VIT,
     "dinov2": Architecture(modality="image", lora=_QV, ia3=_VIT_IA3, prompt="vpt", prompt_offset=1, pooling="cls"),
     "clip_vision_model": CLIP_VISION,
+    # CLIP's text tower pools its end-of-text token (found from the input ids): no soft prompts
+    "clip_text_model": Architecture(modality="text", lora=_QV, ia3=_VIT_IA3, adapter_attention=CLIP_VISION.adapter_attention,
+                                    adapter_ffn=CLIP_VISION.adapter_ffn, prompt="none", pooling="pooler"),
     # SigLIP has no [CLS] token: its prompts go first, its output is the attention-pooled head
     "siglip_vision_model": Architecture(
         modality="image", lora=_QV, ia3=_VIT_IA3, adapter_attention=CLIP_VISION.adapter_attention,
@@ -113,7 +116,8 @@ TABLE.update({
 })
 # The same CNN reading log-mel spectrograms (encoders/audio.py): every default carries over.
 TABLE["efficientnet_lite_audio"] = replace(TABLE["efficientnet_lite"], modality="audio")
-# Full dual-encoder checkpoints whose image tower mmpeft keeps (see HFImageEncoder).
+# Full dual-encoder checkpoints: mmpeft keeps the image tower, or the text tower of one read
+# with ``modality: text`` (see HFImageEncoder, HFTextEncoder); the value is the default.
 DUAL_ENCODERS = {"clip": "image", "siglip": "image"}
 
 UNKNOWN = Architecture()

@@ -48,6 +48,7 @@ class Encoder(nn.Module):
     hidden_size: int = 0
     checkpointing: bool = False  # gradient checkpointing asked for and supported (set by build_model)
     checkpointed_layers: tuple = ()  # layers MultimodalModel.train flags as training (see below)
+    checkpoint_head: Optional[dict] = None  # a dual-encoder checkpoint's projection of this tower (hf.dual_head)
 
     def __init__(self, source: str, pooling: str = "auto"):
         super().__init__()

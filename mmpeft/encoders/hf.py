@@ -82,6 +82,20 @@ def hf_modality(config) -> str:
     return "text"
 
 
+def dual_head(source: str, model: nn.Module, side: str) -> dict:
+    """What a dual-encoder checkpoint (CLIP, SigLIP) aligns one tower with: its projection
+    weight ``[projection_dim, hidden]`` (None where the tower's pooled output is the embedding,
+    as SigLIP's; or where it is quantized) and the shared log logit scale. A contrastive task
+    over both towers of the checkpoint starts from these (:mod:`mmpeft.tasks.contrastive`)."""
+    layer = getattr(model, "text_projection" if side == "text" else "visual_projection", None)
+    weight = getattr(layer, "weight", None)
+    usable = weight is not None and weight.is_floating_point()
+    return {"source": source, "kind": model.config.model_type, "side": side,
+            "projection": weight.detach().float().clone() if usable else None,
+            "quantized": weight is not None and not usable,
+            "logit_scale": float(model.logit_scale.detach().float()) if hasattr(model, "logit_scale") else None}
+
+
 class HFTextEncoder(Encoder):
     """A transformers text model (BERT, RoBERTa, MiniLM, ...) with its tokenizer."""
 
@@ -89,6 +103,9 @@ class HFTextEncoder(Encoder):
 
     def __init__(self, source: str, model: nn.Module, tokenizer, max_length: int, pooling: str = "auto"):
         super().__init__(source, pooling)
+        if getattr(model.config, "model_type", "") in DUAL_ENCODERS:
+            self.checkpoint_head = dual_head(source, model, "text")
+            model = model.text_model  # a full dual-encoder checkpoint read as text: keep its text tower
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -131,6 +148,7 @@ class HFImageEncoder(ImageEncoder):
     def __init__(self, source: str, model: nn.Module, processor_config: dict, image_size: Optional[int], pooling: str = "auto"):
         super().__init__(source, pooling)
         if getattr(model.config, "model_type", "") in DUAL_ENCODERS:
+            self.checkpoint_head = dual_head(source, model, "image")
             model = model.vision_model  # a full dual-encoder checkpoint: keep its vision tower
         self.model = model
         cfg = model.config

@@ -77,8 +77,9 @@ class Task:
         """``(metric, value, n)`` rows of the test table."""
         return [(m, f"{metrics[m]:.4f}", str(metrics.get("count", ""))) for m in self.headline(metrics)]
 
-    def build_head(self, dims: dict[str, int]):
-        """The task's own head over encoders of these widths, or None for a fusion head (``fusion:``)."""
+    def build_head(self, dims: dict[str, int], encoders: Optional[dict] = None):
+        """The task's own head over encoders of these widths (``encoders``: the built encoders,
+        by name), or None for a fusion head (``fusion:``)."""
         return None
 
     def tune(self, out: torch.Tensor, rows: Sequence) -> Optional[str]:

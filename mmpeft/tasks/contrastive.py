@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config.tasks import ContrastiveSettings
+from ..config.tasks import SINGLE_TASK, ContrastiveSettings
+from ..errors import RecipeError
 from .base import TASKS, Task
 
 
@@ -76,6 +77,8 @@ class ContrastiveTask(Task):
         self.field = settings.class_field or ""
         self.modalities: dict[str, str] = {}  # encoder name -> modality, set when the model is built
         self.class_embeddings = None  # [classes, dim], computed by the runtime for zero-shot scoring and answers
+        self.from_checkpoint = None  # the dual-encoder checkpoint whose projections the head started from
+        self.skipped_checkpoint = None  # why the head could not (said in the run's log)
 
     @classmethod
     def fit(cls, name, settings, rows, label_field="answer"):
@@ -89,9 +92,38 @@ class ContrastiveTask(Task):
     def width(self) -> int:
         return 2 * self.settings.projection_dim
 
-    def build_head(self, dims):
+    def build_head(self, dims, encoders=None):
         s = self.settings
-        return ContrastiveHead(dims, s.projection_dim, s.temperature, s.max_logit_scale)
+        head = ContrastiveHead(dims, s.projection_dim, s.temperature, s.max_logit_scale)
+        if s.checkpoint_head and encoders:
+            self._start_from_checkpoint(head, dims, encoders)
+        return head
+
+    @torch.no_grad()
+    def _start_from_checkpoint(self, head: ContrastiveHead, dims: dict, encoders: dict) -> None:
+        """Where the two encoders are the two towers of one CLIP checkpoint, its own projections
+        and logit scale replace the random start, so the model first scores pairs as the
+        checkpoint does (Radford et al., 2021; the LiT / CLIP fine-tuning practice)."""
+        infos = [getattr(encoders[n], "checkpoint_head", None) for n in head.names]
+        if any(i is None for i in infos) or len({i["source"] for i in infos}) != 1 or len({i["side"] for i in infos}) != 2:
+            return
+        where = "task" if self.name == SINGLE_TASK else f"tasks.{self.name}"
+        if infos[0]["kind"] != "clip":  # SigLIP trains a sigmoid loss with a bias, its text tower on max-length padding
+            self.skipped_checkpoint = f"a {infos[0]['kind']} checkpoint's own head is not built here, only CLIP's"
+            return
+        if any(i["quantized"] or i["projection"] is None for i in infos):
+            self.skipped_checkpoint = "the checkpoint's projections are quantized"
+            return
+        for name, info in zip(head.names, infos):
+            weight = info["projection"]
+            if weight.shape != (head.dim, dims[name]):
+                raise RecipeError([f"{where}.projection_dim: {head.dim}, but the {info['kind']} checkpoint {info['source']} "
+                                   f"projects to {weight.shape[0]}: set {where}.projection_dim: {weight.shape[0]} (or "
+                                   f"{where}.checkpoint_head: false for new random projections)"])
+            head.projections[name].weight.copy_(weight)
+        if infos[0]["logit_scale"] is not None:
+            head.logit_scale.fill_(infos[0]["logit_scale"])
+        self.from_checkpoint = infos[0]["source"]
 
     @property
     def text_side(self):
