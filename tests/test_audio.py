@@ -141,7 +141,8 @@ def test_bad_audio_row_is_named_or_skipped(assets, tmp_path):
     assert skipped.exit_code == 0 and "skipped 1 row(s) with 1 bad audio file(s)" in skipped.output, skipped.output
 
 
-def test_audio_only_recipe_needs_no_image_or_text_column(assets, tmp_path):
+def audio_only_recipe(assets, tmp_path) -> Path:
+    """A recipe of one audio encoder over clips with their answer (no image, no question column)."""
     files = {k: Path(v) for k, v in assets["audio_data"].items()}
     for split in ("train", "test"):
         rows = [{"audio": r["audio"], "answer": r["answer"]} for r in map(json.loads, files[split].read_text().splitlines())]
@@ -154,6 +155,12 @@ def test_audio_only_recipe_needs_no_image_or_text_column(assets, tmp_path):
            "train": {"epochs": 4, "batch_size": 8, "lr": 1e-2, "head_lr": 1e-2}, "output": {"dir": str(tmp_path / "out"), "plots": False}}
     recipe = tmp_path / "audio.yaml"
     recipe.write_text(yaml.safe_dump(raw))
+    return recipe
+
+
+def test_audio_only_recipe_needs_no_image_or_text_column(assets, tmp_path):
+    files = {k: Path(v) for k, v in assets["audio_data"].items()}
+    recipe = audio_only_recipe(assets, tmp_path)
     assert runner.invoke(app, ["validate", str(recipe)]).exit_code == 0
     result = runner.invoke(app, ["finetune", str(recipe)])
     assert result.exit_code == 0, result.output
@@ -183,6 +190,13 @@ def test_audio_only_recipe_needs_no_image_or_text_column(assets, tmp_path):
         assert missing.status_code == 422 and "audio is required" in missing.json()["error"]
         bad = client.post("/predict", files={"audio": ("clip.wav", b"not audio at all", "audio/wav")})
         assert bad.status_code == 415 and "not an audio file" in bad.json()["error"]
+        assert client.get("/bundles").json()["bundles"][0]["inputs"] == ["audio"]  # the page shows only an audio input
+    # push to a (local) hub and pull into a fresh folder: the audio bundle answers the same
+    hub, fresh = tmp_path / "hub", tmp_path / "pulled"
+    assert runner.invoke(app, ["push", str(tmp_path / "out" / "audio_only"), "alice/digits", "--hub-dir", str(hub)]).exit_code == 0
+    res = runner.invoke(app, ["pull", "alice/digits", "--hub-dir", str(hub), "--out", str(fresh)])
+    assert res.exit_code == 0, res.output
+    assert Predictor(fresh).predict([], [], top_k=3, audios=[str(clip)])[0]["top_k"] == expected["top_k"]
 
 
 @pytest.mark.skipif(not (FSDD / "recordings").is_dir(), reason="FSDD is not at ../shared/fsdd")

@@ -96,3 +96,41 @@ def test_page_answers_like_the_api_and_shows_errors(assets, tmp_path):
         driver.quit()
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_page_asks_an_audio_bundle_for_a_clip_only(assets, tmp_path):
+    """An audio-only bundle: the page hides the image and question inputs, takes a clip, and
+    answers as the API does; a file that is not audio shows the server's error."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.test_audio import audio_only_recipe
+
+    assert CliRunner().invoke(cli, ["finetune", str(audio_only_recipe(assets, tmp_path))]).exit_code == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = start_server(tmp_path / "out" / "audio_only", port)
+    driver = browser()
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        clip = Path(assets["audio_data"]["test"]).parent / "audio" / "test_0.wav"
+        api = httpx.post(url + "predict", files={"audio": ("x.wav", clip.read_bytes())}).json()
+        driver.get(url)
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "bundle").text.strip())
+        assert not driver.find_element(By.ID, "drop").is_displayed() and not driver.find_element(By.ID, "question").is_displayed()
+        driver.find_element(By.ID, "ask").click()
+        WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "error").text)
+        assert "choose an audio clip first" in driver.find_element(By.ID, "error").text
+        for upload, says in ((clip, ""), (tmp_path / "audio.yaml", "not an audio file")):
+            driver.find_element(By.ID, "audio").send_keys(str(upload))
+            driver.find_element(By.ID, "ask").click()
+            WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "answer").text or d.find_element(By.ID, "error").text)
+            if says:
+                assert says in driver.find_element(By.ID, "error").text
+            else:
+                assert driver.find_element(By.ID, "answer").text == api["answer"]
+    finally:
+        driver.quit()
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)

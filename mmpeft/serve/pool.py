@@ -58,8 +58,8 @@ class Served:
     summary: dict = field(default_factory=dict)
 
 
-def describe(name: str, path: Path, manifest: dict, recipe, vocab_size: int, version: str) -> dict:
-    """What ``GET /bundles`` says of a bundle: methods, metrics, data, its model card."""
+def describe(name: str, path: Path, manifest: dict, recipe, vocab_size: int, version: str, inputs=()) -> dict:
+    """What ``GET /bundles`` says of a bundle: the inputs it reads, methods, metrics, data, its model card."""
     card = (path / "README.md").read_text(errors="replace")[:4000] if (path / "README.md").is_file() else ""
     metrics, test_rows = {}, None
     if (path / "metrics.json").is_file():
@@ -72,6 +72,7 @@ def describe(name: str, path: Path, manifest: dict, recipe, vocab_size: int, ver
             for value, group in test.get("groups", {}).get(field_name, {}).items():
                 metrics[f"{field_name}={value}"] = group["accuracy"]
     return {"name": name, "version": version, "created": manifest.get("created"), "task": manifest["task"],
+            "inputs": [m for m in ("image", "text", "audio") if m in inputs],
             "methods": {n: e["method"] for n, e in manifest["encoders"].items()}, "head": manifest["head"]["type"],
             "vocabulary_size": vocab_size, "data": recipe.data.source, "test_rows": test_rows, "metrics": metrics, "card": card,
             "intended_use": "research; not a medical device, not for diagnosis"}
@@ -137,7 +138,8 @@ class AdapterPool:
         model.to(self.device).train(False)
         version = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()[:12]
         self.bundles[name] = Served(name, bundle, manifest, recipe, Vocabulary(vocab), tasks, model, shared_of, version,
-                                    describe(name, bundle, manifest, recipe, len(vocab), version))
+                                    describe(name, bundle, manifest, recipe, len(vocab), version,
+                                             {enc.modality for enc in model.encoders.values()}))
 
     @staticmethod
     def _copy_in(shared: Shared, state: dict) -> None:
