@@ -22,6 +22,7 @@ def assets(tmp_path_factory) -> dict:
         "wav2vec2": tiny.make_wav2vec2(root / "wav2vec2"),
         "whisper": tiny.make_whisper(root / "whisper"),
         "ast": tiny.make_ast(root / "ast"),
+        "clap": tiny.make_clap(root / "clap"),
         "audio_data": tiny.make_audio_dataset(root / "audio_data"),
         "data": tiny.make_dataset(root / "data"),
         # bitsandbytes' CPU 4-bit kernels need layer widths of at least one block (64)

@@ -7,9 +7,9 @@ import torch
 from mmpeft.config import load_recipe
 from tests import tiny
 
-ENCODER_KINDS = ["bert", "vit", "clip", "resnet", "effnet", "effnet_audio", "wav2vec2", "whisper", "ast"]
+ENCODER_KINDS = ["bert", "vit", "clip", "resnet", "effnet", "effnet_audio", "wav2vec2", "whisper", "ast", "clap"]
 # the kinds that sit in a recipe's second encoder slot
-IMAGE_KINDS = ["vit", "clip", "resnet", "effnet", "effnet_audio", "wav2vec2", "whisper", "ast"]
+IMAGE_KINDS = ["vit", "clip", "resnet", "effnet", "effnet_audio", "wav2vec2", "whisper", "ast", "clap"]
 
 
 def refuses(enc, method: str) -> bool:

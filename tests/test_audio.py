@@ -212,12 +212,14 @@ def test_fsdd_splits():
         fsdd_samples(str(FSDD), ["nobody"])
 
 
-HF_AUDIO = ["wav2vec2", "whisper", "ast"]
+HF_AUDIO = ["wav2vec2", "whisper", "ast", "clap"]
+LORA_NAMES = {"clap": ("query", "value")}  # HTSAT blocks name their projections as BERT does
+ARCH = {"ast": "audio-spectrogram-transformer", "clap": "clap_audio_model"}
 
 
 @pytest.mark.parametrize("kind", HF_AUDIO)
 def test_transformers_audio_encoder_trains_evaluates_predicts_merges_exports(assets, tmp_path, kind):
-    """A tiny random Wav2Vec2 / Whisper / AST (config -> save -> load through the real loader)
+    """A tiny random Wav2Vec2 / Whisper / AST / CLAP (config -> save -> load through the real loader)
     with LoRA, on the audio rows through the CLI; the merged encoder is a plain transformers
     folder (AutoModel loads it, no LoRA left) and equals the unmerged one."""
     files = assets["audio_data"]
@@ -230,12 +232,12 @@ def test_transformers_audio_encoder_trains_evaluates_predicts_merges_exports(ass
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(raw))
     dry = runner.invoke(app, ["finetune", str(path), "--dry-run"])
-    assert dry.exit_code == 0 and "q_proj x2" in dry.output and "v_proj x2" in dry.output, dry.output
+    q, v = LORA_NAMES.get(kind, ("q_proj", "v_proj"))
+    assert dry.exit_code == 0 and f"{q} x2" in dry.output and f"{v} x2" in dry.output, dry.output
     res = runner.invoke(app, ["finetune", str(path)])
     assert res.exit_code == 0, res.output
     bundle = tmp_path / "out" / "hf_audio"
-    assert json.loads((bundle / "manifest.json").read_text())["encoders"]["audio"]["arch"] == kind.replace(
-        "ast", "audio-spectrogram-transformer")
+    assert json.loads((bundle / "manifest.json").read_text())["encoders"]["audio"]["arch"] == ARCH.get(kind, kind)
     res = runner.invoke(app, ["evaluate", str(bundle)])
     assert res.exit_code == 0 and "reproduced" in res.output, res.output
     clip = files["test"].parent / json.loads(files["test"].read_text().splitlines()[0])["audio"]

@@ -203,7 +203,7 @@ def test_gradient_checkpointing_recomputes_and_keeps_gradients(assets, tmp_path,
         return calls[0], {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
     plain_calls, plain = gradients()
-    if kind == "resnet":  # transformers' ResNet cannot checkpoint: reported by dry runs, not an error
+    if kind in ("resnet", "clap"):  # transformers' ResNet and CLAP audio cannot checkpoint: reported by dry runs
         assert not enc.enable_gradient_checkpointing()
         return
     assert enc.enable_gradient_checkpointing()

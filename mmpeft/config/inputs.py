@@ -33,7 +33,8 @@ MODEL_TYPE_MODALITIES = {
     **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "distilbert", "deberta-v2", "clip_text_model"), "text"),
     **dict.fromkeys(("vit", "deit", "dinov2", "clip_vision_model", "siglip_vision_model", "convnext", "resnet", "clip",
                      "siglip"), "image"),
-    **dict.fromkeys(("wav2vec2", "hubert", "wavlm", "whisper", "audio-spectrogram-transformer"), "audio"),
+    **dict.fromkeys(("wav2vec2", "hubert", "wavlm", "whisper", "audio-spectrogram-transformer", "clap_audio_model", "clap"),
+                    "audio"),
 }
 
 

@@ -113,12 +113,20 @@ TABLE.update({
     "whisper": Architecture(modality="audio", lora=_QV, ia3=(["k_proj", "v_proj", "fc2"], ["fc2"]),
                             adapter_attention=r".*\.self_attn\.out_proj", adapter_ffn=r".*\.fc2", prompt="none", pooling="mean"),
     "audio-spectrogram-transformer": replace(VIT, modality="audio", prompt_offset=2, pooling="pooler"),
+    # CLAP's audio tower (Wu et al. 2023): HTSAT, a Swin transformer over the log-mel image,
+    # BERT-style module names inside its windowed blocks; pooled by its own head; transformers
+    # cannot checkpoint it
+    "clap_audio_model": Architecture(
+        modality="audio", lora=["query", "value"],
+        ia3=(r".*\.attention\.self\.(key|value)|.*\.blocks\.\d+\.output\.dense", r".*\.blocks\.\d+\.output\.dense"),
+        adapter_attention=r".*\.attention\.output\.dense", adapter_ffn=r".*\.blocks\.\d+\.output\.dense",
+        prompt="none", pooling="pooler", checkpointing=False),
 })
 # The same CNN reading log-mel spectrograms (encoders/audio.py): every default carries over.
 TABLE["efficientnet_lite_audio"] = replace(TABLE["efficientnet_lite"], modality="audio")
 # Full dual-encoder checkpoints: mmpeft keeps the image tower, or the text tower of one read
 # with ``modality: text`` (see HFImageEncoder, HFTextEncoder); the value is the default.
-DUAL_ENCODERS = {"clip": "image", "siglip": "image"}
+DUAL_ENCODERS = {"clip": "image", "siglip": "image", "clap": "audio"}
 
 UNKNOWN = Architecture()
 

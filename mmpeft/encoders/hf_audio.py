@@ -8,7 +8,10 @@ feature extractor (``AutoFeatureExtractor``):
 - Whisper's encoder (Radford et al. 2022): the extractor's log-mel spectrogram, always
   padded to the model's fixed window (``chunk_length`` seconds), as Whisper requires;
 - AST (Gong et al. 2021): the extractor's Kaldi-style filter bank, padded or cut to its
-  ``max_length`` frames; AST attends to every frame and pools its two leading tokens.
+  ``max_length`` frames; AST attends to every frame and pools its two leading tokens;
+- CLAP's audio tower (Wu et al. 2023, HTSAT: Chen et al. 2022), from a whole CLAP
+  checkpoint (its text tower is left out): the extractor's log-mel image, a clip cut to its
+  ``max_length_s`` and repeated to fill it ("repeatpad", as CLAP trains); pooled by HTSAT's head.
 
 Clips are read at the extractor's sampling rate (``encoders.<name>.audio.sample_rate`` does
 not apply to these models) and cut at ``audio.max_seconds`` (or at what the model can
@@ -49,6 +52,10 @@ class HFAudioEncoder(Encoder):
             # so a merged base loads back with AutoModel as the checkpoint did
             self._whole = [model]
             model = model.get_encoder()
+        elif model_type == "clap":  # a whole CLAP checkpoint: its audio tower, saved whole for the same reason
+            self._whole = [model]
+            model = model.audio_model
+            model_type = model.config.model_type
         self.model = model
         if getattr(model.config, "layerdrop", 0.0):
             # LayerDrop (on in Wav2Vec2 / HuBERT / WavLM configs) skips whole layers in training mode
@@ -65,13 +72,15 @@ class HFAudioEncoder(Encoder):
             limit = float(extractor.chunk_length)
         elif model_type == "audio-spectrogram-transformer":
             limit = extractor.max_length * 0.01  # Kaldi filter banks: one frame every 10 ms
+        elif model_type == "clap_audio_model":
+            limit = float(extractor.max_length_s)  # a longer clip would be cropped at random by the extractor
         else:
             limit = settings.max_seconds
         self.audio = settings.model_copy(update={"sample_rate": rate, "max_seconds": min(settings.max_seconds, limit)})
         self.samples = int(round(self.audio.max_seconds * rate))
-        if model_type not in WAVEFORM + ("whisper", "audio-spectrogram-transformer"):
+        if model_type not in WAVEFORM + ("whisper", "audio-spectrogram-transformer", "clap_audio_model"):
             raise RecipeError([f"encoder {source!r}: audio model type {model_type!r} is not supported yet "
-                               "(supported: wav2vec2, hubert, wavlm, whisper, audio-spectrogram-transformer)"])
+                               "(supported: wav2vec2, hubert, wavlm, whisper, audio-spectrogram-transformer, clap)"])
 
     @property
     def max_tokens(self) -> int:
@@ -81,6 +90,8 @@ class HFAudioEncoder(Encoder):
             return int(self.base_model()._get_feat_extract_output_lengths(torch.tensor(self.samples)))
         if self.arch == "whisper":
             return int(cfg.max_source_positions)
+        if self.arch == "clap_audio_model":
+            return (cfg.spec_size // cfg.patch_stride[0] // 2 ** (len(cfg.depths) - 1)) ** 2
         rows = (cfg.num_mel_bins - cfg.patch_size) // cfg.frequency_stride + 1
         return rows * ((cfg.max_length - cfg.patch_size) // cfg.time_stride + 1) + 2
 
@@ -93,6 +104,14 @@ class HFAudioEncoder(Encoder):
             padded = np.full(self.samples, float(getattr(self.extractor, "padding_value", 0.0)), dtype=np.float32)
             padded[: len(wave)] = wave
             return torch.from_numpy(padded), max(1, len(wave))
+        if self.arch == "clap_audio_model":
+            # the clip is already cut to max_length_s, so the truncation mode never crops (nor draws
+            # at random); shorter clips are repeated to the window (CLAP's "repeatpad"): no mask
+            fused = bool(getattr(self.base_model().config, "enable_fusion", False))
+            out = self.extractor(wave, sampling_rate=self.audio.sample_rate, return_tensors="np",
+                                 truncation="fusion" if fused else "rand_trunc", padding="repeatpad")
+            features = torch.from_numpy(np.asarray(out["input_features"][0], dtype=np.float32))  # [channels, frames, mels]
+            return features, features.shape[1]
         out = self.extractor(wave, sampling_rate=self.audio.sample_rate, return_tensors="np")
         if self.arch == "whisper":
             features = torch.from_numpy(np.asarray(out["input_features"][0], dtype=np.float32))
@@ -119,10 +138,15 @@ class HFAudioEncoder(Encoder):
         elif self.arch == "whisper":
             out = self.model(input_features=x)
             lengths = torch.div(frames + 1, 2, rounding_mode="floor")  # the second convolution has stride 2
+        elif self.arch == "clap_audio_model":
+            out = self.model(input_features=x, is_longer=torch.zeros(x.shape[0], 1, dtype=torch.bool, device=x.device))
+            lengths = None
         else:
             out = self.model(input_values=x)
             lengths = None
         tokens = out.last_hidden_state
+        if tokens.dim() == 4:  # HTSAT's last feature map [B, C, F, T] -> tokens [B, FT, C]
+            tokens = tokens.flatten(2).transpose(1, 2)
         if self.num_prompt_tokens:  # VPT tokens (AST) sit after its two leading tokens
             o, p = self.family.prompt_offset, self.num_prompt_tokens
             tokens = torch.cat([tokens[:, :o], tokens[:, o + p:]], dim=1)
