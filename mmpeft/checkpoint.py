@@ -315,3 +315,22 @@ def remove_checkpoints(folder: Path) -> None:
     if parent.is_dir() and not any(parent.iterdir()):
         parent.rmdir()
 
+
+def is_final(checkpoint: Path) -> bool:
+    """Whether a checkpoint was written after training finished (only the test pass and the bundle were left)."""
+    try:
+        return bool(json.loads((checkpoint / "checkpoint.json").read_text())["loop"]["finished"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """A copy of the trainable parameters (the best epoch's, kept while training goes on)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, state) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)

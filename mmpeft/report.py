@@ -130,3 +130,11 @@ def save_plots(directory: Path, history: list[dict], test_metrics: dict, group_f
         plt.close(fig)
         written.append("group_accuracy.png")
     return written
+
+
+def sampling_line(sampler, t) -> str:
+    """How an epoch's batches are shared between the tasks' datasets (a ``DatasetBatches``)."""
+    rule = f"temperature (T={t.sampling_temperature:g})" if t.task_sampling == "temperature" else t.task_sampling
+    parts = ", ".join(f"{name or 'data'} {rows:,} rows {share:.1%}" for name, rows, share in
+                      zip(sampler.names, sampler.rows, sampler.shares()))
+    return f"batches drawn by {rule}, {len(sampler)} an epoch: {parts}"

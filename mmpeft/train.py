@@ -21,49 +21,21 @@ import torch
 from . import faults
 from .bundle.card import write_card
 from .bundle.writer import bundle_writer
-from .checkpoint import (LoopState, capture_rng, data_fingerprint, list_checkpoints, newest_checkpoint, remove_checkpoints,
-                         restore_rng, run_settings, write_checkpoint)
+from .checkpoint import (LoopState, capture_rng, data_fingerprint, is_final, list_checkpoints, load_trainable_state, newest_checkpoint,
+                         remove_checkpoints, restore_rng, run_settings, trainable_state, write_checkpoint)
 from .config import Recipe, load_recipe
 from .config.paths import require_data
 from .data import Collator, ImageStore, make_loader, probe_images, recipe_splits
-from .data.sampling import DatasetBatches
+from .data.sampling import DatasetBatches, epoch_sampler, timed
 from .errors import Interrupted, UsageError
 from .files import check_writable, output_lock
 from .interrupt import stop_on_signals
 from .model import build_model, summarize
 from .progress import progress
-from .quant import require_bitsandbytes
-from .report import print_epoch, print_summary, print_test, save_plots
-from .runtime import (flat_metrics, groups_to_report, in_order, make_accelerator, peak_memory_mib, pin_memory, predict_logits,
+from .report import sampling_line, print_epoch, print_summary, print_test, save_plots
+from .runtime import (cosine_with_warmup, flat_metrics, make_optimizer, groups_to_report, in_order, make_accelerator, peak_memory_mib, pin_memory, predict_logits,
                       prepare_tasks, score, select_metric, task_rows)
 from .tasks import recipe_task_set
-
-
-def cosine_with_warmup(optimizer, warmup: int, total: int):
-    """Linear warm-up to the base learning rate, then cosine decay to zero."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def make_optimizer(model, t):
-    """AdamW with separate learning rates for adapters and head; no decay on biases/norms."""
-    groups = []
-    for params, lr in ((model.adapter_parameters(), t.lr), (model.head_parameters(), t.head_lr)):
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        groups += [g for g in ({"params": decay, "lr": lr, "weight_decay": t.weight_decay},
-                               {"params": no_decay, "lr": lr, "weight_decay": 0.0}) if g["params"]]
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(groups)
-    bnb = require_bitsandbytes()
-    cls = bnb.optim.AdamW8bit if t.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
-    return cls(groups)
 
 
 @dataclass
@@ -128,7 +100,7 @@ def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run
         checkpoints = out_dir.parent / ".checkpoints" / out_dir.name
         if not dry_run:
             found = list_checkpoints(checkpoints)
-            if resume and out_dir.exists() and (not found or _is_final(found[-1])):
+            if resume and out_dir.exists() and (not found or is_final(found[-1])):
                 # the bundle is in place: the run completed (a final checkpoint left means its removal was cut short)
                 accelerator.print(f"{out_dir} is complete (its bundle is written); nothing to resume")
                 if is_main:
@@ -145,12 +117,6 @@ def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run
         set_seed(t.seed)
         return _run(recipe, accelerator, out_dir, checkpoints, dry_run, resume)
 
-
-def _is_final(checkpoint: Path) -> bool:
-    try:
-        return bool(json.loads((checkpoint / "checkpoint.json").read_text())["loop"]["finished"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
 
 
 def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run: bool, resume: bool):
@@ -185,7 +151,7 @@ def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run:
     train_loader = make_loader(splits.train, collator, t.batch_size, True, t.seed, t.num_workers, recipe.data.group_by_image, pin,
                                t.task_sampling, t.sampling_temperature)
     if isinstance(train_loader.batch_sampler, DatasetBatches):
-        run_log_sampling(accelerator, train_loader.batch_sampler, t)
+        accelerator.print(sampling_line(train_loader.batch_sampler, t))
     eval_loader = make_loader(splits.eval, Collator(splits.eval, encoders, tasks, store), t.eval_batch_size, False, t.seed,
                               t.num_workers, pin_memory=pin) if splits.eval else None
     test_loader = make_loader(splits.test, Collator(splits.test, encoders, tasks, store), t.eval_batch_size, False, t.seed,
@@ -226,7 +192,7 @@ def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run:
             best_state = _train(run, loop, best_state, saved, stop)
             _checkpoint(run, loop, best_state, None, finished=True)
         if best_state is not None:
-            _load_trainable_state(run.raw_model, best_state)
+            load_trainable_state(run.raw_model, best_state)
             task_name, metric, _ = select_metric(recipe, tasks)
             run.log(f"restored best checkpoint from epoch {loop.best_epoch} ({task_name}.{metric}={loop.best_value:.4f})")
         _tune_on_validation(run)
@@ -250,7 +216,7 @@ def _train(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -
     recipe, accelerator, model = run.recipe, run.accelerator, run.model
     t = recipe.train
     rank = accelerator.process_index
-    generator, sampler = run.train_loader.generator, _epoch_sampler(run.train_loader)
+    generator, sampler = run.train_loader.generator, epoch_sampler(run.train_loader)
     select_task, select, higher_better = select_metric(recipe, run.tasks)
     for epoch in range(loop.epoch, t.epochs + 1):
         resumed = saved is not None and epoch == loop.epoch
@@ -268,7 +234,7 @@ def _train(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -
         loader = _skip_batches(run.train_loader, loop.batches_done) if mid_epoch else run.train_loader
         epoch_batches = loop.batches_done + len(loader)  # counted before the sampler moves on to the next epoch
         waiting = [0.0]  # seconds this epoch spent waiting for batches (loading, collating), not computing
-        batches = _timed(iter(loader), waiting)
+        batches = timed(iter(loader), waiting)
         first = next(batches, None)  # draws the epoch's order (and prefetches) before the RNG is set below
         if mid_epoch:
             restore_rng(saved["rng"][rank], data_order=False)
@@ -322,7 +288,7 @@ def _train(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -
             improved = math.isfinite(value) and (loop.best_value is None or (value > loop.best_value if higher_better else value < loop.best_value))
             if improved:
                 loop.best_value, loop.best_epoch, loop.stale = value, epoch, 0
-                best_state = _trainable_state(run.raw_model)
+                best_state = trainable_state(run.raw_model)
             else:
                 loop.stale += 1
         loop.history.append(row)
@@ -364,25 +330,6 @@ def _tune_on_validation(run: Run) -> None:
         run.log(task.tune(*task_rows(ordered, task, run.raw_model.slices[task.name])))
 
 
-def run_log_sampling(accelerator, sampler: DatasetBatches, t) -> None:
-    """Say how an epoch's batches are shared between the tasks' datasets."""
-    rule = f"temperature (T={t.sampling_temperature:g})" if t.task_sampling == "temperature" else t.task_sampling
-    parts = ", ".join(f"{name or 'data'} {rows:,} rows {share:.1%}" for name, rows, share in
-                      zip(sampler.names, sampler.rows, sampler.shares()))
-    accelerator.print(f"batches drawn by {rule}, {len(sampler)} an epoch: {parts}")
-
-
-def _timed(iterator, total: list):
-    """Yield from ``iterator``, adding the time spent waiting for each item to ``total[0]``."""
-    while True:
-        start = time.perf_counter()
-        try:
-            item = next(iterator)
-        except StopIteration:
-            return
-        total[0] += time.perf_counter() - start
-        yield item
-
 
 def _due(run: Run, loop: LoopState, per_epoch: bool) -> bool:
     """Whether a checkpoint is due now: ``train.checkpoint_every`` (every epoch, or every N
@@ -401,7 +348,7 @@ def _checkpoint(run: Run, loop: LoopState, best_state, epoch_rng: Optional[dict]
     accelerator = run.accelerator
     loop.finished = finished
     loop.accelerator_step = accelerator.step
-    rng = capture_rng(run.train_loader.generator, _epoch_sampler(run.train_loader))
+    rng = capture_rng(run.train_loader.generator, epoch_sampler(run.train_loader))
     rngs = gather_object([rng]) if accelerator.num_processes > 1 else [rng]
     epoch_rngs = (gather_object([epoch_rng]) if accelerator.num_processes > 1 else [epoch_rng]) if epoch_rng else None
     if accelerator.is_main_process:
@@ -424,13 +371,6 @@ def _interrupted(stop, recipe: Recipe, checkpoints: Path) -> Interrupted:
     return Interrupted(f"stopped by {stop.name}; checkpoint written to {checkpoints}. Resume with: "
                        f"mmpeft finetune <the same recipe and overrides> --resume", stop.exit_code)
 
-
-def _epoch_sampler(loader):
-    """The batch sampler that counts epochs itself (:class:`~mmpeft.data.loader.ImageGroupedBatches`), if any."""
-    sampler = getattr(loader, "batch_sampler", None)
-    while sampler is not None and not hasattr(sampler, "set_epoch"):
-        sampler = getattr(sampler, "batch_sampler", None)
-    return sampler
 
 
 def _skip_batches(loader, count: int):
@@ -467,15 +407,6 @@ def _write_bundle(run: Run, out_dir: Path, loop: LoopState, test_metrics: dict) 
             f"({'torch.cuda.max_memory_allocated' if device.type == 'cuda' else 'process peak RSS'})")
 
 
-def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _load_trainable_state(model, state) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
 
 
 def _tensorboard(logdir: Path):

@@ -11,6 +11,7 @@ Arivazhagan et al., 2019, for the same rule over languages).
 from __future__ import annotations
 
 import random
+import time
 
 import torch
 
@@ -140,3 +141,23 @@ class DatasetBatches(ImageGroupedBatches):
             out.append(queues[p][taken[p]])
             taken[p] += 1
         return out
+
+
+def epoch_sampler(loader):
+    """The batch sampler that counts epochs itself (:class:`ImageGroupedBatches`, :class:`DatasetBatches`), if any."""
+    sampler = getattr(loader, "batch_sampler", None)
+    while sampler is not None and not hasattr(sampler, "set_epoch"):
+        sampler = getattr(sampler, "batch_sampler", None)
+    return sampler
+
+
+def timed(iterator, total: list):
+    """Yield from ``iterator``, adding the time spent waiting for each item to ``total[0]``."""
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        total[0] += time.perf_counter() - start
+        yield item
