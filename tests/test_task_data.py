@@ -174,3 +174,27 @@ def test_a_missing_task_data_file_or_input_is_named_before_training(assets, tmp_
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     res = runner.invoke(app, ["finetune", str(path)])
     assert res.exit_code == 2 and f"{train}, row 3: missing field(s) 'image'" in res.output, res.output
+
+
+def test_shared_rows_need_only_the_encoders_of_the_tasks_reading_them(assets, tmp_path):
+    """A text-only answer task on the recipe's data beside an image task on its own: the shared
+    manifest needs no image column, and its batches hold only the text encoder's input."""
+    from mmpeft.data import Collator, ImageStore, recipe_splits
+    from mmpeft.model import build_model
+    from mmpeft.tasks import recipe_task_set
+
+    _, raw = own_data_recipe(assets, tmp_path)
+    for split in ("train", "test"):
+        rows = [json.loads(line) for line in open(raw["data"][split])]
+        text_only = tmp_path / f"text_{split}.jsonl"
+        text_only.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "image"}) + "\n" for r in rows))
+        raw["data"][split] = str(text_only)
+    raw["tasks"]["answer"]["encoders"] = ["text"]
+    rec = load_recipe(raw)
+    splits = recipe_splits(rec)
+    assert all(s.image == "" for s in splits.train if s.dataset == "")
+    tasks = recipe_task_set(rec, splits.train)
+    model = build_model(rec, tasks)
+    collator = Collator(splits.train, dict(model.encoders.items()), tasks, ImageStore())
+    batch = collator([i for i, s in enumerate(splits.train) if s.dataset == ""][:4])
+    assert set(batch["inputs"]) == {"text"} and model(batch["inputs"]).shape == (4, 5 + 2)
