@@ -271,7 +271,7 @@ class Collator:
         rng = random.Random(f"{self.seed}/{self.epoch}/{list(indices)}") if self.augment_images else None
         inputs, keys = {}, {}
         # one dataset: every encoder reads every row (as recipe_splits asks of the rows); several: each its own
-        needed = (set(self.encoders) if set(self.needs) == {""} else
+        needed = (set(self.encoders) if set(self.needs) <= {""} else
                   set().union(*(self.needs.get(d, ()) for d in {r.dataset for r in rows})))
         for name, enc in self.encoders.items():
             if name not in needed:
