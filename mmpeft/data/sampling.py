@@ -103,9 +103,8 @@ class DatasetBatches(ImageGroupedBatches):
 
     def shares(self) -> list[float]:
         """Each dataset's expected share of an epoch's batches under the rule."""
-        counts = [len(pack(g, list(range(len(g))), self.batch_size)) for g in self.groups]
         if self.rule == "proportional" or not self.shuffle:
-            weights = counts
+            weights = [len(pack(g, list(range(len(g))), self.batch_size)) for g in self.groups]  # batches a pass
         elif self.rule == "round_robin":
             weights = [1.0] * len(counts)
         else:
