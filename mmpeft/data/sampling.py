@@ -106,7 +106,7 @@ class DatasetBatches(ImageGroupedBatches):
         if self.rule == "proportional" or not self.shuffle:
             weights = [len(pack(g, list(range(len(g))), self.batch_size)) for g in self.groups]  # batches a pass
         elif self.rule == "round_robin":
-            weights = [1.0] * len(counts)
+            weights = [1.0] * len(self.groups)
         else:
             weights = [n ** (1.0 / self.temperature) for n in self.rows]
         return [w / sum(weights) for w in weights]
