@@ -57,14 +57,15 @@ def run_settings(recipe) -> dict:
 
 
 def data_fingerprint(splits) -> str:
-    """sha256 over every row of every split (image, text, answer, groups, audio), row by row (a
+    """sha256 over every row of every split (image, text, answer, groups, audio, encoders' own columns), row by row (a
     million rows are hashed without building one large string)."""
     digest = hashlib.sha256()
     for name in ("train", "eval", "test"):
         digest.update(f"[{name}]".encode())
         for s in getattr(splits, name):
             row = ([s.image, s.text, s.answer, sorted(s.groups.items())] + ([s.audio] if s.audio else [])
-                   + ([sorted(s.extra.items())] if s.extra else []) + ([s.dataset] if s.dataset else []))
+                   + ([sorted(s.extra.items())] if s.extra else []) + ([s.dataset] if s.dataset else [])
+                   + ([sorted(s.inputs.items())] if s.inputs else []))
             digest.update(json.dumps(row).encode())
     return digest.hexdigest()
 

@@ -162,6 +162,9 @@ def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (o
             image: Optional[Path] = typer.Option(None, help="image file"),
             question: Optional[str] = typer.Option(None, help="question / text"),
             audio: Optional[Path] = typer.Option(None, help="audio file (bundles with an audio encoder)"),
+            encoder_input: List[str] = typer.Option([], "--encoder-input", metavar="ENCODER=VALUE",
+                                                    help="the input of an encoder that reads a column of its own "
+                                                    "(data.encoder_fields): a file path, or the text; repeatable"),
             input: Optional[Path] = typer.Option(None, "--input", help="manifest (.jsonl/.csv/.json) with the columns the bundle reads"),
             output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the input rows with their predictions (.jsonl or .csv)"),
             top_k: int = typer.Option(3, help="answers to show"),
@@ -174,8 +177,16 @@ def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (o
     """Answer a question about an image (or classify a clip, ...; or every row of a manifest)."""
     from .inference import Predictor, predict_manifest
 
-    if input is None and image is None and question is None and audio is None:
+    if input is None and image is None and question is None and audio is None and not encoder_input:
         raise UsageError("give the inputs the bundle reads (--image, --question, --audio), or --input manifest.jsonl")
+    own = {}
+    for item in encoder_input:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value or name in own:
+            raise UsageError(f"--encoder-input: expected ENCODER=VALUE, once per encoder (got {item!r})")
+        own[name] = [value]
+    if own and input is not None:
+        raise UsageError("--encoder-input: with --input, each encoder reads its own column from the manifest")
     if top_k < 1:
         raise UsageError(f"--top-k: must be at least 1 (got {top_k})")
     predictor = Predictor(bundle, _device(device), allow_base_mismatch)
@@ -192,7 +203,7 @@ def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (o
                 print(json.dumps(r))
         return
     one = {m: [str(given[m])] if m in predictor.reads else [] for m in given}
-    result = predictor.predict(one["image"], one["text"], top_k, audios=one["audio"], task=task)[0]
+    result = predictor.predict(one["image"], one["text"], top_k, audios=one["audio"], task=task, inputs=own)[0]
     for name, answer in (result["tasks"].items() if "tasks" in result else [(None, result)]):
         if name is not None:
             console.print(f"{name}:")

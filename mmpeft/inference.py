@@ -12,6 +12,7 @@ import torch
 from pydantic import BaseModel, Field, ValidationError
 
 from .bundle.io import load_bundle
+from .config.tasks import recipe_own_columns
 from .data import Collator, ImageStore, Sample, make_loader, read_rows, recipe_splits
 from .config.problems import describe_error
 from .errors import BundleError, DataError, MMPeftError, UsageError
@@ -110,27 +111,51 @@ class Predictor:
         self.device = device
 
     @property
+    def own(self) -> dict[str, tuple[str, str]]:
+        """``{encoder: (modality, column)}`` of the encoders that read a column of their own
+        (``data.encoder_fields`` of the recipe's data, else of the first task data naming them)."""
+        return recipe_own_columns(self.bundle.recipe)
+
+    @property
     def reads(self) -> list[str]:
-        """The inputs this bundle's encoders read, of "image", "text", "audio"."""
-        kinds = {enc.modality for enc in self.model.encoders.values()}
+        """The modalities this bundle's encoders read from their modality's input, of "image",
+        "text", "audio" (encoders with a column of their own: :attr:`own`)."""
+        kinds = {enc.modality for name, enc in self.model.encoders.items() if name not in self.own}
         return [m for m in ("image", "text", "audio") if m in kinds]
 
     @torch.no_grad()
     def predict(self, images: Sequence[str], texts: Sequence[str], top_k: int = 3, batch_size: int = 32,
-                audios: Sequence[str] = (), task: Optional[str] = None) -> list[dict]:
+                audios: Sequence[str] = (), task: Optional[str] = None,
+                inputs: Optional[dict[str, Sequence[str]]] = None) -> list[dict]:
         """What the bundle's task answers for each input: the i-th image path, text and audio
-        path (a list the bundle does not read may be empty). One task: its answer (vqa:
-        ``answer`` and ``top_k``); several: ``{"tasks": {name: answer}}``, or only ``task``'s."""
-        n = max(len(images), len(texts), len(audios))
+        path (a list the bundle does not read may be empty), and the i-th value of each
+        encoder reading a column of its own (``inputs``: encoder -> values; :attr:`own`).
+        One task: its answer (vqa: ``answer`` and ``top_k``); several: ``{"tasks": {name:
+        answer}}``, or only ``task``'s."""
+        inputs, own = dict(inputs or {}), self.own
+        unknown = [name for name in inputs if name not in own]
+        if unknown:
+            raise UsageError(f"--encoder-input: {', '.join(map(repr, unknown))} " +
+                             (f"is not an encoder with a column of its own (those are: {', '.join(own)})" if own else
+                              f"given, but every encoder of {self.bundle.path} reads its modality's input "
+                              "(--image / --question / --audio)"))
+        missing = [name for name in own if name not in inputs]
+        if missing:
+            raise UsageError(f"{self.bundle.path}: encoder(s) {', '.join(map(repr, missing))} read column(s) of their own: "
+                             "give " + " ".join(f"--encoder-input {n}=<{own[n][0]}>" for n in missing))
+        n = max([len(images), len(texts), len(audios)] + [len(v) for v in inputs.values()])
         images, texts, audios = (list(x) if len(x) else [""] * n for x in (images, texts, audios))
-        rows = [Sample(str(i), str(t), "", {}, f"input {k + 1}", str(a)) for k, (i, t, a) in enumerate(zip(images, texts, audios))]
+        rows = [Sample(str(i), str(t), "", {}, f"input {k + 1}", str(a),
+                       inputs={name: (own[name][0], own[name][1], str(values[k])) for name, values in inputs.items()})
+                for k, (i, t, a) in enumerate(zip(images, texts, audios))]
         self.store.check({"input": rows}, "error", hint="check the file path")
         if task is not None and task not in self.tasks:
             raise UsageError(f"--task: {task!r} is not a task of {self.bundle.path} (it has: {', '.join(self.tasks)})")
         answers = answer_rows(self.model, self.tasks, self.bundle.recipe, rows, self.store, top_k, self.device, batch_size,
                               where=str(self.bundle.path), only=task)
         fields = {"image": "image", "text": "question", "audio": "audio"}
-        return [{**{fields[m]: getattr(row, m) for m in self.reads}, **a} for row, a in zip(rows, answers)]
+        return [{**{fields[m]: getattr(row, m) for m in self.reads}, **{c: v for _, c, v in row.inputs.values()}, **a}
+                for row, a in zip(rows, answers)]
 
 
 @torch.no_grad()
@@ -176,18 +201,24 @@ def predict_manifest(predictor: Predictor, manifest: Path, out: Optional[Path], 
         raise DataError(f"input manifest not found: {path.resolve()}")
     rows = read_rows(path)
     columns = {"image": image_field, "text": text_field, "audio": audio_field}
-    needed = [columns[m] for m in predictor.reads]
-    values: dict[str, list[str]] = {m: [] for m in columns}
+    # encoders with a column of their own read it under the recipe's name for it
+    reads = [(("modality", m), m, columns[m]) for m in predictor.reads] + [
+        (("encoder", name), m, c) for name, (m, c) in predictor.own.items()]
+    needed = [column for _, _, column in reads]
+    values: dict[tuple, list[str]] = {key: [] for key, _, _ in reads}
     for number, row in rows:
         if not isinstance(row, dict) or any(row.get(f) in (None, "") and not (f == text_field and f in row) for f in needed):
             raise DataError(f"{path}, row {number}: needs field(s) {', '.join(map(repr, needed))} "
-                            "(--image-field / --text-field / --audio-field)")
-        for m in predictor.reads:
-            value = str(row[columns[m]])
+                            "(--image-field / --text-field / --audio-field; an encoder's own column: the recipe's "
+                            "data.encoder_fields)")
+        for key, m, column in reads:
+            value = str(row[column])
             if m != "text":  # file paths are relative to the manifest
                 value = str(Path(value) if Path(value).is_absolute() else path.parent / value)
-            values[m].append(value)
-    results = predictor.predict(values["image"], values["text"], top_k, audios=values["audio"], task=task)
+            values[key].append(value)
+    own = {name: values[("encoder", name)] for name in predictor.own}
+    given = {m: values.get(("modality", m), []) for m in ("image", "text", "audio")}
+    results = predictor.predict(given["image"], given["text"], top_k, audios=given["audio"], task=task, inputs=own)
     replaced = sorted({c for _, row in rows for c in PREDICTION_COLUMNS if c in row})
     if replaced:
         print(f"note: the input's column(s) {', '.join(replaced)} are replaced by this prediction's")

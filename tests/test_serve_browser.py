@@ -134,3 +134,49 @@ def test_page_asks_an_audio_bundle_for_a_clip_only(assets, tmp_path):
         driver.quit()
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_page_asks_for_each_encoders_own_input(assets, tmp_path):
+    """A bundle whose encoders read columns of their own (a prior scan, a note): the page shows a
+    field for each, refuses to ask without them, and answers as the API does with them."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.test_encoder_fields import make_pairs
+
+    files = make_pairs(tmp_path / "data", n_train=16, n_test=4)
+    raw = tiny.recipe_dict(assets["bert"], assets["vit"], files, tmp_path, epochs=1)
+    raw["encoders"]["prior"] = {"model": str(assets["vit"]), "peft": {"method": "lora"}}
+    raw["encoders"]["note"] = {"model": str(assets["bert"]), "max_length": 8, "peft": {"method": "bitfit"}}
+    raw["data"]["encoder_fields"] = {"prior": "prior_image", "note": "note"}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    assert CliRunner().invoke(cli, ["finetune", str(tmp_path / "r.yaml")]).exit_code == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = start_server(tmp_path / "tiny", port)
+    driver = browser()
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        now, prior = tmp_path / "data/images/test_0_now.png", tmp_path / "data/images/test_0_prior.png"
+        api = httpx.post(url + "predict", files={"image": ("a.png", now.read_bytes()), "input.prior": ("b.png", prior.read_bytes())},
+                         data={"question": "did the colour change ?", "input.note": "new patient", "top_k": "2"}).json()
+        driver.get(url)
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "bundle").text.strip())
+        assert "prior (image)" in driver.find_element(By.ID, "own-inputs").text
+        topk = driver.find_element(By.ID, "topk")  # two answers: no more than two to show
+        assert [o.text for o in topk.find_elements(By.TAG_NAME, "option")] == ["1", "2"] and topk.get_attribute("value") == "2"
+        driver.find_element(By.ID, "file").send_keys(str(now))
+        driver.find_element(By.ID, "question").send_keys("did the colour change ?")
+        driver.find_element(By.ID, "ask").click()
+        WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "error").text or d.find_element(By.ID, "answer").text)
+        assert "give note's text first" in driver.find_element(By.ID, "error").text
+        driver.find_element(By.ID, "own-note").send_keys("new patient")
+        driver.find_element(By.ID, "own-prior").send_keys(str(prior))
+        driver.find_element(By.ID, "ask").click()
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "answer").text or "first" not in d.find_element(By.ID, "error").text)
+        assert driver.find_element(By.ID, "answer").text == api["answer"] and not driver.find_element(By.ID, "error").text
+    finally:
+        driver.quit()
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)

@@ -78,7 +78,7 @@ def test_regression_metrics_match_scipy():
 class _Row:
     def __init__(self, text="", image="", extra=None, answer="", groups=None):
         self.text, self.image, self.audio, self.answer = text, image, "", answer
-        self.extra, self.groups, self.where = extra or {}, groups or {}, "row"
+        self.extra, self.groups, self.where, self.inputs = extra or {}, groups or {}, "row", {}
 
 
 def test_contrastive_loss_is_clip_infonce_and_duplicates_are_positives():

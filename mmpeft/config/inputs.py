@@ -56,11 +56,29 @@ def encoder_modality(cfg) -> Optional[str]:
     return MODEL_TYPE_MODALITIES.get(hf.get("model_type")) if isinstance(hf, dict) else None
 
 
-def recipe_inputs(recipe, names=None) -> tuple[str, ...]:
+MODALITY_FIELDS = {"image": "image_field", "text": "text_field", "audio": "audio_field"}  # data: keys of each column
+
+
+def own_columns(recipe, data, names=None) -> dict[str, tuple[str, str]]:
+    """``{encoder: (modality, column)}`` of the encoders ``names`` (default all) that read a
+    column of their own in the data block ``data`` (``data.encoder_fields``; one naming its
+    modality's own column reads it as every such encoder does, and is not listed)."""
+    columns = {}
+    for name in (names if names is not None else recipe.encoders):
+        column, kind = data.encoder_fields.get(name), encoder_modality(recipe.encoders[name])
+        if column is not None and kind is not None and column != getattr(data, MODALITY_FIELDS[kind]):
+            columns[name] = (kind, column)
+    return columns
+
+
+def recipe_inputs(recipe, names=None, data=None) -> tuple[str, ...]:
     """The modalities whose manifest columns every row must have (of the encoders ``names``;
-    default all). An encoder whose modality is not known yet counts as text and image (the
-    columns of an image-text recipe)."""
-    kinds = {encoder_modality(recipe.encoders[n]) for n in (names if names is not None else recipe.encoders)}
+    default all), but for encoders reading a column of their own in ``data``
+    (:func:`own_columns`). An encoder whose modality is not known yet counts as text and
+    image (the columns of an image-text recipe)."""
+    names = list(names if names is not None else recipe.encoders)
+    own = own_columns(recipe, data, names) if data is not None else {}
+    kinds = {encoder_modality(recipe.encoders[n]) for n in names if n not in own}
     if None in kinds:
         kinds = (kinds - {None}) | {"text", "image"}
     return tuple(m for m in MODALITIES if m in kinds)

@@ -8,6 +8,7 @@ dotted path and, for a misspelt key, the closest valid key.
 from __future__ import annotations
 
 import copy
+import difflib
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -228,6 +229,7 @@ def _semantic_checks(recipe: Recipe, tasks: dict) -> list[str]:
             problems += [f"data.{split}: required when data.source is {data.source!r} (path to a .jsonl, .csv or .json file)"
                          for split in REQUIRED_BY_SOURCE.get(data.source, ()) if getattr(data, split) is None]
         reads = {name: encoder_modality(recipe.encoders[name]) for name in names}
+        problems += _own_column_problems(data, where, reads, encoders)
         if data.source == "fsdd":  # FSDD rows are recordings: images only when paired, text only when given
             for name, kind in reads.items():
                 if kind == "image" and not data.pair_images:
@@ -238,6 +240,26 @@ def _semantic_checks(recipe: Recipe, tasks: dict) -> list[str]:
         elif "audio" in reads.values() and data.source != "manifest":
             problems.append(f"{where}.source: {data.source} has no audio; audio encoders read source fsdd or a manifest "
                             "with an audio column (audio_field)")
+    return problems
+
+
+def _own_column_problems(data, where: str, reads: dict, encoders: list[str]) -> list[str]:
+    """``data.encoder_fields`` against the encoders reading the block (``reads``: name -> modality)."""
+    problems = []
+    for name in data.encoder_fields:
+        key = f"{where}.encoder_fields.{name}"
+        if name not in encoders:
+            close = difflib.get_close_matches(name, encoders, n=1)
+            problems.append(f"{key}: {name!r} is not an encoder of this recipe" +
+                            (f"; did you mean {close[0]!r}?" if close else f" (have: {', '.join(encoders)})"))
+        elif name not in reads:
+            problems.append(f"{key}: encoder {name!r} reads none of these rows (its tasks have data of their own)")
+        elif data.source != "manifest":
+            problems.append(f"{key}: {data.source} has fixed columns; an encoder reads a column of its own from a "
+                            "manifest (data.source: manifest)")
+        elif reads[name] is None:
+            problems.append(f"{key}: the modality of encoder {name!r} is not known before it loads; set "
+                            f"encoders.{name}.modality (text, image or audio) to read a column of its own")
     return problems
 
 

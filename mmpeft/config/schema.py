@@ -92,6 +92,10 @@ class DataConfig(Strict):
     text_field: str = Field("question", description="manifest column holding the text")
     label_field: str = Field("answer", description="manifest column holding the answer / label")
     audio_field: str = Field("audio", description="manifest column holding the audio path (relative to the manifest)")
+    encoder_fields: dict[str, str] = Field(
+        default_factory=dict, max_length=64, description="manifest: {encoder name: column} for an encoder that reads a "
+        "column of its own instead of its modality's image_field / text_field / audio_field (e.g. two image encoders on "
+        "the current and the prior scan)")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of train held out for validation when no eval file")
     on_bad_image: Literal["error", "skip"] = Field("error", description="a missing or unreadable image stops the run, or its rows are skipped")
     on_bad_audio: Literal["error", "skip"] = Field("error", description="a missing, unreadable, empty or zero-length audio file stops the run, or its rows are skipped")
@@ -102,6 +106,14 @@ class DataConfig(Strict):
     max_test_samples: Optional[PositiveInt] = Field(None, description="cap on test rows")
     group_by_image: bool = Field(False, description="batch all questions of an image together (VQA: encodes each image once per epoch)")
     augment: bool = Field(False, description="light training augmentation (small crops, colour jitter; never flips: left/right matters); one random view per image per batch, shared by its questions")
+
+    @field_validator("encoder_fields")
+    @classmethod
+    def _columns_named(cls, value: dict[str, str]):
+        empty = [name for name, column in value.items() if not column.strip() or len(column) > 200]
+        if empty:
+            raise ValueError(f"the column of {', '.join(map(repr, empty))} must be a column name (1-200 characters)")
+        return value
 
 
 class TrainConfig(Strict):

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
 from ..registry import Registry
+from .inputs import own_columns
 from .schema import DataConfig
 
 #: the name of the task of a recipe's single ``task:`` block (``train.select: answer.accuracy``)
@@ -156,3 +157,14 @@ def data_blocks(recipe) -> dict[str, "DataConfig"]:
 
 def task_kind(settings: TaskSettings) -> str:
     return settings.registry_name
+
+
+def recipe_own_columns(recipe) -> dict[str, tuple[str, str]]:
+    """``{encoder: (modality, column)}`` of the encoders that read a column of their own
+    (``data.encoder_fields`` of the first data block naming them): the inputs ``predict``
+    and ``serve`` ask for by encoder name."""
+    found: dict[str, tuple[str, str]] = {}
+    for data in data_blocks(recipe).values():
+        for name, spec in own_columns(recipe, data).items():
+            found.setdefault(name, spec)
+    return found

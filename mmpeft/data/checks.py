@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import DataError
 from ..progress import progress
 from .audio import BadAudio, audio_info
-from .samples import Sample
+from .samples import Sample, files_of
 
 BAD_IMAGE_HINT = "fix the file or set data.on_bad_image: skip to leave such rows out"
 BAD_AUDIO_HINT = "fix the file or set data.on_bad_audio: skip to leave such rows out"
@@ -68,7 +68,7 @@ def clip_seconds(path: str) -> float:
 
 def bad_files(splits: dict[str, list[Sample]], kind: str, open_one, desc: str) -> dict[str, str]:
     """``{path: why}`` for the rows' ``kind`` ("image" / "audio") files that ``open_one`` refuses."""
-    paths = sorted({getattr(s, kind) for rows in splits.values() for s in rows} - {""})
+    paths = sorted({p for rows in splits.values() for s in rows for p in files_of(s, kind)})
     bad: dict[str, str] = {}
     for path in progress(paths, desc=desc, unit="file", leave=False, disable=len(paths) < 200):
         try:
@@ -88,13 +88,13 @@ NOUNS = {"image": "image(s)", "audio": "audio file(s)"}  # as the messages name 
 def raise_first_bad(splits: dict[str, list[Sample]], kind: str, bad: dict[str, str], hint: str) -> None:
     for rows in splits.values():
         for s in rows:
-            path = getattr(s, kind)
-            if path in bad:
-                raise DataError(f"{s.where}: {bad[path]}: {path} ({len(bad)} bad {NOUNS[kind]} in all; {hint})")
+            for path in files_of(s, kind):
+                if path in bad:
+                    raise DataError(f"{s.where}: {bad[path]}: {path} ({len(bad)} bad {NOUNS[kind]} in all; {hint})")
 
 
 def skip_bad(splits: dict[str, list[Sample]], kind: str, bad: dict[str, str], setting: str) -> dict[str, list[Sample]]:
-    kept = {name: [s for s in rows if getattr(s, kind) not in bad] for name, rows in splits.items()}
+    kept = {name: [s for s in rows if not any(p in bad for p in files_of(s, kind))] for name, rows in splits.items()}
     skipped = sum(len(splits[n]) - len(kept[n]) for n in splits)
     print(f"{setting}=skip: skipped {skipped} row(s) with {len(bad)} bad {NOUNS[kind]}")
     return kept

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 from PIL import Image
 
-from ..config.inputs import recipe_inputs
+from ..config.inputs import own_columns, recipe_inputs
 from ..config.tasks import data_blocks, recipe_tasks, task_dataset
 from ..config.paths import manifest_path
 from ..encoders.images import augment
@@ -18,7 +18,7 @@ from ..tasks import Task
 from .audio import read_audio
 from .checks import BAD_AUDIO_HINT, BAD_IMAGE_HINT, MAX_IMAGE_PIXELS, bad_files, clip_seconds, open_image, raise_first_bad, skip_bad
 from .sampling import DatasetBatches, ImageGroupedBatches
-from .samples import Sample, easy_vqa_caption_samples, easy_vqa_samples, fsdd_samples, load_manifest, vqa_rad_samples
+from .samples import Sample, input_of, easy_vqa_caption_samples, easy_vqa_samples, fsdd_samples, load_manifest, vqa_rad_samples
 
 
 @dataclass
@@ -28,9 +28,11 @@ class Splits:
     test: list[Sample]
 
 
-def load_splits(data, group_fields, seed: int, inputs=("image", "text"), targets=(), label_required: bool = True) -> Splits:
+def load_splits(data, group_fields, seed: int, inputs=("image", "text"), targets=(), label_required: bool = True,
+                own=None) -> Splits:
     """Load train/eval/test rows for a recipe's ``data:`` block; ``inputs`` are the modalities
-    its encoders read (:func:`~mmpeft.config.inputs.recipe_inputs`); ``targets`` and
+    its encoders read (:func:`~mmpeft.config.inputs.recipe_inputs`), ``own`` the encoders that
+    read a column of their own (:func:`~mmpeft.config.inputs.own_columns`); ``targets`` and
     ``label_required``: the columns its tasks read (:func:`task_columns`).
 
     Without an eval file, ``eval_fraction`` of the (shuffled) training rows is held out.
@@ -46,7 +48,7 @@ def load_splits(data, group_fields, seed: int, inputs=("image", "text"), targets
     else:
         def read(p):
             return load_manifest(manifest_path(data, p), data.image_field, data.text_field, data.label_field, group_fields,
-                                 data.audio_field, inputs, targets, label_required)
+                                 data.audio_field, inputs, targets, label_required, own)
 
         train, test = read(data.train), read(data.test)
         eval_rows = read(data.eval) if data.eval else None
@@ -103,7 +105,8 @@ def recipe_splits(recipe) -> Splits:
         if len(parts) == 0 and key == "" and len(tasks) == len(every):
             names = list(recipe.encoders)  # one dataset: every row has every encoder's input (as always)
         targets, required = task_columns(tasks, data.label_field, len(every) == 1)
-        split = load_splits(data, group_fields(tasks), recipe.train.seed, recipe_inputs(recipe, names), targets, required)
+        split = load_splits(data, group_fields(tasks), recipe.train.seed, recipe_inputs(recipe, names, data), targets,
+                            required, own_columns(recipe, data, names))
         if key:
             split = Splits(*([replace(s, dataset=key) for s in rows] for rows in (split.train, split.eval, split.test)))
         parts.append(split)
@@ -276,20 +279,21 @@ class Collator:
         for name, enc in self.encoders.items():
             if name not in needed:
                 continue
+            values = [input_of(r, name, enc.modality) for r in rows]  # its own column's (data.encoder_fields) or its modality's
             if enc.modality == "text":
-                inputs[name] = enc.preprocess([r.text for r in rows])
-                keys[name] = [r.text for r in rows]
+                inputs[name] = enc.preprocess(values)
+                keys[name] = values
             elif enc.modality == "audio":
-                clips = [self.store.audio_features_for(name, enc, r.audio) for r in rows]
+                clips = [self.store.audio_features_for(name, enc, path) for path in values]
                 inputs[name] = {"input_features": torch.stack([f for f, _ in clips]),
                                 "frames": torch.tensor([n for _, n in clips], dtype=torch.long)}
-                keys[name] = [r.audio for r in rows]
+                keys[name] = values
             else:
                 # VQA datasets ask many questions per image: encode each unique image once
                 # and let the model index rows into it (``row_index``). With augmentation
                 # each unique image gets one random view per batch, shared by its questions:
                 # a view per question would encode the same image ~10 times (VQA-RAD).
-                unique = list(dict.fromkeys(r.image for r in rows))
+                unique = list(dict.fromkeys(values))
                 if not self.augment_images:  # augmented views must never hit the feature cache
                     keys[name] = unique
                 if len(unique) == len(rows):
@@ -297,7 +301,7 @@ class Collator:
                 else:
                     position = {p: i for i, p in enumerate(unique)}
                     inputs[name] = {"pixel_values": torch.stack([self._pixels(name, enc, p, rng) for p in unique]),
-                                    "row_index": torch.tensor([position[r.image] for r in rows], dtype=torch.long)}
+                                    "row_index": torch.tensor([position[p] for p in values], dtype=torch.long)}
         targets = {name: task.collate(rows) for name, task in self.tasks.items()}
         counts = {name: sum(1 for r in rows if task.has(r)) for name, task in self.tasks.items()}  # rows each task learns from
         return {"inputs": inputs, "targets": targets, "index": torch.tensor(indices, dtype=torch.long), "keys": keys,

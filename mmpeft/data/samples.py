@@ -32,6 +32,21 @@ class Sample:
     audio: str = ""  # absolute path of the row's audio clip ("" for none)
     extra: dict = field(default_factory=dict)  # manifest columns the tasks read, as they were (multilabel lists, numbers)
     dataset: str = ""  # the task whose own data: the row came from ("": the recipe's data:, shared)
+    # encoders reading a column of their own (data.encoder_fields): {encoder: (modality, column, value)},
+    # image and audio values absolute paths
+    inputs: dict = field(default_factory=dict)
+
+
+def input_of(sample: Sample, encoder: str, modality: str) -> str:
+    """What ``encoder`` (of ``modality``) reads from a row: its own column's value, else its modality's."""
+    own = sample.inputs.get(encoder)
+    return getattr(sample, modality) if own is None else own[2]
+
+
+def files_of(sample: Sample, kind: str) -> list[str]:
+    """A row's ``kind`` ("image" / "audio") file paths: its modality's, then its encoders' own columns'."""
+    paths = [getattr(sample, kind)] if getattr(sample, kind) else []
+    return paths + [value for modality, _, value in sample.inputs.values() if modality == kind and value]
 
 
 NO_GROUPS: dict = {}  # shared by the rows of a manifest without group fields (never written to)
@@ -47,12 +62,15 @@ def load_manifest(
     inputs: Sequence[str] = ("image", "text"),
     targets: Sequence[str] = (),
     label_required: bool = True,
+    own: Optional[dict[str, tuple[str, str]]] = None,
 ) -> list[Sample]:
     """Read a JSONL, CSV or JSON-list manifest. Image and audio paths are relative to the
     manifest. ``inputs`` are the modalities the recipe's encoders read: their columns must
     be in every row; a column no encoder reads may be absent. ``targets`` are columns the
     tasks read, kept as they are in ``Sample.extra`` (lists, numbers; the tasks parse them);
     the label column is required in every row only with ``label_required`` (one task).
+    ``own``: ``{encoder: (modality, column)}`` of encoders reading a column of their own
+    (:func:`~mmpeft.config.inputs.own_columns`), required in every row too, kept in ``Sample.inputs``.
 
     Raises:
         DataError: naming the file and row of a missing field or malformed line.
@@ -62,9 +80,11 @@ def load_manifest(
         raise DataError(f"data file not found: {path} (check data.train / data.eval / data.test in the recipe)")
     base = path.parent
     columns = {"image": image_field, "text": text_field, "audio": audio_field}
+    own = own or {}
     required = [columns[m] for m in ("image", "text", "audio") if m in inputs] + ([label_field] if label_required else [])
+    required += [c for _, c in own.values() if c not in required]
     raw_label = label_field in targets
-    paths = [f for f in (image_field, audio_field) if f in required]
+    paths = [f for f in (image_field, audio_field) if f in required] + [c for m, c in own.values() if m != "text"]
     samples = []
     resolved: dict[str, str] = {}  # one string per distinct file path (many rows share an image)
     answers: dict[str, str] = {}
@@ -76,7 +96,8 @@ def load_manifest(
         if missing:
             raise DataError(
                 f"{where}: missing field(s) {', '.join(map(repr, missing))} (set data.image_field / data.text_field / "
-                f"data.audio_field / data.label_field to this file's column names; it has: {', '.join(map(str, row))})"
+                f"data.audio_field / data.label_field / data.encoder_fields to this file's column names; it has: "
+                f"{', '.join(map(str, row))})"
             )
         wrong = [f for f in required if not (raw_label and f == label_field) and
                  (not isinstance(row[f], (str, int, float)) or f in paths and not isinstance(row[f], str))]
@@ -84,23 +105,28 @@ def load_manifest(
             raise DataError(f"{where}: field(s) {', '.join(map(repr, wrong))} must be text (images and audio: a file path), "
                             f"not {', '.join(type(row[f]).__name__ for f in wrong)}")
         groups = {g: str(row.get(g, "")).strip() for g in group_fields} if group_fields else NO_GROUPS
-        files = []
-        for f in (image_field, audio_field):
-            value = row.get(f) if f in paths else None
-            if not value:
-                files.append("")
-                continue
-            absolute = resolved.get(value)
-            if absolute is None:
-                raw = Path(value)
-                absolute = resolved[value] = str(raw if raw.is_absolute() else base / raw)
-            files.append(absolute)
+        files = [_absolute(row.get(f), base, resolved) if f in paths else "" for f in (image_field, audio_field)]
+        extras = {name: (m, c, _absolute(row[c], base, resolved) if m != "text" else str(row[c]))
+                  for name, (m, c) in own.items()} if own else NO_GROUPS
         text = str(row[text_field]) if row.get(text_field) not in (None, "") else ""
         label = row.get(label_field)
         answer = normalize_answer(label) if isinstance(label, (str, int, float)) and label != "" else ""
         extra = {f: row[f] for f in targets if row.get(f) not in (None, "")} if targets else NO_GROUPS
-        samples.append(Sample(files[0], text, answers.setdefault(answer, answer), groups, where, files[1], extra))
+        samples.append(Sample(files[0], text, answers.setdefault(answer, answer), groups, where, files[1], extra,
+                              inputs=extras))
     return samples
+
+
+def _absolute(value, base: Path, resolved: dict[str, str]) -> str:
+    """A manifest's file path, absolute (relative ones are read from the manifest's folder); one
+    string per distinct path (``resolved``: many rows share an image)."""
+    if not value:
+        return ""
+    absolute = resolved.get(value)
+    if absolute is None:
+        raw = Path(value)
+        absolute = resolved[value] = str(raw if raw.is_absolute() else base / raw)
+    return absolute
 
 
 def _unique_keys(pairs):

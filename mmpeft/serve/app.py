@@ -96,32 +96,32 @@ def _parse_multipart(body: bytes, content_type: str) -> dict[str, bytes]:
     return fields
 
 
-def _decode_image(data: bytes, max_pixels: int):
+def _decode_image(data: bytes, max_pixels: int, field: str = "image"):
     if not data:
-        raise ClientError(422, "image is empty", "image")
+        raise ClientError(422, f"{field} is empty", field)
     try:
         image = Image.open(io.BytesIO(data))
         if image.width * image.height > max_pixels:
-            raise ClientError(413, f"image has {image.width}x{image.height} = {image.width * image.height:,} pixels, more "
-                                   f"than the {max_pixels:,} allowed", "image")
+            raise ClientError(413, f"{field} has {image.width}x{image.height} = {image.width * image.height:,} pixels, more "
+                                   f"than the {max_pixels:,} allowed", field)
         image.load()  # decodes now: a truncated file fails here, not in the model
         return image
     except ClientError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ClientError(413, f"image has more than {max_pixels:,} pixels (a decompression bomb?)", "image") from None
+        raise ClientError(413, f"{field} has more than {max_pixels:,} pixels (a decompression bomb?)", field) from None
     except UnidentifiedImageError:
-        raise ClientError(415, "image is not an image file PIL can read (PNG, JPEG, ...)", "image") from None
+        raise ClientError(415, f"{field} is not an image file PIL can read (PNG, JPEG, ...)", field) from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise ClientError(400, f"image is truncated or damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
-                          "image") from None
+        raise ClientError(400, f"{field} is truncated or damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
+                          field) from None
 
 
-def _audio_file(data: bytes) -> str:
+def _audio_file(data: bytes, field: str = "audio") -> str:
     """An uploaded clip, written to a private temporary file (removed once answered) and
     checked the way training data is (header first, regular file, bounded decoding)."""
     if not data:
-        raise ClientError(422, "audio is empty", "audio")
+        raise ClientError(422, f"{field} is empty", field)
     handle, path = tempfile.mkstemp(prefix="mmpeft-upload-", suffix=".audio")
     with os.fdopen(handle, "wb") as out:
         out.write(data)
@@ -129,8 +129,36 @@ def _audio_file(data: bytes) -> str:
         audio_info(path)
     except BadAudio as exc:
         Path(path).unlink(missing_ok=True)
-        raise ClientError(415, f"audio is {exc}", "audio") from None
+        raise ClientError(415, f"{field} is {exc}", field) from None
     return path
+
+
+def _own_input(fields: dict, name: str, modality: str, settings: ServeSettings):
+    """The input of encoder ``name``, which reads a column of its own: a form field
+    ``input.<name>`` (a file, or the text) or ``inputs.<name>`` of a JSON body (base64, or the
+    text); an image decoded, a clip written to a private temp file (the caller removes it)."""
+    key, raw = f"input.{name}", fields.get(f"input.{name}")
+    if raw is None:
+        raise ClientError(422, f"{key} is required: encoder {name!r} reads {modality} of its own (a form field {key}, or "
+                               f"inputs.{name} in a JSON body)", key)
+    if modality == "text":
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        if not isinstance(text, str) or not text.strip():
+            raise ClientError(422, f"{key} must be text, not empty", key)
+        if len(text) > settings.max_question_chars:
+            raise ClientError(422, f"{key} has {len(text):,} characters, more than the {settings.max_question_chars:,} "
+                                   "allowed", key)
+        return text
+    if not isinstance(raw, bytes):
+        if not isinstance(raw, str):
+            raise ClientError(422, f"inputs.{name} must be base64 text", key)
+        try:
+            raw = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            raise ClientError(400, f"inputs.{name} is not valid base64", key) from None
+    if modality == "image":
+        return _decode_image(raw, settings.max_pixels, key)
+    return _audio_file(raw, key)
 
 
 def create_app(pool, settings: ServeSettings | None = None) -> FastAPI:
@@ -193,7 +221,7 @@ def create_app(pool, settings: ServeSettings | None = None) -> FastAPI:
         if name not in pool.bundles:
             raise ClientError(404, f"no bundle named {name!r} (served: {', '.join(pool.bundles)})", "bundle")
         served = pool.bundles[name]
-        reads = {enc.modality for enc in served.model.encoders.values()}
+        reads = {enc.modality for n, enc in served.model.encoders.items() if n not in served.own}
         question = fields.get("question")
         if "text" in reads and (not isinstance(question, str) or not question.strip()):
             raise ClientError(422, "question is required and must not be empty", "question")
@@ -216,11 +244,19 @@ def create_app(pool, settings: ServeSettings | None = None) -> FastAPI:
             if fields.get("audio") is None:
                 raise ClientError(422, "audio is required for this bundle (a file field, or audio_base64 in a JSON body)", "audio")
             clip = await asyncio.to_thread(_audio_file, fields["audio"])
+        own = {}
         try:
-            answer = await batcher.submit(name, decoded, question if "text" in reads else "", top_k, clip)
+            unknown = sorted(k for k in fields if k.startswith("input.") and k[len("input."):] not in served.own)
+            if unknown:
+                raise ClientError(422, f"{unknown[0]}: no encoder of {name!r} reads an input of its own by that name "
+                                       f"({'those are: ' + ', '.join(served.own) if served.own else 'it has none'})", unknown[0])
+            for enc_name, (modality, _) in served.own.items():
+                own[enc_name] = await asyncio.to_thread(_own_input, fields, enc_name, modality, settings)
+            answer = await batcher.submit(name, decoded, question if "text" in reads else "", top_k, clip, own)
         finally:
-            if clip is not None:
-                Path(clip).unlink(missing_ok=True)
+            for path in [clip] + [v for n, v in own.items() if served.own[n][0] == "audio"]:
+                if path is not None:
+                    Path(path).unlink(missing_ok=True)
         return {"bundle": name, "version": served.version, "question": question, "answer": answer["answer"],
                 "top_k": answer["top_k"], "batch_size": answer["batch_size"],
                 "seconds": round(time.perf_counter() - start, 4)}
@@ -243,8 +279,9 @@ async def _read_request(request: Request, settings: ServeSettings) -> dict:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         raw = _parse_multipart(body, content_type)
-        fields = {k: v.decode("utf-8", "replace") for k, v in raw.items() if k not in ("image", "audio")}
-        fields.update({k: raw[k] for k in ("image", "audio") if k in raw})
+        files = [k for k in raw if k in ("image", "audio") or k.startswith("input.")]  # kept as bytes
+        fields = {k: v.decode("utf-8", "replace") for k, v in raw.items() if k not in files}
+        fields.update({k: raw[k] for k in files})
         return fields
     if content_type.startswith("application/x-www-form-urlencoded"):  # a form without a file
         pairs = urllib.parse.parse_qsl(body.decode("utf-8", "replace"), max_num_fields=20)
@@ -257,6 +294,10 @@ async def _read_request(request: Request, settings: ServeSettings) -> dict:
         if not isinstance(data, dict):
             raise ClientError(400, "body must be a JSON object with image_base64 and question")
         fields = {k: data[k] for k in ("bundle", "question", "top_k") if k in data}
+        inputs = data.get("inputs", {})  # encoders reading an input of their own: {name: base64 or text}
+        if not isinstance(inputs, dict) or len(inputs) > 64:
+            raise ClientError(422, "inputs must be an object {encoder: base64 or text}", "inputs")
+        fields.update({f"input.{k}": v for k, v in inputs.items()})
         if "bundle" in fields and not isinstance(fields["bundle"], str):
             raise ClientError(422, "bundle must be a name (text)", "bundle")
         for kind in ("image", "audio"):

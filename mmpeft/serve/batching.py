@@ -22,6 +22,7 @@ class Job:
     top_k: int
     future: asyncio.Future
     audio: str | None = None  # path of the uploaded clip (bundles with an audio encoder)
+    own: dict = field(default_factory=dict)  # encoders reading an input of their own: {name: image, text or clip path}
     queued: float = field(default_factory=time.perf_counter)
 
 
@@ -48,9 +49,10 @@ class Batcher:
             worker.cancel()
         await asyncio.gather(*self.workers, return_exceptions=True)
 
-    async def submit(self, bundle: str, image, question: str, top_k: int, audio: str | None = None) -> dict:
+    async def submit(self, bundle: str, image, question: str, top_k: int, audio: str | None = None,
+                     own: dict | None = None) -> dict:
         future = asyncio.get_running_loop().create_future()
-        await self.queues[bundle].put(Job(image, question, top_k, future, audio=audio))
+        await self.queues[bundle].put(Job(image, question, top_k, future, audio=audio, own=own or {}))
         return await future
 
     async def _work(self, bundle: str) -> None:
@@ -69,7 +71,8 @@ class Batcher:
             top_k = max(job.top_k for job in jobs)  # each answer is cut to its own top_k below
             try:
                 answers = await asyncio.to_thread(self.pool.answer, bundle, [j.image for j in jobs],
-                                                  [j.question for j in jobs], top_k, [j.audio for j in jobs])
+                                                  [j.question for j in jobs], top_k, [j.audio for j in jobs],
+                                                  [j.own for j in jobs])
                 for job, answer in zip(jobs, answers):
                     if not job.future.done():
                         job.future.set_result({**answer, "top_k": answer["top_k"][: job.top_k], "batch_size": len(jobs)})

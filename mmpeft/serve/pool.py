@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from ..bundle.io import check_base, load_head, read_bundle
+from ..config.tasks import recipe_own_columns
 from ..data import ImageStore, Sample
 from ..errors import UsageError
 from ..inference import answer_rows, stored_metrics
@@ -56,10 +57,12 @@ class Served:
     shared: dict  # encoder name -> Shared
     version: str
     summary: dict = field(default_factory=dict)
+    own: dict = field(default_factory=dict)  # encoders reading an input of their own: {name: (modality, column)}
 
 
-def describe(name: str, path: Path, manifest: dict, recipe, vocab_size: int, version: str, inputs=()) -> dict:
-    """What ``GET /bundles`` says of a bundle: the inputs it reads, methods, metrics, data, its model card."""
+def describe(name: str, path: Path, manifest: dict, recipe, vocab_size: int, version: str, inputs=(), own=None) -> dict:
+    """What ``GET /bundles`` says of a bundle: the inputs it reads (``inputs``: modalities; ``own``:
+    encoders reading an input of their own, by name), methods, metrics, data, its model card."""
     card = (path / "README.md").read_text(errors="replace")[:4000] if (path / "README.md").is_file() else ""
     metrics, test_rows = {}, None
     if (path / "metrics.json").is_file():
@@ -73,6 +76,7 @@ def describe(name: str, path: Path, manifest: dict, recipe, vocab_size: int, ver
                 metrics[f"{field_name}={value}"] = group["accuracy"]
     return {"name": name, "version": version, "created": manifest.get("created"), "task": manifest["task"],
             "inputs": [m for m in ("image", "text", "audio") if m in inputs],
+            "encoder_inputs": {n: modality for n, (modality, _) in (own or {}).items()},
             "methods": {n: e["method"] for n, e in manifest["encoders"].items()}, "head": manifest["head"]["type"],
             "vocabulary_size": vocab_size, "data": recipe.data.source, "test_rows": test_rows, "metrics": metrics, "card": card,
             "intended_use": "research; not a medical device, not for diagnosis"}
@@ -119,6 +123,9 @@ class AdapterPool:
         for enc_name, cfg in recipe.encoders.items():
             key = _structure(cfg, manifest["encoders"][enc_name])
             shared = self._encoders.get(key)
+            if shared is not None and name in shared.states:  # two encoders of this bundle alike (a scan and its prior
+                key = f"{key}/{enc_name}"  # on one base): each holds its own trained tensors, so each its own module
+                shared = self._encoders.get(key)
             if shared is None or not shared.shareable:
                 enc, method = build_adapted_encoder(enc_name, cfg, recipe.train, self.device)
                 shared = Shared(enc, method, shareable=method.keeps_base_frozen)
@@ -137,9 +144,10 @@ class AdapterPool:
         load_head(model.head, bundle, manifest)
         model.to(self.device).train(False)
         version = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()[:12]
+        own = recipe_own_columns(recipe)
         self.bundles[name] = Served(name, bundle, manifest, recipe, Vocabulary(vocab), tasks, model, shared_of, version,
                                     describe(name, bundle, manifest, recipe, len(vocab), version,
-                                             {enc.modality for enc in model.encoders.values()}))
+                                             {e.modality for n, e in model.encoders.items() if n not in own}, own), own)
 
     @staticmethod
     def _copy_in(shared: Shared, state: dict) -> None:
@@ -154,18 +162,29 @@ class AdapterPool:
                 self._copy_in(shared, shared.states[served.name])
                 shared.active = served.name
 
-    def answer(self, name: str, images: list, questions: list[str], top_k: int, audios: list | None = None) -> list[dict]:
+    def answer(self, name: str, images: list, questions: list[str], top_k: int, audios: list | None = None,
+               owns: list | None = None) -> list[dict]:
         """Answers for decoded images (PIL, or None for a bundle without an image encoder),
-        questions and uploaded clips (file paths), with bundle ``name``; the same
-        preprocessing, autocast and rounding as ``mmpeft predict``."""
+        questions and uploaded clips (file paths), and the inputs of encoders reading one of
+        their own (``owns``: per request ``{encoder: image, text or clip path}``), with bundle
+        ``name``; the same preprocessing, autocast and rounding as ``mmpeft predict``."""
         served = self.bundles[name]
         store = ImageStore.for_encoders(served.model.encoders.values())  # per batch: nothing outlives the request
         rows = []
-        for i, (image, question, audio) in enumerate(zip(images, questions, audios or [None] * len(images))):
+        for i, (image, question, audio, own) in enumerate(zip(images, questions, audios or [None] * len(images),
+                                                             owns or [{}] * len(images))):
             key = f"<upload {i}>"
             if image is not None:
                 store.put(key, image)
-            rows.append(Sample(key if image is not None else "", question, "", {}, f"request {i + 1}", audio or ""))
+            inputs = {}
+            for enc_name, value in own.items():
+                modality, column = served.own[enc_name]
+                if modality == "image":
+                    store.put(f"<upload {i} {enc_name}>", value)
+                    value = f"<upload {i} {enc_name}>"
+                inputs[enc_name] = (modality, column, value)
+            rows.append(Sample(key if image is not None else "", question, "", {}, f"request {i + 1}", audio or "",
+                               inputs=inputs))
         with self._lock:
             self._activate(served)
             return answer_rows(served.model, served.tasks, served.recipe, rows, store, top_k, self.device,

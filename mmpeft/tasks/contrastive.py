@@ -139,7 +139,8 @@ class ContrastiveTask(Task):
         return [t.format(label) for label in self.labels for t in self.settings.templates]
 
     def keys(self, row) -> tuple:
-        return tuple({"text": row.text, "image": row.image, "audio": row.audio}[m] for m in self.modalities.values())
+        # each encoder's input: its own column's (Sample.inputs, data.encoder_fields) or its modality's
+        return tuple(row.inputs[name][2] if name in row.inputs else getattr(row, m) for name, m in self.modalities.items())
 
     def collate(self, rows: Sequence) -> torch.Tensor:
         """``[B, 2]`` ids of each row's two inputs within the batch (equal ids: the same input;
