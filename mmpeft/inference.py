@@ -109,12 +109,8 @@ class Predictor:
         # same downsizing as training and `evaluate`, so predict gives the probabilities evaluate scored
         self.store = ImageStore.for_encoders(self.model.encoders.values(), self.bundle.recipe.data.image_cache_mb)
         self.device = device
-
-    @property
-    def own(self) -> dict[str, tuple[str, str]]:
-        """``{encoder: (modality, column)}`` of the encoders that read a column of their own
-        (``data.encoder_fields`` of the recipe's data, else of the first task data naming them)."""
-        return recipe_own_columns(self.bundle.recipe)
+        # {encoder: (modality, column)} of the encoders reading a column of their own (data.encoder_fields)
+        self.own: dict[str, tuple[str, str]] = recipe_own_columns(self.bundle.recipe)
 
     @property
     def reads(self) -> list[str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .config.inputs import MODALITY_FIELDS
 from .quant import quantized_layers, weight_bytes
 from .runtime import estimate_training_memory
 
@@ -42,9 +43,10 @@ def print_summary(rows, model, recipe, tasks: dict, splits=None) -> None:
     for r in rows:  # one line each, so a long list of modules neither widens nor breaks the table
         console.print(f"{r.name}: {r.method} touches {compact_names(r.touched) or '-'}")
     if recipe.data.source == "manifest":  # which column feeds which encoder (data.encoder_fields, else its modality's)
-        fields = {"image": recipe.data.image_field, "text": recipe.data.text_field, "audio": recipe.data.audio_field}
-        console.print("manifest columns: " + ", ".join(f"{name} reads {recipe.data.encoder_fields.get(name, fields[enc.modality])!r}"
-                                                       for name, enc in model.encoders.items()))
+        data = recipe.data
+        console.print("manifest columns: " + ", ".join(
+            f"{name} reads {data.encoder_fields.get(name, getattr(data, MODALITY_FIELDS[enc.modality]))!r}"
+            for name, enc in model.encoders.items()))
     for name, enc in model.encoders.items():
         q = recipe.encoders[name].quantization
         if q is not None and not quantized_layers(enc):

@@ -71,13 +71,12 @@ def own_columns(recipe, data, names=None) -> dict[str, tuple[str, str]]:
     return columns
 
 
-def recipe_inputs(recipe, names=None, data=None) -> tuple[str, ...]:
+def recipe_inputs(recipe, names=None, own=()) -> tuple[str, ...]:
     """The modalities whose manifest columns every row must have (of the encoders ``names``;
-    default all), but for encoders reading a column of their own in ``data``
+    default all), but for the encoders ``own`` that read a column of their own
     (:func:`own_columns`). An encoder whose modality is not known yet counts as text and
     image (the columns of an image-text recipe)."""
     names = list(names if names is not None else recipe.encoders)
-    own = own_columns(recipe, data, names) if data is not None else {}
     kinds = {encoder_modality(recipe.encoders[n]) for n in names if n not in own}
     if None in kinds:
         kinds = (kinds - {None}) | {"text", "image"}

@@ -105,8 +105,9 @@ def recipe_splits(recipe) -> Splits:
         if len(parts) == 0 and key == "" and len(tasks) == len(every):
             names = list(recipe.encoders)  # one dataset: every row has every encoder's input (as always)
         targets, required = task_columns(tasks, data.label_field, len(every) == 1)
-        split = load_splits(data, group_fields(tasks), recipe.train.seed, recipe_inputs(recipe, names, data), targets,
-                            required, own_columns(recipe, data, names))
+        own = own_columns(recipe, data, names)
+        split = load_splits(data, group_fields(tasks), recipe.train.seed, recipe_inputs(recipe, names, own), targets,
+                            required, own)
         if key:
             split = Splits(*([replace(s, dataset=key) for s in rows] for rows in (split.train, split.eval, split.test)))
         parts.append(split)

@@ -133,6 +133,16 @@ def _audio_file(data: bytes, field: str = "audio") -> str:
     return path
 
 
+def _from_base64(value, what: str, field: str) -> bytes:
+    """The bytes of a JSON body's base64 text ``value`` (``what`` names it in the error)."""
+    if not isinstance(value, str):
+        raise ClientError(422, f"{what} must be base64 text", field)
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ClientError(400, f"{what} is not valid base64", field) from None
+
+
 def _own_input(fields: dict, name: str, modality: str, settings: ServeSettings):
     """The input of encoder ``name``, which reads a column of its own: a form field
     ``input.<name>`` (a file, or the text) or ``inputs.<name>`` of a JSON body (base64, or the
@@ -149,13 +159,8 @@ def _own_input(fields: dict, name: str, modality: str, settings: ServeSettings):
             raise ClientError(422, f"{key} has {len(text):,} characters, more than the {settings.max_question_chars:,} "
                                    "allowed", key)
         return text
-    if not isinstance(raw, bytes):
-        if not isinstance(raw, str):
-            raise ClientError(422, f"inputs.{name} must be base64 text", key)
-        try:
-            raw = base64.b64decode(raw, validate=True)
-        except (binascii.Error, ValueError):
-            raise ClientError(400, f"inputs.{name} is not valid base64", key) from None
+    if not isinstance(raw, bytes):  # JSON: base64 text
+        raw = _from_base64(raw, f"inputs.{name}", key)
     if modality == "image":
         return _decode_image(raw, settings.max_pixels, key)
     return _audio_file(raw, key)
@@ -303,11 +308,6 @@ async def _read_request(request: Request, settings: ServeSettings) -> dict:
         for kind in ("image", "audio"):
             key = f"{kind}_base64"
             if key in data:
-                if not isinstance(data[key], str):
-                    raise ClientError(422, f"{key} must be base64 text", kind)
-                try:
-                    fields[kind] = base64.b64decode(data[key], validate=True)
-                except (binascii.Error, ValueError):
-                    raise ClientError(400, f"{key} is not valid base64", kind) from None
+                fields[kind] = _from_base64(data[key], key, kind)
         return fields
     raise ClientError(415, f"send multipart/form-data or application/json (got {content_type or 'no content type'!r})")
