@@ -289,3 +289,86 @@ def test_transformers_audio_encoder_quantized_4bit(assets, tmp_path):
     out.pooled.sum().backward()
     grads = [p.grad for n, p in enc.named_parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def write_long_clips(directory: Path, seconds: dict[str, list[float]]) -> dict:
+    """Tone clips of the given lengths per split, the colour in the pitch, as manifests."""
+    (directory / "audio").mkdir(parents=True, exist_ok=True)
+    files = {}
+    for offset, split in enumerate(seconds):
+        rows = []
+        for i, length in enumerate(seconds[split]):
+            color = list(tiny.TONES)[i % 3]
+            tiny.write_tone(directory / f"audio/{split}_{i}.wav", tiny.TONES[color], length, seed=1000 * offset + i)
+            rows.append({"audio": f"audio/{split}_{i}.wav", "answer": color})
+        files[split] = directory / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return files
+
+
+def test_clap_fusion_reads_the_whole_of_a_longer_clip(tmp_path):
+    """A CLAP checkpoint with feature fusion gets the extractor's four-channel input for a clip
+    longer than its 1-second window (the whole clip shrunk, three crops) with is_longer set,
+    and pools exactly as the checkpoint's own audio tower does on that input; a shorter clip is
+    one window repeated, is_longer unset. The crops are the same on every call, and numpy's
+    global generator is left as it was."""
+    from transformers import ClapFeatureExtractor, ClapModel
+
+    from mmpeft.config import AudioConfig
+
+    directory = tiny.make_clap(tmp_path / "fused", fusion=True)
+    enc = build_encoder(str(directory), audio=AudioConfig(max_seconds=3.0)).eval()
+    assert enc.fused and enc.audio.max_seconds == 3.0
+    rng = np.random.default_rng(0)
+    long = (0.1 * rng.standard_normal(20_000)).astype(np.float32)  # 2.5 s at 8 kHz
+    short = long[:6000]
+    state = np.random.get_state()
+    inputs = enc.preprocess([long, short, long[:8100], long[:8200]])
+    assert all(a is b or np.array_equal(a, b) for a, b in zip(state, np.random.get_state()))
+    assert enc.longer(inputs["frames"]).tolist() == [True, False, False, True]  # 8,100 samples: the window's 51 frames
+    features = inputs["input_features"]
+    assert features.shape == (4, 4, 51, 64)
+    assert (features[0, 1:] - features[0, :1]).abs().amax((1, 2)).min() > 1.0  # the crops are not the global view
+    assert torch.equal(features[1, 1:], features[1, :1].expand(3, -1, -1))
+    assert torch.equal(enc.preprocess([long])["input_features"][0], features[0])
+    extractor = ClapFeatureExtractor.from_pretrained(directory)
+    reference = ClapModel.from_pretrained(directory).eval().audio_model
+    with torch.no_grad():
+        ours = enc(inputs).pooled
+        for i, clip in enumerate([long, short]):
+            np.random.seed(0)
+            feats = extractor(clip, sampling_rate=8000, return_tensors="pt", truncation="fusion", padding="repeatpad")
+            theirs = reference(input_features=feats["input_features"], is_longer=torch.tensor([[i == 0]])).pooler_output
+            assert torch.allclose(ours[i], theirs[0], atol=1e-5), (ours[i] - theirs[0]).abs().max()
+        first_window = enc(enc.preprocess([long[:8000]])).pooled[0]
+    assert (ours[0] - first_window).abs().max() > 1e-3  # the fused input sees past the first window
+
+
+def test_clap_fusion_recipe_trains_evaluates_predicts_merges_exports(tmp_path):
+    """Clips of 0.4 to 2.5 s into a fused CLAP (1-second window) through the CLI: nothing is
+    counted as cut below audio.max_seconds; evaluate reproduces, merge and export agree. The
+    test clips (the export's probe) are all short: the exported graph must still answer long
+    clips as PyTorch does (before the export's branch-free fusion it dropped the fusion)."""
+    directory = tiny.make_clap(tmp_path / "fused", fusion=True)
+    files = write_long_clips(tmp_path / "clips", {"train": [0.4, 2.5, 1.6, 0.8, 2.2, 1.2] * 3, "test": [0.4, 0.7, 0.9] * 2})
+    raw = {"name": "fused", "encoders": {"audio": {"model": str(directory), "audio": {"max_seconds": 3.0},
+                                                   "peft": {"method": "lora", "rank": 4, "alpha": 8}}},
+           "fusion": {"type": "concat", "hidden_size": 16, "dropout": 0.0}, "task": {"type": "classification"},
+           "data": {"source": "manifest", "train": str(files["train"]), "test": str(files["test"]), "eval_fraction": 0.25},
+           "train": {"epochs": 2, "batch_size": 6, "lr": 5e-3, "head_lr": 5e-3, "log_every": 1},
+           "output": {"dir": str(tmp_path / "out"), "plots": False}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    res = runner.invoke(app, ["finetune", str(path)])
+    assert res.exit_code == 0 and "cut" not in res.output.lower(), res.output
+    bundle = tmp_path / "out" / "fused"
+    res = runner.invoke(app, ["evaluate", str(bundle)])
+    assert res.exit_code == 0 and "reproduced" in res.output, res.output
+    res = runner.invoke(app, ["predict", str(bundle), "--audio", str(files["train"].parent / "audio" / "train_1.wav")])
+    assert res.exit_code == 0 and res.output.split()[0] in tiny.TONES, res.output
+    res = runner.invoke(app, ["merge", str(bundle), "--out", str(tmp_path / "merged")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "merged" / "merge_report.json").read_text())["max_abs_logit_diff"] <= 1e-5
+    res = runner.invoke(app, ["export", str(bundle), "--out", str(tmp_path / "onnx")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "onnx" / "export.json").read_text())["onnx_max_abs_diff"] <= 1e-4

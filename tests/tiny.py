@@ -116,18 +116,22 @@ def make_whisper(directory: Path) -> Path:
     return directory
 
 
-def make_clap(directory: Path) -> Path:
-    """A random CLAP (text tower, HTSAT audio tower, projections) over 1-second 16-bin log-mel images at 8 kHz."""
+def make_clap(directory: Path, fusion: bool = False) -> Path:
+    """A random CLAP (text tower, HTSAT audio tower, projections) over 1-second 16-bin log-mel images at 8 kHz.
+    With ``fusion``: CLAP's feature fusion for longer clips, over 64 mel bins (the extractor
+    shrinks a long clip's mel to 64 bins whatever its own count) at 50 frames a second."""
     from transformers import ClapConfig, ClapFeatureExtractor, ClapModel
 
     torch.manual_seed(8)
-    audio = dict(spec_size=64, window_size=4, num_mel_bins=16, patch_size=4, patch_stride=(4, 4), patch_embeds_hidden_size=8,
-                 hidden_size=16, depths=[1, 1], num_attention_heads=[2, 2], enable_fusion=False)
+    bins, hop = (64, 160) if fusion else (16, 80)
+    audio = dict(spec_size=64, window_size=4, num_mel_bins=bins, patch_size=4, patch_stride=(4, 4), patch_embeds_hidden_size=8,
+                 hidden_size=16, depths=[1, 1], num_attention_heads=[2, 2], enable_fusion=fusion,
+                 fusion_type="aff_2d" if fusion else None)
     text = dict(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
                 max_position_embeddings=40)
     ClapModel(ClapConfig(text_config=text, audio_config=audio, projection_dim=16)).save_pretrained(directory)
-    ClapFeatureExtractor(feature_size=16, sampling_rate=8000, hop_length=80, max_length_s=1, fft_window_size=200,
-                         nb_frequency_bins=101).save_pretrained(directory)
+    ClapFeatureExtractor(feature_size=bins, sampling_rate=8000, hop_length=hop, max_length_s=1, fft_window_size=200,
+                         nb_frequency_bins=101, frequency_max=4000 if fusion else 14_000).save_pretrained(directory)
     return directory
 
 

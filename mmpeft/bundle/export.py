@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import MMPeftError, UsageError
 from ..files import sealed_directory
+from .clap_export import branch_free_fusion
 from .merge import merge_in_memory
 
 
@@ -64,8 +65,9 @@ def export_onnx(bundle, out: Path, *, opset: int = 17, overwrite: bool = False, 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                torch.onnx.export(wrapper, tensors, str(tmp / "model.onnx"), input_names=names, output_names=["logits"],
-                                  dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+                with branch_free_fusion(model) as fused:
+                    torch.onnx.export(wrapper, tensors, str(tmp / "model.onnx"), input_names=names, output_names=["logits"],
+                                      dynamic_axes=dynamic, opset_version=opset, dynamo=False)
             except Exception as exc:  # noqa: BLE001 - exporter failures are reported to the user
                 raise MMPeftError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
         exporter_warnings = dict(Counter(w.category.__name__ for w in caught))
@@ -78,8 +80,13 @@ def export_onnx(bundle, out: Path, *, opset: int = 17, overwrite: bool = False, 
             session = ort.InferenceSession(str(tmp / "model.onnx"), providers=["CPUExecutionProvider"])
             used = {i.name for i in session.get_inputs()}  # an input the graph never reads (AST's frames) is pruned
             got = session.run(["logits"], {n: t.numpy() for n, t in zip(names, tensors) if n in used})[0]
-            names = [n for n in names if n in used]
             diff = float(abs(got - expected).max())
+            for variant in _fusion_variants(model, layout, tensors) if fused else ():  # every clip short, every clip long
+                with torch.no_grad():
+                    want = wrapper(*variant).float().numpy()
+                got = session.run(["logits"], {n: t.numpy() for n, t in zip(names, variant) if n in used})[0]
+                diff = max(diff, float(abs(got - want).max()))
+            names = [n for n in names if n in used]
             if diff > tolerance:
                 raise MMPeftError(f"ONNX check failed: max |logit diff| vs PyTorch {diff:.3e} > {tolerance:.0e}; nothing written")
         for name, enc in model.encoders.items():
@@ -97,6 +104,20 @@ def export_onnx(bundle, out: Path, *, opset: int = 17, overwrite: bool = False, 
     return result
 
 
+def _fusion_variants(model, layout, tensors) -> list[tuple]:
+    """The probe batch with every fused CLAP clip marked short, then long (by its ``frames``,
+    real samples): the graph must answer both as PyTorch does (see :mod:`.clap_export`)."""
+    variants = []
+    for long in (False, True):
+        variant = list(tensors)
+        for i, (name, key) in enumerate(layout):
+            enc = model.encoders[name]
+            if key == "frames" and getattr(enc, "fused", False):
+                variant[i] = torch.full_like(tensors[i], 2 * int(enc.extractor.nb_max_samples) if long else 1)
+        variants.append(tuple(variant))
+    return variants
+
+
 def _preprocessing(name: str, enc) -> dict:
     """What a consumer of the exported graph must do to raw inputs before feeding it."""
     if enc.modality == "text":
@@ -105,7 +126,8 @@ def _preprocessing(name: str, enc) -> dict:
         return {"audio": enc.audio.model_dump(), "feature_extractor": f"feature_extractor_{name}",
                 "input": "mono, resampled to the extractor's rate, cut at audio.max_seconds; input_features as "
                          "mmpeft/encoders/hf_audio.py makes them (waveform models: normalised samples padded with zeros; "
-                         "Whisper / AST: the extractor's output), frames: real samples or frames per clip"}
+                         "Whisper / AST / CLAP: the extractor's output; CLAP with fusion: its crops drawn after "
+                         "numpy.random.seed(0)), frames: real samples or frames per clip"}
     if enc.modality == "audio":
         return {"audio": enc.audio.model_dump(), "frames": enc.frames, "image_mean": list(enc.mean), "image_std": list(enc.std),
                 "spectrogram": "mono; resampled; power STFT (periodic Hann, centred, reflect padding); Slaney mel; dB; "

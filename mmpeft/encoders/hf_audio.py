@@ -10,8 +10,15 @@ feature extractor (``AutoFeatureExtractor``):
 - AST (Gong et al. 2021): the extractor's Kaldi-style filter bank, padded or cut to its
   ``max_length`` frames; AST attends to every frame and pools its two leading tokens;
 - CLAP's audio tower (Wu et al. 2023, HTSAT: Chen et al. 2022), from a whole CLAP
-  checkpoint (its text tower is left out): the extractor's log-mel image, a clip cut to its
-  ``max_length_s`` and repeated to fill it ("repeatpad", as CLAP trains); pooled by HTSAT's head.
+  checkpoint (its text tower is left out): the extractor's log-mel image of a clip repeated
+  to fill its ``max_length_s`` window ("repeatpad", as CLAP trains); pooled by HTSAT's head.
+  A checkpoint without feature fusion reads at most one window. One with it
+  (``enable_fusion``, e.g. laion/clap-htsat-fused) reads clips up to ``audio.max_seconds``:
+  a clip longer than the window becomes CLAP's four-channel input (the whole clip's mel
+  shrunk to the window, and three window-long crops from its front, middle and back thirds)
+  with ``is_longer`` set, so the attentional feature fusion sees the whole clip. The crops
+  are drawn by the extractor from a generator seeded the same way for every call, so
+  training, evaluate, predict and serve all read the same crops of a clip.
 
 Clips are read at the extractor's sampling rate (``encoders.<name>.audio.sample_rate`` does
 not apply to these models) and cut at ``audio.max_seconds`` (or at what the model can
@@ -32,6 +39,7 @@ from ..errors import RecipeError
 from .base import Encoder, EncoderOutput, masked_mean
 
 WAVEFORM = ("wav2vec2", "hubert", "wavlm")
+FUSION_SEED = 0  # CLAP fusion: the seed of the extractor's crop positions
 
 
 class HFAudioEncoder(Encoder):
@@ -66,6 +74,7 @@ class HFAudioEncoder(Encoder):
                     module.layerdrop = 0.0
         self.arch = model_type
         self.extractor = extractor
+        self.fused = model_type == "clap_audio_model" and bool(getattr(model.config, "enable_fusion", False))
         self.hidden_size = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model
         rate = int(extractor.sampling_rate)
         if model_type == "whisper":
@@ -73,7 +82,9 @@ class HFAudioEncoder(Encoder):
         elif model_type == "audio-spectrogram-transformer":
             limit = extractor.max_length * 0.01  # Kaldi filter banks: one frame every 10 ms
         elif model_type == "clap_audio_model":
-            limit = float(extractor.max_length_s)  # a longer clip would be cropped at random by the extractor
+            # without fusion a longer clip would be cropped at random by the extractor; with it,
+            # the extractor reads the whole clip (see the module docstring)
+            limit = settings.max_seconds if self.fused else float(extractor.max_length_s)
         else:
             limit = settings.max_seconds
         self.audio = settings.model_copy(update={"sample_rate": rate, "max_seconds": min(settings.max_seconds, limit)})
@@ -105,19 +116,34 @@ class HFAudioEncoder(Encoder):
             padded[: len(wave)] = wave
             return torch.from_numpy(padded), max(1, len(wave))
         if self.arch == "clap_audio_model":
-            # the clip is already cut to max_length_s, so the truncation mode never crops (nor draws
-            # at random); shorter clips are repeated to the window (CLAP's "repeatpad"): no mask
-            fused = bool(getattr(self.base_model().config, "enable_fusion", False))
-            out = self.extractor(wave, sampling_rate=self.audio.sample_rate, return_tensors="np",
-                                 truncation="fusion" if fused else "rand_trunc", padding="repeatpad")
+            # shorter clips are repeated to the window (CLAP's "repeatpad"): no mask. Without fusion the
+            # clip is already cut to the window, so the extractor never crops; with it, its three crops
+            # come from numpy's global generator, seeded here and restored after (the same crops every call)
+            state = np.random.get_state()
+            np.random.seed(FUSION_SEED)
+            try:
+                out = self.extractor(wave, sampling_rate=self.audio.sample_rate, return_tensors="np",
+                                     truncation="fusion" if self.fused else "rand_trunc", padding="repeatpad")
+            finally:
+                np.random.set_state(state)
             features = torch.from_numpy(np.asarray(out["input_features"][0], dtype=np.float32))  # [channels, frames, mels]
-            return features, features.shape[1]
+            return features, max(1, len(wave))  # real samples: forward tells the clips longer than the window by them
         out = self.extractor(wave, sampling_rate=self.audio.sample_rate, return_tensors="np")
         if self.arch == "whisper":
             features = torch.from_numpy(np.asarray(out["input_features"][0], dtype=np.float32))
             return features, max(1, math.ceil(len(wave) / self.extractor.hop_length))
         features = torch.from_numpy(np.asarray(out["input_values"][0], dtype=np.float32))  # AST: [frames, mel bins]
         return features, features.shape[0]
+
+    def longer(self, samples: torch.Tensor) -> torch.Tensor:
+        """CLAP with fusion: which clips (by real samples) the extractor read as four channels. Its
+        own ``is_longer`` cannot be used: for a batch without a long clip it marks one at random
+        (a training trick), and it is computed here per clip. A clip less than one hop over the
+        window has as many frames as the window, and the extractor reads it whole."""
+        if not self.fused:
+            return torch.zeros(len(samples), dtype=torch.bool, device=samples.device)
+        hop, window = int(self.extractor.hop_length), int(self.extractor.nb_max_samples)
+        return torch.div(samples, hop, rounding_mode="floor") > window // hop
 
     def preprocess(self, items) -> dict[str, torch.Tensor]:
         feats = [self.features(w) for w in items]
@@ -139,7 +165,7 @@ class HFAudioEncoder(Encoder):
             out = self.model(input_features=x)
             lengths = torch.div(frames + 1, 2, rounding_mode="floor")  # the second convolution has stride 2
         elif self.arch == "clap_audio_model":
-            out = self.model(input_features=x, is_longer=torch.zeros(x.shape[0], 1, dtype=torch.bool, device=x.device))
+            out = self.model(input_features=x, is_longer=self.longer(frames)[:, None])
             lengths = None
         else:
             out = self.model(input_values=x)
