@@ -131,7 +131,7 @@ def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run:
     model = build_model(recipe, tasks, device=str(accelerator.device.type))
     for task in tasks.values():
         if getattr(task, "from_checkpoint", None):
-            accelerator.print(f"task {task.name} starts from the projections and logit scale of the "
+            accelerator.print(f"task {task.name} starts from the {task.checkpoint_start} of the "
                               f"{model.encoders[next(iter(task.modalities))].checkpoint_head['kind']} checkpoint {task.from_checkpoint}")
         elif getattr(task, "skipped_checkpoint", None):
             accelerator.print(f"task {task.name}: new random projections ({task.skipped_checkpoint})")

@@ -278,6 +278,10 @@ def tiny_model(model_type: str, assets):
         from transformers import ClapAudioConfig, ClapAudioModel
 
         return ClapAudioModel(ClapAudioConfig(**TINY["clap"]))
+    if model_type == "siglip_text_model":  # nor SigLIP's text tower (mmpeft loads a merged one with its own class)
+        from transformers import SiglipTextConfig, SiglipTextModel
+
+        return SiglipTextModel(SiglipTextConfig(**TINY["text"]))
     assert model_type in KIND, f"add a tiny config for the new architecture {model_type!r} to this test"
     return AutoModel.from_config(AutoConfig.for_model(model_type, **TINY[KIND[model_type]]))
 

@@ -233,7 +233,6 @@ def test_share_round_trip(trained, tmp_path):
     assert res.exit_code == 0, res.output
     from mmpeft.inference import Predictor
 
-    data = Path(trained["recipe"]).parent
     images = [str(p) for p in sorted((Path(tiny_data_dir(trained)) / "images").glob("test_*.png"))[:6]]
     questions = ["what color is the shape ?"] * len(images)
     a = Predictor(trained["bundle"]).predict(images, questions, top_k=3)

@@ -15,7 +15,6 @@ import json
 import os
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import yaml

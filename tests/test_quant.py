@@ -1,7 +1,5 @@
 """4-bit / 8-bit quantized frozen encoders (bitsandbytes on CPU) with trainable methods on top."""
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F

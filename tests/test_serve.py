@@ -2,8 +2,6 @@
 status and message, batching that changes no answer, two bundles on one base, shutdown."""
 
 import base64
-import io
-import json
 import os
 import signal
 import socket
@@ -14,10 +12,8 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 from typer.testing import CliRunner
 
 fastapi = pytest.importorskip("fastapi", reason="pip install 'mmpeft[serve]'")

@@ -9,7 +9,6 @@ from collections import Counter
 from types import SimpleNamespace
 
 import pytest
-import torch
 import yaml
 from typer.testing import CliRunner
 

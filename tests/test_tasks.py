@@ -103,6 +103,42 @@ def test_contrastive_loss_is_clip_infonce_and_duplicates_are_positives():
     assert m["text_to_image_recall@1"] == 1.0 and m["recall@1"] == pytest.approx(1.0)
 
 
+def test_sigmoid_loss_is_siglip_pairwise_and_duplicates_are_positives():
+    """SigLIP's loss (Zhai et al. 2023) by a loop over pairs: -log sigmoid(z * (t * x.y + b)),
+    z = +1 for a match (rows sharing a caption match each other's images too), summed over
+    pairs and divided by the batch; defaults t = 10, b = -10; zero-shot probabilities are
+    each class's own sigmoid."""
+    settings = TASK_SETTINGS.get("contrastive")(projection_dim=4, loss="sigmoid")
+    assert (settings.start_temperature, settings.logit_scale_cap) == (0.1, 1000.0)
+    task = build_task("align", settings, [])
+    task.head = task.build_head({"text": 3, "image": 5})
+    task.modalities = {"text": "text", "image": "image"}
+    assert float(task.head.scale()) == pytest.approx(10.0) and float(task.head.logit_bias) == -10.0
+    gen = torch.Generator().manual_seed(3)
+    a = torch.nn.functional.normalize(torch.randn(5, 4, generator=gen), dim=-1)
+    b = torch.nn.functional.normalize(torch.randn(5, 4, generator=gen), dim=-1)
+    with torch.no_grad():
+        task.head.logit_scale.fill_(math.log(7.0))
+        task.head.logit_bias.fill_(-2.5)
+    rows = [_Row(text="t0" if i < 2 else f"t{i}", image=f"i{i}") for i in range(5)]
+    expected = 0.0
+    for i in range(5):
+        for j in range(5):
+            z = 1.0 if (rows[i].text == rows[j].text or i == j) else -1.0
+            expected -= math.log(1 / (1 + math.exp(-z * (7.0 * float(a[i] @ b[j]) - 2.5))))
+    loss = task.loss(torch.cat([a, b], 1), task.collate(rows))
+    assert float(loss) == pytest.approx(expected / 5, rel=1e-5)
+    loss.backward()
+    assert task.head.logit_bias.grad is not None and task.head.logit_scale.grad is not None
+    task.state["labels"] = ["x", "y"]
+    task.class_embeddings = b[:2]
+    answer = task.answer(torch.cat([a, b], 1)[:1].detach(), top_k=2)[0]["zero_shot"]
+    want = {label: 1 / (1 + math.exp(-(7.0 * float(b[0] @ b[k]) - 2.5))) for k, label in enumerate("xy")}
+    assert {c["class"]: c["probability"] for c in answer} == pytest.approx(want, abs=1e-6)
+    assert TASK_SETTINGS.get("contrastive")(temperature=0.01, max_logit_scale=20).problems("task") == [
+        "task.temperature: 0.01 starts the logit scale at 100, above max_logit_scale 20"]
+
+
 # --- end to end ------------------------------------------------------------------------------
 
 

@@ -30,7 +30,8 @@ CNN_MARKER = "mmpeft_encoder.json"  # what mmpeft writes beside a plain torch CN
 
 # what the transformers model types of mmpeft/encoders/architectures.py read (a test keeps the two in step)
 MODEL_TYPE_MODALITIES = {
-    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "distilbert", "deberta-v2", "clip_text_model"), "text"),
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "distilbert", "deberta-v2", "clip_text_model",
+                     "siglip_text_model"), "text"),
     **dict.fromkeys(("vit", "deit", "dinov2", "clip_vision_model", "siglip_vision_model", "convnext", "resnet", "clip",
                      "siglip"), "image"),
     **dict.fromkeys(("wav2vec2", "hubert", "wavlm", "whisper", "audio-spectrogram-transformer", "clap_audio_model", "clap"),

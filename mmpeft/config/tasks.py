@@ -101,7 +101,7 @@ class RegressionSettings(TaskSettings):
 
 @TASK_SETTINGS.register("contrastive")
 class ContrastiveSettings(TaskSettings):
-    """Two encoders aligned by symmetric InfoNCE with in-batch negatives (CLIP)."""
+    """Two encoders aligned with in-batch negatives: CLIP's symmetric InfoNCE or SigLIP's pairwise sigmoid loss."""
 
     metrics = ("recall@1", "recall@5", "recall@10", "mean_recall", "median_rank", "zero_shot_accuracy", "loss")
     lower_is_better = ("median_rank", "loss")
@@ -109,18 +109,37 @@ class ContrastiveSettings(TaskSettings):
     has_target = False
     metric: str = Field("mean_recall", description="the metric that selects the best checkpoint when train.select is not set")
     projection_dim: PositiveInt = Field(256, le=8192, description="contrastive: width of the shared embedding space")
-    temperature: PositiveFloat = Field(0.07, le=1.0, description="contrastive: initial temperature (CLIP's 0.07); learned, "
-                                       "the logit scale 1/temperature clamped at max_logit_scale")
-    max_logit_scale: PositiveFloat = Field(100.0, le=1000.0, description="contrastive: upper bound of the learned logit scale (CLIP's 100)")
+    loss: Literal["softmax", "sigmoid"] = Field("softmax", description="contrastive: softmax (CLIP's symmetric InfoNCE) "
+                                                "or sigmoid (SigLIP's loss on every pair, with a learned bias)")
+    temperature: Optional[PositiveFloat] = Field(None, le=1.0, description="contrastive: initial temperature; learned, the "
+                                                 "logit scale 1/temperature clamped at max_logit_scale (null: CLIP's 0.07 for "
+                                                 "softmax, SigLIP's 0.1 for sigmoid)")
+    max_logit_scale: Optional[PositiveFloat] = Field(None, le=1000.0, description="contrastive: upper bound of the learned "
+                                                     "logit scale (null: CLIP's 100 for softmax; 1000 for sigmoid, which SigLIP "
+                                                     "does not clamp)")
+    logit_bias: float = Field(-10.0, ge=-100.0, le=100.0, description="contrastive, sigmoid loss: initial learned bias of "
+                              "every pair's logit (SigLIP's -10)")
     class_field: Optional[str] = Field(None, min_length=1, description="contrastive: a row field naming each pair's class: "
                                        "enables zero-shot classification from templates over the class names")
-    checkpoint_head: bool = Field(True, description="contrastive: when the two encoders are both towers of one CLIP "
-                                  "checkpoint, start from its projections (projection_dim must match) and logit scale")
+    checkpoint_head: bool = Field(True, description="contrastive: when the two encoders are both towers of one CLIP or "
+                                  "SigLIP checkpoint, start from its projections (projection_dim must match), logit scale "
+                                  "and (SigLIP, loss: sigmoid) bias")
     templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."], min_length=1, max_length=100,
                                  description="contrastive: prompts for zero-shot classification; {} is the class name")
 
+    @property
+    def start_temperature(self) -> float:
+        return self.temperature or (0.1 if self.loss == "sigmoid" else 0.07)
+
+    @property
+    def logit_scale_cap(self) -> float:
+        return self.max_logit_scale or (1000.0 if self.loss == "sigmoid" else 100.0)
+
     def problems(self, where: str) -> list[str]:
         found = super().problems(where)
+        if 1.0 / self.start_temperature > self.logit_scale_cap:
+            found.append(f"{where}.temperature: {self.start_temperature} starts the logit scale at {1 / self.start_temperature:g}, "
+                         f"above max_logit_scale {self.logit_scale_cap:g}")
         if self.metric == "zero_shot_accuracy" and not self.class_field:
             found.append(f"{where}.metric: zero_shot_accuracy needs {where}.class_field (the class of each pair)")
         found += [f"{where}.templates: {t!r} has no {{}} for the class name" for t in self.templates if "{}" not in t]

@@ -42,6 +42,9 @@ class Architecture:
         pooling: what ``pooling: auto`` means: "mean" (over real tokens), "cls" (first token)
             or "pooler" (the model's own pooled output).
         checkpointing: whether gradient checkpointing works; None: ask the model.
+        text_input: "padded" (to the batch's longest text, with the attention mask) or "fixed"
+            (every text padded to the model's position count and read without a mask, as
+            SigLIP's text tower was trained: it pools the last position).
     """
 
     modality: Optional[str] = None
@@ -54,6 +57,7 @@ class Architecture:
     prompt_offset: int = 0
     pooling: Literal["mean", "cls", "pooler"] = "mean"
     checkpointing: Optional[bool] = None
+    text_input: Literal["padded", "fixed"] = "padded"
 
 
 _QV = ["q_proj", "v_proj"]
@@ -90,6 +94,10 @@ TABLE: dict[str, Architecture] = {
     # CLIP's text tower pools its end-of-text token (found from the input ids): no soft prompts
     "clip_text_model": Architecture(modality="text", lora=_QV, ia3=_VIT_IA3, adapter_attention=CLIP_VISION.adapter_attention,
                                     adapter_ffn=CLIP_VISION.adapter_ffn, prompt="none", pooling="pooler"),
+    # SigLIP's text tower pools its last position through a linear head, on texts padded to its
+    # fixed length; no soft prompts (they would push the text off its positions)
+    "siglip_text_model": Architecture(modality="text", lora=_QV, ia3=_VIT_IA3, adapter_attention=CLIP_VISION.adapter_attention,
+                                      adapter_ffn=CLIP_VISION.adapter_ffn, prompt="none", pooling="pooler", text_input="fixed"),
     # SigLIP has no [CLS] token: its prompts go first, its output is the attention-pooled head
     "siglip_vision_model": Architecture(
         modality="image", lora=_QV, ia3=_VIT_IA3, adapter_attention=CLIP_VISION.adapter_attention,

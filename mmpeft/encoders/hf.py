@@ -35,6 +35,10 @@ def _bnb_config(quant) -> Any:
     )
 
 
+# towers of dual-encoder checkpoints that AutoModel has no entry for, by model type: the class that loads one
+TOWER_CLASSES = {"siglip_text_model": "SiglipTextModel"}
+
+
 def load_hf_model(source: str, revision: Optional[str], quant, device: str, attention: str = "auto") -> nn.Module:
     """``AutoModel.from_pretrained`` with offline-friendly errors and optional bitsandbytes."""
     from transformers import AutoModel
@@ -50,8 +54,16 @@ def load_hf_model(source: str, revision: Optional[str], quant, device: str, atte
         kwargs["device_map"] = {"": device}
         # QLoRA practice: weights that are not quantized (embeddings, norms) live in the compute dtype
         kwargs["dtype"] = getattr(torch, quant.compute_dtype)
+    loader = AutoModel
+    config = Path(source) / "config.json"
+    if config.is_file():  # a tower saved alone that AutoModel does not map (a merged SigLIP text tower)
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        if model_type in TOWER_CLASSES:
+            import transformers
+
+            loader = getattr(transformers, TOWER_CLASSES[model_type])
     try:
-        return AutoModel.from_pretrained(source, **kwargs)
+        return loader.from_pretrained(source, **kwargs)
     except (ImportError, RuntimeError, NotImplementedError) as exc:
         if quant is None:
             raise
@@ -85,7 +97,7 @@ def hf_modality(config) -> str:
 def dual_head(source: str, model: nn.Module, side: str) -> dict:
     """What a dual-encoder checkpoint (CLIP, SigLIP) aligns one tower with: its projection
     weight ``[projection_dim, hidden]`` (None where the tower's pooled output is the embedding,
-    as SigLIP's; or where it is quantized) and the shared log logit scale. A contrastive task
+    as SigLIP's; or where it is quantized), the shared log logit scale and SigLIP's logit bias. A contrastive task
     over both towers of the checkpoint starts from these (:mod:`mmpeft.tasks.contrastive`)."""
     layer = getattr(model, "text_projection" if side == "text" else "visual_projection", None)
     weight = getattr(layer, "weight", None)
@@ -93,7 +105,8 @@ def dual_head(source: str, model: nn.Module, side: str) -> dict:
     return {"source": source, "kind": model.config.model_type, "side": side,
             "projection": weight.detach().float().clone() if usable else None,
             "quantized": weight is not None and not usable,
-            "logit_scale": float(model.logit_scale.detach().float()) if hasattr(model, "logit_scale") else None}
+            "logit_scale": float(model.logit_scale.detach().float()) if hasattr(model, "logit_scale") else None,
+            "logit_bias": float(model.logit_bias.detach().float()) if hasattr(model, "logit_bias") else None}
 
 
 class HFTextEncoder(Encoder):
@@ -112,10 +125,17 @@ class HFTextEncoder(Encoder):
         self.arch = model.config.model_type
         self.hidden_size = model.config.hidden_size
 
+    @property
+    def fixed_length(self) -> Optional[int]:
+        """The length every text is padded to where the family reads fixed-length texts (SigLIP)."""
+        if self.family.text_input != "fixed":
+            return None
+        return int(getattr(self.model.config, "max_position_embeddings", self.max_length))
+
     def preprocess(self, items: list[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(
-            [str(t) for t in items], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        fixed = self.fixed_length
+        enc = self.tokenizer([str(t) for t in items], padding="max_length" if fixed else True, truncation=True,
+                             max_length=fixed or self.max_length, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> EncoderOutput:
@@ -124,8 +144,8 @@ class HFTextEncoder(Encoder):
             embeds = self.base_model().get_input_embeddings()(ids)
             embeds, full_mask = self.input_prompt(embeds, mask)
             out = self.model(inputs_embeds=embeds, attention_mask=full_mask)
-        else:
-            out = self.model(input_ids=ids, attention_mask=mask)
+        else:  # a fixed-length family attends to its padding too, as it was trained (the mask still marks the text's tokens)
+            out = self.model(input_ids=ids, attention_mask=None if self.fixed_length else mask)
         tokens = out.last_hidden_state[:, self.num_prompt_tokens :]
         bool_mask = mask.bool()
         pooling = self.family.pooling if self.pooling == "auto" else self.pooling

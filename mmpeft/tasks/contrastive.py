@@ -1,13 +1,23 @@
 """``contrastive``: two encoders aligned in one embedding space (CLIP: Radford et al., 2021,
 "Learning Transferable Visual Models From Natural Language Supervision"; LiT: Zhai et al.,
-2022, when one tower is locked).
+2022, when one tower is locked; SigLIP: Zhai et al., 2023, "Sigmoid Loss for Language
+Image Pre-Training").
 
 Each of the two encoders' pooled output goes through its own linear projection, is
-L2-normalised, and the symmetric InfoNCE loss over in-batch negatives is minimised with a
-learned logit scale (initialised at 1/temperature, clamped at ``max_logit_scale``, as CLIP).
+L2-normalised, and a loss over in-batch negatives is minimised with a learned logit scale
+(initialised at 1/temperature, clamped at ``max_logit_scale``, as CLIP):
+
+- ``loss: softmax`` (CLIP): the symmetric InfoNCE, cross-entropy over each row's and each
+  column's similarities;
+- ``loss: sigmoid`` (SigLIP): every pair is its own binary problem, ``-log sigmoid(z *
+  (scale * similarity + bias))`` with ``z = +1`` for a matching pair and ``-1`` otherwise,
+  summed over the batch's pairs and divided by the batch size; the bias (initialised at
+  ``logit_bias``, SigLIP's -10) is learned with the scale.
+
 Rows that share an input of either encoder (the same caption, the same image) are
-positives of each other: the loss spreads each row's target evenly over its positives
-instead of pushing identical captions apart, and retrieval counts any of them as a hit.
+positives of each other: the softmax loss spreads each row's target evenly over its
+positives, the sigmoid loss labels every such pair a match, instead of pushing identical
+captions apart; retrieval counts any of them as a hit.
 
 Metrics on a split (its rows are the gallery): recall@1/5/10 in both directions (and their
 mean), the median rank of the first correct match, and with ``class_field`` zero-shot
@@ -18,7 +28,7 @@ templates filled with each class name.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +45,14 @@ EVAL_BATCH = 256  # rows per chunk of the validation / test loss
 class ContrastiveHead(nn.Module):
     """Projects two encoders' pooled outputs into one space; output ``[B, 2 * dim]``: the two normalised embeddings."""
 
-    def __init__(self, dims: dict[str, int], dim: int, temperature: float, max_logit_scale: float):
+    def __init__(self, dims: dict[str, int], dim: int, temperature: float, max_logit_scale: float,
+                 logit_bias: Optional[float] = None):
         super().__init__()
         self.names = list(dims)
         self.projections = nn.ModuleDict({n: nn.Linear(d, dim, bias=False) for n, d in dims.items()})
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        # the sigmoid loss's bias (None: the softmax loss, which a shared bias would not change)
+        self.logit_bias = None if logit_bias is None else nn.Parameter(torch.tensor(float(logit_bias)))
         self.max_logit_scale = max_logit_scale
         self.dim = dim
 
@@ -51,6 +64,11 @@ class ContrastiveHead(nn.Module):
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=self.max_logit_scale)
+
+    def logits(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Pair logits ``[len(a), len(b)]`` of normalised embeddings."""
+        logits = self.scale() * a @ b.T
+        return logits if self.logit_bias is None else logits + self.logit_bias
 
 
 def first_hit_ranks(queries: torch.Tensor, gallery: torch.Tensor, query_ids: torch.Tensor, gallery_ids: torch.Tensor,
@@ -79,6 +97,7 @@ class ContrastiveTask(Task):
         self.class_embeddings = None  # [classes, dim], computed by the runtime for zero-shot scoring and answers
         self.from_checkpoint = None  # the dual-encoder checkpoint whose projections the head started from
         self.skipped_checkpoint = None  # why the head could not (said in the run's log)
+        self.checkpoint_start = ""  # what of the checkpoint it started from (said in the run's log)
 
     @classmethod
     def fit(cls, name, settings, rows, label_field="answer"):
@@ -94,36 +113,50 @@ class ContrastiveTask(Task):
 
     def build_head(self, dims, encoders=None):
         s = self.settings
-        head = ContrastiveHead(dims, s.projection_dim, s.temperature, s.max_logit_scale)
+        head = ContrastiveHead(dims, s.projection_dim, s.start_temperature, s.logit_scale_cap,
+                               s.logit_bias if s.loss == "sigmoid" else None)
         if s.checkpoint_head and encoders:
             self._start_from_checkpoint(head, dims, encoders)
         return head
 
     @torch.no_grad()
     def _start_from_checkpoint(self, head: ContrastiveHead, dims: dict, encoders: dict) -> None:
-        """Where the two encoders are the two towers of one CLIP checkpoint, its own projections
-        and logit scale replace the random start, so the model first scores pairs as the
-        checkpoint does (Radford et al., 2021; the LiT / CLIP fine-tuning practice)."""
+        """Where the two encoders are the two towers of one CLIP or SigLIP checkpoint, its own
+        projections (SigLIP has none: each tower's pooled output is its embedding, so the
+        projections start as the identity), logit scale and SigLIP's bias replace the random
+        start, so the model first scores pairs as the checkpoint does (Radford et al., 2021;
+        Zhai et al., 2023; the LiT / CLIP fine-tuning practice)."""
         infos = [getattr(encoders[n], "checkpoint_head", None) for n in head.names]
         if any(i is None for i in infos) or len({i["source"] for i in infos}) != 1 or len({i["side"] for i in infos}) != 2:
             return
         where = "task" if self.name == SINGLE_TASK else f"tasks.{self.name}"
-        if infos[0]["kind"] != "clip":  # SigLIP trains a sigmoid loss with a bias, its text tower on max-length padding
-            self.skipped_checkpoint = f"a {infos[0]['kind']} checkpoint's own head is not built here, only CLIP's"
+        kind, source = infos[0]["kind"], infos[0]["source"]
+        if kind not in ("clip", "siglip"):
+            self.skipped_checkpoint = f"a {kind} checkpoint's own head is not built here, only CLIP's and SigLIP's"
             return
-        if any(i["quantized"] or i["projection"] is None for i in infos):
+        if any(i["quantized"] for i in infos):
             self.skipped_checkpoint = "the checkpoint's projections are quantized"
             return
+        if kind == "siglip" and self.settings.loss != "sigmoid":
+            raise RecipeError([f"{where}.loss: softmax, but the siglip checkpoint {source} scores pairs with the sigmoid "
+                               f"loss and a bias: set {where}.loss: sigmoid (or {where}.checkpoint_head: false)"])
         for name, info in zip(head.names, infos):
-            weight = info["projection"]
+            weight = info["projection"] if info["projection"] is not None else torch.eye(dims[name])
             if weight.shape != (head.dim, dims[name]):
-                raise RecipeError([f"{where}.projection_dim: {head.dim}, but the {info['kind']} checkpoint {info['source']} "
+                raise RecipeError([f"{where}.projection_dim: {head.dim}, but the {kind} checkpoint {source} "
                                    f"projects to {weight.shape[0]}: set {where}.projection_dim: {weight.shape[0]} (or "
                                    f"{where}.checkpoint_head: false for new random projections)"])
             head.projections[name].weight.copy_(weight)
         if infos[0]["logit_scale"] is not None:
+            if math.exp(infos[0]["logit_scale"]) > head.max_logit_scale:
+                raise RecipeError([f"{where}.max_logit_scale: {head.max_logit_scale:g}, but the {kind} checkpoint {source} "
+                                   f"has a logit scale of {math.exp(infos[0]['logit_scale']):.4g}: raise "
+                                   f"{where}.max_logit_scale above it (or {where}.checkpoint_head: false)"])
             head.logit_scale.fill_(infos[0]["logit_scale"])
-        self.from_checkpoint = infos[0]["source"]
+        if head.logit_bias is not None and infos[0].get("logit_bias") is not None:
+            head.logit_bias.fill_(infos[0]["logit_bias"])
+        self.from_checkpoint = source
+        self.checkpoint_start = "identity projections, logit scale and bias" if kind == "siglip" else "projections and logit scale"
 
     @property
     def text_side(self):
@@ -162,7 +195,9 @@ class ContrastiveTask(Task):
             return out.sum() * 0.0
         a, b = self.split(out)
         positive = ((target[:, None, 0] == target[None, :, 0]) | (target[:, None, 1] == target[None, :, 1])).float()
-        logits = self.head.scale() * a @ b.T
+        logits = self.head.logits(a, b)
+        if self.head.logit_bias is not None:  # SigLIP: each pair a binary problem, summed over pairs, per row
+            return -F.logsigmoid((2 * positive - 1) * logits).sum() / len(out)
         forward = positive / positive.sum(1, keepdim=True)  # each row's target, spread over its positives
         backward = positive.T / positive.T.sum(1, keepdim=True)  # the same for each column (not forward.T: positives need
         # not be transitive, e.g. rows 0 and 1 share a caption, rows 1 and 2 an image)
@@ -193,6 +228,8 @@ class ContrastiveTask(Task):
         metrics["loss"] = (sum(float(self.loss(out[s:e], self.collate(rows[s:e]))) * (e - s) for s, e in chunks)
                            / sum(e - s for s, e in chunks)) if chunks else float("nan")
         metrics["logit_scale"] = float(self.head.scale())
+        if self.head.logit_bias is not None:
+            metrics["logit_bias"] = float(self.head.logit_bias)
         if self.class_embeddings is not None and self.text_side is not None:
             other = self.text_side[1]
             image_side = a if names[0] == other else b
@@ -217,7 +254,9 @@ class ContrastiveTask(Task):
             result = {"similarity": round(float(a[i] @ b[i]), 6)}
             if self.class_embeddings is not None and self.text_side is not None:
                 side = a if list(self.modalities)[0] == self.text_side[1] else b
-                probs = (self.head.scale().detach().cpu() * side[i] @ self.class_embeddings.T).softmax(-1)
+                logits = self.head.logits(side[i:i + 1], self.class_embeddings.to(side.device)).detach().cpu()[0]
+                # softmax: a distribution over the classes; sigmoid: each class's own match probability (SigLIP)
+                probs = logits.sigmoid() if self.head.logit_bias is not None else logits.softmax(-1)
                 top = probs.topk(min(top_k, len(probs)))
                 result["zero_shot"] = [{"class": self.labels[j], "probability": round(float(p), 6)}
                                        for p, j in zip(top.values, top.indices.tolist())]
