@@ -73,10 +73,11 @@ def test_evaluation_batches_keep_each_dataset_in_order():
 
 
 def write_shapes_only(directory, n_train=32, n_test=16):
-    """A second dataset: shape images and their shape, no question (the image encoder's task)."""
+    """A second dataset: shape images and their shape, no question (the image encoder's task).
+    Its rows carry an `answer` column too, which is not the vqa task's (it reads the recipe's data)."""
     def row(rng, i, name):
         color, shape = rng.choice(list(tiny.COLORS)), ["square", "circle"][i % 2]
-        return color, shape, {"image": name, "shape": shape}
+        return color, shape, {"image": name, "shape": shape, "answer": shape}
 
     return tiny.write_shape_manifests(directory, row, n_train, n_test, seed=5)
 
@@ -94,6 +95,21 @@ def own_data_recipe(assets, tmp_path, rule="round_robin", **extra):
     path = tmp_path / "own.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path, raw
+
+
+def test_answers_of_another_datasets_rows_are_not_a_vqa_tasks():
+    """Rows of a task's own built-in data (easy_vqa_captions: an answer, no extra columns) give
+    the vqa task on the recipe's data no vocabulary entry and no target."""
+    from mmpeft.config import TASK_SETTINGS
+    from mmpeft.data.samples import Sample
+    from mmpeft.tasks import build_task
+
+    rows = [Sample("a.png", "what shape ?", "circle"), Sample("b.png", "what colour ?", "red"),
+            Sample("a.png", "", "red circle", dataset="caption")]
+    for kind in ("vqa", "classification"):
+        task = build_task("answer", TASK_SETTINGS.get(kind)(), rows)
+        assert sorted(task.labels) == ["circle", "red"]
+        assert task.collate(rows).tolist() == [task.vocab.encode("circle"), task.vocab.encode("red"), -1]
 
 
 def test_a_task_with_its_own_data_trains_on_it_and_is_scored_on_it(assets, tmp_path):
@@ -125,12 +141,16 @@ def test_rows_of_another_dataset_teach_a_task_nothing(assets, tmp_path):
     splits = recipe_splits(rec)
     assert {s.dataset for s in splits.train} == {"", "shape"} and sum(s.dataset == "shape" for s in splits.train) == 24
     tasks = recipe_task_set(rec, splits.train)
+    # the other dataset's answer column adds nothing to the vqa task's vocabulary
+    assert sorted(tasks["answer"].labels) == sorted({s.answer for s in splits.train if s.dataset == ""})
+    assert not {"square", "circle"} & set(tasks["answer"].labels)
     model = build_model(rec, tasks)
     collator = Collator(splits.train, dict(model.encoders.items()), tasks, ImageStore())
     shared = [i for i, s in enumerate(splits.train) if s.dataset == ""][:4]
     own = [i for i, s in enumerate(splits.train) if s.dataset == "shape"][:4]
     batch = collator(own)
     assert set(batch["inputs"]) == {"image"} and batch["counts"] == {"answer": 0, "shape": 4}
+    assert batch["targets"]["answer"].tolist() == [-1] * 4
     out = model(batch["inputs"])
     assert float(tasks["answer"].loss(out[:, model.slices["answer"]], batch["targets"]["answer"])) == 0.0
     assert float(tasks["shape"].loss(out[:, model.slices["shape"]], batch["targets"]["shape"])) > 0
@@ -193,6 +213,9 @@ def test_shared_rows_need_only_the_encoders_of_the_tasks_reading_them(assets, tm
     splits = recipe_splits(rec)
     assert all(s.image == "" for s in splits.train if s.dataset == "")
     tasks = recipe_task_set(rec, splits.train)
+    # the other dataset's answer column adds nothing to the vqa task's vocabulary
+    assert sorted(tasks["answer"].labels) == sorted({s.answer for s in splits.train if s.dataset == ""})
+    assert not {"square", "circle"} & set(tasks["answer"].labels)
     model = build_model(rec, tasks)
     collator = Collator(splits.train, dict(model.encoders.items()), tasks, ImageStore())
     batch = collator([i for i, s in enumerate(splits.train) if s.dataset == ""][:4])

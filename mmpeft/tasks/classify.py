@@ -46,6 +46,8 @@ class AnswerTask(Task):
         return normalize_answer(value)
 
     def target(self, row):
+        if not self.owns(row):  # a row of another task's data: its answer (if any) is not this task's
+            return None
         if self.field == self.label_field and not getattr(row, "extra", None):
             return row.answer or None  # the common case, read straight from the row (rows hold it normalised)
         return super().target(row)
