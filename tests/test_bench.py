@@ -300,6 +300,42 @@ def test_search_runs_variants_in_parallel_and_resumes(assets, tmp_path):
     assert len((out / "results.jsonl").read_text().splitlines()) == 5
 
 
+def test_search_reports_every_task_of_a_multi_task_variant(assets, tmp_path):
+    """A multi-task variant: the first task's accuracy is the main table; every other task's
+    declared metrics are kept per run and summarised in a table of their own."""
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from mmpeft.cli import app
+    from tests import tiny
+
+    raw = tiny.recipe_dict(assets["bert"], assets["vit"], assets["data"], tmp_path / "unused", text_method="bitfit",
+                           image_method="bitfit", epochs=1)
+    raw.pop("task")
+    raw["tasks"] = {"answer": {"type": "vqa"}, "seen": {"type": "classification", "encoders": ["image"], "weight": 0.5}}
+    recipe = tmp_path / "multi.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    search = tmp_path / "search.yaml"
+    search.write_text(yaml.safe_dump({"recipe": str(recipe), "seeds": [0, 1], "configs": {"both": {"overrides": []}}}))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["bench", "search", str(search), "--out", str(out), "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    seen = []
+    for r in rows:
+        tasks = json.loads((out / "runs" / f"both_s{r['seed']}" / "metrics.json").read_text())["tasks"]
+        assert r["overall"] == tasks["answer"]["accuracy"]
+        assert r["others"] == {"seen": {"accuracy": tasks["seen"]["accuracy"], "macro_f1": tasks["seen"]["macro_f1"]}}
+        seen.append(100 * tasks["seen"]["accuracy"])
+    import statistics
+
+    summary = (out / "summary.md").read_text()
+    assert "Task `seen` on the same runs" in summary and "| variant | accuracy | macro_f1 |" in summary
+    assert f"| both | {statistics.mean(seen):.1f} ± {statistics.stdev(seen):.1f} |" in summary
+
+
 def test_search_file_problems_are_named_before_anything_runs(tmp_path):
     from typer.testing import CliRunner
 

@@ -33,12 +33,13 @@ from pathlib import Path
 
 import yaml
 
-from ..config import load_recipe
+from ..config import load_recipe, recipe_tasks
 from ..errors import MMPeftError, UsageError
 from .common import (machine_info, output_folder, recipe_fingerprint, resolved_settings, side_by_side, stored_fingerprint,
                      threads_per_run, write_atomic)
 
 SEARCH_KEYS = {"recipe", "base", "seeds", "configs"}
+RATES = ("accuracy", "recall", "f1", "auroc", "precision")  # metric names that are shares, shown in %
 CONFIG_KEYS = {"overrides", "seeds", "base"}
 
 
@@ -151,8 +152,11 @@ def run(search_file: str, out: str, jobs: int = 1, threads: int | None = None, o
         with results.open("a") as handle:  # one whole line per run; a crash loses at most the runs in flight
             handle.write(json.dumps(row) + "\n")
 
-    side_by_side(todo, jobs, lambda job: _train(search["recipe"], run_overrides[job[0]], *job, out_path, threads), record,
-                 "search runs")
+    # what each variant's other tasks report (their declared metrics), compared beside the first task's accuracy
+    others = {name: {task: [m for m in settings.metrics if m != "loss"]
+                     for task, settings in list(recipe_tasks(loaded[name]).items())[1:]} for name in names}
+    side_by_side(todo, jobs, lambda job: _train(search["recipe"], run_overrides[job[0]], *job, out_path, threads,
+                                                others[job[0]]), record, "search runs")
     write_atomic(out_path / "summary.md", markdown(search_file, search, rows, list(overrides)))
     if failed:  # the others' results are kept; a new call retries only these
         failed_names = ", ".join(f"{r['name']}_s{r['seed']}" for r in failed)
@@ -172,7 +176,7 @@ def _last_error(log: Path) -> str:
     return " ".join(lines[starts[-1]:])[:600] if starts else (lines[-1][:600] if lines else "")
 
 
-def _train(recipe: str, overrides: list, name: str, seed: int, out: Path, threads: int) -> dict:
+def _train(recipe: str, overrides: list, name: str, seed: int, out: Path, threads: int, others: dict) -> dict:
     tag = f"{name}_s{seed}"
     (out / "logs").mkdir(exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -194,6 +198,8 @@ def _train(recipe: str, overrides: list, name: str, seed: int, out: Path, thread
                answer_type={k: v["accuracy"] for k, v in answer_type.items()},
                eval=[h.get("eval_accuracy", h.get(f"eval_{first}.accuracy")) for h in history], train_loss=[round(h["train_loss"], 4) for h in history],
                epoch_seconds=[round(h["epoch_seconds"], 1) for h in history])
+    if others:  # {task: {metric: test value}} of the tasks after the first
+        row["others"] = {task: {m: metrics["tasks"][task].get(m) for m in reported} for task, reported in others.items()}
     return row
 
 
@@ -220,6 +226,29 @@ def summarize(rows: list[dict], order: list[str]) -> list[dict]:
     return table
 
 
+def _other_tasks(rows: list[dict], order: list[str]) -> list[str]:
+    """A table per task after the first (multi-task variants): mean ± std over seeds of each metric it reports."""
+    lines = []
+    tasks = dict.fromkeys(t for r in rows if r.get("rc") == 0 for t in r.get("others", {}))
+    for task in tasks:
+        metrics = list(dict.fromkeys(m for r in rows if r.get("rc") == 0 for m in r.get("others", {}).get(task, {})))
+        lines += ["", f"Task `{task}` on the same runs (test split; accuracies, recalls, F1, AUROC and AP in %):", "",
+                  "| variant | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+        for name in order:
+            rs = [r["others"][task] for r in rows if r["name"] == name and r.get("rc") == 0 and task in r.get("others", {})]
+            if not rs:
+                continue
+            cells = []
+            for m in metrics:
+                values = [v for v in (r.get(m) for r in rs) if isinstance(v, (int, float)) and v == v]
+                scale = 100 if any(w in m for w in RATES) else 1  # rates in %, ranks, errors and correlations as they are
+                values = [scale * v for v in values]
+                cells.append("-" if not values else f"{statistics.mean(values):.1f} ± "
+                             f"{statistics.stdev(values) if len(values) > 1 else 0.0:.1f}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(search_file: str, search: dict, rows: list[dict], overrides: list) -> str:
     f = lambda v: f"{v[0]:.1f} ± {v[1]:.1f}" if v else "-"  # noqa: E731
     machines = "; ".join(sorted({r.get("machine", "machine not recorded") for r in rows})) or "no runs yet"
@@ -236,6 +265,7 @@ def markdown(search_file: str, search: dict, rows: list[dict], overrides: list) 
         epochs = ", ".join(f"{b}/{e}" for b, e in zip(r["best_epochs"], r["epochs"]))
         lines.append(f"| {r['name']} | {','.join(map(str, r['seeds']))} | {f(r['open'])} | {f(r['closed'])} | "
                      f"{f(r['overall'])} | {f(r['eval'])} | {epochs} |")
+    lines += _other_tasks(rows, list(search["configs"]))
     lines += ["", "Variants:", ""] + [f"- `{n}`: `{' '.join(c['overrides']) or '(the recipe as it is)'}`"
                                       for n, c in search["configs"].items()]
     return "\n".join(lines) + "\n"
