@@ -1,4 +1,4 @@
-"""The ``mmpeft`` command line: a thin layer over the Python API.
+"""The ``mmpeft`` commands: a thin layer over the Python API.
 
 The CLI is the top layer and nothing imports it. Each command imports its implementation
 when it runs (the one place in the package where the package's own modules are imported
@@ -8,80 +8,22 @@ loading torch.
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-import typer.core
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .errors import MMPeftError, UsageError
-from .version import __version__
+from ..errors import UsageError
+from ..version import __version__
+from .bench import bench_app
+from .common import OVERRIDES, console, device_of, friendly, quiet_third_party, recipe_with_data
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Parameter-efficient fine-tuning of multimodal models.")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (comparison of methods, memory, VQA-RAD).")
 app.add_typer(bench_app, name="bench")
-# Width follows the terminal (80 columns when output goes to a file or a pipe). Markup is
-# off: messages are printed exactly as written, square brackets included; sentences are
-# not hard-wrapped (soft_wrap), so a log line stays one line.
-err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
-console = Console(highlight=False, markup=False, soft_wrap=True)
-
-# Help shows each value's type in words (typer's own labels are <int>, <list[str]>, <bool>).
-_TYPE_WORDS = {"<bool>": None, "<int>": "integer", "<float>": "number", "<str>": "text", "<path>": "path",
-               "<list[str]>": "text ...", "<file>": "file", "<dir>": "folder"}
-
-
-def _type_in_words(original):
-    def display_type_rich(self, ctx):
-        label = original(self, ctx)
-        return _TYPE_WORDS.get(label, label.strip("<>") if label else label)
-
-    return display_type_rich
-
-
-def _usage_name(self) -> str:
-    """Usage lines in the usual form: required arguments bare, optional ones in brackets
-    (typer puts required ones in braces)."""
-    name = self.display_name_raw if self.required else f"[{self.display_name_raw}]"
-    return name + ("..." if self.nargs != 1 else "")
-
-
-for _param in (typer.core.TyperArgument, typer.core.TyperOption):
-    _param.display_type_rich = _type_in_words(_param.display_type_rich)
-typer.core.TyperArgument._usage_display_name = _usage_name
-
-OVERRIDES = "KEY=VALUE"
-
-
-def friendly(func):
-    """Print user errors as one clear message with a non-zero exit code (2 for input the
-    user can fix, 1 for a failure at run time), no traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except MMPeftError as exc:
-            err.print(Text.assemble(("error:", "bold red"), " ", str(exc)))
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            err.print("interrupted; nothing was written")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-def _device(device: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def _show_version(value: bool) -> None:
@@ -96,23 +38,13 @@ def main_options(version: bool = typer.Option(False, "--version", callback=_show
     """Parameter-efficient fine-tuning of multimodal models."""
 
 
-def _recipe_with_data(recipe: Path, overrides):
-    """Load a recipe and check that its data files are there, without loading torch."""
-    from .config import load_recipe
-    from .config.paths import require_data
-
-    r = load_recipe(recipe, overrides or [])
-    require_data(r, str(recipe))
-    return r
-
-
 @app.command()
 @friendly
 def validate(recipe: Path = typer.Argument(..., metavar="RECIPE", help="recipe YAML"),
              overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides")):
     """Check a recipe and that its data files exist, without loading any model."""
-    r = _recipe_with_data(recipe, overrides)
-    from .config import recipe_tasks
+    r = recipe_with_data(recipe, overrides)
+    from ..config import recipe_tasks
 
     methods = ", ".join(f"{n}: {c.model} + {c.peft['method']}" for n, c in r.encoders.items())
     tasks = ", ".join(f"{n}: {t.registry_name}" for n, t in recipe_tasks(r).items())
@@ -128,8 +60,8 @@ def finetune(recipe: Path = typer.Argument(..., metavar="RECIPE", help="recipe Y
              resume: bool = typer.Option(False, "--resume", help="continue from this run's newest checkpoint (start "
                                          "from the beginning when there is none)")):
     """Train a recipe and write its adapter bundle to adapters/<name>/."""
-    r = _recipe_with_data(recipe, overrides)  # a bad recipe or data path answers before torch loads
-    from .train import finetune as run
+    r = recipe_with_data(recipe, overrides)  # a bad recipe or data path answers before torch loads
+    from ..train import finetune as run
 
     run(r, dry_run=dry_run, overwrite=overwrite or None, resume=resume)
 
@@ -141,10 +73,10 @@ def evaluate(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle d
              device: str = typer.Option("auto", help="cpu, cuda or auto"),
              allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch")):
     """Rebuild a bundle's model and reproduce its stored test metrics."""
-    from .inference import evaluate_bundle
-    from .report import print_test
+    from ..inference import evaluate_bundle
+    from ..report import print_test
 
-    result = evaluate_bundle(bundle, overrides or [], _device(device), allow_base_mismatch)
+    result = evaluate_bundle(bundle, overrides or [], device_of(device), allow_base_mismatch)
     print_test(result["metrics"], result["tasks"])
     diff = result["max_abs_diff"]
     for name, task in result["tasks"].items():
@@ -175,7 +107,7 @@ def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (o
             device: str = typer.Option("auto", help="cpu, cuda or auto"),
             allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="load onto a base whose fingerprint differs")):
     """Answer a question about an image (or classify a clip, ...; or every row of a manifest)."""
-    from .inference import Predictor, predict_manifest
+    from ..inference import Predictor, predict_manifest
 
     if input is None and image is None and question is None and audio is None and not encoder_input:
         raise UsageError("give the inputs the bundle reads (--image, --question, --audio), or --input manifest.jsonl")
@@ -189,7 +121,7 @@ def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (o
         raise UsageError("--encoder-input: with --input, each encoder reads its own column from the manifest")
     if top_k < 1:
         raise UsageError(f"--top-k: must be at least 1 (got {top_k})")
-    predictor = Predictor(bundle, _device(device), allow_base_mismatch)
+    predictor = Predictor(bundle, device_of(device), allow_base_mismatch)
     given = {"image": image, "text": question, "audio": audio}
     flags = {"image": "--image", "text": "--question", "audio": "--audio"}
     missing = [flags[m] for m in predictor.reads if given[m] is None]
@@ -219,7 +151,7 @@ def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (o
 @friendly
 def inspect(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle directory")):
     """Show a bundle's methods, parameters, base fingerprints, metrics and files."""
-    from .bundle.io import read_manifest, verify_files
+    from ..bundle.io import read_manifest, verify_files
 
     manifest = read_manifest(bundle)
     verify_files(bundle, manifest)
@@ -241,7 +173,7 @@ def inspect(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle di
     table.add_row("head", manifest["head"]["type"], "trained", f"{manifest['head']['parameters']:,}", "", "", "")
     console.print(table)
     if (Path(bundle) / "metrics.json").is_file():
-        from .inference import stored_metrics
+        from ..inference import stored_metrics
 
         test = stored_metrics(Path(bundle))["test"]
         console.print(f"test accuracy {100 * test['accuracy']:.2f}%  macro-F1 {100 * test['macro_f1']:.2f}%  n={test.get('count', '?')}")
@@ -263,7 +195,7 @@ def merge(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle dire
           overwrite: bool = typer.Option(False, "--overwrite"),
           allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch")):
     """Fold mergeable methods into the base weights; write a verified standalone model."""
-    from .bundle.merge import merge_bundle
+    from ..bundle.merge import merge_bundle
 
     report = merge_bundle(bundle, out, tolerance=tolerance, allow_base_mismatch=allow_base_mismatch, overwrite=overwrite)
     for name, method in report["folded"].items():
@@ -288,7 +220,7 @@ def export(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle dir
     """Export the merged model (text + image in, answer logits out)."""
     if format != "onnx":
         raise UsageError(f"--format: unknown export format {format!r}; available: onnx")
-    from .bundle.export import export_onnx
+    from ..bundle.export import export_onnx
 
     result = export_onnx(bundle, out, opset=opset, overwrite=overwrite)
     diff = result["onnx_max_abs_diff"]
@@ -308,7 +240,7 @@ def push(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle direc
          hub_dir: Optional[str] = typer.Option(None, help="local directory standing in for the hub (or $MMPEFT_HUB_DIR)"),
          private: bool = typer.Option(False, "--private")):
     """Upload a verified bundle (with its model card) to the Hugging Face Hub."""
-    from .bundle.hub import push as do_push
+    from ..bundle.hub import push as do_push
 
     console.print(f"pushed {bundle} to {do_push(bundle, repo_id, hub_dir=hub_dir, private=private)}")
 
@@ -320,7 +252,7 @@ def pull(source: str = typer.Argument(..., metavar="SOURCE", help="owner/name, a
          hub_dir: Optional[str] = typer.Option(None, help="local directory standing in for the hub (or $MMPEFT_HUB_DIR)"),
          overwrite: bool = typer.Option(False, "--overwrite")):
     """Fetch and verify a bundle from the Hub, a directory or an archive."""
-    from .bundle.hub import pull as do_pull
+    from ..bundle.hub import pull as do_pull
 
     name = Path(source.rstrip("/")).name
     for suffix in (".tar.gz", ".tgz"):
@@ -342,10 +274,10 @@ def serve(bundles: List[str] = typer.Argument(..., metavar="BUNDLE", help="bundl
     try:
         import uvicorn
 
-        from .serve.app import ServeSettings, create_app
+        from ..serve.app import ServeSettings, create_app
     except ImportError as exc:
         raise UsageError(f"serving needs FastAPI and uvicorn ({exc}): pip install 'mmpeft[serve]'") from None
-    from .serve.pool import AdapterPool
+    from ..serve.pool import AdapterPool
 
     if max_batch < 1 or max_wait_ms < 0 or max_upload_mb <= 0:
         raise UsageError("--max-batch must be at least 1, --max-wait-ms at least 0 and --max-upload-mb above 0")
@@ -356,175 +288,13 @@ def serve(bundles: List[str] = typer.Argument(..., metavar="BUNDLE", help="bundl
         if name in paths:
             raise UsageError(f"two bundles would be named {name!r}; name one with NAME=FOLDER")
         paths[name] = Path(folder)
-    pool = AdapterPool(paths, _device(device), log=console.print)
+    pool = AdapterPool(paths, device_of(device), log=console.print)
     app_ = create_app(pool, ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms,
                                           max_upload_bytes=int(max_upload_mb * 1024 * 1024)))
     console.print(f"serving {', '.join(paths)} at http://{host}:{port}/ (API: /predict, /bundles, /docs); Ctrl-C to stop")
     uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
 
 
-@bench_app.command("quickstart")
-@friendly
-def bench_quickstart(recipe: str = typer.Option("recipes/quickstart.yaml"), out: str = typer.Option("benchmarks/results"),
-                     overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides for every run")):
-    """Time the quickstart end to end and check its 97% / 10-minute targets."""
-    from .bench.quickstart import run
-
-    r = run(recipe, out, overrides or [])
-    m = r["machine"]
-    console.print(f"{m['processor']} ({m['cpu_count']} cores, torch {m['torch']}, {m['torch_threads']} threads)")
-    console.print(f"quickstart: test accuracy {100 * r['test_accuracy']:.2f}% (target >= {100 * r['target_accuracy']:.0f}%: "
-                  f"{'met' if r['meets_accuracy'] else 'MISSED'}), wall {r['wall_seconds']:.0f} s (budget {r['budget_seconds']:.0f} s: "
-                  f"{'met' if r['meets_time'] else 'MISSED'}); written to {out}/quickstart.json")
-
-
-@bench_app.command("contrastive")
-@friendly
-def bench_contrastive(recipe: str = typer.Option("recipes/easy_vqa_contrastive.yaml", help="a recipe with a contrastive task"),
-                      out: str = typer.Option("benchmarks/results/contrastive", help="folder for contrastive.json / .md"),
-                      overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides")):
-    """Train a contrastive recipe and score it against its untrained projections (the floor)."""
-    from .bench.contrastive import run
-
-    result = run(recipe, out, overrides or [])
-    console.print((Path(out) / "contrastive.md").read_text())
-    console.print(f"written to {out}/contrastive.json and contrastive.md ({result['train_seconds']:.0f} s of training)")
-
-
-@bench_app.command("methods")
-@friendly
-def bench_methods(recipe: str = typer.Option("recipes/quickstart.yaml"), out: str = typer.Option("benchmarks/results"),
-                  methods: Optional[str] = typer.Option(None, help="comma-separated subset"),
-                  sides: str = typer.Option("image,text"),
-                  overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides for every run")):
-    """Fine-tune the quickstart with each method on each side; table of params, accuracy, s/epoch."""
-    from .bench.methods import run
-
-    run(recipe, out, methods.split(",") if methods else None, tuple(sides.split(",")), overrides or [])
-    console.print((Path(out) / "methods.md").read_text())
-
-
-@bench_app.command("memory")
-@friendly
-def bench_memory(out: str = typer.Option("benchmarks/results"), cpu: bool = typer.Option(False, "--cpu", help="weight bytes only"),
-                 small: bool = typer.Option(False, "--small", help="tiny models (smoke test)")):
-    """Peak memory / throughput of full, LoRA, LoRA+int8, LoRA+NF4 (CUDA); weight bytes per precision (any machine)."""
-    from .bench.memory import run
-
-    run(out, cpu_only=cpu, small=small)
-    console.print((Path(out) / "memory.md").read_text())
-
-
-@bench_app.command("vqa-rad")
-@friendly
-def bench_vqa_rad(recipe: str = typer.Option("recipes/medical_vqa_15ep.yaml"), out: str = typer.Option("benchmarks/results"),
-                  configs: Optional[str] = typer.Option(None, help="comma-separated subset of the configurations: 'head only' and each registered method"),
-                  seeds: str = typer.Option("0,1,2"), jobs: int = typer.Option(1, help="runs at a time (several suit a GPU)"),
-                  overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides for every run")):
-    """Each method on both encoders of the medical recipe, over seeds (resumable)."""
-    from .bench.common import parse_seeds
-    from .bench.vqa_rad import run
-
-    run(recipe, out, configs.split(",") if configs else None, parse_seeds(seeds), overrides or [], jobs=jobs)
-    console.print((Path(out) / "vqa_rad.md").read_text())
-
-
-@bench_app.command("search")
-@friendly
-def bench_search(search_file: str = typer.Argument(..., metavar="SEARCH", help="search YAML: recipe, base overrides, seeds, named variants"),
-                 out: str = typer.Option(..., help="folder for results.jsonl, summary.md, logs and bundles"),
-                 jobs: int = typer.Option(1, help="runs at a time (several suit a GPU)"),
-                 threads: Optional[int] = typer.Option(None, help="threads per run (default: CPU cores / jobs)"),
-                 only: Optional[str] = typer.Option(None, help="comma-separated variants to run (default: all)"),
-                 overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="key.path=value applied to every run")):
-    """Named recipe variants x seeds, several runs at a time (resumable)."""
-    from .bench.search import run
-
-    run(search_file, out, jobs, threads, overrides or [], only.split(",") if only else None)
-    console.print((Path(out) / "summary.md").read_text())
-
-
-@bench_app.command("throughput")
-@friendly
-def bench_throughput(recipe: str = typer.Option("recipes/quickstart.yaml", help="recipe to measure"),
-                     out: str = typer.Option("benchmarks/results/throughput", help="folder for throughput.json / .md"),
-                     steps: int = typer.Option(40, help="optimizer steps an epoch (the rows: steps x batch size)"),
-                     scaling: str = typer.Option("1000,4000,16000", help="train rows of the scaling runs"),
-                     manifest_rows: str = typer.Option("10000,1000000", help="rows of the generated manifests"),
-                     overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides for every run")):
-    """The toolkit against a hand-written loop, each pipeline feature toggled, and scaling with rows."""
-    from .bench.common import parse_ints
-    from .bench.throughput import run
-
-    sizes = parse_ints(scaling, "--scaling", "1000,4000")
-    manifests = parse_ints(manifest_rows, "--manifest-rows", "10000,1000000")
-    if steps < 1:
-        raise UsageError("--steps: must be at least 1")
-    run(recipe, out, steps, overrides or [], list(sizes), list(manifests))
-    console.print((Path(out) / "throughput.md").read_text())
-
-
-@bench_app.command("serve")
-@friendly
-def bench_serve(bundles: str = typer.Option("adapters/vqa_rad_bitfit_hadamard_all40,adapters/vqa_rad_bitfit_hadamard,"
-                                            "adapters/vqa_rad_bitfit_hadamard_25ep", help="comma-separated bundles over one base"),
-                images: str = typer.Option("../shared/vqa_rad/images", help="a folder of test images (the first --image-count)"),
-                image_count: int = typer.Option(8, help="images used"),
-                questions: str = typer.Option("is there a fracture?|is this a ct scan?|what organ is shown?",
-                                              help="questions, separated by |"),
-                clients: str = typer.Option("1,4,16,64", help="concurrent clients per level"),
-                requests: int = typer.Option(256, help="requests per level"),
-                soak: int = typer.Option(2000, help="requests of the soak"),
-                out: str = typer.Option("benchmarks/results/serve", help="folder for serve.json and serve.md")):
-    """Load test, memory and soak of `mmpeft serve` on 127.0.0.1 (it starts and stops its own servers)."""
-    from .bench.common import parse_ints
-    from .bench.serve import run
-
-    levels = list(parse_ints(clients, "--clients", "1,4,16"))
-    folder = Path(images)
-    if not folder.is_dir():
-        raise UsageError(f"--images {images}: not a folder of images")
-    picked = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:image_count]
-    run([b for b in bundles.split(",") if b], out, [str(p) for p in picked], [q for q in questions.split("|") if q.strip()],
-        levels, requests, soak)
-    console.print((Path(out) / "serve.md").read_text())
-
-
-@bench_app.command("faults")
-@friendly
-def bench_faults(recipe: str = typer.Option("recipes/quickstart.yaml", help="recipe to kill and resume"),
-                 out: str = typer.Option("benchmarks/results/faults", help="folder for runs and results"),
-                 trials: int = typer.Option(5, help="kill-and-resume trials"),
-                 kills: int = typer.Option(2, help="SIGKILLs per trial, each at a random moment"),
-                 seed: int = typer.Option(0, help="seed of the kill moments"),
-                 checkpoint_every: int = typer.Option(5, help="train.checkpoint_every (steps) for the trials"),
-                 overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides for every run")):
-    """Kill runs with SIGKILL at random moments, resume them, and check they end identical to an uninterrupted run."""
-    from .bench.faults import run
-
-    if trials < 1 or kills < 1:
-        raise UsageError("--trials and --kills: must be at least 1")
-    run(recipe, out, trials, kills, seed, overrides or [], checkpoint_every)
-    console.print((Path(out) / "faults.md").read_text())
-
-
-def quiet_third_party() -> None:
-    """Hide notices of dependencies that say nothing a user can act on."""
-    import logging
-    import warnings
-
-    # bitsandbytes logs, on CPUs with AVX512-BF16, that an optional kernel package is missing
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
 def main() -> None:
     quiet_third_party()
     app()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,6 @@
+"""The ``mmpeft`` command line (``mmpeft.cli:main``): the commands in ``commands``, the
+benchmarks in ``bench``, what they share in ``common``."""
+
+from .commands import app, main
+
+__all__ = ["app", "main"]

@@ -1,0 +1,159 @@
+"""``mmpeft bench``: each benchmark command parses its options and hands them to its module
+in ``mmpeft.bench``, which imports torch only when the command runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..errors import UsageError
+from .common import OVERRIDES, console, friendly
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: methods, memory, VQA-RAD, searches, contrastive, throughput, serving, faults.")
+
+
+@bench_app.command("quickstart")
+@friendly
+def bench_quickstart(recipe: str = typer.Option("recipes/quickstart.yaml"), out: str = typer.Option("benchmarks/results"),
+                     overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides for every run")):
+    """Time the quickstart end to end and check its 97% / 10-minute targets."""
+    from ..bench.quickstart import run
+
+    r = run(recipe, out, overrides or [])
+    m = r["machine"]
+    console.print(f"{m['processor']} ({m['cpu_count']} cores, torch {m['torch']}, {m['torch_threads']} threads)")
+    console.print(f"quickstart: test accuracy {100 * r['test_accuracy']:.2f}% (target >= {100 * r['target_accuracy']:.0f}%: "
+                  f"{'met' if r['meets_accuracy'] else 'MISSED'}), wall {r['wall_seconds']:.0f} s (budget {r['budget_seconds']:.0f} s: "
+                  f"{'met' if r['meets_time'] else 'MISSED'}); written to {out}/quickstart.json")
+
+
+@bench_app.command("contrastive")
+@friendly
+def bench_contrastive(recipe: str = typer.Option("recipes/easy_vqa_contrastive.yaml", help="a recipe with a contrastive task"),
+                      out: str = typer.Option("benchmarks/results/contrastive", help="folder for contrastive.json / .md"),
+                      overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides")):
+    """Train a contrastive recipe and score it against its untrained projections (the floor)."""
+    from ..bench.contrastive import run
+
+    result = run(recipe, out, overrides or [])
+    console.print((Path(out) / "contrastive.md").read_text())
+    console.print(f"written to {out}/contrastive.json and contrastive.md ({result['train_seconds']:.0f} s of training)")
+
+
+@bench_app.command("methods")
+@friendly
+def bench_methods(recipe: str = typer.Option("recipes/quickstart.yaml"), out: str = typer.Option("benchmarks/results"),
+                  methods: Optional[str] = typer.Option(None, help="comma-separated subset"),
+                  sides: str = typer.Option("image,text"),
+                  overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides for every run")):
+    """Fine-tune the quickstart with each method on each side; table of params, accuracy, s/epoch."""
+    from ..bench.methods import run
+
+    run(recipe, out, methods.split(",") if methods else None, tuple(sides.split(",")), overrides or [])
+    console.print((Path(out) / "methods.md").read_text())
+
+
+@bench_app.command("memory")
+@friendly
+def bench_memory(out: str = typer.Option("benchmarks/results"), cpu: bool = typer.Option(False, "--cpu", help="weight bytes only"),
+                 small: bool = typer.Option(False, "--small", help="tiny models (smoke test)")):
+    """Peak memory / throughput of full, LoRA, LoRA+int8, LoRA+NF4 (CUDA); weight bytes per precision (any machine)."""
+    from ..bench.memory import run
+
+    run(out, cpu_only=cpu, small=small)
+    console.print((Path(out) / "memory.md").read_text())
+
+
+@bench_app.command("vqa-rad")
+@friendly
+def bench_vqa_rad(recipe: str = typer.Option("recipes/medical_vqa_15ep.yaml"), out: str = typer.Option("benchmarks/results"),
+                  configs: Optional[str] = typer.Option(None, help="comma-separated subset of the configurations: 'head only' and each registered method"),
+                  seeds: str = typer.Option("0,1,2"), jobs: int = typer.Option(1, help="runs at a time (several suit a GPU)"),
+                  overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides for every run")):
+    """Each method on both encoders of the medical recipe, over seeds (resumable)."""
+    from ..bench.common import parse_seeds
+    from ..bench.vqa_rad import run
+
+    run(recipe, out, configs.split(",") if configs else None, parse_seeds(seeds), overrides or [], jobs=jobs)
+    console.print((Path(out) / "vqa_rad.md").read_text())
+
+
+@bench_app.command("search")
+@friendly
+def bench_search(search_file: str = typer.Argument(..., metavar="SEARCH", help="search YAML: recipe, base overrides, seeds, named variants"),
+                 out: str = typer.Option(..., help="folder for results.jsonl, summary.md, logs and bundles"),
+                 jobs: int = typer.Option(1, help="runs at a time (several suit a GPU)"),
+                 threads: Optional[int] = typer.Option(None, help="threads per run (default: CPU cores / jobs)"),
+                 only: Optional[str] = typer.Option(None, help="comma-separated variants to run (default: all)"),
+                 overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="key.path=value applied to every run")):
+    """Named recipe variants x seeds, several runs at a time (resumable)."""
+    from ..bench.search import run
+
+    run(search_file, out, jobs, threads, overrides or [], only.split(",") if only else None)
+    console.print((Path(out) / "summary.md").read_text())
+
+
+@bench_app.command("throughput")
+@friendly
+def bench_throughput(recipe: str = typer.Option("recipes/quickstart.yaml", help="recipe to measure"),
+                     out: str = typer.Option("benchmarks/results/throughput", help="folder for throughput.json / .md"),
+                     steps: int = typer.Option(40, help="optimizer steps an epoch (the rows: steps x batch size)"),
+                     scaling: str = typer.Option("1000,4000,16000", help="train rows of the scaling runs"),
+                     manifest_rows: str = typer.Option("10000,1000000", help="rows of the generated manifests"),
+                     overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides for every run")):
+    """The toolkit against a hand-written loop, each pipeline feature toggled, and scaling with rows."""
+    from ..bench.common import parse_ints
+    from ..bench.throughput import run
+
+    sizes = parse_ints(scaling, "--scaling", "1000,4000")
+    manifests = parse_ints(manifest_rows, "--manifest-rows", "10000,1000000")
+    if steps < 1:
+        raise UsageError("--steps: must be at least 1")
+    run(recipe, out, steps, overrides or [], list(sizes), list(manifests))
+    console.print((Path(out) / "throughput.md").read_text())
+
+
+@bench_app.command("serve")
+@friendly
+def bench_serve(bundles: str = typer.Option("adapters/vqa_rad_bitfit_hadamard_all40,adapters/vqa_rad_bitfit_hadamard,"
+                                            "adapters/vqa_rad_bitfit_hadamard_25ep", help="comma-separated bundles over one base"),
+                images: str = typer.Option("../shared/vqa_rad/images", help="a folder of test images (the first --image-count)"),
+                image_count: int = typer.Option(8, help="images used"),
+                questions: str = typer.Option("is there a fracture?|is this a ct scan?|what organ is shown?",
+                                              help="questions, separated by |"),
+                clients: str = typer.Option("1,4,16,64", help="concurrent clients per level"),
+                requests: int = typer.Option(256, help="requests per level"),
+                soak: int = typer.Option(2000, help="requests of the soak"),
+                out: str = typer.Option("benchmarks/results/serve", help="folder for serve.json and serve.md")):
+    """Load test, memory and soak of `mmpeft serve` on 127.0.0.1 (it starts and stops its own servers)."""
+    from ..bench.common import parse_ints
+    from ..bench.serve import run
+
+    levels = list(parse_ints(clients, "--clients", "1,4,16"))
+    folder = Path(images)
+    if not folder.is_dir():
+        raise UsageError(f"--images {images}: not a folder of images")
+    picked = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:image_count]
+    run([b for b in bundles.split(",") if b], out, [str(p) for p in picked], [q for q in questions.split("|") if q.strip()],
+        levels, requests, soak)
+    console.print((Path(out) / "serve.md").read_text())
+
+
+@bench_app.command("faults")
+@friendly
+def bench_faults(recipe: str = typer.Option("recipes/quickstart.yaml", help="recipe to kill and resume"),
+                 out: str = typer.Option("benchmarks/results/faults", help="folder for runs and results"),
+                 trials: int = typer.Option(5, help="kill-and-resume trials"),
+                 kills: int = typer.Option(2, help="SIGKILLs per trial, each at a random moment"),
+                 seed: int = typer.Option(0, help="seed of the kill moments"),
+                 checkpoint_every: int = typer.Option(5, help="train.checkpoint_every (steps) for the trials"),
+                 overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides for every run")):
+    """Kill runs with SIGKILL at random moments, resume them, and check they end identical to an uninterrupted run."""
+    from ..bench.faults import run
+
+    if trials < 1 or kills < 1:
+        raise UsageError("--trials and --kills: must be at least 1")
+    run(recipe, out, trials, kills, seed, overrides or [], checkpoint_every)
+    console.print((Path(out) / "faults.md").read_text())

@@ -1,0 +1,95 @@
+"""What every command shares: the consoles, one clear message for a user's error (no
+traceback), help that names each value's type in words, and quieting of dependencies'
+notices."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import typer
+import typer.core
+from rich.console import Console
+from rich.text import Text
+
+from ..errors import MMPeftError
+
+# Width follows the terminal (80 columns when output goes to a file or a pipe). Markup is
+# off: messages are printed exactly as written, square brackets included; sentences are
+# not hard-wrapped (soft_wrap), so a log line stays one line.
+err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
+console = Console(highlight=False, markup=False, soft_wrap=True)
+
+# Help shows each value's type in words (typer's own labels are <int>, <list[str]>, <bool>).
+_TYPE_WORDS = {"<bool>": None, "<int>": "integer", "<float>": "number", "<str>": "text", "<path>": "path",
+               "<list[str]>": "text ...", "<file>": "file", "<dir>": "folder"}
+
+
+def _type_in_words(original):
+    def display_type_rich(self, ctx):
+        label = original(self, ctx)
+        return _TYPE_WORDS.get(label, label.strip("<>") if label else label)
+
+    return display_type_rich
+
+
+def _usage_name(self) -> str:
+    """Usage lines in the usual form: required arguments bare, optional ones in brackets
+    (typer puts required ones in braces)."""
+    name = self.display_name_raw if self.required else f"[{self.display_name_raw}]"
+    return name + ("..." if self.nargs != 1 else "")
+
+
+for _param in (typer.core.TyperArgument, typer.core.TyperOption):
+    _param.display_type_rich = _type_in_words(_param.display_type_rich)
+typer.core.TyperArgument._usage_display_name = _usage_name
+
+OVERRIDES = "KEY=VALUE"
+
+
+def friendly(func):
+    """Print user errors as one clear message with a non-zero exit code (2 for input the
+    user can fix, 1 for a failure at run time), no traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except MMPeftError as exc:
+            err.print(Text.assemble(("error:", "bold red"), " ", str(exc)))
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; nothing was written")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def device_of(device: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def recipe_with_data(recipe: Path, overrides):
+    """Load a recipe and check that its data files are there, without loading torch."""
+    from ..config import load_recipe
+    from ..config.paths import require_data
+
+    r = load_recipe(recipe, overrides or [])
+    require_data(r, str(recipe))
+    return r
+
+
+def quiet_third_party() -> None:
+    """Hide notices of dependencies that say nothing a user can act on."""
+    import logging
+    import warnings
+
+    # bitsandbytes logs, on CPUs with AVX512-BF16, that an optional kernel package is missing
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
