@@ -104,3 +104,24 @@ def test_a_clip_recipe_trains_evaluates_and_merges(clip_dir, assets, tmp_path):
     from mmpeft.inference import evaluate_bundle
 
     assert evaluate_bundle(tmp_path / "merged")["max_abs_diff"] < 1e-4  # the merged towers load as plain CLIP towers
+
+
+def test_a_checkpoint_at_its_clamp_starts_at_the_cap(clip_dir, assets, tmp_path):
+    """Trained CLIPs store their logit scale at the clamp, a hair above ln 100 (open_clip's
+    4.6052): that starts at the cap; a scale clearly above the cap is refused."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    for stored, accepted in ((4.6052, True), (4.7, False)):
+        copy = tmp_path / f"clip_{stored}"
+        shutil.copytree(clip_dir, copy)
+        weights = load_file(copy / "model.safetensors")
+        weights["logit_scale"] = torch.tensor(stored)
+        save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+        if accepted:
+            model, task = built(clip_recipe(copy, assets["data"], tmp_path))
+            assert task.from_checkpoint == str(copy) and float(model.head.scale()) == pytest.approx(100.0, rel=1e-6)
+        else:
+            with pytest.raises(RecipeError, match=r"task.max_logit_scale: 100, but the clip checkpoint .* logit scale of 109.9"):
+                built(clip_recipe(copy, assets["data"], tmp_path))

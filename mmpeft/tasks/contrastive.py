@@ -148,11 +148,13 @@ class ContrastiveTask(Task):
                                    f"{where}.checkpoint_head: false for new random projections)"])
             head.projections[name].weight.copy_(weight)
         if infos[0]["logit_scale"] is not None:
-            if math.exp(infos[0]["logit_scale"]) > head.max_logit_scale:
+            # trained CLIPs sit at their clamp, stored a hair above it (open_clip's 4.6052 is
+            # exp 100.0007): within 0.1% of the cap it is the cap, beyond that a real conflict
+            if math.exp(infos[0]["logit_scale"]) > head.max_logit_scale * 1.001:
                 raise RecipeError([f"{where}.max_logit_scale: {head.max_logit_scale:g}, but the {kind} checkpoint {source} "
                                    f"has a logit scale of {math.exp(infos[0]['logit_scale']):.4g}: raise "
                                    f"{where}.max_logit_scale above it (or {where}.checkpoint_head: false)"])
-            head.logit_scale.fill_(infos[0]["logit_scale"])
+            head.logit_scale.fill_(min(infos[0]["logit_scale"], math.log(head.max_logit_scale)))
         if head.logit_bias is not None and infos[0].get("logit_bias") is not None:
             head.logit_bias.fill_(infos[0]["logit_bias"])
         self.from_checkpoint = source
