@@ -372,3 +372,26 @@ def test_clap_fusion_recipe_trains_evaluates_predicts_merges_exports(tmp_path):
     res = runner.invoke(app, ["export", str(bundle), "--out", str(tmp_path / "onnx")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "onnx" / "export.json").read_text())["onnx_max_abs_diff"] <= 1e-4
+
+
+def test_fused_clap_gives_every_trainable_weight_a_gradient_without_a_long_clip(tmp_path):
+    """DistributedDataParallel needs a gradient for every trainable weight at every step:
+    a batch of short clips skips HTSAT's fusion branch, which still gets its (zero) gradient."""
+    from mmpeft.config import AudioConfig
+
+    enc = build_encoder(str(tiny.make_clap(tmp_path / "fused", fusion=True)), audio=AudioConfig(max_seconds=3.0)).train()
+    enc.requires_grad_(True)  # full fine-tuning
+    short = (0.1 * np.random.default_rng(0).standard_normal(6000)).astype(np.float32)
+    inputs = enc.preprocess([short, short[:4000]])
+    assert not enc.longer(inputs["frames"]).any()
+    out = enc(inputs).pooled
+    out.sum().backward()
+    missing = [n for n, p in enc.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    fusion = [p for n, p in enc.named_parameters() if "fusion_model" in n or "mel_conv2d" in n]
+    assert fusion and all(float(p.grad.abs().max()) == 0.0 for p in fusion)
+    torch.manual_seed(0)
+    touched = enc(inputs).pooled.detach()
+    with torch.no_grad():  # the zero changes no output
+        torch.manual_seed(0)
+        assert torch.equal(enc(inputs).pooled, touched)

@@ -30,6 +30,7 @@ per position).
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ from .base import Encoder, EncoderOutput, masked_mean
 
 WAVEFORM = ("wav2vec2", "hubert", "wavlm")
 FUSION_SEED = 0  # CLAP fusion: the seed of the extractor's crop positions
+_GLOBAL_GENERATOR = threading.Lock()  # held while numpy's global generator is seeded for those crops
 
 
 class HFAudioEncoder(Encoder):
@@ -119,13 +121,15 @@ class HFAudioEncoder(Encoder):
             # shorter clips are repeated to the window (CLAP's "repeatpad"): no mask. Without fusion the
             # clip is already cut to the window, so the extractor never crops; with it, its three crops
             # come from numpy's global generator, seeded here and restored after (the same crops every call)
-            state = np.random.get_state()
-            np.random.seed(FUSION_SEED)
-            try:
-                out = self.extractor(wave, sampling_rate=self.audio.sample_rate, return_tensors="np",
-                                     truncation="fusion" if self.fused else "rand_trunc", padding="repeatpad")
-            finally:
-                np.random.set_state(state)
+            # (one call at a time: serve preprocesses in threads, which would interleave seed and draws)
+            with _GLOBAL_GENERATOR:
+                state = np.random.get_state()
+                np.random.seed(FUSION_SEED)
+                try:
+                    out = self.extractor(wave, sampling_rate=self.audio.sample_rate, return_tensors="np",
+                                         truncation="fusion" if self.fused else "rand_trunc", padding="repeatpad")
+                finally:
+                    np.random.set_state(state)
             features = torch.from_numpy(np.asarray(out["input_features"][0], dtype=np.float32))  # [channels, frames, mels]
             return features, max(1, len(wave))  # real samples: forward tells the clips longer than the window by them
         out = self.extractor(wave, sampling_rate=self.audio.sample_rate, return_tensors="np")
@@ -187,7 +191,18 @@ class HFAudioEncoder(Encoder):
             pooled = tokens[:, 0]
         else:
             pooled = masked_mean(tokens, mask)
+        if self.fused and self.training and torch.is_grad_enabled():
+            pooled = pooled + 0.0 * self._fusion_touch(pooled.device)
         return EncoderOutput(tokens=tokens, mask=mask, pooled=pooled)
+
+    def _fusion_touch(self, device) -> torch.Tensor:
+        """Zero that depends on every trainable weight of CLAP's fusion branch. HTSAT runs that
+        branch only for a batch with a clip longer than the window, and DistributedDataParallel
+        stops at a step where a trainable weight got no gradient; this keeps every one in the
+        graph (a zero gradient) without asking the device whether the batch had a long clip."""
+        weights = [p for m in self.base_model().modules() if type(m).__name__ == "ClapAudioPatchEmbed"
+                   for part in (m.mel_conv2d, m.fusion_model) for p in part.parameters() if p.requires_grad]
+        return sum((w.sum() for w in weights), torch.zeros((), device=device))
 
     def save_base(self, directory) -> None:
         (self._whole[0] if self._whole else self.base_model()).save_pretrained(directory)
