@@ -213,7 +213,8 @@ def estimate_training_memory(encoder, recipe) -> int:
     trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
     hidden = encoder.hidden_size
     if encoder.modality == "text":
-        tokens = encoder.max_length
+        # SigLIP pads every text to its positions whatever max_length says
+        tokens = getattr(encoder, "fixed_length", None) or encoder.max_length
     elif hasattr(encoder, "max_tokens"):  # transformers audio models: output frames of a longest clip
         tokens = encoder.max_tokens
     else:

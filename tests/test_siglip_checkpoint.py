@@ -16,6 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mmpeft.cli import app
+from mmpeft.config import load_recipe
 from mmpeft.errors import RecipeError
 from tests.test_clip_checkpoint import built, clip_recipe
 
@@ -104,3 +105,17 @@ def test_a_siglip_recipe_trains_evaluates_and_merges(siglip_dir, assets, tmp_pat
 
     assert evaluate_bundle(tmp_path / "merged")["max_abs_diff"] < 1e-4
     assert json.dumps(metrics).count("logit_bias") >= 1
+
+
+def test_dry_run_memory_counts_the_positions_siglip_pads_to(siglip_dir, assets, tmp_path):
+    """Every SigLIP text is 16 positions here whatever max_length says: the estimate too."""
+    from mmpeft.runtime import estimate_training_memory
+
+    estimates = []
+    for length in (4, 12):
+        raw = siglip_recipe(siglip_dir, assets["data"], tmp_path)
+        raw["encoders"]["text"]["max_length"] = length
+        model, _ = built(raw)
+        assert model.encoders["text"].fixed_length == 16
+        estimates.append(estimate_training_memory(model.encoders["text"], load_recipe(raw)))
+    assert estimates[0] == estimates[1]
