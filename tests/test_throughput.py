@@ -33,6 +33,9 @@ def test_benchmark_produces_every_figure(assets, tmp_path):
         assert row["samples_per_second"] > 0 and 0 <= row["data_share"] <= 1 and row["vs_reference"] > 0, row
     assert result["feature_cache"]["second_epoch_speedup"] > 0
     assert [r["rows"] for r in result["scaling"]] == [16, 32] and result["scaling_spread_pct"] >= 0
+    for size in result["scaling"]:  # two runs of two epochs each, and the figure is the fastest second epoch
+        assert [len(run) for run in size["epoch_seconds"]] == [2, 2]
+        assert size["best_epoch_seconds"] == min(run[1] for run in size["epoch_seconds"])
     assert result["manifest_rows"][0]["rows"] == 500 and result["manifest_rows"][0]["peak_rss_mib"] > 0
     table = (tmp_path / "bench" / "throughput.md").read_text()
     assert "reference loop" in table and "eager attention" in table and "per 1k rows" in table and "GFLOP" in table
@@ -69,3 +72,23 @@ def test_image_cache_stays_within_its_budget(tmp_path):
     assert store.cached_bytes <= 2**20
     again = [np.asarray(store.get(p)) for p in paths]  # dropped ones are decoded again, to the same pixels
     assert all((a == b).all() for a, b in zip(first, again))
+
+
+def test_scaling_alternates_sizes_keeps_the_fastest_second_epoch_and_names_a_failure(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_pipeline(recipe, overrides, out, name, epochs):
+        n = int(overrides[-1].split("=")[1])
+        calls.append(n)
+        if n == 30:
+            return {"error": "RuntimeError: out of memory"}
+        second = {10: [5.0, 3.0], 20: [4.0, 6.0]}[n][len([c for c in calls if c == n]) - 1]
+        return {"epoch_seconds": [9.0, second], "cpu_steal_pct": 0.5}
+
+    monkeypatch.setattr(throughput, "pipeline", fake_pipeline)
+    found = throughput.scaling_runs("r.yaml", [], tmp_path, (10, 20, 30))
+    assert calls == [10, 20, 30, 30, 20, 10]  # smallest first, then largest first
+    assert found[0] == {"rows": 10, "epoch_seconds": [[9.0, 5.0], [9.0, 3.0]], "best_epoch_seconds": 3.0,
+                        "seconds_per_1k_rows": 300.0, "cpu_steal_pct_of_runs": [0.5, 0.5]}
+    assert found[1]["best_epoch_seconds"] == 4.0 and found[1]["seconds_per_1k_rows"] == 200.0
+    assert found[2] == {"rows": 30, "error": "RuntimeError: out of memory"}
