@@ -258,13 +258,16 @@ def markdown(search_file: str, search: dict, rows: list[dict], overrides: list) 
     lines = [f"Search `{search_file}` on recipe `{search['recipe']}`; {machines}; {span(jobs)} run(s) at a time, "
              f"{span(threads)} thread(s) each; extra overrides `{' '.join(overrides) or '(none)'}`. Mean ± std over seeds; "
              "'validation' is the best validation accuracy of each run (what its best checkpoint was chosen by; '-' where "
-             "no validation split was held out).", "",
-             "| variant | seeds | open | closed | overall | validation | best epoch / epochs run |",
-             "|---|---|---:|---:|---:|---:|---|"]
-    for r in summarize(rows, list(search["configs"])):
+             "no validation split was held out).", ""]
+    summary = summarize(rows, list(search["configs"]))
+    # open / closed: only where the data has answer types (VQA-RAD's), not as empty columns
+    typed = any(r["open"] or r["closed"] for r in summary)
+    lines += ["| variant | seeds | " + ("open | closed | overall" if typed else "test accuracy") + " | validation | best epoch / epochs run |",
+              "|---|---|" + ("---:|---:|---:|" if typed else "---:|") + "---:|---|"]
+    for r in summary:
         epochs = ", ".join(f"{b}/{e}" for b, e in zip(r["best_epochs"], r["epochs"]))
-        lines.append(f"| {r['name']} | {','.join(map(str, r['seeds']))} | {f(r['open'])} | {f(r['closed'])} | "
-                     f"{f(r['overall'])} | {f(r['eval'])} | {epochs} |")
+        scores = f"{f(r['open'])} | {f(r['closed'])} | {f(r['overall'])}" if typed else f(r["overall"])
+        lines.append(f"| {r['name']} | {','.join(map(str, r['seeds']))} | {scores} | {f(r['eval'])} | {epochs} |")
     lines += _other_tasks(rows, list(search["configs"]))
     lines += ["", "Variants:", ""] + [f"- `{n}`: `{' '.join(c['overrides']) or '(the recipe as it is)'}`"
                                       for n, c in search["configs"].items()]
