@@ -200,8 +200,8 @@ class HFAudioEncoder(Encoder):
         branch only for a batch with a clip longer than the window, and DistributedDataParallel
         stops at a step where a trainable weight got no gradient; this keeps every one in the
         graph (a zero gradient) without asking the device whether the batch had a long clip."""
-        weights = [p for m in self.base_model().modules() if type(m).__name__ == "ClapAudioPatchEmbed"
-                   for part in (m.mel_conv2d, m.fusion_model) for p in part.parameters() if p.requires_grad]
+        embed = self.base_model().audio_encoder.patch_embed  # HTSAT's one patch embedding, where the fusion sits
+        weights = [p for part in (embed.mel_conv2d, embed.fusion_model) for p in part.parameters() if p.requires_grad]
         return sum((w.sum() for w in weights), torch.zeros((), device=device))
 
     def save_base(self, directory) -> None:
