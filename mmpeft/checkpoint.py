@@ -133,6 +133,44 @@ class LoopState:
     accelerator_step: int = 0
 
 
+class RunningLoss:
+    """The loop's running losses (an exponential moving average, 0.9 / 0.1) kept on the
+    device. Reading a loss as a Python float (``loss.item()``) waits for the GPU to finish
+    the step, so the host cannot queue the next step's kernels meanwhile; the averages reach
+    the host only where they are shown or saved (:meth:`sync`). float64, like the Python
+    float they replace, so every figure is bit-identical to averaging ``loss.item()``."""
+
+    def __init__(self, loop: LoopState):
+        self.loop = loop
+        self.total: Optional[torch.Tensor] = None  # None until this process's first step
+        self.tasks: dict[str, torch.Tensor] = {}
+
+    def update(self, loss: torch.Tensor, losses: dict, counts: dict) -> None:
+        """After step ``loop.step`` (already counted): ``loss`` the weighted total, ``losses``
+        each task's, ``counts`` each task's rows in the batch (a task without rows learns
+        nothing from it, so its average skips the batch)."""
+        value = loss.detach().double()
+        if self.total is None and self.loop.step > 1:  # resumed: continue the saved average
+            self.total = torch.tensor(self.loop.running, dtype=torch.float64, device=value.device)
+        self.total = value if self.loop.step == 1 or self.total is None else 0.9 * self.total + 0.1 * value
+        if len(losses) > 1:
+            for name, task_loss in losses.items():
+                if counts[name]:
+                    v = task_loss.detach().double()
+                    if name not in self.tasks:
+                        saved = self.loop.task_running.get(name)
+                        self.tasks[name] = v if saved is None else torch.tensor(saved, dtype=torch.float64, device=v.device)
+                    self.tasks[name] = 0.9 * self.tasks[name] + 0.1 * v
+
+    def sync(self) -> None:
+        """Copy the averages into the loop's state (a host-device sync: at log steps, epoch
+        ends and checkpoints only)."""
+        if self.total is not None:
+            self.loop.running = self.total.item()
+        for name, value in self.tasks.items():
+            self.loop.task_running[name] = value.item()
+
+
 # --- writing ----------------------------------------------------------------
 
 

@@ -3,8 +3,9 @@
 ``MMPEFT_KILL_AT=<point>`` (or ``<point>#<n>`` for the n-th time the point is reached)
 makes the process kill itself with SIGKILL there: no handler, no clean-up, exactly what
 an out-of-memory kill or a lost machine does. ``MMPEFT_KILL_SIGNAL=INT`` (or ``TERM``)
-sends that signal instead, as Ctrl-C or a scheduler would. Unset (always, outside those
-tests) a point costs one string comparison.
+sends that signal instead, as Ctrl-C or a scheduler would; ``MMPEFT_KILL_RANK=<r>`` only in
+process ``r`` of a multi-process run (``$RANK``, as launchers set it). Unset (always, outside
+those tests) a point costs one string comparison.
 
 Points: ``data.checked`` (data and images checked), ``train.step`` (after an optimizer
 step), ``checkpoint.writing`` (a checkpoint's files written, not yet sealed), ``eval``
@@ -21,6 +22,7 @@ import signal
 POINTS = ("data.checked", "train.step", "checkpoint.writing", "eval", "test", "bundle.writing", "bundle.written")
 _TARGET = os.environ.get("MMPEFT_KILL_AT", "")
 _SIGNAL = getattr(signal, "SIG" + os.environ.get("MMPEFT_KILL_SIGNAL", "KILL"), signal.SIGKILL)
+_RANK = os.environ.get("MMPEFT_KILL_RANK")
 _seen: dict[str, int] = {}
 
 
@@ -30,5 +32,5 @@ def point(name: str) -> None:
         return
     _seen[name] = _seen.get(name, 0) + 1
     target, _, count = _TARGET.partition("#")
-    if target == name and _seen[name] == (int(count) if count else 1):
+    if target == name and _seen[name] == (int(count) if count else 1) and _RANK in (None, os.environ.get("RANK", "0")):
         os.kill(os.getpid(), _SIGNAL)

@@ -21,7 +21,7 @@ import torch
 from . import faults
 from .bundle.card import write_card
 from .bundle.writer import bundle_writer
-from .checkpoint import (LoopState, capture_rng, data_fingerprint, is_final, list_checkpoints, load_trainable_state, newest_checkpoint,
+from .checkpoint import (LoopState, RunningLoss, capture_rng, data_fingerprint, is_final, list_checkpoints, load_trainable_state, newest_checkpoint,
                          remove_checkpoints, restore_rng, run_settings, trainable_state, write_checkpoint)
 from .config import Recipe, load_recipe
 from .config.paths import require_data
@@ -198,7 +198,7 @@ def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run:
         _tune_on_validation(run)
         # The test pass never uses the feature cache, so `mmpeft evaluate` reproduces it exactly.
         test_metrics = _evaluate(run, test_loader, splits.test, desc="test", fault="test")
-        if stop:  # the final checkpoint is written: a resume repeats only the test pass
+        if _agree(accelerator, stop, False)[0]:  # the final checkpoint is written: a resume repeats only the test pass
             raise _interrupted(stop, recipe, checkpoints)
     if run.writer:
         run.writer.close()
@@ -218,6 +218,7 @@ def _train(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -
     rank = accelerator.process_index
     generator, sampler = run.train_loader.generator, epoch_sampler(run.train_loader)
     select_task, select, higher_better = select_metric(recipe, run.tasks)
+    averages = RunningLoss(loop)
     for epoch in range(loop.epoch, t.epochs + 1):
         resumed = saved is not None and epoch == loop.epoch
         mid_epoch = resumed and loop.batches_done > 0
@@ -243,7 +244,7 @@ def _train(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -
         for batch in bar:
             with accelerator.accumulate(model):
                 out = model(batch["inputs"], batch.get("keys"))
-                losses = {name: task.loss(out[:, run.raw_model.slices[name]], batch["targets"][name])
+                losses = {name: task.loss(out[:, run.raw_model.slices[name]], batch["targets"][name], batch["counts"][name])
                           for name, task in run.tasks.items()}
                 loss = sum(run.tasks[name].settings.weight * value for name, value in losses.items())
                 accelerator.backward(loss)
@@ -257,12 +258,9 @@ def _train(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -
             if t.compile and loop.batches_done == 1 and epoch == 1:
                 run.log(f"torch.compile: the first step took {time.perf_counter() - start:.1f} s (compiling)")
             loop.seen += batch["index"].shape[0] * accelerator.num_processes
-            loop.running = 0.9 * loop.running + 0.1 * loss.item() if loop.step > 1 else loss.item()
-            if len(losses) > 1:
-                for name, value in losses.items():
-                    if batch["counts"][name]:  # a batch of another task's data teaches this one nothing
-                        loop.task_running[name] = 0.9 * loop.task_running.get(name, value.item()) + 0.1 * value.item()
+            averages.update(loss, losses, batch["counts"])
             if loop.step % t.log_every == 0 or loop.step == 1:
+                averages.sync()
                 each = {name: f"{v:.3f}" for name, v in loop.task_running.items()}
                 bar.set_postfix(loss=f"{loop.running:.4f}", **each,
                                 samples_per_s=f"{loop.seen / max(1e-9, time.perf_counter() - start):.1f}")
@@ -273,13 +271,17 @@ def _train(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -
             faults.point("train.step")
             if accelerator.sync_gradients and loop.batches_done < epoch_batches:  # the epoch's end has its own checkpoint
                 loop.epoch = epoch
-                if _stop_requested(accelerator, stop) or _due(run, loop, per_epoch=False):
+                stopping, save = _agree(accelerator, stop, _due(run, loop, per_epoch=False))
+                if save:
+                    averages.sync()
                     _checkpoint(run, loop, best_state, epoch_rng)
-                    if stop:
+                    if stopping:
                         raise _interrupted(stop, recipe, run.checkpoints)
+        averages.sync()
         epoch_seconds = time.perf_counter() - start
         row = {"epoch": epoch, "step": loop.step, "train_loss": loop.running, "epoch_seconds": round(epoch_seconds, 2),
                "samples_per_second": round(loop.seen / max(1e-9, epoch_seconds), 2), "data_seconds": round(waiting[0], 2),
+               "ended_at": round(time.time(), 3),  # unix time: where the epoch sits in a log or a GPU trace
                **{f"train_loss.{name}": v for name, v in loop.task_running.items()}}
         if run.eval_loader is not None and (epoch % t.eval_every_epochs == 0 or epoch == t.epochs):
             metrics = _evaluate(run, run.eval_loader, run.splits.eval, use_cache=True, fault="eval")
@@ -302,9 +304,10 @@ def _train(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -
         if t.early_stopping_patience and loop.stale >= t.early_stopping_patience:
             run.log(f"early stopping: no {select_task}.{select} improvement for {loop.stale} evaluation(s); best epoch {loop.best_epoch}")
             break
-        if epoch < t.epochs and (_stop_requested(accelerator, stop) or _due(run, loop, per_epoch=True)):
+        stopping, save = _agree(accelerator, stop, _due(run, loop, per_epoch=True)) if epoch < t.epochs else (False, False)
+        if save:
             _checkpoint(run, loop, best_state, None)
-            if stop:
+            if stopping:
                 raise _interrupted(stop, recipe, run.checkpoints)
     return best_state
 
@@ -359,16 +362,22 @@ def _checkpoint(run: Run, loop: LoopState, best_state, epoch_rng: Optional[dict]
     run.last_checkpoint = time.perf_counter()
 
 
-def _stop_requested(accelerator, stop) -> bool:
-    """Whether any process was asked to stop (all processes must stop at the same step)."""
+def _agree(accelerator, stop, due: bool) -> tuple[bool, bool]:
+    """(stop now, checkpoint now), the same on every process. A checkpoint gathers from all
+    processes and a stop must end all of them at the same step, so a signal that reached one
+    process, or a ``checkpoint_minutes`` timer that ran out on one process's clock a moment
+    before the others', counts for all (deciding apart, one would wait in a collective the
+    others never join)."""
     if accelerator.num_processes == 1:
-        return bool(stop)
-    flag = torch.tensor([1.0 if stop else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        return bool(stop), bool(stop) or due
+    flags = torch.tensor([1.0 if stop else 0.0, 1.0 if due else 0.0], device=accelerator.device)
+    any_stop, any_due = (accelerator.reduce(flags, reduction="sum") > 0).tolist()
+    return any_stop, any_stop or any_due
 
 
 def _interrupted(stop, recipe: Recipe, checkpoints: Path) -> Interrupted:
-    return Interrupted(f"stopped by {stop.name}; checkpoint written to {checkpoints}. Resume with: "
+    why = f"stopped by {stop.name}" if stop else "stopped with another process of this run, which was signalled"
+    return Interrupted(f"{why}; checkpoint written to {checkpoints}. Resume with: "
                        f"mmpeft finetune <the same recipe and overrides> --resume", stop.exit_code)
 
 

@@ -77,7 +77,7 @@ def write_and_reload(model, recipe, directory):
     return manifest, load_bundle(directory)
 
 
-TIMING = ("epoch_seconds", "samples_per_second", "data_seconds")  # history columns that differ between identical runs
+TIMING = ("epoch_seconds", "samples_per_second", "data_seconds", "ended_at")  # history columns that differ between identical runs
 
 
 def bundle_results(bundle) -> tuple[dict, dict]:

@@ -204,14 +204,18 @@ def test_dry_run_prints_methods(trained):
     assert "query x2, value x2" in res.output and "bitfit" in res.output and "trainable" in res.output
 
 
+# Two CPU processes through torch's own launcher (accelerate's `launch --cpu` starts one
+# process unless MPI is set up); accelerate reads the launcher's RANK / WORLD_SIZE and uses gloo.
+TWO_PROCESSES = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "mmpeft.cli", "finetune"]
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU processes")
 def test_two_process_accelerate_run(assets, tmp_path):
     raw = tiny.recipe_dict(assets["bert"], assets["vit"], assets["data"], tmp_path / "adapters", epochs=2)
     recipe = tmp_path / "ddp.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mmpeft.cli", "finetune", str(recipe)]
+    cmd = TWO_PROCESSES + [str(recipe)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     bundle = tmp_path / "adapters" / "tiny"
@@ -367,3 +371,24 @@ def test_every_command_exits_2_on_bad_input(trained, tmp_path):
         assert res.exit_code == 2, (args, res.exit_code, res.output)
         assert "error:" in res.output and "Traceback" not in res.output, (args, res.output)
     assert list(taken.iterdir()) == []  # nothing written over the existing folder
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU processes")
+def test_a_signal_to_one_process_stops_every_process_at_one_checkpoint(assets, tmp_path):
+    """SIGTERM reaches process 0 of two only: both write the same checkpoint and exit (not
+    process 1 training on into a collective process 0 has left); the resumed run finishes."""
+    raw = tiny.recipe_dict(assets["bert"], assets["vit"], assets["data"], tmp_path / "adapters", epochs=2)
+    recipe = tmp_path / "ddp.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    cmd = TWO_PROCESSES + [str(recipe)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MMPEFT_KILL_AT="train.step#2", MMPEFT_KILL_SIGNAL="TERM", MMPEFT_KILL_RANK="0")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "stopped by SIGTERM" in out and "stopped with another process of this run" in out, out[-3000:]
+    assert not (tmp_path / "adapters" / "tiny").exists()
+    written = [p.name for p in (tmp_path / "adapters" / ".checkpoints" / "tiny").iterdir()]
+    assert len(written) == 1 and written[0].endswith("-s00000002"), (written, out[-3000:])  # one checkpoint, at step 2
+    env = {k: v for k, v in env.items() if not k.startswith("MMPEFT_KILL")}
+    proc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0 and "resuming from" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+    assert json.loads((tmp_path / "adapters" / "tiny" / "metrics.json").read_text())["test"]["count"] == 24

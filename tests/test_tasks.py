@@ -399,3 +399,43 @@ def test_contrastive_targets_sum_to_one_in_both_directions_with_mixed_positives(
     forward = -(positive / positive.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
     backward = -(positive.T / positive.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
     assert float(task.loss(torch.cat([a, b], 1), task.collate(rows))) == pytest.approx(float((forward + backward) / 2), rel=1e-5)
+
+
+# a usable target for each kind's row i (a new kind adds its line; the loop below fails without it)
+LOSS_ROWS = {
+    "vqa": lambda i: _Row(answer="yes" if i % 2 else "no"),
+    "classification": lambda i: _Row(extra={"kind": "circle" if i % 2 else "square"}),
+    "multilabel": lambda i: _Row(extra={"tags": ["x"] if i % 2 else ["x", "y"]}),
+    "regression": lambda i: _Row(extra={"score": float(i) - 1.5}),
+    "contrastive": lambda i: _Row(text=f"t{i}", image=f"i{i}"),
+}
+LOSS_SETTINGS = {"classification": {"field": "kind"}, "multilabel": {"field": "tags"}, "regression": {"field": "score"},
+                 "contrastive": {"projection_dim": 4}}
+
+
+@pytest.mark.parametrize("kind", TASKS.names())
+def test_loss_given_the_collators_row_count_equals_the_loss_counting_on_the_device(kind):
+    """The training loop passes each task the collator's host-side count of rows it learns
+    from, so no loss reads the device to decide (a GPU sync every step): the loss and its
+    gradients are bit-identical either way, and zero for a batch of another task's rows."""
+    settings = TASK_SETTINGS.get(kind)(**LOSS_SETTINGS.get(kind, {}))
+    own = [LOSS_ROWS[kind](i) for i in range(4)]
+    task = build_task("t", settings, own)
+    if kind == "contrastive":
+        task.head = task.build_head({"text": 3, "image": 5})
+        task.modalities = {"text": "text", "image": "image"}
+    others = [LOSS_ROWS[kind](i) for i in range(4, 6)]
+    for row in others:
+        row.dataset = "other"  # another task's data: no target for this one
+    for rows, expect in ((own + others, 4), (own, 4), (others, 0)):
+        target = task.collate(rows)
+        assert int(task.usable(target).sum()) == expect
+        results = []
+        for count in (None, expect):
+            out = torch.randn(len(rows), task.width, generator=torch.Generator().manual_seed(5)).requires_grad_()
+            loss = task.loss(out, target, count)
+            loss.backward()
+            results.append((loss.detach(), out.grad))
+        assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+        if not expect:
+            assert float(results[1][0]) == 0.0 and not results[1][1].any()

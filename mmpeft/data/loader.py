@@ -304,7 +304,8 @@ class Collator:
                     inputs[name] = {"pixel_values": torch.stack([self._pixels(name, enc, p, rng) for p in unique]),
                                     "row_index": torch.tensor([position[p] for p in values], dtype=torch.long)}
         targets = {name: task.collate(rows) for name, task in self.tasks.items()}
-        counts = {name: sum(1 for r in rows if task.has(r)) for name, task in self.tasks.items()}  # rows each task learns from
+        # rows each task learns from, counted here on the host so the loss need not ask the device
+        counts = {name: int(task.usable(targets[name]).sum()) for name, task in self.tasks.items()}
         return {"inputs": inputs, "targets": targets, "index": torch.tensor(indices, dtype=torch.long), "keys": keys,
                 "counts": counts}
 

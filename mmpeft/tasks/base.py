@@ -58,8 +58,20 @@ class Task:
     def collate(self, rows: Sequence) -> torch.Tensor:
         raise NotImplementedError
 
-    def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def loss(self, out: torch.Tensor, target: torch.Tensor, usable: Optional[int] = None) -> torch.Tensor:
+        """The batch's loss. ``usable``: how many of its rows have a target the loss reads
+        (:meth:`usable`), counted on the host by the collator; given, the loss asks nothing of
+        the device to decide whether it has rows to learn from (a ``bool(tensor)`` there waits
+        for the GPU on every step)."""
         raise NotImplementedError
+
+    def usable(self, target: torch.Tensor) -> torch.Tensor:
+        """One bool per row of a collated ``target``: whether the loss learns from that row."""
+        raise NotImplementedError
+
+    def rows_to_learn(self, target: torch.Tensor, usable: Optional[int]) -> int:
+        """How many rows the loss learns from: the collator's count where given, else counted here."""
+        return int(self.usable(target).sum()) if usable is None else usable
 
     def score(self, out: torch.Tensor, rows: Sequence, group_fields: Sequence[str] = ()) -> dict:
         """Metrics over ``rows`` (in the order of ``out``), including ``loss``."""

@@ -55,8 +55,11 @@ class AnswerTask(Task):
     def collate(self, rows: Sequence) -> torch.Tensor:
         return torch.tensor([-1 if (v := self.target(r)) is None else self.vocab.encode(v) for r in rows], dtype=torch.long)
 
-    def loss(self, out, target):
-        if not bool((target >= 0).any()):  # no row of this batch has an answer of the vocabulary: nothing to learn
+    def usable(self, target):
+        return target >= 0  # -1: no answer, or one outside the vocabulary
+
+    def loss(self, out, target, usable=None):
+        if not self.rows_to_learn(target, usable):  # no row of this batch has an answer of the vocabulary: nothing to learn
             return out.sum() * 0.0
         return F.cross_entropy(out.float(), target, ignore_index=-1, label_smoothing=self.label_smoothing)
 

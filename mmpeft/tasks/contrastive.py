@@ -188,10 +188,13 @@ class ContrastiveTask(Task):
         d = self.settings.projection_dim
         return out[:, :d].float(), out[:, d:].float()
 
-    def loss(self, out, target):
+    def usable(self, target):
+        return target[:, 0] >= 0
+
+    def loss(self, out, target, usable=None):
         target = target.to(out.device)
-        mine = target[:, 0] >= 0
-        if not bool(mine.all()):  # rows of another task's data have no pair here
+        if self.rows_to_learn(target, usable) < len(target):  # rows of another task's data have no pair here
+            mine = self.usable(target)
             out, target = out[mine], target[mine]
         if len(out) < 2:  # an epoch's last batch of one row has nothing to contrast with (train.batch_size >= 2 is checked)
             return out.sum() * 0.0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -105,13 +105,29 @@ class MultilabelTask(Task):
                     out[i, self.index[label]] = 1
         return out
 
-    def loss(self, out, target):
-        keep = target[:, 0] >= 0 if target.shape[1] else torch.zeros(len(target), dtype=torch.bool)
-        if not keep.any():
+    def usable(self, target):
+        return target[:, 0] >= 0 if target.shape[1] else torch.zeros(len(target), dtype=torch.bool, device=target.device)
+
+    def loss(self, out, target, usable=None):
+        count = self.rows_to_learn(target, usable)
+        if not count:
             return out.sum() * 0.0
+        target = target.to(out.device)
+        if count < len(target):
+            keep = self.usable(target)
+            out, target = out[keep], target[keep]
+        return F.binary_cross_entropy_with_logits(out.float(), target, pos_weight=self._pos_weight(out.device))
+
+    def _pos_weight(self, device) -> Optional[torch.Tensor]:
+        """The fitted positive weights on ``device``, copied there once rather than every step
+        (a copy from a Python list waits for the GPU)."""
         weight = self.state.get("pos_weight")
-        weight = torch.tensor(weight, device=out.device) if weight else None
-        return F.binary_cross_entropy_with_logits(out[keep].float(), target[keep].to(out.device), pos_weight=weight)
+        if not weight:
+            return None
+        cached = getattr(self, "_pos_weight_on", None)
+        if cached is None or cached.device != torch.device(device):
+            cached = self._pos_weight_on = torch.tensor(weight, device=device)
+        return cached
 
     def _matrix(self, rows):
         return self.collate(rows).bool()

@@ -60,13 +60,19 @@ class RegressionTask(Task):
         values = [self.target(r) for r in rows]
         return torch.tensor([math.nan if v is None else (v - self.state["mean"]) / self.state["std"] for v in values])
 
-    def loss(self, out, target):
+    def usable(self, target):
+        return ~torch.isnan(target)
+
+    def loss(self, out, target, usable=None):
         target = target.to(out.device)
-        keep = ~torch.isnan(target)
-        if not keep.any():
+        count = self.rows_to_learn(target, usable)
+        if not count:
             return out.sum() * 0.0
-        pred = out[:, 0].float()[keep]
-        return F.mse_loss(pred, target[keep].float()) if self.settings.loss == "mse" else F.l1_loss(pred, target[keep].float())
+        pred = out[:, 0].float()
+        if count < len(target):
+            keep = self.usable(target)
+            pred, target = pred[keep], target[keep]
+        return F.mse_loss(pred, target.float()) if self.settings.loss == "mse" else F.l1_loss(pred, target.float())
 
     def values(self, out: torch.Tensor) -> torch.Tensor:
         """Predictions in the target's own units."""
