@@ -1,6 +1,7 @@
 """The throughput benchmark's CPU path on tiny models (every column produced; the reference
 loop trains exactly finetune's parameters), and pipeline features that change no number."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 import yaml
 
 from mmpeft.bench import throughput
+from mmpeft.bench.device import GpuBusy, largest_fitting
 from mmpeft.config import load_recipe
 from mmpeft.train import finetune
 from tests import tiny
@@ -92,3 +94,57 @@ def test_scaling_alternates_sizes_keeps_the_fastest_second_epoch_and_names_a_fai
                         "seconds_per_1k_rows": 300.0, "cpu_steal_pct_of_runs": [0.5, 0.5]}
     assert found[1]["best_epoch_seconds"] == 4.0 and found[1]["seconds_per_1k_rows"] == 200.0
     assert found[2] == {"rows": 30, "error": "RuntimeError: out of memory"}
+
+
+def test_largest_fitting_finds_the_largest_multiple_of_8_that_fits():
+    for threshold in (8, 9, 63, 64, 100, 1000, 4096, 5000):
+        tried = []
+
+        def fits(b):
+            tried.append(b)
+            return b <= threshold
+
+        assert largest_fitting(fits, limit=4096) == min(threshold // 8 * 8, 4096), threshold
+        assert len(tried) <= 2 * 10  # doubling, then bisection: logarithmic in the limit
+    assert largest_fitting(lambda b: False) == 0
+    assert largest_fitting(lambda b: b <= 40, limit=24) == 24  # the limit (the training rows) caps the search
+
+
+def test_gpu_busy_averages_the_samples_of_a_window():
+    values = iter([0, 50, 100, 100, 100] + [100] * 1000)
+    with GpuBusy(read=lambda: next(values), interval=0.01) as busy:
+        time.sleep(0.2)
+    first, last = busy.samples[0][0], busy.samples[-1][0]
+    assert [u for _, u in busy.samples[:3]] == [0.0, 50.0, 100.0]
+    assert busy.share(first, first) == 0.0  # only the first sample
+    assert busy.share(busy.samples[3][0], last) == 1.0
+    assert busy.share(last + 1, last + 2) is None
+
+
+def test_base_sized_path_and_gpu_columns(assets, tmp_path):
+    """The GPU configuration's path (BERT / ViT-B/16 architectures at 224 px with LoRA) runs here
+    at a tiny size; the table gains the GPU columns where the figures are a GPU's."""
+    recipe = tiny_recipe(assets, tmp_path)
+    result = throughput.run(str(recipe), str(tmp_path / "bench"), steps=2, scaling=(), rows_test=(), encoders="small", features=False)
+    assert result["same_trainable_parameters"] is True
+    assert "encoders.image.image_size=224" in result["overrides"] and "encoders.text.model=<tmp>/bases/bert-base" in result["overrides"]
+    assert result["reference"]["peak_gpu_mib"] is None and result["pipeline"][0]["gpu_busy"] is None
+    table = (tmp_path / "bench" / "throughput.md").read_text()
+    assert result["pipeline"][1:] == [] and result["feature_cache"] is None  # --no-features: the recipe's own settings only
+    assert "GPU busy" not in table and "per 1k rows" not in table and "manifest rows" not in table and "Frozen" not in table
+    result["reference"]["peak_gpu_mib"] = 900.0
+    result["pipeline"][0].update(gpu_busy=0.834, peak_gpu_mib=1200.5)
+    result["memory_budget"] = {"budget_gib": 16.0, "batch_size": 48, "probes": [{"batch_size": 8, "fits": True}, {"batch_size": 64, "fits": False}]}
+    table = throughput.markdown(result)
+    assert "| GPU busy | peak GPU MiB |" in table and " 83% | 1200.5 |" in table and "Batch 48" in table and "64 does not" in table
+
+
+def test_memory_budget_without_a_gpu_is_a_usage_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from mmpeft.cli import app
+
+    res = CliRunner().invoke(app, ["bench", "throughput", "--memory-budget-gb", "16", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "needs a CUDA GPU" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(app, ["bench", "throughput", "--encoders", "huge", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "expected recipe, base or small" in res.output

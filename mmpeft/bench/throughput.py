@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -37,60 +38,135 @@ from ..model import build_model
 from ..runtime import make_accelerator, resolve_mixed_precision, train_device
 from ..tasks import recipe_task_set
 from ..train import finetune, make_optimizer
+from .device import GpuBusy, base_sized_overrides, largest_fitting, memory_budget, peak_flops
 from .common import cpu_ticks, machine_info, output_folder, steal_line, steal_percent, write_atomic
 
 
-def reference_loop(recipe, steps: int, warmup: int = 3) -> dict:
-    """The recipe's model trained on ready-made batches in a plain loop; samples/s."""
-    t = recipe.train
-    device = train_device(t)
-    torch.manual_seed(t.seed)
-    splits = recipe_splits(recipe)
-    tasks = recipe_task_set(recipe, splits.train)
-    if [t.settings.registry_name for t in tasks.values()] not in (["vqa"], ["classification"]):
-        raise UsageError("bench throughput: the reference loop is one vqa / classification task's (cross-entropy); "
-                         "this recipe has other tasks")
-    model = build_model(recipe, tasks, device=device).to(device)
-    store = ImageStore.for_encoders(model.encoders.values())
-    rows = splits.train[: steps * t.batch_size]
-    collate = Collator(rows, dict(model.encoders.items()), tasks, store)
-    first = next(iter(tasks))
-    batches = []
-    for start in range(0, len(rows), t.batch_size):  # built (and moved) before the clock starts
-        batch = collate(list(range(start, min(start + t.batch_size, len(rows)))))
-        batches.append(({k: {n: x.to(device) for n, x in v.items()} for k, v in batch["inputs"].items()}, batch["targets"][first].to(device)))
-    optimizer = make_optimizer(model, t)
-    precision = resolve_mixed_precision(t.mixed_precision, device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    model.train()
-    flops = _step_flops(model, batches[0], dtype, t.label_smoothing)
-    optimizer.zero_grad(set_to_none=True)
-    seen, start = 0, time.perf_counter()
-    for step in range(warmup + len(batches)):
-        if step == warmup:
-            if device == "cuda":
-                torch.cuda.synchronize()
-            seen, start = 0, time.perf_counter()
-        inputs, labels = batches[step % len(batches)]
-        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
-            logits = model(inputs)
+class ReferenceLoop:
+    """The recipe's model (same encoders, PEFT layers, head), optimizer and precision,
+    trained on ready-made batches already on the device, in a plain loop (:meth:`timed`):
+    the ceiling for this model on this machine."""
+
+    def __init__(self, recipe):
+        t = self.train = recipe.train
+        self.device = train_device(t)
+        torch.manual_seed(t.seed)
+        splits = recipe_splits(recipe)
+        tasks = recipe_task_set(recipe, splits.train)
+        if [t.settings.registry_name for t in tasks.values()] not in (["vqa"], ["classification"]):
+            raise UsageError("bench throughput: the reference loop is one vqa / classification task's (cross-entropy); "
+                             "this recipe has other tasks")
+        self.model = build_model(recipe, tasks, device=self.device).to(self.device)
+        self.rows = splits.train
+        self.collate = Collator(self.rows, dict(self.model.encoders.items()), tasks, ImageStore.for_encoders(self.model.encoders.values()))
+        self.first = next(iter(tasks))
+        self.optimizer = make_optimizer(self.model, t)
+        self.precision = resolve_mixed_precision(t.mixed_precision, self.device)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.model.train()
+
+    def batches(self, batch_size: int, count: int) -> list:
+        """``count`` batches of the training rows, collated and moved to the device."""
+        found = []
+        for start in range(0, min(count * batch_size, len(self.rows)), batch_size):
+            batch = self.collate(list(range(start, min(start + batch_size, len(self.rows)))))
+            found.append(({k: {n: x.to(self.device) for n, x in v.items()} for k, v in batch["inputs"].items()},
+                          batch["targets"][self.first].to(self.device)))
+        return found
+
+    def step(self, inputs, labels) -> None:
+        t = self.train
+        with torch.autocast(self.device, dtype=self.dtype, enabled=self.dtype is not None):
+            logits = self.model(inputs)
         loss = F.cross_entropy(logits.float(), labels, ignore_index=-1, label_smoothing=t.label_smoothing)
         loss.backward()
         if t.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        seen += labels.shape[0]
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], t.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def timed(self, batches: list, steps: int, warmup: int) -> float:
+        """Seconds for ``steps`` steps over ``batches`` (in turn), after ``warmup`` untimed ones."""
+        for step in range(warmup + steps):
+            if step == warmup:
+                self.sync()
+                start = time.perf_counter()
+            self.step(*batches[step % len(batches)])
+        self.sync()
+        return time.perf_counter() - start
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def fits(self, batch_size: int) -> bool:
+        """Whether two training steps at ``batch_size`` run within the CUDA memory cap
+        (:func:`~.device.memory_budget`); one batch is held, as a run holds it."""
+        try:
+            batches = self.batches(batch_size, 1)
+            if batches[0][1].shape[0] < batch_size:
+                return False  # fewer training rows than the batch: no larger batch to measure
+            self.timed(batches, 1, 1)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            batches = None
+            torch.cuda.empty_cache()
+
+
+def reference_loop(recipe, steps: int, warmup: int = 3) -> dict:
+    """The reference loop's samples/s on ``steps`` ready-made batches (on a GPU at most 8
+    distinct ones, in turn: ``steps`` of them would take GBs of the memory measured)."""
+    loop = ReferenceLoop(recipe)
+    batch_size = recipe.train.batch_size
+    batches = loop.batches(batch_size, steps if loop.device == "cpu" else min(steps, 8))
+    flops = _step_flops(loop.model, batches[0], loop.dtype, recipe.train.label_smoothing)
+    loop.optimizer.zero_grad(set_to_none=True)
+    if loop.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = loop.timed(batches, steps, warmup)
+    seen = sum(batches[i % len(batches)][1].shape[0] for i in range(steps))
+    trainable = sorted(n for n, p in loop.model.named_parameters() if p.requires_grad)
     rate = seen / seconds
     flops_per_sample = flops / batches[0][1].shape[0]
-    peak = peak_flops(precision)
-    return {"samples_per_second": round(rate, 2), "steps": len(batches), "trainable": trainable,
+    peak = peak_flops(loop.precision)
+    return {"samples_per_second": round(rate, 2), "steps": steps, "batch_size": batch_size, "trainable": trainable,
             "gflops_per_sample": round(flops_per_sample / 1e9, 3), "achieved_tflops": round(rate * flops_per_sample / 1e12, 4),
-            "mfu": round(rate * flops_per_sample / peak, 4) if peak else None}
+            "mfu": round(rate * flops_per_sample / peak, 4) if peak else None,
+            "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if loop.device == "cuda" else None}
+
+
+def feature_cache(recipe: str, base: list, work: Path) -> dict:
+    """Both encoders frozen (``none``), with and without the frozen-feature cache."""
+    frozen = ["encoders.text.peft={method: none}", "encoders.image.peft={method: none}"]
+    cached = pipeline(recipe, base + frozen, work, "frozen_cached")
+    plain = pipeline(recipe, base + frozen + ["train.cache_frozen_features=false"], work, "frozen_plain")
+    return {"cached": cached, "not_cached": plain, "second_epoch_speedup": (
+        round(plain["epoch_seconds"][1] / cached["epoch_seconds"][1], 2) if "error" not in cached and "error" not in plain else None)}
+
+
+def largest_batch(recipe: str, overrides: list, gib: float, limit: int = 4096) -> dict:
+    """The largest batch (a multiple of 8) whose training steps fit in ``gib`` GiB of GPU
+    memory, with this process's CUDA allocations capped there for the rest of the
+    benchmark, so that every configuration measured runs as it would on that card."""
+    budget = memory_budget(gib)
+    loop = ReferenceLoop(load_recipe(recipe, list(overrides) + [f"data.max_train_samples={limit}"]))
+    probes = []
+
+    def fits(batch_size: int) -> bool:
+        torch.cuda.reset_peak_memory_stats()
+        ok = loop.fits(batch_size)
+        probes.append({"batch_size": batch_size, "fits": ok, "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)})
+        return ok
+
+    size = largest_fitting(fits, limit=min(limit, len(loop.rows)))
+    loop = None  # the model and its optimizer state go before the runs measured under the cap
+    torch.cuda.empty_cache()
+    if not size:
+        raise MMPeftError(f"--memory-budget-gb {gib}: not even a batch of 8 fits in {gib} GiB for this recipe")
+    return {"budget_gib": gib, "budget_bytes": budget, "batch_size": size, "probes": probes}
 
 
 def _step_flops(model, batch, dtype, label_smoothing: float) -> int:
@@ -107,27 +183,17 @@ def _step_flops(model, batch, dtype, label_smoothing: float) -> int:
     return counter.get_total_flops()
 
 
-# Dense peak FLOP/s (NVIDIA datasheets, SXM parts, no sparsity) for model FLOPs utilisation.
-PEAK_TFLOPS = {"H200": {"bf16": 989.4, "fp16": 989.4, "no": 66.9}, "H100": {"bf16": 989.4, "fp16": 989.4, "no": 66.9},
-               "A100": {"bf16": 312.0, "fp16": 312.0, "no": 19.5}, "L4": {"bf16": 121.0, "fp16": 121.0, "no": 30.3}}
-
-
-def peak_flops(precision: str) -> float | None:
-    """The visible GPU's peak FLOP/s for ``precision`` (None on a CPU or an unlisted GPU)."""
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(0)
-    row = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    return row[precision] * 1e12 if row and precision in row else None
-
-
 def pipeline(recipe_path: str, overrides: list, out: Path, name: str, epochs: int = 2) -> dict:
     """``mmpeft finetune`` for ``epochs`` epochs of the same rows; the last epoch's figures."""
     ov = list(overrides) + [f"train.epochs={epochs}", "data.eval_fraction=0", "data.max_test_samples=256", "output.plots=false",
                             "train.checkpoint_every=null", "train.checkpoint_minutes=null", f"output.dir={out}", f"output.name={name}"]
     start, ticks = time.perf_counter(), cpu_ticks()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     try:
-        bundle = finetune(load_recipe(recipe_path, ov), overwrite=True)
+        with GpuBusy() if cuda else nullcontext() as busy:
+            bundle = finetune(load_recipe(recipe_path, ov), overwrite=True)
     except Interrupted:
         raise  # Ctrl-C or SIGTERM stops the benchmark, not just this configuration
     except (MMPeftError, RuntimeError) as exc:
@@ -136,7 +202,9 @@ def pipeline(recipe_path: str, overrides: list, out: Path, name: str, epochs: in
     first, second = history[0], history[-1]
     return {"samples_per_second": second["samples_per_second"], "first_epoch_samples_per_second": first["samples_per_second"],
             "epoch_seconds": [h["epoch_seconds"] for h in history], "data_share": round(second["data_seconds"] / second["epoch_seconds"], 3),
-            "wall_seconds": round(time.perf_counter() - start, 1), "cpu_steal_pct": steal_percent(ticks, cpu_ticks())}
+            "wall_seconds": round(time.perf_counter() - start, 1), "cpu_steal_pct": steal_percent(ticks, cpu_ticks()),
+            "gpu_busy": busy.share(second["ended_at"] - second["epoch_seconds"], second["ended_at"]) if cuda else None,
+            "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None}
 
 
 def trainable_of(recipe_path: str, overrides: list) -> list[str]:
@@ -155,6 +223,12 @@ TOGGLES = [
     ("gradient checkpointing", ["train.gradient_checkpointing=true"]),
     ("torch.compile", ["train.compile=true"]),
 ]
+# on a GPU the data pipeline competes with the GPU, not with the model's own threads
+CUDA_TOGGLES = [
+    ("4 DataLoader workers", ["train.num_workers=4"]),
+    ("8 DataLoader workers", ["train.num_workers=8"]),
+    ("no pinned memory (pageable copies)", ["train.pin_memory=false"]),
+] + TOGGLES[2:]
 
 
 def manifest_rows(out: Path, rows: int, recipe: str) -> Path:
@@ -229,12 +303,30 @@ def scaling_runs(recipe: str, overrides: list, work: Path, sizes, rounds: int = 
 
 
 def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results/throughput", steps: int = 40, overrides=(),
-        scaling=(1000, 4000, 16000), rows_test=(10_000, 1_000_000), toggles=TOGGLES) -> dict:
+        scaling=(1000, 4000, 16000), rows_test=(10_000, 1_000_000), toggles=None, encoders: str = "recipe",
+        memory_budget_gib: float | None = None, features: bool = True) -> dict:
+    """The whole benchmark. ``encoders``: "recipe" (its own), "base" (BERT-base + ViT-B/16-sized,
+    LoRA, 224 px: the GPU configuration) or "small" (those architectures, tiny: a CPU check).
+    ``memory_budget_gib`` (CUDA): run at the largest batch whose training steps fit in that
+    much GPU memory. ``features`` false: the recipe's own settings only (no toggled rows, no
+    feature-cache pair). Empty ``scaling`` / ``rows_test`` skip those parts."""
+    cuda = torch.cuda.is_available()
+    if memory_budget_gib is not None and not cuda:
+        raise UsageError("--memory-budget-gb: the largest batch within a GPU memory budget needs a CUDA GPU; none is visible")
+    toggles = [] if not features else toggles if toggles is not None else (CUDA_TOGGLES if cuda else TOGGLES)
     out_path = output_folder(out)
-    base = list(overrides) + [f"data.max_train_samples={steps * load_recipe(recipe, list(overrides)).train.batch_size}"]
-    result = {"recipe": recipe, "overrides": base, "machine": machine_info(), "steps": steps}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        overrides = list(overrides)
+        if encoders != "recipe":
+            overrides += base_sized_overrides(work / "bases", small=encoders == "small")
+        result = {"recipe": recipe, "encoders": encoders, "machine": machine_info(), "steps": steps}
+        if memory_budget_gib is not None:
+            result["memory_budget"] = largest_batch(recipe, overrides, memory_budget_gib)
+            overrides.append(f"train.batch_size={result['memory_budget']['batch_size']}")
+            print(json.dumps(result["memory_budget"]), flush=True)
+        base = overrides + [f"data.max_train_samples={steps * load_recipe(recipe, overrides).train.batch_size}"]
+        result["overrides"] = [o.replace(str(work), "<tmp>") for o in base]
         reference = reference_loop(load_recipe(recipe, base), steps)
         result["reference"] = {k: v for k, v in reference.items() if k != "trainable"}
         result["same_trainable_parameters"] = reference["trainable"] == trainable_of(recipe, base)
@@ -247,12 +339,8 @@ def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results/
                 row["vs_reference"] = round(row["samples_per_second"] / result["reference"]["samples_per_second"], 3)
                 row["achieved_tflops"] = round(row["samples_per_second"] * reference["gflops_per_sample"] / 1e3, 4)
         result["pipeline"] = rows
-        frozen = ["encoders.text.peft={method: none}", "encoders.image.peft={method: none}"]
-        cached = pipeline(recipe, base + frozen, work, "frozen_cached")
-        plain = pipeline(recipe, base + frozen + ["train.cache_frozen_features=false"], work, "frozen_plain")
-        result["feature_cache"] = {"cached": cached, "not_cached": plain,
-                                   "second_epoch_speedup": round(plain["epoch_seconds"][1] / cached["epoch_seconds"][1], 2)}
-        result["scaling"] = scaling_runs(recipe, list(overrides), work, scaling)
+        result["feature_cache"] = feature_cache(recipe, base, work) if features else None
+        result["scaling"] = scaling_runs(recipe, overrides, work, scaling) if scaling else []
         for r in result["scaling"]:
             print(json.dumps(r), flush=True)
         per_row = [r["seconds_per_1k_rows"] for r in result["scaling"] if "error" not in r]
@@ -263,49 +351,77 @@ def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results/
             r = {"rows": n, **first_step(manifest_rows(work, n, recipe), work / "runs", f"rows{n}")}
             result["manifest_rows"].append(r)
             print(json.dumps(r), flush=True)
+        if cuda:
+            torch.cuda.set_per_process_memory_fraction(1.0, 0)
     write_atomic(out_path / "throughput.json", json.dumps(result, indent=2))
     write_atomic(out_path / "throughput.md", markdown(result))
     return result
 
 
+def _percent(share) -> str:
+    return "-" if share is None else f"{100 * share:.0f}%"
+
+
 def markdown(r: dict) -> str:
     m = r["machine"]
-    ref = r["reference"]["samples_per_second"]
+    ref = r["reference"]
+    gpu = ref.get("peak_gpu_mib") is not None  # measured on a GPU: its busy share and memory are columns
     lines = [f"`mmpeft bench throughput` on {m['cuda'] or m['processor']} ({m['cpu_count']} cores, torch {m['torch']}, "
-             f"{m['torch_threads']} threads); recipe `{r['recipe']}` with `{' '.join(r['overrides'])}`: {r['steps']} steps of "
-             "the same rows; finetune figures are its second epoch (the first also fills the image caches). The reference "
-             f"loop trains the same parameters: {r['same_trainable_parameters']}.", "",
-             "| configuration | samples/s | vs reference | waiting for data | 1st epoch samples/s |", "|---|---:|---:|---:|---:|",
-             f"| reference loop (ready-made batches, a plain loop) | {ref} | 1.000 | - | - |"]
+             f"{m['torch_threads']} threads); recipe `{r['recipe']}` (encoders: {r.get('encoders', 'recipe')}) with "
+             f"`{' '.join(r['overrides'])}`: {r['steps']} steps of the same rows; finetune figures are its second epoch (the "
+             f"first also fills the image caches). The reference loop trains the same parameters: {r['same_trainable_parameters']}."]
+    if r.get("memory_budget"):
+        b = r["memory_budget"]
+        tried = ", ".join(f"{p['batch_size']} {'fits' if p['fits'] else 'does not'}" for p in b["probes"])
+        lines += ["", f"Batch {b['batch_size']}: the largest multiple of 8 whose training steps fit in {b['budget_gib']} GiB "
+                      f"(CUDA allocations capped there for every run below; tried {tried})."]
+    extra = " GPU busy | peak GPU MiB |" if gpu else ""
+    lines += ["", "| configuration | samples/s | vs reference | waiting for data | 1st epoch samples/s |" + extra,
+              "|---|---:|---:|---:|---:|" + ("---:|---:|" if gpu else ""),
+              f"| reference loop (ready-made batches, a plain loop) | {ref['samples_per_second']} | 1.000 | - | - |"
+              + (f" - | {ref['peak_gpu_mib']} |" if gpu else "")]
     for row in r["pipeline"]:
         if "error" in row:
-            lines.append(f"| {row['configuration']} | failed: {row['error']} | | | |")
-        else:
-            lines.append(f"| {row['configuration']} | {row['samples_per_second']} | {row['vs_reference']:.3f} | "
-                         f"{100 * row['data_share']:.1f}% | {row['first_epoch_samples_per_second']} |")
-    mfu = (f"model FLOPs utilisation {100 * r['reference']['mfu']:.1f}% of the GPU's peak" if r["reference"]["mfu"] is not None
+            lines.append(f"| {row['configuration']} | failed: {row['error']} | | | |" + (" | |" if gpu else ""))
+            continue
+        busy = f" {_percent(row.get('gpu_busy'))} | {row['peak_gpu_mib']} |" if gpu else ""
+        lines.append(f"| {row['configuration']} | {row['samples_per_second']} | {row['vs_reference']:.3f} | "
+                     f"{100 * row['data_share']:.1f}% | {row['first_epoch_samples_per_second']} |" + busy)
+    mfu = (f"model FLOPs utilisation {100 * ref['mfu']:.1f}% of the GPU's peak" if ref["mfu"] is not None
            else "model FLOPs utilisation: reported on a listed GPU only (no peak figure for this device)")
     base = r["pipeline"][0]
     lines += ["", f"FLOPs per training sample (forward + backward, counted by `torch.utils.flop_counter`): "
-              f"{r['reference']['gflops_per_sample']} GFLOP; the reference loop achieves {r['reference']['achieved_tflops']} TFLOP/s, "
+              f"{ref['gflops_per_sample']} GFLOP; the reference loop achieves {ref['achieved_tflops']} TFLOP/s, "
               f"finetune {base.get('achieved_tflops', '-')} TFLOP/s; {mfu}."]
+    if gpu:
+        lines += ["", "GPU busy: NVML's utilisation (the share of time a kernel ran, as nvidia-smi shows it), sampled every "
+                      "0.1 s over the second epoch."]
     fc = r["feature_cache"]
-    lines += ["", f"Frozen encoders (`none` on both), second epoch: {fc['cached']['epoch_seconds'][1]} s with the frozen-feature "
-              f"cache, {fc['not_cached']['epoch_seconds'][1]} s without: {fc['second_epoch_speedup']}x.", "",
-              "Epoch time against training rows: every size ran twice, two epochs a run, the sizes in alternating order "
-              "(smallest first, then largest first) so that the machine's drift over the minutes reaches all of them; a size's "
-              "figure is its fastest second epoch.", "",
-              "| train rows | epochs 1 / 2 of each run, s | fastest second epoch, s per 1k rows |", "|---:|---|---:|"]
-    for s in r["scaling"]:
-        if "error" in s:
-            lines.append(f"| {s['rows']:,} | failed: {s['error']} | |")
-            continue
-        runs = "; ".join(" / ".join(str(x) for x in run) for run in s["epoch_seconds"])
-        lines.append(f"| {s['rows']:,} | {runs} | {s['seconds_per_1k_rows']} |")
-    steal = [x.get("cpu_steal_pct") for x in r["pipeline"] + [r["feature_cache"]["cached"], r["feature_cache"]["not_cached"]]]
+    if fc is None:
+        pass
+    elif fc["second_epoch_speedup"] is None:
+        lines += ["", f"Frozen encoders: failed ({fc['cached'].get('error') or fc['not_cached'].get('error')})."]
+    else:
+        lines += ["", f"Frozen encoders (`none` on both), second epoch: {fc['cached']['epoch_seconds'][1]} s with the frozen-feature "
+                      f"cache, {fc['not_cached']['epoch_seconds'][1]} s without: {fc['second_epoch_speedup']}x."]
+    if r["scaling"]:
+        lines += ["", "Epoch time against training rows: every size ran twice, two epochs a run, the sizes in alternating order "
+                  "(smallest first, then largest first) so that the machine's drift over the minutes reaches all of them; a size's "
+                  "figure is its fastest second epoch.", "",
+                  "| train rows | epochs 1 / 2 of each run, s | fastest second epoch, s per 1k rows |", "|---:|---|---:|"]
+        for s in r["scaling"]:
+            if "error" in s:
+                lines.append(f"| {s['rows']:,} | failed: {s['error']} | |")
+                continue
+            runs = "; ".join(" / ".join(str(x) for x in run) for run in s["epoch_seconds"])
+            lines.append(f"| {s['rows']:,} | {runs} | {s['seconds_per_1k_rows']} |")
+        lines += ["", f"Spread of the time per row: {r['scaling_spread_pct']}% of its mean." if r["scaling_spread_pct"] is not None
+                  else "Spread of the time per row: fewer than two sizes ran."]
+    steal = [x.get("cpu_steal_pct") for x in r["pipeline"] + ([fc["cached"], fc["not_cached"]] if fc else [])]
     steal += [v for s in r["scaling"] for v in s.get("cpu_steal_pct_of_runs", [])]
-    lines += ["", f"Spread of the time per row: {r['scaling_spread_pct']}% of its mean." if r["scaling_spread_pct"] is not None else "Spread of the time per row: fewer than two sizes ran.", "", steal_line(steal), "",
-              "| manifest rows | load, check, build, first step (s) | peak memory MiB |", "|---:|---:|---:|"]
-    for s in r["manifest_rows"]:
-        lines.append(f"| {s['rows']:,} | {s['seconds_to_first_step']} | {s['peak_rss_mib']} |")
+    lines += ["", steal_line(steal)]
+    if r["manifest_rows"]:
+        lines += ["", "| manifest rows | load, check, build, first step (s) | peak memory MiB |", "|---:|---:|---:|"]
+        for s in r["manifest_rows"]:
+            lines.append(f"| {s['rows']:,} | {s['seconds_to_first_step']} | {s['peak_rss_mib']} |")
     return "\n".join(lines) + "\n"

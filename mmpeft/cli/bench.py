@@ -100,18 +100,31 @@ def bench_search(search_file: str = typer.Argument(..., metavar="SEARCH", help="
 def bench_throughput(recipe: str = typer.Option("recipes/quickstart.yaml", help="recipe to measure"),
                      out: str = typer.Option("benchmarks/results/throughput", help="folder for throughput.json / .md"),
                      steps: int = typer.Option(40, help="optimizer steps an epoch (the rows: steps x batch size)"),
-                     scaling: str = typer.Option("1000,4000,16000", help="train rows of the scaling runs"),
-                     manifest_rows: str = typer.Option("10000,1000000", help="rows of the generated manifests"),
+                     encoders: Optional[str] = typer.Option(None, help="recipe (its own), base (BERT-base + ViT-B/16-sized, random, "
+                                                            "LoRA, 224 px) or small (those, tiny); default: base on a GPU, else recipe"),
+                     memory_budget_gb: Optional[float] = typer.Option(None, help="CUDA: run at the largest batch whose steps fit in this many GiB"),
+                     features: bool = typer.Option(True, help="also each pipeline feature toggled and the frozen-feature cache "
+                                                   "(--no-features: the recipe's own settings only)"),
+                     scaling: str = typer.Option("1000,4000,16000", help="train rows of the scaling runs (none: skip)"),
+                     manifest_rows: str = typer.Option("10000,1000000", help="rows of the generated manifests (none: skip)"),
                      overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides for every run")):
     """The toolkit against a hand-written loop, each pipeline feature toggled, and scaling with rows."""
+    import torch
+
     from ..bench.common import parse_ints
     from ..bench.throughput import run
 
-    sizes = parse_ints(scaling, "--scaling", "1000,4000")
-    manifests = parse_ints(manifest_rows, "--manifest-rows", "10000,1000000")
+    sizes = () if scaling == "none" else parse_ints(scaling, "--scaling", "1000,4000")
+    manifests = () if manifest_rows == "none" else parse_ints(manifest_rows, "--manifest-rows", "10000,1000000")
     if steps < 1:
         raise UsageError("--steps: must be at least 1")
-    run(recipe, out, steps, overrides or [], list(sizes), list(manifests))
+    encoders = encoders or ("base" if torch.cuda.is_available() else "recipe")
+    if encoders not in ("recipe", "base", "small"):
+        raise UsageError(f"--encoders {encoders}: expected recipe, base or small")
+    if memory_budget_gb is not None and memory_budget_gb <= 0:
+        raise UsageError("--memory-budget-gb: must be a positive number of GiB")
+    run(recipe, out, steps, overrides or [], list(sizes), list(manifests), encoders=encoders, memory_budget_gib=memory_budget_gb,
+        features=features)
     console.print((Path(out) / "throughput.md").read_text())
 
 
