@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -28,18 +29,35 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="Chromium and 
                                 "(apt-get install chromium chromium-driver)")
 
 
-def start_server(bundle: Path, port: int) -> subprocess.Popen:
+@contextmanager
+def served(bundle: Path):
+    """``mmpeft serve bundle`` on a free port and a headless browser: ``(driver, url)``; both
+    are stopped afterwards, whatever the test did."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "mmpeft.cli", "serve", str(bundle), "--port", str(port)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                               env=dict(os.environ, OMP_NUM_THREADS="1"))
-    for _ in range(120):
+    try:
+        for _ in range(120):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        else:
+            server.kill()
+            raise AssertionError("the server did not start: " + server.stdout.read())
+        driver = browser()
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            time.sleep(0.5)
-    server.kill()
-    raise AssertionError("the server did not start: " + server.stdout.read())
+            yield driver, f"http://127.0.0.1:{port}/"
+        finally:
+            driver.quit()
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=30)
 
 
 def browser():
@@ -74,13 +92,7 @@ def test_page_answers_like_the_api_and_shows_errors(assets, tmp_path):
     raw = tiny.recipe_dict(assets["bert"], assets["vit"], assets["data"], tmp_path, epochs=2)
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
     assert CliRunner().invoke(cli, ["finetune", str(tmp_path / "r.yaml")]).exit_code == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = start_server(tmp_path / "tiny", port)
-    driver = browser()
-    url = f"http://127.0.0.1:{port}/"
-    try:
+    with served(tmp_path / "tiny") as (driver, url):
         image = sorted((Path(assets["data"]["test"]).parent / "images").glob("test_*.png"))[0]
         api = httpx.post(url + "predict", files={"image": ("x.png", image.read_bytes())},
                          data={"question": "what color is the shape ?"}).json()
@@ -92,10 +104,6 @@ def test_page_answers_like_the_api_and_shows_errors(assets, tmp_path):
         not_an_image.write_text("not an image")
         answer, error = ask(driver, url, not_an_image, "what color is the shape ?")
         assert not answer and "not an image file" in error
-    finally:
-        driver.quit()
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 def test_page_asks_an_audio_bundle_for_a_clip_only(assets, tmp_path):
@@ -107,13 +115,7 @@ def test_page_asks_an_audio_bundle_for_a_clip_only(assets, tmp_path):
     from tests.test_audio import audio_only_recipe
 
     assert CliRunner().invoke(cli, ["finetune", str(audio_only_recipe(assets, tmp_path))]).exit_code == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = start_server(tmp_path / "out" / "audio_only", port)
-    driver = browser()
-    url = f"http://127.0.0.1:{port}/"
-    try:
+    with served(tmp_path / "out" / "audio_only") as (driver, url):
         clip = Path(assets["audio_data"]["test"]).parent / "audio" / "test_0.wav"
         api = httpx.post(url + "predict", files={"audio": ("x.wav", clip.read_bytes())}).json()
         driver.get(url)
@@ -130,10 +132,6 @@ def test_page_asks_an_audio_bundle_for_a_clip_only(assets, tmp_path):
                 assert says in driver.find_element(By.ID, "error").text
             else:
                 assert driver.find_element(By.ID, "answer").text == api["answer"]
-    finally:
-        driver.quit()
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 def test_page_asks_for_each_encoders_own_input(assets, tmp_path):
@@ -151,13 +149,7 @@ def test_page_asks_for_each_encoders_own_input(assets, tmp_path):
     raw["data"]["encoder_fields"] = {"prior": "prior_image", "note": "note"}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
     assert CliRunner().invoke(cli, ["finetune", str(tmp_path / "r.yaml")]).exit_code == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = start_server(tmp_path / "tiny", port)
-    driver = browser()
-    url = f"http://127.0.0.1:{port}/"
-    try:
+    with served(tmp_path / "tiny") as (driver, url):
         now, prior = tmp_path / "data/images/test_0_now.png", tmp_path / "data/images/test_0_prior.png"
         api = httpx.post(url + "predict", files={"image": ("a.png", now.read_bytes()), "input.prior": ("b.png", prior.read_bytes())},
                          data={"question": "did the colour change ?", "input.note": "new patient", "top_k": "2"}).json()
@@ -176,7 +168,3 @@ def test_page_asks_for_each_encoders_own_input(assets, tmp_path):
         driver.find_element(By.ID, "ask").click()
         WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "answer").text or "first" not in d.find_element(By.ID, "error").text)
         assert driver.find_element(By.ID, "answer").text == api["answer"] and not driver.find_element(By.ID, "error").text
-    finally:
-        driver.quit()
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
