@@ -6,7 +6,6 @@ files are named by file, row and column; recipe mistakes are named by key."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -26,21 +25,14 @@ NOTES = ["follow-up study", "new patient", "after treatment"]
 
 def make_pairs(directory, n_train: int = 32, n_test: int = 16, seed: int = 0) -> dict:
     """Rows with a current and a prior shape image and a note; the answer is whether the colour changed."""
-    rng = random.Random(seed)
-    (directory / "images").mkdir(parents=True, exist_ok=True)
-    files = {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        rows = []
-        for i in range(n):
-            now, before = rng.choice(list(tiny.COLORS)), rng.choice(list(tiny.COLORS))
-            tiny.shape_image(directory / f"images/{split}_{i}_now.png", now, "square")
-            tiny.shape_image(directory / f"images/{split}_{i}_prior.png", before, "circle")
-            rows.append({"image": f"images/{split}_{i}_now.png", "prior_image": f"images/{split}_{i}_prior.png",
-                         "question": "did the colour change ?", "note": rng.choice(NOTES),
-                         "answer": "changed" if now != before else "same"})
-        files[split] = directory / f"{split}.jsonl"
-        files[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return files
+    def row(rng, i, name):
+        now, before = rng.choice(list(tiny.COLORS)), rng.choice(list(tiny.COLORS))
+        prior = name.replace(".png", "_prior.png")
+        tiny.shape_image(directory / prior, before, "circle")
+        return now, "square", {"image": name, "prior_image": prior, "question": "did the colour change ?",
+                               "note": rng.choice(NOTES), "answer": "changed" if now != before else "same"}
+
+    return tiny.write_shape_manifests(directory, row, n_train, n_test, seed)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +53,7 @@ def test_each_encoder_is_fed_its_own_column(pairs):
     recipe = load_recipe(pairs["recipe"])
     splits = recipe_splits(recipe)
     row = splits.train[0]
-    assert row.image.endswith("_now.png") and row.inputs["prior"][2].endswith("_prior.png")
+    assert row.inputs["prior"][2] == row.image.replace(".png", "_prior.png") and "/images/train_" in row.image
     assert row.inputs["note"][2] in NOTES and row.text == "did the colour change ?"
     model = build_model(recipe, 2)
     store = ImageStore.for_encoders(model.encoders.values())
@@ -119,7 +111,7 @@ def test_predict_names_the_missing_and_the_unknown_encoder_input(pairs):
     bundle, data = pairs["bundle"], pairs["files"]["test"].parent
     if not (bundle / "manifest.json").is_file():
         pytest.skip("needs the bundle of the previous test")
-    args = ["predict", str(bundle), "--image", str(data / "images/test_0_now.png"), "--question", "q"]
+    args = ["predict", str(bundle), "--image", str(data / "images/test_0.png"), "--question", "q"]
     res = runner.invoke(app, args + ["--encoder-input", "note=x"])
     assert res.exit_code == 2 and "'prior' read column(s) of their own: give --encoder-input prior=<image>" in res.output
     res = runner.invoke(app, args + ["--encoder-input", "note=x", "--encoder-input", "prior=x", "--encoder-input", "scan=y"])
@@ -129,7 +121,7 @@ def test_predict_names_the_missing_and_the_unknown_encoder_input(pairs):
     res = runner.invoke(app, args + ["--encoder-input", "note=x", "--encoder-input", f"prior={data / 'nope.png'}"])
     assert res.exit_code == 2 and "input 1: file not found" in res.output and "nope.png" in res.output
     bad = pairs["root"] / "no_prior.jsonl"
-    bad.write_text(json.dumps({"image": "data/images/test_0_now.png", "question": "q", "note": "n"}) + "\n")
+    bad.write_text(json.dumps({"image": "data/images/test_0.png", "question": "q", "note": "n"}) + "\n")
     res = runner.invoke(app, ["predict", str(bundle), "--input", str(bad)])
     assert res.exit_code == 2 and f"{bad}, row 1: needs field(s)" in res.output and "'prior_image'" in res.output
 

@@ -150,7 +150,7 @@ def test_page_asks_for_each_encoders_own_input(assets, tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
     assert CliRunner().invoke(cli, ["finetune", str(tmp_path / "r.yaml")]).exit_code == 0
     with served(tmp_path / "tiny") as (driver, url):
-        now, prior = tmp_path / "data/images/test_0_now.png", tmp_path / "data/images/test_0_prior.png"
+        now, prior = tmp_path / "data/images/test_0.png", tmp_path / "data/images/test_0_prior.png"
         api = httpx.post(url + "predict", files={"image": ("a.png", now.read_bytes()), "input.prior": ("b.png", prior.read_bytes())},
                          data={"question": "did the colour change ?", "input.note": "new patient", "top_k": "2"}).json()
         driver.get(url)
