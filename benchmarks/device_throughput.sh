@@ -3,7 +3,8 @@
 # tool (15 minutes of device time all told; the tree that travels is capped at 64 MiB).
 #   here, once:  bash benchmarks/device_throughput.sh prepare
 #                (the wheels the device's image lacks, and a copy of VQA-RAD, into ignored folders)
-#   then:        run(command="bash benchmarks/device_throughput.sh", carry=[".whl", ".devdata"], timeout_s=580)
+#   then:        run(command="bash benchmarks/device_throughput.sh", carry=[".whl", ".devdata"], timeout_s=590)
+# (a part that runs out of time leaves throughput.partial.json: every figure measured until then)
 # The recipe's own VQA-RAD encoders cannot travel (MiniLM alone is 88 MiB), so the VQA-RAD
 # run uses the BERT-base / ViT-B/16-sized random encoders: the recipe's data, batch and
 # schedule, and a larger model than its own.
@@ -24,8 +25,8 @@ OUT=${OUT:-/tmp/out}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 # 1. BERT-base + ViT-B/16 LoRA bf16 on easy-VQA at 224 px, at the largest batch that fits in 16 GiB:
 #    the reference loop, finetune and each feature toggled, GPU busy, MFU
-timeout 360 python3 -m mmpeft.cli bench throughput --encoders base --memory-budget-gb 16 --steps 12 --scaling none \
+timeout 400 python3 -m mmpeft.cli bench throughput --encoders base --memory-budget-gb 16 --steps 8 --scaling none \
   --manifest-rows none --out "$OUT/base" 2>&1 | tee "$OUT/base.log"
 # 2. one VQA-RAD run at its recipe's settings: how busy the GPU is
-timeout 180 python3 -m mmpeft.cli bench throughput --recipe recipes/medical_vqa.yaml --encoders base --no-features \
+timeout 150 python3 -m mmpeft.cli bench throughput --recipe recipes/medical_vqa.yaml --encoders base --no-features \
   --scaling none --manifest-rows none --out "$OUT/vqa_rad" "data.root=$PWD/.devdata/vqa_rad" 2>&1 | tee "$OUT/vqa_rad.log"

@@ -130,6 +130,7 @@ def test_base_sized_path_and_gpu_columns(assets, tmp_path):
     assert "encoders.image.image_size=224" in result["overrides"] and "encoders.text.model=<tmp>/bases/bert-base" in result["overrides"]
     assert result["reference"]["peak_gpu_mib"] is None and result["pipeline"][0]["gpu_busy"] is None
     table = (tmp_path / "bench" / "throughput.md").read_text()
+    assert not (tmp_path / "bench" / "throughput.partial.json").exists()  # complete: only the finished files stay
     assert result["pipeline"][1:] == [] and result["feature_cache"] is None  # --no-features: the recipe's own settings only
     assert "GPU busy" not in table and "per 1k rows" not in table and "manifest rows" not in table and "Frozen" not in table
     result["reference"]["peak_gpu_mib"] = 900.0
@@ -148,3 +149,26 @@ def test_memory_budget_without_a_gpu_is_a_usage_error(tmp_path):
     assert res.exit_code == 2 and "needs a CUDA GPU" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(app, ["bench", "throughput", "--encoders", "huge", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "expected recipe, base or small" in res.output
+
+
+def test_a_killed_benchmark_keeps_what_it_measured(assets, tmp_path, monkeypatch):
+    import json
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(throughput, "feature_cache", killed)
+    with pytest.raises(KeyboardInterrupt):
+        throughput.run(str(tiny_recipe(assets, tmp_path)), str(tmp_path / "bench"), steps=2, scaling=(), rows_test=(), toggles=[])
+    kept = json.loads((tmp_path / "bench" / "throughput.partial.json").read_text())
+    assert kept["reference"]["samples_per_second"] > 0 and kept["pipeline"][0]["samples_per_second"] > 0
+    assert not (tmp_path / "bench" / "throughput.json").exists()
+
+
+def test_gpu_busy_without_nvml_says_why_and_keeps_going():
+    def no_nvml():
+        raise ModuleNotFoundError("pynvml does not seem to be installed")
+
+    with GpuBusy(read=no_nvml, interval=0.01) as busy:
+        time.sleep(0.05)
+    assert busy.samples == [] and busy.share(0, time.time()) is None and "pynvml" in busy.error

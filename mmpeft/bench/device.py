@@ -38,12 +38,17 @@ class GpuBusy:
         self.read = read or (lambda: torch.cuda.utilization(torch.cuda.current_device()))
         self.interval = interval
         self.samples: list[tuple[float, float]] = []
+        self.error: Optional[str] = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.time(), float(self.read())))
+            try:
+                self.samples.append((time.time(), float(self.read())))
+            except Exception as exc:  # no NVML (nvidia-ml-py) or no permission: said in the row, not a lost benchmark
+                self.error = f"{type(exc).__name__}: {exc}"
+                return
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "GpuBusy":

@@ -204,6 +204,7 @@ def pipeline(recipe_path: str, overrides: list, out: Path, name: str, epochs: in
             "epoch_seconds": [h["epoch_seconds"] for h in history], "data_share": round(second["data_seconds"] / second["epoch_seconds"], 3),
             "wall_seconds": round(time.perf_counter() - start, 1), "cpu_steal_pct": steal_percent(ticks, cpu_ticks()),
             "gpu_busy": busy.share(second["ended_at"] - second["epoch_seconds"], second["ended_at"]) if cuda else None,
+            **({"gpu_busy_error": busy.error} if cuda and busy.error else {}),
             "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None}
 
 
@@ -321,28 +322,34 @@ def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results/
         if encoders != "recipe":
             overrides += base_sized_overrides(work / "bases", small=encoders == "small")
         result = {"recipe": recipe, "encoders": encoders, "machine": machine_info(), "steps": steps}
+        partial = out_path / "throughput.partial.json"
+
+        def done(key: str, value) -> None:  # each figure is printed and kept as it comes: a killed run keeps what it measured
+            print(json.dumps({key: value}), flush=True)
+            write_atomic(partial, json.dumps(result, indent=2))
+
         if memory_budget_gib is not None:
             result["memory_budget"] = largest_batch(recipe, overrides, memory_budget_gib)
             overrides.append(f"train.batch_size={result['memory_budget']['batch_size']}")
-            print(json.dumps(result["memory_budget"]), flush=True)
+            done("memory_budget", result["memory_budget"])
         base = overrides + [f"data.max_train_samples={steps * load_recipe(recipe, overrides).train.batch_size}"]
         result["overrides"] = [o.replace(str(work), "<tmp>") for o in base]
         reference = reference_loop(load_recipe(recipe, base), steps)
         result["reference"] = {k: v for k, v in reference.items() if k != "trainable"}
         result["same_trainable_parameters"] = reference["trainable"] == trainable_of(recipe, base)
-        rows = [{"configuration": "mmpeft finetune (the recipe's settings)", **pipeline(recipe, base, work, "base")}]
-        for label, extra in toggles:
-            rows.append({"configuration": label, **pipeline(recipe, base + extra, work, f"t{len(rows)}")})
-            print(json.dumps(rows[-1]), flush=True)
-        for row in rows:
+        done("reference", result["reference"])
+        result["pipeline"] = []
+        for label, extra in [("mmpeft finetune (the recipe's settings)", [])] + list(toggles):
+            row = {"configuration": label, **pipeline(recipe, base + extra, work, f"t{len(result['pipeline'])}")}
             if "samples_per_second" in row:
                 row["vs_reference"] = round(row["samples_per_second"] / result["reference"]["samples_per_second"], 3)
                 row["achieved_tflops"] = round(row["samples_per_second"] * reference["gflops_per_sample"] / 1e3, 4)
-        result["pipeline"] = rows
+            result["pipeline"].append(row)
+            done("pipeline", row)
         result["feature_cache"] = feature_cache(recipe, base, work) if features else None
+        done("feature_cache", result["feature_cache"])
         result["scaling"] = scaling_runs(recipe, overrides, work, scaling) if scaling else []
-        for r in result["scaling"]:
-            print(json.dumps(r), flush=True)
+        done("scaling", result["scaling"])
         per_row = [r["seconds_per_1k_rows"] for r in result["scaling"] if "error" not in r]
         result["scaling_spread_pct"] = (round(100 * (max(per_row) - min(per_row)) / (sum(per_row) / len(per_row)), 1)
                                         if len(per_row) > 1 else None)
@@ -350,11 +357,12 @@ def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results/
         for n in rows_test:
             r = {"rows": n, **first_step(manifest_rows(work, n, recipe), work / "runs", f"rows{n}")}
             result["manifest_rows"].append(r)
-            print(json.dumps(r), flush=True)
+            done("manifest_rows", r)
         if cuda:
             torch.cuda.set_per_process_memory_fraction(1.0, 0)
     write_atomic(out_path / "throughput.json", json.dumps(result, indent=2))
     write_atomic(out_path / "throughput.md", markdown(result))
+    partial.unlink(missing_ok=True)
     return result
 
 
