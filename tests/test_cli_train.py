@@ -1,5 +1,5 @@
 """End to end through the CLI on tiny local models: finetune, evaluate, predict, inspect,
-reproducibility, tampered and mismatched bundles, a 2-process accelerate run."""
+reproducibility, tampered and mismatched bundles, 2-process runs."""
 
 import json
 import os
@@ -210,7 +210,7 @@ TWO_PROCESSES = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_nod
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU processes")
-def test_two_process_accelerate_run(assets, tmp_path):
+def test_two_process_run_scores_every_test_row_once(assets, tmp_path):
     raw = tiny.recipe_dict(assets["bert"], assets["vit"], assets["data"], tmp_path / "adapters", epochs=2)
     recipe = tmp_path / "ddp.yaml"
     recipe.write_text(yaml.safe_dump(raw))
