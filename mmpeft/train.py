@@ -33,7 +33,7 @@ from .interrupt import stop_on_signals
 from .model import build_model, summarize
 from .progress import progress
 from .report import sampling_line, print_epoch, print_summary, print_test, save_plots
-from .runtime import (cosine_with_warmup, flat_metrics, make_optimizer, groups_to_report, in_order, make_accelerator, peak_memory_mib, pin_memory, predict_logits,
+from .runtime import (cosine_with_warmup, flat_metrics, make_optimizer, groups_to_report, in_order, make_accelerator, num_workers, peak_memory_mib, pin_memory, predict_logits,
                       prepare_tasks, score, select_metric, task_rows)
 from .tasks import recipe_task_set
 
@@ -148,14 +148,15 @@ def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run:
     encoders = dict(model.encoders.items())
     collator = Collator(splits.train, encoders, tasks, store, recipe.data.augment, t.seed)
     pin = pin_memory(t, accelerator.device.type)
-    train_loader = make_loader(splits.train, collator, t.batch_size, True, t.seed, t.num_workers, recipe.data.group_by_image, pin,
+    workers = num_workers(t, accelerator.device.type, accelerator.num_processes)
+    train_loader = make_loader(splits.train, collator, t.batch_size, True, t.seed, workers, recipe.data.group_by_image, pin,
                                t.task_sampling, t.sampling_temperature)
     if isinstance(train_loader.batch_sampler, DatasetBatches):
         accelerator.print(sampling_line(train_loader.batch_sampler, t))
     eval_loader = make_loader(splits.eval, Collator(splits.eval, encoders, tasks, store), t.eval_batch_size, False, t.seed,
-                              t.num_workers, pin_memory=pin) if splits.eval else None
+                              workers, pin_memory=pin) if splits.eval else None
     test_loader = make_loader(splits.test, Collator(splits.test, encoders, tasks, store), t.eval_batch_size, False, t.seed,
-                              t.num_workers, pin_memory=pin)
+                              workers, pin_memory=pin)
 
     optimizer = make_optimizer(model, t)
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / t.gradient_accumulation_steps)

@@ -86,16 +86,19 @@ def test_killed_anywhere_and_resumed_equals_uninterrupted(reference, tmp_path):
     assert_same(reference["bundle"], tmp_path / "killed" / "tiny")
 
 
-def test_resume_with_grouped_batches_feature_cache_and_augmentation(assets, tmp_path):
+def test_resume_with_grouped_batches_feature_cache_augmentation_and_workers(assets, tmp_path):
     """The data order of grouped batches, the frozen-feature cache and augmented views all
-    continue exactly."""
+    continue exactly; augmented views collated by 2 DataLoader workers (started afresh each
+    epoch, so the epoch's seed reaches them) equal the main process's, killed or not."""
     for name, changes in (("cache", {"encoders__image__peft": {"method": "none"}, "data__group_by_image": True}),
-                          ("augment", {"data__augment": True})):
+                          ("augment", {"data__augment": True}),
+                          ("workers", {"data__augment": True, "train": {"num_workers": 2}})):
         recipe = recipe_file(assets, tmp_path, name, **changes)
         res = finetune_here(recipe, tmp_path / f"ref_{name}")
         assert res.exit_code == 0, res.output
         kill_and_resume(recipe, tmp_path / f"killed_{name}", ["train.step#3"])
         assert_same(tmp_path / f"ref_{name}" / "tiny", tmp_path / f"killed_{name}" / "tiny")
+    assert_same(tmp_path / "ref_augment" / "tiny", tmp_path / "ref_workers" / "tiny")
 
 
 @pytest.mark.parametrize("signal_name,code", [("INT", 130), ("TERM", 143)])

@@ -172,3 +172,16 @@ def test_gpu_busy_without_nvml_says_why_and_keeps_going():
     with GpuBusy(read=no_nvml, interval=0.01) as busy:
         time.sleep(0.05)
     assert busy.samples == [] and busy.share(0, time.time()) is None and "pynvml" in busy.error
+
+
+def test_default_workers_none_on_a_cpu_half_the_cores_on_a_gpu(monkeypatch):
+    from mmpeft.config.schema import TrainConfig
+    from mmpeft.runtime import num_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    auto, fixed = TrainConfig(), TrainConfig(num_workers=3)
+    assert auto.num_workers is None
+    assert [num_workers(auto, "cpu"), num_workers(auto, "cuda"), num_workers(auto, "cuda", processes=4)] == [0, 8, 2]
+    assert num_workers(fixed, "cuda") == num_workers(fixed, "cpu") == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert num_workers(auto, "cuda") == 0  # one core: collate in the main process

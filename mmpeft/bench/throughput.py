@@ -225,9 +225,9 @@ TOGGLES = [
     ("torch.compile", ["train.compile=true"]),
 ]
 # on a GPU the data pipeline competes with the GPU, not with the model's own threads
-CUDA_TOGGLES = [
-    ("4 DataLoader workers", ["train.num_workers=4"]),
-    ("8 DataLoader workers", ["train.num_workers=8"]),
+CUDA_TOGGLES = [  # the default there: half the cores in workers, at most 8
+    ("no DataLoader workers (the main process collates)", ["train.num_workers=0"]),
+    ("2 DataLoader workers", ["train.num_workers=2"]),
     ("no pinned memory (pageable copies)", ["train.pin_memory=false"]),
 ] + TOGGLES[2:]
 

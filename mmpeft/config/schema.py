@@ -143,7 +143,9 @@ class TrainConfig(Strict):
     seed: NonNegativeInt = Field(0, le=2**32 - 1, description="seed for weights, shuffling and dropout")
     cache_frozen_features: bool = Field(True, description="encode each input of a fully frozen (method none) encoder once and reuse it (not with data.augment)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
-    num_workers: NonNegativeInt = Field(0, le=256, description="DataLoader worker processes")
+    num_workers: Optional[NonNegativeInt] = Field(None, le=256, description="DataLoader worker processes (null: none on a CPU, "
+                                                  "where they take cores from the compute threads; on a GPU half the cores "
+                                                  "of each process, at most 8)")
     pin_memory: Optional[bool] = Field(None, description="pinned host memory and non-blocking copies to the GPU (null: on with CUDA)")
     compile: bool = Field(False, description="torch.compile the model (opt-in; the first steps compile, and the log says how long)")
     log_every: PositiveInt = Field(20, description="steps between progress-bar/TensorBoard loss updates")
