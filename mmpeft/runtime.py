@@ -91,6 +91,19 @@ def num_workers(train, device: str, processes: int = 1) -> int:
     return max(0, min(8, cores // (2 * max(1, processes))))
 
 
+def agree_across_processes(accelerator, stop, due: bool) -> tuple[bool, bool]:
+    """(stop now, checkpoint now), the same on every process. A checkpoint gathers from all
+    processes and a stop must end all of them at the same step, so a signal that reached one
+    process, or a ``checkpoint_minutes`` timer that ran out on one process's clock a moment
+    before the others', counts for all (deciding apart, one would wait in a collective the
+    others never join)."""
+    if accelerator.num_processes == 1:
+        return bool(stop), bool(stop) or due
+    flags = torch.tensor([1.0 if stop else 0.0, 1.0 if due else 0.0], device=accelerator.device)
+    any_stop, any_due = (accelerator.reduce(flags, reduction="sum") > 0).tolist()
+    return any_stop, any_stop or any_due
+
+
 def pin_memory(train, device: str) -> bool:
     """``train.pin_memory``, or on by default where batches are copied to a GPU."""
     return train.pin_memory if train.pin_memory is not None else device == "cuda"

@@ -33,8 +33,9 @@ from .interrupt import stop_on_signals
 from .model import build_model, summarize
 from .progress import progress
 from .report import sampling_line, print_epoch, print_summary, print_test, save_plots
-from .runtime import (cosine_with_warmup, flat_metrics, make_optimizer, groups_to_report, in_order, make_accelerator, num_workers, peak_memory_mib, pin_memory, predict_logits,
-                      prepare_tasks, score, select_metric, task_rows)
+from .runtime import (agree_across_processes, cosine_with_warmup, flat_metrics, groups_to_report, in_order, make_accelerator,
+                      make_optimizer, num_workers, peak_memory_mib, pin_memory, predict_logits, prepare_tasks, score,
+                      select_metric, task_rows)
 from .tasks import recipe_task_set
 
 
@@ -149,6 +150,8 @@ def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run:
     collator = Collator(splits.train, encoders, tasks, store, recipe.data.augment, t.seed)
     pin = pin_memory(t, accelerator.device.type)
     workers = num_workers(t, accelerator.device.type, accelerator.num_processes)
+    if workers:
+        accelerator.print(f"data loading: {workers} DataLoader worker(s) a process{', pinned memory' if pin else ''}")
     train_loader = make_loader(splits.train, collator, t.batch_size, True, t.seed, workers, recipe.data.group_by_image, pin,
                                t.task_sampling, t.sampling_temperature)
     if isinstance(train_loader.batch_sampler, DatasetBatches):
@@ -199,7 +202,7 @@ def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run:
         _tune_on_validation(run)
         # The test pass never uses the feature cache, so `mmpeft evaluate` reproduces it exactly.
         test_metrics = _evaluate(run, test_loader, splits.test, desc="test", fault="test")
-        if _agree(accelerator, stop, False)[0]:  # the final checkpoint is written: a resume repeats only the test pass
+        if agree_across_processes(accelerator, stop, False)[0]:  # the final checkpoint is written: a resume repeats only the test pass
             raise _interrupted(stop, recipe, checkpoints)
     if run.writer:
         run.writer.close()
@@ -272,7 +275,7 @@ def _train(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -
             faults.point("train.step")
             if accelerator.sync_gradients and loop.batches_done < epoch_batches:  # the epoch's end has its own checkpoint
                 loop.epoch = epoch
-                stopping, save = _agree(accelerator, stop, _due(run, loop, per_epoch=False))
+                stopping, save = agree_across_processes(accelerator, stop, _due(run, loop, per_epoch=False))
                 if save:
                     averages.sync()
                     _checkpoint(run, loop, best_state, epoch_rng)
@@ -305,11 +308,12 @@ def _train(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -
         if t.early_stopping_patience and loop.stale >= t.early_stopping_patience:
             run.log(f"early stopping: no {select_task}.{select} improvement for {loop.stale} evaluation(s); best epoch {loop.best_epoch}")
             break
-        stopping, save = _agree(accelerator, stop, _due(run, loop, per_epoch=True)) if epoch < t.epochs else (False, False)
-        if save:
-            _checkpoint(run, loop, best_state, None)
-            if stopping:
-                raise _interrupted(stop, recipe, run.checkpoints)
+        if epoch < t.epochs:  # after the last epoch comes the final checkpoint, below the loop
+            stopping, save = agree_across_processes(accelerator, stop, _due(run, loop, per_epoch=True))
+            if save:
+                _checkpoint(run, loop, best_state, None)
+                if stopping:
+                    raise _interrupted(stop, recipe, run.checkpoints)
     return best_state
 
 
@@ -363,24 +367,10 @@ def _checkpoint(run: Run, loop: LoopState, best_state, epoch_rng: Optional[dict]
     run.last_checkpoint = time.perf_counter()
 
 
-def _agree(accelerator, stop, due: bool) -> tuple[bool, bool]:
-    """(stop now, checkpoint now), the same on every process. A checkpoint gathers from all
-    processes and a stop must end all of them at the same step, so a signal that reached one
-    process, or a ``checkpoint_minutes`` timer that ran out on one process's clock a moment
-    before the others', counts for all (deciding apart, one would wait in a collective the
-    others never join)."""
-    if accelerator.num_processes == 1:
-        return bool(stop), bool(stop) or due
-    flags = torch.tensor([1.0 if stop else 0.0, 1.0 if due else 0.0], device=accelerator.device)
-    any_stop, any_due = (accelerator.reduce(flags, reduction="sum") > 0).tolist()
-    return any_stop, any_stop or any_due
-
-
 def _interrupted(stop, recipe: Recipe, checkpoints: Path) -> Interrupted:
     why = f"stopped by {stop.name}" if stop else "stopped with another process of this run, which was signalled"
     return Interrupted(f"{why}; checkpoint written to {checkpoints}. Resume with: "
                        f"mmpeft finetune <the same recipe and overrides> --resume", stop.exit_code)
-
 
 
 def _skip_batches(loader, count: int):

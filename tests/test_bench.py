@@ -204,6 +204,8 @@ def test_resume_survives_new_settings_with_defaults(tmp_path):
     stored(lambda s: s["train"].update(removed_setting=1))
     with pytest.raises(UsageError, match="holds runs of another recipe"):
         previous_results(cache, recipe, [], fingerprint)
+    stored(lambda s: s["train"].update(num_workers=4, log_every=7))  # change nothing computed: resumes across them
+    assert previous_results(cache, recipe, [], fingerprint)["runs"] == []
 
 
 def test_memory_benchmark_trains_every_configuration_on_cpu(tmp_path):

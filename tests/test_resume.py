@@ -96,6 +96,7 @@ def test_resume_with_grouped_batches_feature_cache_augmentation_and_workers(asse
         recipe = recipe_file(assets, tmp_path, name, **changes)
         res = finetune_here(recipe, tmp_path / f"ref_{name}")
         assert res.exit_code == 0, res.output
+        assert ("data loading: 2 DataLoader worker(s) a process" in res.output) == (name == "workers")
         kill_and_resume(recipe, tmp_path / f"killed_{name}", ["train.step#3"])
         assert_same(tmp_path / f"ref_{name}" / "tiny", tmp_path / f"killed_{name}" / "tiny")
     assert_same(tmp_path / "ref_augment" / "tiny", tmp_path / "ref_workers" / "tiny")

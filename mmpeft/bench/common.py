@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
+from ..checkpoint import run_settings
 from ..config import EncoderConfig, load_recipe
 from ..errors import RecipeError, UsageError
 from ..files import atomic_text_file, json_fingerprint
@@ -123,9 +124,12 @@ def resolved_settings(loaded) -> dict:
 
 
 def recipe_fingerprint(loaded) -> str:
-    """SHA-256 of :func:`resolved_settings`, so a benchmark resumes only into results made
-    with the same settings, even if the recipe file was edited in between."""
-    return json_fingerprint(resolved_settings(loaded))
+    """SHA-256 of the settings a run's result depends on, so a benchmark resumes only into
+    results made with the same settings, even if the recipe file was edited in between.
+    Those that change nothing computed (DataLoader workers, logging, checkpoints, the
+    device: :data:`~mmpeft.checkpoint.NEUTRAL_SETTINGS`) are left out, as a checkpoint
+    leaves them out: changing them, or their defaults, does not stop a resume."""
+    return json_fingerprint(run_settings(loaded))
 
 
 def stored_fingerprint(prev: dict) -> str | None:
