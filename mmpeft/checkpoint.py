@@ -150,9 +150,12 @@ class RunningLoss:
         each task's, ``counts`` each task's rows in the batch (a task without rows learns
         nothing from it, so its average skips the batch)."""
         value = loss.detach().double()
-        if self.total is None and self.loop.step > 1:  # resumed: continue the saved average
-            self.total = torch.tensor(self.loop.running, dtype=torch.float64, device=value.device)
-        self.total = value if self.loop.step == 1 or self.total is None else 0.9 * self.total + 0.1 * value
+        if self.loop.step == 1:
+            self.total = value
+        else:
+            if self.total is None:  # resumed: continue the saved average
+                self.total = torch.tensor(self.loop.running, dtype=torch.float64, device=value.device)
+            self.total = 0.9 * self.total + 0.1 * value
         if len(losses) > 1:
             for name, task_loss in losses.items():
                 if counts[name]:

@@ -3,7 +3,7 @@ pipeline feature buys, and how cost grows with data.
 
 1. Reference loop: the recipe's own model (same encoders, PEFT layers, head), optimizer
    and precision, fed with ready-made batches already on the device, in a plain loop
-   (below, ~30 lines): the ceiling for this model on this machine.
+   (:mod:`.reference`): the ceiling for this model on this machine.
 2. ``mmpeft finetune`` on real data through the whole pipeline (decoding, preprocessing,
    collation, transfer, the train step, progress and logging): samples/s of its second
    epoch (the first also fills the image caches) and the share of the epoch spent waiting
@@ -28,114 +28,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-import torch.nn.functional as F
 from PIL import Image
 
 from ..config import load_recipe
-from ..data import Collator, ImageStore, recipe_splits
+from ..data import recipe_splits
 from ..errors import Interrupted, MMPeftError, UsageError
 from ..model import build_model
-from ..runtime import make_accelerator, resolve_mixed_precision, train_device
+from ..runtime import make_accelerator
 from ..tasks import recipe_task_set
-from ..train import finetune, make_optimizer
-from .device import GpuBusy, base_sized_overrides, largest_fitting, memory_budget, peak_flops
+from ..train import finetune
+from .device import GpuBusy, base_sized_overrides
+from .reference import largest_batch, peak_gpu_mib, reference_loop
 from .common import cpu_ticks, machine_info, output_folder, steal_line, steal_percent, write_atomic
-
-
-class ReferenceLoop:
-    """The recipe's model (same encoders, PEFT layers, head), optimizer and precision,
-    trained on ready-made batches already on the device, in a plain loop (:meth:`timed`):
-    the ceiling for this model on this machine."""
-
-    def __init__(self, recipe):
-        t = self.train = recipe.train
-        self.device = train_device(t)
-        torch.manual_seed(t.seed)
-        splits = recipe_splits(recipe)
-        tasks = recipe_task_set(recipe, splits.train)
-        if [t.settings.registry_name for t in tasks.values()] not in (["vqa"], ["classification"]):
-            raise UsageError("bench throughput: the reference loop is one vqa / classification task's (cross-entropy); "
-                             "this recipe has other tasks")
-        self.model = build_model(recipe, tasks, device=self.device).to(self.device)
-        self.rows = splits.train
-        self.collate = Collator(self.rows, dict(self.model.encoders.items()), tasks, ImageStore.for_encoders(self.model.encoders.values()))
-        self.first = next(iter(tasks))
-        self.optimizer = make_optimizer(self.model, t)
-        self.precision = resolve_mixed_precision(t.mixed_precision, self.device)
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        self.model.train()
-
-    def batches(self, batch_size: int, count: int) -> list:
-        """``count`` batches of the training rows, collated and moved to the device."""
-        found = []
-        for start in range(0, min(count * batch_size, len(self.rows)), batch_size):
-            batch = self.collate(list(range(start, min(start + batch_size, len(self.rows)))))
-            found.append(({k: {n: x.to(self.device) for n, x in v.items()} for k, v in batch["inputs"].items()},
-                          batch["targets"][self.first].to(self.device)))
-        return found
-
-    def step(self, inputs, labels) -> None:
-        t = self.train
-        with torch.autocast(self.device, dtype=self.dtype, enabled=self.dtype is not None):
-            logits = self.model(inputs)
-        loss = F.cross_entropy(logits.float(), labels, ignore_index=-1, label_smoothing=t.label_smoothing)
-        loss.backward()
-        if t.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], t.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def timed(self, batches: list, steps: int, warmup: int) -> float:
-        """Seconds for ``steps`` steps over ``batches`` (in turn), after ``warmup`` untimed ones."""
-        for step in range(warmup + steps):
-            if step == warmup:
-                self.sync()
-                start = time.perf_counter()
-            self.step(*batches[step % len(batches)])
-        self.sync()
-        return time.perf_counter() - start
-
-    def sync(self) -> None:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-
-    def fits(self, batch_size: int) -> bool:
-        """Whether two training steps at ``batch_size`` run within the CUDA memory cap
-        (:func:`~.device.memory_budget`); one batch is held, as a run holds it."""
-        try:
-            batches = self.batches(batch_size, 1)
-            if batches[0][1].shape[0] < batch_size:
-                return False  # fewer training rows than the batch: no larger batch to measure
-            self.timed(batches, 1, 1)
-            return True
-        except torch.cuda.OutOfMemoryError:
-            return False
-        finally:
-            self.optimizer.zero_grad(set_to_none=True)
-            batches = None
-            torch.cuda.empty_cache()
-
-
-def reference_loop(recipe, steps: int, warmup: int = 3) -> dict:
-    """The reference loop's samples/s on ``steps`` ready-made batches (on a GPU at most 8
-    distinct ones, in turn: ``steps`` of them would take GBs of the memory measured)."""
-    loop = ReferenceLoop(recipe)
-    batch_size = recipe.train.batch_size
-    batches = loop.batches(batch_size, steps if loop.device == "cpu" else min(steps, 8))
-    flops = _step_flops(loop.model, batches[0], loop.dtype, recipe.train.label_smoothing)
-    loop.optimizer.zero_grad(set_to_none=True)
-    if loop.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    seconds = loop.timed(batches, steps, warmup)
-    seen = sum(batches[i % len(batches)][1].shape[0] for i in range(steps))
-    trainable = sorted(n for n, p in loop.model.named_parameters() if p.requires_grad)
-    rate = seen / seconds
-    flops_per_sample = flops / batches[0][1].shape[0]
-    peak = peak_flops(loop.precision)
-    return {"samples_per_second": round(rate, 2), "steps": steps, "batch_size": batch_size, "trainable": trainable,
-            "gflops_per_sample": round(flops_per_sample / 1e9, 3), "achieved_tflops": round(rate * flops_per_sample / 1e12, 4),
-            "mfu": round(rate * flops_per_sample / peak, 4) if peak else None,
-            "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if loop.device == "cuda" else None}
 
 
 def feature_cache(recipe: str, base: list, work: Path) -> dict:
@@ -145,42 +49,6 @@ def feature_cache(recipe: str, base: list, work: Path) -> dict:
     plain = pipeline(recipe, base + frozen + ["train.cache_frozen_features=false"], work, "frozen_plain")
     return {"cached": cached, "not_cached": plain, "second_epoch_speedup": (
         round(plain["epoch_seconds"][1] / cached["epoch_seconds"][1], 2) if "error" not in cached and "error" not in plain else None)}
-
-
-def largest_batch(recipe: str, overrides: list, gib: float, limit: int = 4096) -> dict:
-    """The largest batch (a multiple of 8) whose training steps fit in ``gib`` GiB of GPU
-    memory, with this process's CUDA allocations capped there for the rest of the
-    benchmark, so that every configuration measured runs as it would on that card."""
-    budget = memory_budget(gib)
-    loop = ReferenceLoop(load_recipe(recipe, list(overrides) + [f"data.max_train_samples={limit}"]))
-    probes = []
-
-    def fits(batch_size: int) -> bool:
-        torch.cuda.reset_peak_memory_stats()
-        ok = loop.fits(batch_size)
-        probes.append({"batch_size": batch_size, "fits": ok, "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)})
-        return ok
-
-    size = largest_fitting(fits, limit=min(limit, len(loop.rows)))
-    loop = None  # the model and its optimizer state go before the runs measured under the cap
-    torch.cuda.empty_cache()
-    if not size:
-        raise MMPeftError(f"--memory-budget-gb {gib}: not even a batch of 8 fits in {gib} GiB for this recipe")
-    return {"budget_gib": gib, "budget_bytes": budget, "batch_size": size, "probes": probes}
-
-
-def _step_flops(model, batch, dtype, label_smoothing: float) -> int:
-    """FLOPs of one training step's forward and backward passes on ``batch``, as PyTorch's
-    own counter (torch.utils.flop_counter: matmuls, convolutions, attention) counts them."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    inputs, labels = batch
-    device = labels.device.type
-    with FlopCounterMode(display=False) as counter:
-        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
-            logits = model(inputs)
-        F.cross_entropy(logits.float(), labels, ignore_index=-1, label_smoothing=label_smoothing).backward()
-    return counter.get_total_flops()
 
 
 def pipeline(recipe_path: str, overrides: list, out: Path, name: str, epochs: int = 2) -> dict:
@@ -205,7 +73,7 @@ def pipeline(recipe_path: str, overrides: list, out: Path, name: str, epochs: in
             "wall_seconds": round(time.perf_counter() - start, 1), "cpu_steal_pct": steal_percent(ticks, cpu_ticks()),
             "gpu_busy": busy.share(second["ended_at"] - second["epoch_seconds"], second["ended_at"]) if cuda else None,
             **({"gpu_busy_error": busy.error} if cuda and busy.error else {}),
-            "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None}
+            "peak_gpu_mib": peak_gpu_mib()}
 
 
 def trainable_of(recipe_path: str, overrides: list) -> list[str]:
@@ -316,49 +184,51 @@ def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results/
         raise UsageError("--memory-budget-gb: the largest batch within a GPU memory budget needs a CUDA GPU; none is visible")
     toggles = [] if not features else toggles if toggles is not None else (CUDA_TOGGLES if cuda else TOGGLES)
     out_path = output_folder(out)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        overrides = list(overrides)
-        if encoders != "recipe":
-            overrides += base_sized_overrides(work / "bases", small=encoders == "small")
-        result = {"recipe": recipe, "encoders": encoders, "machine": machine_info(), "steps": steps}
-        partial = out_path / "throughput.partial.json"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            overrides = list(overrides)
+            if encoders != "recipe":
+                overrides += base_sized_overrides(work / "bases", small=encoders == "small")
+            result = {"recipe": recipe, "encoders": encoders, "machine": machine_info(), "steps": steps}
+            partial = out_path / "throughput.partial.json"
 
-        def done(key: str, value) -> None:  # each figure is printed and kept as it comes: a killed run keeps what it measured
-            print(json.dumps({key: value}), flush=True)
-            write_atomic(partial, json.dumps(result, indent=2))
+            def done(key: str, value) -> None:  # each figure is printed and kept as it comes: a killed run keeps what it measured
+                print(json.dumps({key: value}), flush=True)
+                write_atomic(partial, json.dumps(result, indent=2))
 
-        if memory_budget_gib is not None:
-            result["memory_budget"] = largest_batch(recipe, overrides, memory_budget_gib)
-            overrides.append(f"train.batch_size={result['memory_budget']['batch_size']}")
-            done("memory_budget", result["memory_budget"])
-        base = overrides + [f"data.max_train_samples={steps * load_recipe(recipe, overrides).train.batch_size}"]
-        result["overrides"] = [o.replace(str(work), "<tmp>") for o in base]
-        reference = reference_loop(load_recipe(recipe, base), steps)
-        result["reference"] = {k: v for k, v in reference.items() if k != "trainable"}
-        result["same_trainable_parameters"] = reference["trainable"] == trainable_of(recipe, base)
-        done("reference", result["reference"])
-        result["pipeline"] = []
-        for label, extra in [("mmpeft finetune (the recipe's settings)", [])] + list(toggles):
-            row = {"configuration": label, **pipeline(recipe, base + extra, work, f"t{len(result['pipeline'])}")}
-            if "samples_per_second" in row:
-                row["vs_reference"] = round(row["samples_per_second"] / result["reference"]["samples_per_second"], 3)
-                row["achieved_tflops"] = round(row["samples_per_second"] * reference["gflops_per_sample"] / 1e3, 4)
-            result["pipeline"].append(row)
-            done("pipeline", row)
-        result["feature_cache"] = feature_cache(recipe, base, work) if features else None
-        done("feature_cache", result["feature_cache"])
-        result["scaling"] = scaling_runs(recipe, overrides, work, scaling) if scaling else []
-        done("scaling", result["scaling"])
-        per_row = [r["seconds_per_1k_rows"] for r in result["scaling"] if "error" not in r]
-        result["scaling_spread_pct"] = (round(100 * (max(per_row) - min(per_row)) / (sum(per_row) / len(per_row)), 1)
-                                        if len(per_row) > 1 else None)
-        result["manifest_rows"] = []
-        for n in rows_test:
-            r = {"rows": n, **first_step(manifest_rows(work, n, recipe), work / "runs", f"rows{n}")}
-            result["manifest_rows"].append(r)
-            done("manifest_rows", r)
-        if cuda:
+            if memory_budget_gib is not None:
+                result["memory_budget"] = largest_batch(recipe, overrides, memory_budget_gib)
+                overrides.append(f"train.batch_size={result['memory_budget']['batch_size']}")
+                done("memory_budget", result["memory_budget"])
+            base = overrides + [f"data.max_train_samples={steps * load_recipe(recipe, overrides).train.batch_size}"]
+            result["overrides"] = [o.replace(str(work), "<tmp>") for o in base]
+            reference = reference_loop(load_recipe(recipe, base), steps)
+            result["reference"] = {k: v for k, v in reference.items() if k != "trainable"}
+            result["same_trainable_parameters"] = reference["trainable"] == trainable_of(recipe, base)
+            done("reference", result["reference"])
+            result["pipeline"] = []
+            for label, extra in [("mmpeft finetune (the recipe's settings)", [])] + list(toggles):
+                row = {"configuration": label, **pipeline(recipe, base + extra, work, f"t{len(result['pipeline'])}")}
+                if "samples_per_second" in row:
+                    row["vs_reference"] = round(row["samples_per_second"] / result["reference"]["samples_per_second"], 3)
+                    row["achieved_tflops"] = round(row["samples_per_second"] * reference["gflops_per_sample"] / 1e3, 4)
+                result["pipeline"].append(row)
+                done("pipeline", row)
+            result["feature_cache"] = feature_cache(recipe, base, work) if features else None
+            done("feature_cache", result["feature_cache"])
+            result["scaling"] = scaling_runs(recipe, overrides, work, scaling) if scaling else []
+            done("scaling", result["scaling"])
+            per_row = [r["seconds_per_1k_rows"] for r in result["scaling"] if "error" not in r]
+            result["scaling_spread_pct"] = (round(100 * (max(per_row) - min(per_row)) / (sum(per_row) / len(per_row)), 1)
+                                            if len(per_row) > 1 else None)
+            result["manifest_rows"] = []
+            for n in rows_test:
+                r = {"rows": n, **first_step(manifest_rows(work, n, recipe), work / "runs", f"rows{n}")}
+                result["manifest_rows"].append(r)
+                done("manifest_rows", r)
+    finally:
+        if memory_budget_gib is not None:  # the cap was this benchmark's, not the process's
             torch.cuda.set_per_process_memory_fraction(1.0, 0)
     write_atomic(out_path / "throughput.json", json.dumps(result, indent=2))
     write_atomic(out_path / "throughput.md", markdown(result))
@@ -405,11 +275,9 @@ def markdown(r: dict) -> str:
         lines += ["", "GPU busy: NVML's utilisation (the share of time a kernel ran, as nvidia-smi shows it), sampled every "
                       "0.1 s over the second epoch."]
     fc = r["feature_cache"]
-    if fc is None:
-        pass
-    elif fc["second_epoch_speedup"] is None:
+    if fc is not None and fc["second_epoch_speedup"] is None:
         lines += ["", f"Frozen encoders: failed ({fc['cached'].get('error') or fc['not_cached'].get('error')})."]
-    else:
+    elif fc is not None:
         lines += ["", f"Frozen encoders (`none` on both), second epoch: {fc['cached']['epoch_seconds'][1]} s with the frozen-feature "
                       f"cache, {fc['not_cached']['epoch_seconds'][1]} s without: {fc['second_epoch_speedup']}x."]
     if r["scaling"]:

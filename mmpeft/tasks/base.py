@@ -73,6 +73,19 @@ class Task:
         """How many rows the loss learns from: the collator's count where given, else counted here."""
         return int(self.usable(target).sum()) if usable is None else usable
 
+    def learnable(self, out: torch.Tensor, target: torch.Tensor, usable: Optional[int]):
+        """``(out, target)`` (target on ``out``'s device) cut to the rows the loss learns from,
+        or None when there is none. Rows are selected only when some are not usable: a
+        boolean index waits for the device, and a whole batch needs none."""
+        count = self.rows_to_learn(target, usable)
+        if not count:
+            return None
+        target = target.to(out.device)
+        if count < len(target):
+            keep = self.usable(target)
+            return out[keep], target[keep]
+        return out, target
+
     def score(self, out: torch.Tensor, rows: Sequence, group_fields: Sequence[str] = ()) -> dict:
         """Metrics over ``rows`` (in the order of ``out``), including ``loss``."""
         raise NotImplementedError

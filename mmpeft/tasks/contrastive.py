@@ -192,10 +192,10 @@ class ContrastiveTask(Task):
         return target[:, 0] >= 0
 
     def loss(self, out, target, usable=None):
-        target = target.to(out.device)
-        if self.rows_to_learn(target, usable) < len(target):  # rows of another task's data have no pair here
-            mine = self.usable(target)
-            out, target = out[mine], target[mine]
+        rows = self.learnable(out, target, usable)  # rows of another task's data have no pair here
+        if rows is None:
+            return out.sum() * 0.0
+        out, target = rows
         if len(out) < 2:  # an epoch's last batch of one row has nothing to contrast with (train.batch_size >= 2 is checked)
             return out.sum() * 0.0
         a, b = self.split(out)

@@ -109,13 +109,10 @@ class MultilabelTask(Task):
         return target[:, 0] >= 0 if target.shape[1] else torch.zeros(len(target), dtype=torch.bool, device=target.device)
 
     def loss(self, out, target, usable=None):
-        count = self.rows_to_learn(target, usable)
-        if not count:
+        rows = self.learnable(out, target, usable)
+        if rows is None:
             return out.sum() * 0.0
-        target = target.to(out.device)
-        if count < len(target):
-            keep = self.usable(target)
-            out, target = out[keep], target[keep]
+        out, target = rows
         return F.binary_cross_entropy_with_logits(out.float(), target, pos_weight=self._pos_weight(out.device))
 
     def _pos_weight(self, device) -> Optional[torch.Tensor]:

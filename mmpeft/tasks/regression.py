@@ -64,14 +64,10 @@ class RegressionTask(Task):
         return ~torch.isnan(target)
 
     def loss(self, out, target, usable=None):
-        target = target.to(out.device)
-        count = self.rows_to_learn(target, usable)
-        if not count:
+        rows = self.learnable(out[:, 0].float(), target, usable)
+        if rows is None:
             return out.sum() * 0.0
-        pred = out[:, 0].float()
-        if count < len(target):
-            keep = self.usable(target)
-            pred, target = pred[keep], target[keep]
+        pred, target = rows
         return F.mse_loss(pred, target.float()) if self.settings.loss == "mse" else F.l1_loss(pred, target.float())
 
     def values(self, out: torch.Tensor) -> torch.Tensor:
