@@ -31,6 +31,7 @@ from .errors import Interrupted, UsageError
 from .files import check_writable, output_lock
 from .interrupt import stop_on_signals
 from .model import build_model, summarize
+from .profiling import StepProfiler
 from .progress import progress
 from .report import sampling_line, print_epoch, print_summary, print_test, save_plots
 from .runtime import (agree_across_processes, cosine_with_warmup, flat_metrics, groups_to_report, in_order, make_accelerator,
@@ -61,6 +62,7 @@ class Run:
     data_fp: str
     writer: Any = None
     last_checkpoint: float = 0.0
+    profiler: Any = None  # a StepProfiler while training (train.profile_steps)
 
     def log(self, message: str) -> None:
         self.accelerator.print(message)
@@ -217,6 +219,12 @@ def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run:
 
 def _train(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -> Optional[dict]:
     """The epochs from ``loop``'s position on; returns the best trainable state (None without validation)."""
+    t = run.recipe.train
+    with StepProfiler(t.profile_steps, t.profile_skip, run.accelerator.device) as run.profiler:
+        return _epochs(run, loop, best_state, saved, stop)
+
+
+def _epochs(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -> Optional[dict]:
     recipe, accelerator, model = run.recipe, run.accelerator, run.model
     t = recipe.train
     rank = accelerator.process_index
@@ -272,6 +280,7 @@ def _train(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) -
                     run.writer.add_scalar("train/loss", loop.running, loop.step)
                     for name, v in loop.task_running.items():
                         run.writer.add_scalar(f"train/loss_{name}", v, loop.step)
+            run.profiler.step()
             faults.point("train.step")
             if accelerator.sync_gradients and loop.batches_done < epoch_batches:  # the epoch's end has its own checkpoint
                 loop.epoch = epoch
@@ -396,6 +405,9 @@ def _write_bundle(run: Run, out_dir: Path, loop: LoopState, test_metrics: dict) 
     with bundle_writer(out_dir, overwrite=True) as bundle:  # sealed (every file hashed) when the block ends
         manifest = bundle.add_model(run.raw_model.cpu(), recipe, run.tasks, metrics)
         bundle.write_text("train_log.jsonl", "".join(json.dumps(row) + "\n" for row in loop.history))
+        if run.profiler is not None and run.profiler.summary is not None:
+            bundle.write_json("profile.json", run.profiler.summary)
+            bundle.write_text("profile.txt", run.profiler.table)
         if recipe.output.plots:
             save_plots(bundle.path, loop.history, test_metrics[first], run.group_fields[first])
         write_card(bundle.path, manifest, metrics, recipe, name=out_dir.name)

@@ -129,8 +129,11 @@ def test_base_sized_path_and_gpu_columns(assets, tmp_path):
     """The GPU configuration's path (BERT / ViT-B/16 architectures at 224 px with LoRA) runs here
     at a tiny size; the table gains the GPU columns where the figures are a GPU's."""
     recipe = tiny_recipe(assets, tmp_path)
-    result = throughput.run(str(recipe), str(tmp_path / "bench"), steps=2, scaling=(), rows_test=(), encoders="small", features=False)
+    result = throughput.run(str(recipe), str(tmp_path / "bench"), steps=2, scaling=(), rows_test=(), encoders="small", features=False,
+                            profile_steps=1)
     assert result["same_trainable_parameters"] is True
+    # one more run with one step of its second epoch under torch.profiler (after the first's 2 and one warm-up)
+    assert result["profile"]["steps"] == 1 and result["profile"]["top_host"] and result["profile"]["device_busy_share"] is None
     assert "encoders.image.image_size=224" in result["overrides"] and "encoders.text.model=<tmp>/bases/bert-base" in result["overrides"]
     assert result["reference"]["peak_gpu_mib"] is None and result["pipeline"][0]["gpu_busy"] is None
     table = (tmp_path / "bench" / "throughput.md").read_text()
@@ -142,6 +145,11 @@ def test_base_sized_path_and_gpu_columns(assets, tmp_path):
     result["memory_budget"] = {"budget_gib": 16.0, "batch_size": 48, "probes": [{"batch_size": 8, "fits": True}, {"batch_size": 64, "fits": False}]}
     table = throughput.markdown(result)
     assert "| GPU busy | peak GPU MiB |" in table and " 83% | 1200.5 |" in table and "Batch 48" in table and "64 does not" in table
+    assert "Where a finetune step's time goes" in table and "host ms (self, all steps)" in table
+    result["profile"].update(device_ms_per_step=20.0, device_busy_share=0.25, kernel_launches_per_step=2279.0,
+                             top_device=[{"name": "aten::copy_", "calls": 9, "host_self_ms": 1.0, "device_self_ms": 80.9}])
+    table = throughput.markdown(result)
+    assert "a GPU kernel or copy ran 20.0 ms (25%); 2279.0 kernel launches a step" in table and "| `aten::copy_` | 9 | 80.9 |" in table
 
 
 def test_memory_budget_without_a_gpu_is_a_usage_error(tmp_path):

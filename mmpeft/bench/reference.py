@@ -5,6 +5,7 @@ within a memory budget."""
 
 from __future__ import annotations
 
+import gc
 import time
 
 import torch
@@ -79,12 +80,12 @@ class ReferenceLoop:
 
     def fits(self, batch_size: int) -> bool:
         """Whether two training steps at ``batch_size`` run within the CUDA memory cap
-        (:func:`~.device.memory_budget`); one batch is held, as a run holds it."""
+        (:func:`~.device.memory_budget`), holding the batches the reference loop holds."""
         try:
-            batches = self.batches(batch_size, 1)
-            if batches[0][1].shape[0] < batch_size:
-                return False  # fewer training rows than the batch: no larger batch to measure
-            self.timed(batches, 1, 1)
+            batches = self.batches(batch_size, GPU_BATCHES)
+            if len(batches) < GPU_BATCHES or batches[-1][1].shape[0] < batch_size:
+                return False  # fewer training rows than the batches: no larger batch to measure
+            self.timed(batches, 2, 0)
             return True
         except torch.cuda.OutOfMemoryError:
             return False
@@ -94,13 +95,24 @@ class ReferenceLoop:
             torch.cuda.empty_cache()
 
 
+# Distinct ready-made batches a GPU holds, in turn: ``steps`` of them would take GBs of the
+# memory measured. The largest-batch search holds as many, so that the batch it finds
+# also fits the reference loop (with 8 held, a batch found to fit by one ran out of memory).
+GPU_BATCHES = 2
+
+
 def reference_loop(recipe, steps: int, warmup: int = 3) -> dict:
-    """The reference loop's samples/s on ``steps`` ready-made batches (on a GPU at most 8
-    distinct ones, in turn: ``steps`` of them would take GBs of the memory measured)."""
+    """The reference loop's samples/s on ``steps`` ready-made batches (on a GPU
+    ``GPU_BATCHES`` distinct ones, in turn)."""
+    gc.collect()  # what earlier runs of this process left goes before this one's batches
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     loop = ReferenceLoop(recipe)
     batch_size = recipe.train.batch_size
-    batches = loop.batches(batch_size, steps if loop.device == "cpu" else min(steps, 8))
+    count = steps if loop.device == "cpu" else min(steps, GPU_BATCHES)
+    batches = loop.batches(batch_size, 1)  # counted before the rest are made: no more memory than the search's probes
     flops = _step_flops(loop.model, batches[0], loop.dtype, recipe.train.label_smoothing)
+    batches += loop.batches(batch_size, count)[1:]
     loop.optimizer.zero_grad(set_to_none=True)
     if loop.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -124,13 +136,13 @@ def largest_batch(recipe: str, overrides: list, gib: float, limit: int = 4096) -
     loop = ReferenceLoop(load_recipe(recipe, list(overrides) + [f"data.max_train_samples={limit}"]))
     probes = []
 
-    def fits(batch_size: int) -> bool:
+    def fits(batch_size: int) -> bool:  # with 10% to spare: runs after others in one process meet a fragmented cache
         torch.cuda.reset_peak_memory_stats()
-        ok = loop.fits(batch_size)
+        ok = loop.fits(batch_size) and torch.cuda.max_memory_reserved() <= 0.9 * budget
         probes.append({"batch_size": batch_size, "fits": ok, "peak_gpu_mib": peak_gpu_mib()})
         return ok
 
-    size = largest_fitting(fits, limit=min(limit, len(loop.rows)))
+    size = largest_fitting(fits, limit=min(limit, len(loop.rows) // GPU_BATCHES))
     loop = None  # the model and its optimizer state go before the runs measured under the cap
     torch.cuda.empty_cache()
     if not size:

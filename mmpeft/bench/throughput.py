@@ -34,6 +34,7 @@ from ..config import load_recipe
 from ..data import recipe_splits
 from ..errors import Interrupted, MMPeftError, UsageError
 from ..model import build_model
+from ..profiling import summary_lines
 from ..runtime import make_accelerator
 from ..tasks import recipe_task_set
 from ..train import finetune
@@ -74,6 +75,16 @@ def pipeline(recipe_path: str, overrides: list, out: Path, name: str, epochs: in
             "gpu_busy": busy.share(second["ended_at"] - second["epoch_seconds"], second["ended_at"]) if cuda else None,
             **({"gpu_busy_error": busy.error} if cuda and busy.error else {}),
             "peak_gpu_mib": peak_gpu_mib()}
+
+
+def profiled(recipe: str, overrides: list, work: Path) -> dict:
+    """A finetune run with ``train.profile_steps`` set: its bundle's profile summary (the
+    profiler's own overhead makes its samples/s no figure to compare)."""
+    row = pipeline(recipe, overrides, work, "profiled")
+    bundle = work / "profiled" / "profile.json"
+    if "error" in row or not bundle.is_file():
+        return {"error": row.get("error", "the run wrote no profile")}
+    return {**json.loads(bundle.read_text()), "data_share": row["data_share"], "gpu_busy": row["gpu_busy"]}
 
 
 def alternating_runs(recipe: str, base: list, steps: int, work: Path) -> tuple[dict, dict]:
@@ -193,12 +204,13 @@ def scaling_runs(recipe: str, overrides: list, work: Path, sizes, rounds: int = 
 
 def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results/throughput", steps: int = 40, overrides=(),
         scaling=(1000, 4000, 16000), rows_test=(10_000, 1_000_000), toggles=None, encoders: str = "recipe",
-        memory_budget_gib: float | None = None, features: bool = True) -> dict:
+        memory_budget_gib: float | None = None, features: bool = True, profile_steps: int = 0) -> dict:
     """The whole benchmark. ``encoders``: "recipe" (its own), "base" (BERT-base + ViT-B/16-sized,
     LoRA, 224 px: the GPU configuration) or "small" (those architectures, tiny: a CPU check).
     ``memory_budget_gib`` (CUDA): run at the largest batch whose training steps fit in that
     much GPU memory. ``features`` false: the recipe's own settings only (no toggled rows, no
-    feature-cache pair). Empty ``scaling`` / ``rows_test`` skip those parts."""
+    feature-cache pair). Empty ``scaling`` / ``rows_test`` skip those parts. ``profile_steps``:
+    one more finetune run with that many steps of its second epoch under ``torch.profiler``."""
     cuda = torch.cuda.is_available()
     if memory_budget_gib is not None and not cuda:
         raise UsageError("--memory-budget-gb: the largest batch within a GPU memory budget needs a CUDA GPU; none is visible")
@@ -227,6 +239,10 @@ def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results/
             result["reference"] = {k: v for k, v in reference.items() if k != "trainable"}
             result["same_trainable_parameters"] = reference["trainable"] == trainable_of(recipe, base)
             done("reference", result["reference"])
+            if profile_steps:  # right after the timed pair: why finetune is where it is, before the optional rows
+                result["profile"] = profiled(recipe, base + [f"train.profile_steps={profile_steps}", f"train.profile_skip={steps}"],
+                                             work)
+                done("profile", result["profile"])
             result["pipeline"] = []
             for label, extra in [("mmpeft finetune (the recipe's settings)", None)] + list(toggles):
                 measured = own if extra is None else pipeline(recipe, base + extra, work, f"t{len(result['pipeline'])}")
@@ -299,6 +315,11 @@ def markdown(r: dict) -> str:
     if gpu:
         lines += ["", "GPU busy: NVML's utilisation (the share of time a kernel ran, as nvidia-smi shows it), sampled every "
                       "0.1 s over the second epoch."]
+    if r.get("profile"):
+        p = r["profile"]
+        lines += ["", "Where a finetune step's time goes (one more run, its second epoch under `torch.profiler`; "
+                      f"{_percent(p.get('data_share'))} of that epoch waiting for data):", ""]
+        lines += [f"Profile failed: {p['error']}."] if "error" in p else summary_lines(p)
     fc = r["feature_cache"]
     if fc is not None and fc["second_epoch_speedup"] is None:
         lines += ["", f"Frozen encoders: failed ({fc['cached'].get('error') or fc['not_cached'].get('error')})."]

@@ -105,6 +105,8 @@ def bench_throughput(recipe: str = typer.Option("recipes/quickstart.yaml", help=
                      memory_budget_gb: Optional[float] = typer.Option(None, help="CUDA: run at the largest batch whose steps fit in this many GiB"),
                      features: bool = typer.Option(True, help="also each pipeline feature toggled and the frozen-feature cache "
                                                    "(--no-features: the recipe's own settings only)"),
+                     profile_steps: int = typer.Option(0, help="also one finetune run with this many steps of its second epoch "
+                                                       "under torch.profiler: where a step's time goes (0: none)"),
                      scaling: str = typer.Option("1000,4000,16000", help="train rows of the scaling runs (none: skip)"),
                      manifest_rows: str = typer.Option("10000,1000000", help="rows of the generated manifests (none: skip)"),
                      overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides for every run")):
@@ -121,10 +123,13 @@ def bench_throughput(recipe: str = typer.Option("recipes/quickstart.yaml", help=
     encoders = encoders or ("base" if torch.cuda.is_available() else "recipe")
     if encoders not in ("recipe", "base", "small"):
         raise UsageError(f"--encoders {encoders}: expected recipe, base or small")
+    if not 0 <= profile_steps < steps:
+        raise UsageError(f"--profile-steps {profile_steps}: must be 0 (none) up to --steps minus one ({steps - 1}): the "
+                         "profiled steps follow one warm-up step of the second epoch")
     if memory_budget_gb is not None and memory_budget_gb <= 0:
         raise UsageError("--memory-budget-gb: must be a positive number of GiB")
     run(recipe, out, steps, overrides or [], list(sizes), list(manifests), encoders=encoders, memory_budget_gib=memory_budget_gb,
-        features=features)
+        features=features, profile_steps=profile_steps)
     console.print((Path(out) / "throughput.md").read_text())
 
 

@@ -41,9 +41,13 @@ def _usage_name(self) -> str:
     return name + ("..." if self.nargs != 1 else "")
 
 
+# Help cosmetics on typer's own hooks, where this typer has them (older ones, as a GPU
+# image may carry, have other names: their help keeps typer's words).
 for _param in (typer.core.TyperArgument, typer.core.TyperOption):
-    _param.display_type_rich = _type_in_words(_param.display_type_rich)
-typer.core.TyperArgument._usage_display_name = _usage_name
+    if hasattr(_param, "display_type_rich"):
+        _param.display_type_rich = _type_in_words(_param.display_type_rich)
+if hasattr(typer.core.TyperArgument, "_usage_display_name"):
+    typer.core.TyperArgument._usage_display_name = _usage_name
 
 OVERRIDES = "KEY=VALUE"
 

@@ -148,6 +148,10 @@ class TrainConfig(Strict):
                                                   "of each process, at most 8)")
     pin_memory: Optional[bool] = Field(None, description="pinned host memory and non-blocking copies to the GPU (null: on with CUDA)")
     compile: bool = Field(False, description="torch.compile the model (opt-in; the first steps compile, and the log says how long)")
+    profile_steps: NonNegativeInt = Field(0, le=1000, description="run this many training steps under torch.profiler "
+                                          "and keep where their time went in the bundle (profile.json, profile.txt); 0: off")
+    profile_skip: NonNegativeInt = Field(2, le=10_000_000, description="steps before the profiled ones (which compile, fill "
+                                         "caches and warm up; one more step warms the profiler)")
     log_every: PositiveInt = Field(20, description="steps between progress-bar/TensorBoard loss updates")
     checkpoint_every: Optional[Union[int, str]] = Field(
         "epoch", description="write a checkpoint at the end of every epoch ('epoch'), every N optimizer steps (N), or "
