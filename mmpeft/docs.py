@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from .config import FUSION_SETTINGS, METHOD_SETTINGS, TASK_SETTINGS
-from .config.paths import REQUIRED_BY_SOURCE
+from .config.datasets import DATASET_SPECS
 from .config.schema import AudioConfig, DataConfig, EncoderConfig, OutputConfig, QuantizationConfig, Recipe, TrainConfig
 
 
@@ -63,13 +63,25 @@ def recipe_reference() -> str:
                 meaning = f"{field.description or ''} (one of: {', '.join(cls.metrics)})" if name == "metric" else field.description or ""
                 lines.append(f"| `task.{name}` (type `{kind}`) | {_default(field)} | {meaning} |")
     required = {}
-    for source, keys in REQUIRED_BY_SOURCE.items():
-        for key in keys:
+    for source in DATASET_SPECS.names():
+        for key in DATASET_SPECS.get(source).required:
             required.setdefault(key, []).append(source)
     lines += _rows("data.", DataConfig, required=required)
     lines += _rows("train.", TrainConfig)
     lines += _rows("output.", OutputConfig)
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + data_sources())
+
+
+def data_sources() -> list[str]:
+    """One row per registered data source: what it is and the data keys of its own."""
+    lines = ["Data sources (`data.source`); every source also reads the keys shared by all "
+             "(eval_fraction, on_bad_image, on_bad_audio, image_cache_mb, max_*_samples, group_by_image, augment):", "",
+             "| source | what it is | keys of its own |", "|---|---|---|"]
+    for name in DATASET_SPECS.names():
+        spec = DATASET_SPECS.get(name)
+        doc = " ".join((spec.__doc__ or "").strip().split("\n\n")[0].split())
+        lines.append(f"| `{name}` | {doc} | {', '.join(f'`{k}`' for k in spec.keys) or '-'} |")
+    return lines
 
 
 START, END = "<!-- recipe-reference:start -->", "<!-- recipe-reference:end -->"

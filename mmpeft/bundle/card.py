@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config.datasets import dataset_spec
+
 
 def write_card(directory: Path, manifest: dict, metrics: dict, recipe, name: str | None = None) -> None:
     """Write ``directory/README.md``. ``name`` is the folder a user will type in the usage
@@ -17,10 +19,7 @@ def write_card(directory: Path, manifest: dict, metrics: dict, recipe, name: str
         f"Data: `{recipe.data.source}` ({metrics['data']['train']} train / {metrics['data']['eval']} validation / "
         f"{metrics['data']['test']} test rows).",
         "",
-        *([f"VQA-RAD (Lau et al. 2018, CC0), community split: 3,064 training / 451 test questions; "
-           f"{100 * recipe.data.eval_fraction:.0f}% of training held out for validation and early stopping; the test split is scored once. "
-           "Metrics as in the medical VQA papers: accuracy on open, closed and all test questions (classification over the "
-           "training answers), per question type and organ.", ""] if recipe.data.source == "vqa_rad" else []),
+        *dataset_spec(recipe.data.source).card_lines(recipe.data),
         "## Encoders and methods",
         "",
         "| encoder | base model | method | trainable params | total params | quantization |",

@@ -23,7 +23,8 @@ from .methods import METHOD_SETTINGS
 from .problems import format_error, validate_choice
 from .task_checks import validate_tasks
 from .tasks import SINGLE_TASK
-from .paths import REQUIRED_BY_SOURCE, anchor_paths, apply_environment
+from .datasets import dataset_spec, foreign_keys, missing_keys
+from .paths import anchor_paths, apply_environment
 from .schema import DataConfig, Recipe
 
 
@@ -225,21 +226,11 @@ def _semantic_checks(recipe: Recipe, tasks: dict) -> list[str]:
     problems = []
     for where, names in readers.items():
         data = recipe.data if where == "data" else DataConfig.model_validate(tasks[where.split(".")[1]]["data"])
-        if where == "data":
-            problems += [f"data.{split}: required when data.source is {data.source!r} (path to a .jsonl, .csv or .json file)"
-                         for split in REQUIRED_BY_SOURCE.get(data.source, ()) if getattr(data, split) is None]
+        if where == "data":  # (a task's own data: had these checked with its block)
+            problems += missing_keys(data, where) + foreign_keys(data, where)
         reads = {name: encoder_modality(recipe.encoders[name]) for name in names}
         problems += _own_column_problems(data, where, reads, encoders)
-        if data.source == "fsdd":  # FSDD rows are recordings: images only when paired, text only when given
-            for name, kind in reads.items():
-                if kind == "image" and not data.pair_images:
-                    problems.append(f"encoders.{name}: an image encoder on FSDD needs {where}.pair_images: true "
-                                    "(handwritten images of each recording's digit)")
-                if kind == "text" and not data.text:
-                    problems.append(f"encoders.{name}: a text encoder on FSDD needs {where}.text (the text of every row)")
-        elif "audio" in reads.values() and data.source != "manifest":
-            problems.append(f"{where}.source: {data.source} has no audio; audio encoders read source fsdd or a manifest "
-                            "with an audio column (audio_field)")
+        problems += dataset_spec(data.source).input_problems(data, where, reads)
     return problems
 
 
@@ -254,9 +245,9 @@ def _own_column_problems(data, where: str, reads: dict, encoders: list[str]) -> 
                             (f"; did you mean {close[0]!r}?" if close else f" (have: {', '.join(encoders)})"))
         elif name not in reads:
             problems.append(f"{key}: encoder {name!r} reads none of these rows (its tasks have data of their own)")
-        elif data.source != "manifest":
+        elif not dataset_spec(data.source).columns:
             problems.append(f"{key}: {data.source} has fixed columns; an encoder reads a column of its own from a "
-                            "manifest (data.source: manifest)")
+                            "manifest or a huggingface dataset (data.source: manifest / huggingface)")
         elif reads[name] is None:
             problems.append(f"{key}: the modality of encoder {name!r} is not known before it loads; set "
                             f"encoders.{name}.modality (text, image or audio) to read a column of its own")

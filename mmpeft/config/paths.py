@@ -15,22 +15,12 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import RecipeError
+from .datasets import DATASET_SPECS, dataset_spec
 from .tasks import data_blocks
 
-VQA_RAD_ENV = "MMPEFT_VQA_RAD_ROOT"
-VQA_RAD_DEFAULT = "../shared/vqa_rad"
-# built-in datasets read from a folder: (environment variable, default folder, a file it must hold, where it comes from)
-DATASET_FOLDERS = {
-    "vqa_rad": (VQA_RAD_ENV, VQA_RAD_DEFAULT, "trainset.json",
-                "VQA-RAD (Lau et al. 2018, CC0) comes from OSF project 89kps (https://osf.io/89kps/); put images/, "
-                "trainset.json and testset.json in one directory"),
-    "fsdd": ("MMPEFT_FSDD_ROOT", "../shared/fsdd", "recordings",
-             "The Free Spoken Digit Dataset (CC BY-SA 4.0) comes from github.com/Jakobovski/free-spoken-digit-dataset; "
-             "put its recordings/ folder in one directory"),
-}
-# data keys holding paths, and which of them each source needs
-PATH_KEYS = ("root", "train", "eval", "test")
-REQUIRED_BY_SOURCE = {"manifest": ("train", "test")}
+def path_keys() -> tuple[str, ...]:
+    """Every key that holds a path in some registered source (made absolute from the recipe file's folder)."""
+    return tuple(dict.fromkeys(k for n in DATASET_SPECS.names() for k in DATASET_SPECS.get(n).path_keys))
 
 
 def _raw_blocks(raw: dict) -> list[dict]:
@@ -43,7 +33,7 @@ def _raw_blocks(raw: dict) -> list[dict]:
 def anchor_paths(raw: dict, folder: Path) -> None:
     """Make the relative data paths of a recipe file absolute, from ``folder`` (in place)."""
     for data in _raw_blocks(raw):
-        for key in PATH_KEYS:
+        for key in path_keys():
             value = data.get(key)
             if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
                 data[key] = str((folder / value).resolve())
@@ -53,10 +43,9 @@ def apply_environment(raw: dict) -> None:
     """``$MMPEFT_VQA_RAD_ROOT`` (``$MMPEFT_FSDD_ROOT``), when set, replaces a VQA-RAD (FSDD)
     data block's ``root`` (in place; command-line overrides, applied after, still win)."""
     for data in _raw_blocks(raw):
-        if isinstance(data.get("source"), str) and data["source"] in DATASET_FOLDERS:
-            env = DATASET_FOLDERS[data["source"]][0]
-            if os.environ.get(env):
-                data["root"] = os.environ[env]
+        folder = DATASET_SPECS.get(data["source"]).folder if data.get("source") in DATASET_SPECS else None
+        if folder and os.environ.get(folder[0]):
+            data["root"] = os.environ[folder[0]]
 
 
 def manifest_path(data, value: str) -> Path:
@@ -69,8 +58,7 @@ def manifest_path(data, value: str) -> Path:
 
 def dataset_dir(source: str, root: Optional[str]) -> Path:
     """A built-in dataset's folder: data.root, else its environment variable, else its default."""
-    env, default, _, _ = DATASET_FOLDERS[source]
-    return Path(root or os.environ.get(env) or default).expanduser()
+    return dataset_spec(source).folder_path(root)
 
 
 def vqa_rad_dir(root: Optional[str]) -> Path:
@@ -80,13 +68,7 @@ def vqa_rad_dir(root: Optional[str]) -> Path:
 
 def dataset_missing(source: str, root: Optional[str]) -> Optional[str]:
     """Why a built-in dataset's folder cannot be used (None when it can)."""
-    env, _, marker, origin = DATASET_FOLDERS[source]
-    folder = dataset_dir(source, root)
-    if (folder / marker).exists():
-        return None
-    name = {"vqa_rad": "VQA-RAD", "fsdd": "FSDD"}[source]
-    return (f"{name} not found at {folder.resolve()} (no {marker}). {origin} and set data.root=<that directory> in the "
-            f"recipe or on the command line, or ${env}.")
+    return dataset_spec(source).folder_missing(root)
 
 
 def data_problems(recipe) -> list[str]:
@@ -95,20 +77,21 @@ def data_problems(recipe) -> list[str]:
     problems = []
     for key, data in data_blocks(recipe).items():
         prefix = f"tasks.{key}.data" if key else "data"
-        if data.source == "manifest":
-            for split in ("train", "eval", "test"):
-                value = getattr(data, split)
-                if value is None:
-                    continue
-                path = manifest_path(data, value)
-                if not path.is_file():
-                    where = "a folder, not a file" if path.is_dir() else "not found"
-                    problems.append(f"{prefix}.{split}: {path.resolve()} {where} (relative paths in a recipe file are read "
-                                    "from its folder, or from root when set; on the command line, from the working directory)")
-        elif data.source in DATASET_FOLDERS:
-            missing = dataset_missing(data.source, data.root)
+        spec = dataset_spec(data.source)
+        if spec.folder:
+            missing = spec.folder_missing(data.root)
             if missing:
                 problems.append(f"{prefix}.root: {missing}")
+        for key in (k for k in spec.path_keys if k != "root"):
+            value = getattr(data, key)
+            if value is None:
+                continue
+            path = manifest_path(data, value)
+            files = spec.registry_name == "manifest"  # a manifest is a file; a huggingface dataset a file or a folder
+            if not (path.is_file() if files else path.exists()):
+                where = "a folder, not a file" if path.is_dir() else "not found"
+                problems.append(f"{prefix}.{key}: {path.resolve()} {where} (relative paths in a recipe file are read "
+                                "from its folder, or from root when set; on the command line, from the working directory)")
     return problems
 
 

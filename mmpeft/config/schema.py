@@ -11,6 +11,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator, PositiveFloat, PositiveInt, NonNegativeFloat, NonNegativeInt
 
+from .datasets import DATASET_SPECS
+
 
 class Strict(BaseModel):
     """Base for every recipe block: unknown keys are errors, not silently ignored."""
@@ -78,16 +80,24 @@ class EncoderConfig(Strict):
 
 
 class DataConfig(Strict):
-    source: Literal["manifest", "easy_vqa", "easy_vqa_captions", "vqa_rad", "fsdd"] = Field(
-        "manifest", description="where rows come from (easy_vqa_captions: one caption per easy-VQA image, \"a red circle\", "
-        "its class the answer)")
+    source: str = Field("manifest", description="where rows come from: a registered data source (manifest, huggingface, "
+                        "easy_vqa, easy_vqa_captions, vqa_rad, fsdd; easy_vqa_captions: one caption per easy-VQA image, "
+                        "\"a red circle\", its class the answer)")
+    path: Optional[str] = Field(None, description="huggingface: a datasets save_to_disk folder, a .parquet / .arrow file or a "
+                                "folder of them, or an imagefolder / audiofolder folder (relative paths in a recipe file are "
+                                "read from its folder); data.test: a second one for the test rows")
+    split: str = Field("train", min_length=1, max_length=200, description="huggingface: the split holding the training rows")
+    eval_split: Optional[str] = Field(None, max_length=200, description="huggingface: a split of validation rows (default: "
+                                      "eval_fraction of the training rows held out)")
+    test_split: str = Field("test", min_length=1, max_length=200, description="huggingface: the split holding the test rows "
+                            "(of data.test when given, else of data.path)")
     root: Optional[str] = Field(None, description="vqa_rad / fsdd: dataset directory ($MMPEFT_VQA_RAD_ROOT / $MMPEFT_FSDD_ROOT replace it; default ../shared/vqa_rad, ../shared/fsdd); manifest: the folder data.train/eval/test are relative to")
     pair_images: bool = Field(False, description="fsdd: give each recording a handwritten image of its digit (scikit-learn's digits; disjoint image halves for train and test, seeded)")
     text: str = Field("", max_length=1000, description="fsdd: the text of every row (for recipes with a text encoder)")
     holdout_speakers: list[str] = Field(default_factory=list, max_length=16, description="fsdd: these speakers' recordings are the test set (speaker-independent split); empty: the official split (indices 0-4 of every digit and speaker)")
     train: Optional[str] = Field(None, description="manifest: training file (.jsonl, .csv or .json); relative paths in a recipe file are read from its folder (or data.root)")
     eval: Optional[str] = Field(None, description="manifest: validation file; default: a held-out part of train")
-    test: Optional[str] = Field(None, description="manifest: test file")
+    test: Optional[str] = Field(None, description="manifest: test file; huggingface: a second dataset for the test rows")
     image_field: str = Field("image", description="manifest column holding the image path (relative to the manifest)")
     text_field: str = Field("question", description="manifest column holding the text")
     label_field: str = Field("answer", description="manifest column holding the answer / label")
@@ -106,6 +116,13 @@ class DataConfig(Strict):
     max_test_samples: Optional[PositiveInt] = Field(None, description="cap on test rows")
     group_by_image: bool = Field(False, description="batch all questions of an image together (VQA: encodes each image once per epoch)")
     augment: bool = Field(False, description="light training augmentation (small crops, colour jitter; never flips: left/right matters); one random view per image per batch, shared by its questions")
+
+    @field_validator("source")
+    @classmethod
+    def _registered_source(cls, value: str):
+        if value not in DATASET_SPECS:
+            raise ValueError(DATASET_SPECS.unknown_message(value))
+        return value
 
     @field_validator("encoder_fields")
     @classmethod

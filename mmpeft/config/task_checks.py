@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from .fusion import FUSION_SETTINGS
-from .paths import REQUIRED_BY_SOURCE
+from .datasets import foreign_keys, missing_keys
 from .problems import format_error, validate_choice
 from .schema import DataConfig
 from .tasks import SINGLE_TASK, TASK_NAME, TASK_SETTINGS
@@ -97,6 +97,5 @@ def _task_data(block, where: str, several: bool):
         return None, [format_error(err, DataConfig, prefix=where) for err in exc.errors()]
     problems = [f"{where}.{key}: is a setting of the whole run; set it in the recipe's data: instead"
                 for key in RUN_WIDE_DATA if key in block]
-    problems += [f"{where}.{key}: required when {where}.source is {data.source!r} (path to a .jsonl, .csv or .json file)"
-                 for key in REQUIRED_BY_SOURCE.get(data.source, ()) if getattr(data, key) is None]
+    problems += missing_keys(data, where) + foreign_keys(data, where)
     return data.model_dump(exclude=set(RUN_WIDE_DATA)), problems

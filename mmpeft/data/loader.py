@@ -11,14 +11,14 @@ from PIL import Image
 
 from ..config.inputs import own_columns, recipe_inputs
 from ..config.tasks import data_blocks, recipe_tasks, task_dataset
-from ..config.paths import manifest_path
 from ..encoders.images import augment
 from ..errors import DataError
 from ..tasks import Task
 from .audio import read_audio
 from .checks import BAD_AUDIO_HINT, BAD_IMAGE_HINT, MAX_IMAGE_PIXELS, bad_files, clip_seconds, open_image, raise_first_bad, skip_bad
 from .sampling import DatasetBatches, ImageGroupedBatches
-from .samples import Sample, input_of, easy_vqa_caption_samples, easy_vqa_samples, fsdd_samples, load_manifest, vqa_rad_samples
+from .samples import Sample, input_of
+from .sources import DATASETS, RowRequest
 
 
 @dataclass
@@ -37,21 +37,8 @@ def load_splits(data, group_fields, seed: int, inputs=("image", "text"), targets
 
     Without an eval file, ``eval_fraction`` of the (shuffled) training rows is held out.
     """
-    if data.source == "easy_vqa":
-        train, eval_rows, test = easy_vqa_samples("train"), None, easy_vqa_samples("test")
-    elif data.source == "easy_vqa_captions":
-        train, eval_rows, test = easy_vqa_caption_samples("train"), None, easy_vqa_caption_samples("test")
-    elif data.source == "vqa_rad":
-        train, eval_rows, test = vqa_rad_samples(data.root, "train"), None, vqa_rad_samples(data.root, "test")
-    elif data.source == "fsdd":
-        (train, test), eval_rows = fsdd_samples(data.root, data.holdout_speakers, data.pair_images, seed, data.text), None
-    else:
-        def read(p):
-            return load_manifest(manifest_path(data, p), data.image_field, data.text_field, data.label_field, group_fields,
-                                 data.audio_field, inputs, targets, label_required, own)
-
-        train, test = read(data.train), read(data.test)
-        eval_rows = read(data.eval) if data.eval else None
+    request = RowRequest(tuple(inputs), tuple(targets), label_required, own, list(group_fields), seed)
+    train, eval_rows, test = DATASETS.get(data.source)().read(data, request)
     rng = random.Random(seed)
     train = list(train)
     rng.shuffle(train)

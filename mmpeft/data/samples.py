@@ -78,7 +78,16 @@ def load_manifest(
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path} (check data.train / data.eval / data.test in the recipe)")
-    base = path.parent
+    return samples_from_rows(iter_rows(path), path.parent, str(path), image_field, text_field, label_field, group_fields,
+                             audio_field, inputs, targets, label_required, own)
+
+
+def samples_from_rows(rows, base: Path, name: str, image_field: str = "image", text_field: str = "question",
+                      label_field: str = "answer", group_fields: Sequence[str] = (), audio_field: str = "audio",
+                      inputs: Sequence[str] = ("image", "text"), targets: Sequence[str] = (), label_required: bool = True,
+                      own: Optional[dict[str, tuple[str, str]]] = None, row_word: str = "row") -> list[Sample]:
+    """:func:`load_manifest`'s rows from ``(number, row)`` pairs of any source with named
+    columns; file paths relative to ``base``; errors name ``"{name}, {row_word} {number}"``."""
     columns = {"image": image_field, "text": text_field, "audio": audio_field}
     own = own or {}
     required = [columns[m] for m in ("image", "text", "audio") if m in inputs] + ([label_field] if label_required else [])
@@ -88,8 +97,8 @@ def load_manifest(
     samples = []
     resolved: dict[str, str] = {}  # one string per distinct file path (many rows share an image)
     answers: dict[str, str] = {}
-    for number, row in iter_rows(path):
-        where = f"{path}, row {number}"
+    for number, row in rows:
+        where = f"{name}, {row_word} {number}"
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected an object with fields {', '.join(map(repr, required))}")
         missing = [f for f in required if row.get(f) in (None, "")]
