@@ -200,6 +200,13 @@ def test_every_task_kind_trains_evaluates_and_predicts(kind, assets, task_files,
     expected = {"vqa": "0.", "classification": "0.", "multilabel": '"labels"', "regression": '"value"',
                 "contrastive": '"zero_shot"'}[kind]
     assert expected in res.output
+    # inspect reads the numbers the kind declares (it ended in KeyError: 'accuracy' on a contrastive bundle)
+    res = runner.invoke(app, ["inspect", str(bundle)])
+    stored = json.loads((bundle / "metrics.json").read_text())["tasks"]["answer"]
+    first = TASK_SETTINGS.get(kind).metrics[0]
+    assert res.exit_code == 0 and f"test answer ({kind}): {first} {stored[first]:.4f}" in res.output, res.output
+    res = runner.invoke(app, ["merge", str(bundle), "--out", str(tmp_path / "merged")])
+    assert res.exit_code == 0 and "verified on" in res.output, res.output
 
 
 def test_multi_task_recipe_shares_encoders_and_carries_every_head(assets, task_files, tmp_path):

@@ -19,7 +19,7 @@ from rich.text import Text
 from ..errors import UsageError
 from ..version import __version__
 from .bench import bench_app
-from .common import OVERRIDES, console, device_of, friendly, quiet_third_party, recipe_with_data
+from .common import OVERRIDES, console, device_of, friendly, quiet_third_party, recipe_with_data, test_line
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Parameter-efficient fine-tuning of multimodal models.")
@@ -175,8 +175,10 @@ def inspect(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle di
     if (Path(bundle) / "metrics.json").is_file():
         from ..inference import stored_metrics
 
-        test = stored_metrics(Path(bundle))["test"]
-        console.print(f"test accuracy {100 * test['accuracy']:.2f}%  macro-F1 {100 * test['macro_f1']:.2f}%  n={test.get('count', '?')}")
+        stored = stored_metrics(Path(bundle))
+        kinds = {name: t.get("type") for name, t in manifest.get("tasks", {}).items() if isinstance(t, dict)}
+        for name, test in (stored.get("tasks") or {"answer": stored["test"]}).items():
+            console.print(test_line(name, kinds.get(name) or manifest["task"], test))
     files = Table(title="files")
     files.add_column("file")
     files.add_column("bytes", justify="right")

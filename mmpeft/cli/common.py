@@ -97,3 +97,14 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def test_line(task: str, kind: str, metrics: dict) -> str:
+    """One line of a bundle's stored test metrics: the numbers its task kind declares
+    (``metrics`` of its settings), whatever the kind."""
+    from ..config import TASK_SETTINGS
+
+    declared = TASK_SETTINGS.get(kind).metrics if kind in TASK_SETTINGS else tuple(metrics)
+    values = [f"{m} {metrics[m]:.4f}" for m in declared
+              if isinstance(metrics.get(m), (int, float)) and not isinstance(metrics.get(m), bool)]
+    return f"test {task} ({kind}): " + ("  ".join(values) or "no numbers stored") + f"  n={metrics.get('count', '?')}"
