@@ -7,18 +7,14 @@ or a hub id.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
-from ..errors import MMPeftError, RecipeError
-from ..quant import quantize_plain_model, respect_compute_dtype
-from .base import Encoder
-from .hf import HFImageEncoder, HFTextEncoder, hf_modality, load_hf_model, load_processor_config
 from ..config.inputs import zoo_name
-from ..config.schema import AudioConfig
-from .audio import EfficientNetAudioEncoder
-from .hf_audio import HFAudioEncoder
-from .zoo import CNN_MARKER, CNN_ZOO, EfficientNetEncoder, load_efficientnet, minilm_path
+from ..errors import RecipeError
+from ..quant import respect_compute_dtype
+from .base import Encoder
+from .families import EncoderOptions, family_for
+from .zoo import minilm_path
 
 
 def resolve_source(model: str) -> str:
@@ -55,42 +51,8 @@ def build_encoder(
         An :class:`Encoder` with every base parameter frozen (``requires_grad=False``).
     """
     source = resolve_source(model)
-    if zoo_name(model) in CNN_ZOO or (Path(source) / CNN_MARKER).is_file():
-        backbone, meta = load_efficientnet(source)
-        if zoo_name(model) == "efficientnet-lite0-audio" or meta.get("modality") == "audio" or modality == "audio":
-            encoder = EfficientNetAudioEncoder(model, backbone, {**meta, "modality": "audio"}, audio or AudioConfig(), pooling)
-        else:
-            encoder = EfficientNetEncoder(model, backbone, meta, image_size, pooling)
-        if quantization is not None:
-            quantize_plain_model(encoder.model, quantization, device)
-    else:
-        from transformers import AutoConfig
-
-        try:
-            config = AutoConfig.from_pretrained(source, revision=revision)
-        except (OSError, ValueError) as exc:
-            raise MMPeftError(
-                f"cannot load encoder {model!r}: {str(exc).splitlines()[0]}. Use a zoo name "
-                "(minilm, efficientnet-lite0, efficientnet-lite0-audio), a local transformers directory, or a hub id with internet access."
-            ) from None
-        kind = modality or hf_modality(config)
-        hf_model = load_hf_model(source, revision, quantization, device, attention)
-        if kind == "text":
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-            encoder = HFTextEncoder(model, hf_model, tokenizer, max_length, pooling)
-        elif kind == "audio":
-            from transformers import AutoFeatureExtractor
-
-            try:
-                extractor = AutoFeatureExtractor.from_pretrained(source, revision=revision)
-            except (OSError, ValueError) as exc:
-                raise MMPeftError(f"cannot load the feature extractor of audio encoder {model!r}: {str(exc).splitlines()[0]} "
-                                  "(a transformers audio model directory has a preprocessor_config.json)") from None
-            encoder = HFAudioEncoder(model, hf_model, extractor, audio or AudioConfig(), pooling)
-        else:
-            encoder = HFImageEncoder(model, hf_model, load_processor_config(source, revision), image_size, pooling)
+    options = EncoderOptions(modality, revision, max_length, image_size, pooling, quantization, device, attention, audio)
+    encoder = family_for(model, source).build(model, source, options)
     if quantization is not None:
         respect_compute_dtype(encoder.model, quantization)
     if modality and encoder.modality != modality:
