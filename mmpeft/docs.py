@@ -52,9 +52,10 @@ def recipe_reference() -> str:
         for name, field in FUSION_SETTINGS.get(fusion).model_fields.items():
             lines.append(f"| `fusion.{name}` (type `{fusion}`) | {_default(field)} | {field.description or ''} |")
     lines += _rows("", Recipe, skip=tuple(k for k in Recipe.model_fields if k not in ("task", "tasks")))
-    shared = [n for n in TASK_SETTINGS.get("vqa").model_fields if n in TASK_SETTINGS.get("contrastive").model_fields]
+    kinds = [TASK_SETTINGS.get(k) for k in TASK_SETTINGS.names()]
+    shared = [n for n in kinds[0].model_fields if all(n in k.model_fields for k in kinds)]  # every kind's
     for name in (n for n in shared if n != "metric"):
-        field = TASK_SETTINGS.get("vqa").model_fields[name]
+        field = kinds[0].model_fields[name]
         lines.append(f"| `task.{name}` (every type) | {_default(field)} | {field.description or ''} |")
     for kind in TASK_SETTINGS.names():
         cls = TASK_SETTINGS.get(kind)

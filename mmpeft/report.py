@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .config.datasets import dataset_spec
 from .config.inputs import MODALITY_FIELDS
 from .quant import quantized_layers, weight_bytes
 from .runtime import estimate_training_memory
@@ -42,9 +43,9 @@ def print_summary(rows, model, recipe, tasks: dict, splits=None) -> None:
     console.print(table)
     for r in rows:  # one line each, so a long list of modules neither widens nor breaks the table
         console.print(f"{r.name}: {r.method} touches {compact_names(r.touched) or '-'}")
-    if recipe.data.source == "manifest":  # which column feeds which encoder (data.encoder_fields, else its modality's)
+    if dataset_spec(recipe.data.source).columns:  # which column feeds which encoder (data.encoder_fields, else its modality's)
         data = recipe.data
-        console.print("manifest columns: " + ", ".join(
+        console.print(f"{recipe.data.source} columns: " + ", ".join(
             f"{name} reads {data.encoder_fields.get(name, getattr(data, MODALITY_FIELDS[enc.modality]))!r}"
             for name, enc in model.encoders.items()))
     for name, enc in model.encoders.items():
@@ -67,7 +68,7 @@ def print_summary(rows, model, recipe, tasks: dict, splits=None) -> None:
     data = f"; rows train/eval/test {len(splits.train)}/{len(splits.eval)}/{len(splits.test)}" if splits else ""
     for name, task in tasks.items():
         kind = task.settings.registry_name
-        outputs = f"{len(task.labels)} answers" if kind in ("vqa", "classification") else f"{task.width} outputs"
+        outputs = task.describe_outputs()
         reads = ", ".join(task.settings.encoders) or "every encoder"
         console.print(f"task {name}: {kind}, {outputs}, reads {reads}" + (f", weight {task.settings.weight:g}" if len(tasks) > 1 else ""))
     if data:

@@ -14,7 +14,6 @@ import os
 import resource
 
 import torch
-import torch.nn.functional as F
 
 from . import faults
 from .config import Recipe
@@ -175,27 +174,13 @@ def flat_metrics(tasks: dict, metrics: dict[str, dict]) -> dict[str, float]:
     return row
 
 
-@torch.no_grad()
 def prepare_tasks(model, tasks: dict, device, recipe: Recipe | None = None) -> None:
-    """What tasks need from the model before scoring or answering: a contrastive task with
-    classes gets the embedding of each class (its prompt templates, averaged) from the
-    current text encoder and projection (:class:`~mmpeft.tasks.ContrastiveTask`)."""
+    """What tasks need from the model before scoring or answering (:meth:`~mmpeft.tasks.Task.prepare`:
+    a contrastive task's class embeddings, ...), under the recipe's inference autocast."""
     for task in tasks.values():
-        side = getattr(task, "text_side", None)
-        if not task.labels or side is None:
-            continue
-        encoder = model.encoders[side[0]]
-        prompts, chunks = task.prompts(), []
-        was_training = model.training
-        model.eval()
-        autocast = inference_autocast(recipe, device.type if hasattr(device, "type") else str(device)) if recipe else contextlib.nullcontext()
-        with autocast:
-            for start in range(0, len(prompts), 64):
-                inputs = {k: v.to(device) for k, v in encoder.preprocess(prompts[start:start + 64]).items()}
-                chunks.append(task.head.project(side[0], encoder(inputs).pooled).float())
-        model.train(was_training)
-        per_class = torch.cat(chunks).view(len(task.labels), len(task.settings.templates), -1).mean(1)
-        task.class_embeddings = F.normalize(per_class, dim=-1).cpu()
+        autocast = inference_autocast(recipe, device.type if hasattr(device, "type") else str(device)) if recipe \
+            else contextlib.nullcontext()
+        task.prepare(model, device, autocast)
 
 
 def select_metric(recipe: Recipe, tasks: dict) -> tuple[str, str, bool]:
@@ -239,13 +224,7 @@ def estimate_training_memory(encoder, recipe) -> int:
     weights = weight_bytes(encoder)
     trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
     hidden = encoder.hidden_size
-    if encoder.modality == "text":
-        # SigLIP pads every text to its positions whatever max_length says
-        tokens = getattr(encoder, "fixed_length", None) or encoder.max_length
-    elif hasattr(encoder, "max_tokens"):  # transformers audio models: output frames of a longest clip
-        tokens = encoder.max_tokens
-    else:
-        tokens = (encoder.image_size // 16) ** 2 + 1
+    tokens = encoder.sequence_length()
     layers = sum(1 for n, _ in encoder.named_modules() if n.count(".") >= 1 and n.rsplit(".", 1)[-1].isdigit()) or 12
     act = 64 * hidden * tokens * max(1, layers // 2) * t.batch_size
     if encoder.checkpointing:

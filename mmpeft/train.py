@@ -129,15 +129,10 @@ def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run:
     probe_images({"train": splits.train, "eval": splits.eval, "test": splits.test}, recipe.data.on_bad_image, recipe.data.on_bad_audio)
     tasks = recipe_task_set(recipe, splits.train, check={"train": splits.train, "eval": splits.eval, "test": splits.test})
     for task in tasks.values():
-        if hasattr(task, "label_smoothing"):
-            task.label_smoothing = t.label_smoothing
+        task.configure(t)
     model = build_model(recipe, tasks, device=str(accelerator.device.type))
-    for task in tasks.values():
-        if getattr(task, "from_checkpoint", None):
-            accelerator.print(f"task {task.name} starts from the {task.checkpoint_start} of the "
-                              f"{model.encoders[next(iter(task.modalities))].checkpoint_head['kind']} checkpoint {task.from_checkpoint}")
-        elif getattr(task, "skipped_checkpoint", None):
-            accelerator.print(f"task {task.name}: new random projections ({task.skipped_checkpoint})")
+    for note in filter(None, (task.start_note(model) for task in tasks.values())):
+        accelerator.print(note)
     if is_main:
         print_summary(summarize(model, recipe), model, recipe, tasks, splits)
     if dry_run:
@@ -335,7 +330,7 @@ def _evaluate(run: Run, loader, rows, desc: str = "eval", use_cache: bool = Fals
 
 def _tune_on_validation(run: Run) -> None:
     """Settings a task chooses on the validation split (a multilabel threshold), once, with the final weights."""
-    tuning = [task for task in run.tasks.values() if getattr(task.settings, "tune_threshold", False)]
+    tuning = [task for task in run.tasks.values() if task.tunes]
     if not tuning:
         return
     if run.eval_loader is None:

@@ -309,3 +309,43 @@ def test_every_table_row_fits_its_model(model_type, assets):
             assert any(re.fullmatch(pattern, n) for n in names), f"{model_type}: {pattern} matches no module"
     if row.prompt == "vpt":
         assert hasattr(model, "embeddings")
+
+
+# The modules that own a kind: a task kind, a data source or an encoder family may be named
+# and its attributes probed there, and nowhere else (ask the kind, don't probe it).
+OWNERS = ("tasks/", "config/tasks.py", "config/task_checks.py", "config/datasets.py", "data/sources.py",
+          "data/huggingface.py", "data/samples.py", "encoders/")
+
+
+def _strings(node) -> list[str]:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return [s for e in node.elts for s in _strings(e)]
+    return []
+
+
+def test_no_kind_is_named_or_probed_outside_its_own_module():
+    """Outside the modules that own them, no comparison tests a task kind's, data source's or
+    encoder family's name, and no hasattr / getattr probes a task or an encoder."""
+    from mmpeft.config.datasets import DATASET_SPECS
+    from mmpeft.encoders.families import ENCODER_FAMILIES
+    from mmpeft.tasks import TASKS
+
+    names = set(TASKS.names()) | set(DATASET_SPECS.names()) | set(ENCODER_FAMILIES.names())
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel.startswith(OWNERS):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                named = [s for part in (node.left, *node.comparators) for s in _strings(part) if s in names]
+                if named:
+                    found.append(f"mmpeft/{rel}:{node.lineno} compares with {named}")
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr")
+                  and node.args):
+                target = ast.unparse(node.args[0])
+                if any(word in target for word in ("task", "enc", "settings")):
+                    found.append(f"mmpeft/{rel}:{node.lineno} {node.func.id}({target}, ...)")
+    assert not found, "\n".join(found)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import load_recipe
+from ..config import TASK_SETTINGS, load_recipe
 from ..data import Collator, ImageStore, make_loader, recipe_splits
 from ..errors import UsageError
 from ..model import build_model
@@ -42,7 +42,8 @@ def run(recipe_path: str = "recipes/easy_vqa_contrastive.yaml", out: str = "benc
         overrides=()) -> dict:
     recipe = load_recipe(recipe_path, list(overrides))
     kinds = {n: b["type"] for n, b in (recipe.tasks or {"answer": recipe.task}).items()}
-    if "contrastive" not in kinds.values():
+    aligning = {n for n, kind in kinds.items() if TASK_SETTINGS.get(kind).aligns_inputs}
+    if not aligning:
         raise UsageError(f"{recipe_path}: has no contrastive task (its tasks: {kinds})")
     folder = output_folder(out)
     start = time.perf_counter()
@@ -54,15 +55,15 @@ def run(recipe_path: str = "recipes/easy_vqa_contrastive.yaml", out: str = "benc
     stored = json.loads((Path(bundle) / "metrics.json").read_text())
     after = stored["tasks"]
     rows = []
-    for name, kind in kinds.items():
-        if kind == "contrastive":
+    for name in kinds:
+        if name in aligning:
             rows.append({"task": name, "model": "untrained projections (floor)", **{k: before[name].get(k) for k in COLUMNS}})
             rows.append({"task": name, "model": "trained (mmpeft finetune)", **{k: after[name].get(k) for k in COLUMNS}})
     result = {"recipe": recipe_path, "overrides": list(overrides), "machine": machine_info(), "rows": rows,
               "test_rows": after[next(iter(after))]["count"], "floor_seconds": round(floor_seconds, 1),
               "train_seconds": round(train_seconds, 1), "epochs": len(stored["history"]), "best_epoch": stored["best_epoch"],
               "history": stored["history"], "bundle": str(bundle), "directions": {n: {k: v for k, v in after[n].items() if "_to_" in k}
-                                                                                    for n in after if kinds[n] == "contrastive"}}
+                                                                                    for n in after if n in aligning}}
     write_atomic(folder / "contrastive.json", json.dumps(result, indent=2))
     write_atomic(folder / "contrastive.md", markdown(result))
     return result

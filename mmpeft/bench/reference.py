@@ -32,7 +32,7 @@ class ReferenceLoop:
         torch.manual_seed(t.seed)
         splits = recipe_splits(recipe)
         tasks = recipe_task_set(recipe, splits.train)
-        if [t.settings.registry_name for t in tasks.values()] not in (["vqa"], ["classification"]):
+        if len(tasks) != 1 or not next(iter(tasks.values())).settings.single_answer:
             raise UsageError("bench throughput: the reference loop is one vqa / classification task's (cross-entropy); "
                              "this recipe has other tasks")
         self.model = build_model(recipe, tasks, device=self.device).to(self.device)

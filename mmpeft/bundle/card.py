@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import TASK_SETTINGS
 from ..config.datasets import dataset_spec
+
+
+def _answers(kind: str) -> bool:
+    return kind in TASK_SETTINGS and TASK_SETTINGS.get(kind).single_answer
 
 
 def write_card(directory: Path, manifest: dict, metrics: dict, recipe, name: str | None = None) -> None:
@@ -15,7 +20,7 @@ def write_card(directory: Path, manifest: dict, metrics: dict, recipe, name: str
     lines = [
         f"# {manifest['run_name']}: mmpeft adapter bundle",
         "",
-        f"Task: {manifest['task']}" + (f" over {len(manifest['vocabulary'])} answers. " if manifest['task'] in ("vqa", "classification") else ". ") +
+        f"Task: {manifest['task']}" + (f" over {len(manifest['vocabulary'])} answers. " if _answers(manifest['task']) else ". ") +
         f"Data: `{recipe.data.source}` ({metrics['data']['train']} train / {metrics['data']['eval']} validation / "
         f"{metrics['data']['test']} test rows).",
         "",

@@ -90,11 +90,8 @@ def export_onnx(bundle, out: Path, *, opset: int = 17, overwrite: bool = False, 
             if diff > tolerance:
                 raise MMPeftError(f"ONNX check failed: max |logit diff| vs PyTorch {diff:.3e} > {tolerance:.0e}; nothing written")
         for name, enc in model.encoders.items():
-            if enc.modality == "text":
-                enc.tokenizer.save_pretrained(str(tmp / f"tokenizer_{name}"))
-            elif hasattr(enc, "extractor"):  # a transformers audio model: its own feature extractor
-                enc.extractor.save_pretrained(str(tmp / f"feature_extractor_{name}"))
-        preprocessing = {name: _preprocessing(name, enc) for name, enc in model.encoders.items()}
+            enc.save_preprocessor(tmp, name)
+        preprocessing = {name: enc.export_preprocessing(name) for name, enc in model.encoders.items()}
         result = {"inputs": names, "output": "logits", "opset": opset, "onnx_max_abs_diff": diff, "exporter_warnings": exporter_warnings,
                   "onnxruntime": None if ort is None else ort.__version__, "merge": report}
         outputs = {name: [sl.start, sl.stop] for name, sl in model.slices.items()}  # each task's columns of `logits`
@@ -112,25 +109,7 @@ def _fusion_variants(model, layout, tensors) -> list[tuple]:
         variant = list(tensors)
         for i, (name, key) in enumerate(layout):
             enc = model.encoders[name]
-            if key == "frames" and getattr(enc, "fused", False):
+            if key == "frames" and enc.fused:
                 variant[i] = torch.full_like(tensors[i], 2 * int(enc.extractor.nb_max_samples) if long else 1)
         variants.append(tuple(variant))
     return variants
-
-
-def _preprocessing(name: str, enc) -> dict:
-    """What a consumer of the exported graph must do to raw inputs before feeding it."""
-    if enc.modality == "text":
-        return {"tokenizer": f"tokenizer_{name}", "max_length": enc.max_length}
-    if hasattr(enc, "extractor"):
-        return {"audio": enc.audio.model_dump(), "feature_extractor": f"feature_extractor_{name}",
-                "input": "mono, resampled to the extractor's rate, cut at audio.max_seconds; input_features as "
-                         "mmpeft/encoders/hf_audio.py makes them (waveform models: normalised samples padded with zeros; "
-                         "Whisper / AST / CLAP: the extractor's output; CLAP with fusion: its crops drawn after "
-                         "numpy.random.seed(0)), frames: real samples or frames per clip"}
-    if enc.modality == "audio":
-        return {"audio": enc.audio.model_dump(), "frames": enc.frames, "image_mean": list(enc.mean), "image_std": list(enc.std),
-                "spectrogram": "mono; resampled; power STFT (periodic Hann, centred, reflect padding); Slaney mel; dB; "
-                               "(dB - (peak - top_db)) / top_db clipped to [0, 1]; padded with 0 to `frames`; normalised; "
-                               "repeated to 3 channels (mmpeft/encoders/audio.py)"}
-    return {"image_size": enc.image_size, "image_mean": list(enc.mean), "image_std": list(enc.std), "resize": "bicubic"}

@@ -33,6 +33,9 @@ class DatasetSpec:
     required: ClassVar[tuple[str, ...]] = ()
     #: data keys holding paths (made absolute from the recipe file's folder)
     path_keys: ClassVar[tuple[str, ...]] = ()
+    #: its path keys name files (not folders), and what they should be
+    path_is_file: ClassVar[bool] = False
+    path_hint: ClassVar[str] = ""
     #: rows with named columns: encoders may read a column of their own (data.encoder_fields)
     columns: ClassVar[bool] = False
     #: the modalities its rows carry (sources with columns: any, through the column names)
@@ -82,6 +85,8 @@ class ManifestSpec(DatasetSpec):
     keys = ("root", "train", "eval", "test") + COLUMN_KEYS
     required = ("train", "test")
     path_keys = ("root", "train", "eval", "test")
+    path_is_file = True
+    path_hint = "path to a .jsonl, .csv or .json file"
     columns = True
 
 
@@ -94,6 +99,7 @@ class HuggingFaceSpec(DatasetSpec):
     keys = ("path", "test", "split", "eval_split", "test_split") + COLUMN_KEYS
     required = ("path",)
     path_keys = ("path", "test")
+    path_hint = "a save_to_disk folder, a .parquet / .arrow file or a folder of them, or an imagefolder / audiofolder folder"
     columns = True
 
 
@@ -170,7 +176,5 @@ def foreign_keys(data, where: str) -> list[str]:
 
 def missing_keys(data, where: str) -> list[str]:
     spec = dataset_spec(data.source)
-    return [f"{where}.{key}: required when {where}.source is {data.source!r}"
-            + (" (path to a .jsonl, .csv or .json file)" if spec.registry_name == "manifest" else
-               " (a save_to_disk folder, a .parquet / .arrow file, or an imagefolder / audiofolder folder)")
+    return [f"{where}.{key}: required when {where}.source is {data.source!r}" + (f" ({spec.path_hint})" if spec.path_hint else "")
             for key in spec.required if getattr(data, key) is None]

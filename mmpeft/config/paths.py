@@ -87,8 +87,7 @@ def data_problems(recipe) -> list[str]:
             if value is None:
                 continue
             path = manifest_path(data, value)
-            files = spec.registry_name == "manifest"  # a manifest is a file; a huggingface dataset a file or a folder
-            if not (path.is_file() if files else path.exists()):
+            if not (path.is_file() if spec.path_is_file else path.exists()):
                 where = "a folder, not a file" if path.is_dir() else "not found"
                 problems.append(f"{prefix}.{key}: {path.resolve()} {where} (relative paths in a recipe file are read "
                                 "from its folder, or from root when set; on the command line, from the working directory)")

@@ -33,6 +33,11 @@ class TaskSettings(BaseModel):
     uses_fusion: ClassVar[bool] = True
     #: whether the task reads a target column (contrastive alignment does not)
     has_target: ClassVar[bool] = True
+    #: one answer per row from a vocabulary: its label column is read as an answer
+    #: (normalised), and its output is one top-k list (what `mmpeft serve` answers)
+    single_answer: ClassVar[bool] = False
+    #: it aligns its encoders' inputs with each other (retrieval, zero-shot classes)
+    aligns_inputs: ClassVar[bool] = False
 
     weight: float = Field(1.0, ge=0.0, le=1e6, description="multi-task: this task's weight in the summed loss")
     field: Optional[str] = Field(None, min_length=1, max_length=200, description="the row field holding this task's "
@@ -46,6 +51,10 @@ class TaskSettings(BaseModel):
     data: Optional[dict[str, Any]] = Field(None, description="multi-task: this task's own rows, a block like data: (source, "
                                            "train / eval / test, columns, caps); batches then hold one dataset's rows, drawn "
                                            "by train.task_sampling (null: the recipe's data:)")
+
+    def extra_columns(self) -> tuple[str, ...]:
+        """Columns it reads besides its target's (kept raw in the rows)."""
+        return ()
 
     def problems(self, where: str) -> list[str]:
         if self.metric not in self.metrics:
@@ -61,6 +70,7 @@ class VqaSettings(TaskSettings):
     """One answer per row from a vocabulary built on the training split; softmax cross-entropy."""
 
     metrics = ("accuracy", "macro_f1", "loss")
+    single_answer = True
     metric: str = Field("accuracy", description="the metric that selects the best checkpoint when train.select is not set")
     min_answer_count: PositiveInt = Field(1, description="vqa / classification: answers seen fewer times in training are "
                                           "left out of the vocabulary")
@@ -107,6 +117,10 @@ class ContrastiveSettings(TaskSettings):
     lower_is_better = ("median_rank", "loss")
     uses_fusion = False
     has_target = False
+    aligns_inputs = True
+
+    def extra_columns(self) -> tuple[str, ...]:
+        return (self.class_field,) if self.class_field else ()
     metric: str = Field("mean_recall", description="the metric that selects the best checkpoint when train.select is not set")
     projection_dim: PositiveInt = Field(256, le=8192, description="contrastive: width of the shared embedding space")
     loss: Literal["softmax", "sigmoid"] = Field("softmax", description="contrastive: softmax (CLIP's symmetric InfoNCE) "

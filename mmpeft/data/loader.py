@@ -66,8 +66,8 @@ def task_columns(tasks: dict, label: str, only: bool) -> tuple[list[str], bool]:
     the label, is kept raw."""
     columns = []
     for settings in tasks.values():
-        for column in (settings.field or (label if settings.has_target else None), getattr(settings, "class_field", None)):
-            answer_kind = settings.registry_name in ("vqa", "classification") and column == label
+        for column in (settings.field or (label if settings.has_target else None), *settings.extra_columns()):
+            answer_kind = settings.single_answer and column == label
             if column and not answer_kind and column not in columns:
                 columns.append(column)
     first = next(iter(tasks.values()))

@@ -77,12 +77,22 @@ class EfficientNetAudioEncoder(EfficientNetEncoder):
     modality = "audio"
     arch = AUDIO_ARCH
 
+    def export_preprocessing(self, name: str) -> dict:
+        return {"audio": self.audio.model_dump(), "frames": self.frames, "image_mean": list(self.mean),
+                "image_std": list(self.std),
+                "spectrogram": "mono; resampled; power STFT (periodic Hann, centred, reflect padding); Slaney mel; dB; "
+                               "(dB - (peak - top_db)) / top_db clipped to [0, 1]; padded with 0 to `frames`; normalised; "
+                               "repeated to 3 channels (mmpeft/encoders/audio.py)"}
+
     def __init__(self, source, backbone, meta, settings, pooling: str = "auto"):
         super().__init__(source, backbone, meta, None, pooling)
         self.audio = settings
         self.frames = max_frames(settings)
-        self.pixel_shape = (settings.n_mels, self.frames)
         self.image_size = max(self.pixel_shape)  # the dry run's memory estimate reads a size
+
+    @property
+    def pixel_shape(self) -> tuple[int, int]:
+        return self.audio.n_mels, self.frames
 
     def features(self, wave: np.ndarray) -> tuple[torch.Tensor, int]:
         """One mono waveform at ``audio.sample_rate`` -> ``([3, n_mels, frames], real frames)``."""

@@ -49,6 +49,7 @@ class Encoder(nn.Module):
     checkpointing: bool = False  # gradient checkpointing asked for and supported (set by build_model)
     checkpointed_layers: tuple = ()  # layers MultimodalModel.train flags as training (see below)
     checkpoint_head: Optional[dict] = None  # a dual-encoder checkpoint's projection of this tower (hf.dual_head)
+    fused: bool = False  # CLAP with feature fusion: a long clip becomes four channels (hf_audio)
 
     def __init__(self, source: str, pooling: str = "auto"):
         super().__init__()
@@ -65,6 +66,17 @@ class Encoder(nn.Module):
     def family(self) -> Architecture:
         """What mmpeft knows about this encoder's architecture (default targets, placements...)."""
         return architecture(self.arch)
+
+    def sequence_length(self) -> int:
+        """Positions of the longest input (for the dry run's memory estimate)."""
+        raise NotImplementedError
+
+    def export_preprocessing(self, name: str) -> dict:
+        """What a consumer of an exported graph must do to raw inputs before feeding it."""
+        raise NotImplementedError
+
+    def save_preprocessor(self, folder, name: str) -> None:
+        """Write the files :meth:`export_preprocessing` names (a tokenizer, a feature extractor)."""
 
     def preprocess(self, items: list[Any]) -> dict[str, torch.Tensor]:
         """Turn a list of raw inputs into model tensors (batched)."""
@@ -110,6 +122,17 @@ class ImageEncoder(Encoder):
     image_size: int = 224
     mean: list = [0.5, 0.5, 0.5]
     std: list = [0.5, 0.5, 0.5]
+
+    @property
+    def pixel_shape(self) -> tuple[int, int]:
+        """Height and width of the pixels it reads (an audio CNN: mel bins x frames)."""
+        return self.image_size, self.image_size
+
+    def sequence_length(self) -> int:
+        return (self.image_size // 16) ** 2 + 1
+
+    def export_preprocessing(self, name: str) -> dict:
+        return {"image_size": self.image_size, "image_mean": list(self.mean), "image_std": list(self.std), "resize": "bicubic"}
 
     def preprocess(self, items: list[Any]) -> dict[str, torch.Tensor]:
         return {"pixel_values": torch.stack([self.pixels(im) for im in items])}

@@ -125,6 +125,15 @@ class HFTextEncoder(Encoder):
         self.arch = model.config.model_type
         self.hidden_size = model.config.hidden_size
 
+    def sequence_length(self) -> int:
+        return self.fixed_length or self.max_length  # SigLIP pads every text to its positions whatever max_length says
+
+    def export_preprocessing(self, name: str) -> dict:
+        return {"tokenizer": f"tokenizer_{name}", "max_length": self.max_length}
+
+    def save_preprocessor(self, folder, name: str) -> None:
+        self.tokenizer.save_pretrained(str(folder / f"tokenizer_{name}"))
+
     @property
     def fixed_length(self) -> Optional[int]:
         """The length every text is padded to where the family reads fixed-length texts (SigLIP)."""

@@ -95,6 +95,19 @@ class HFAudioEncoder(Encoder):
             raise RecipeError([f"encoder {source!r}: audio model type {model_type!r} is not supported yet "
                                "(supported: wav2vec2, hubert, wavlm, whisper, audio-spectrogram-transformer, clap)"])
 
+    def sequence_length(self) -> int:
+        return self.max_tokens
+
+    def export_preprocessing(self, name: str) -> dict:
+        return {"audio": self.audio.model_dump(), "feature_extractor": f"feature_extractor_{name}",
+                "input": "mono, resampled to the extractor's rate, cut at audio.max_seconds; input_features as "
+                         "mmpeft/encoders/hf_audio.py makes them (waveform models: normalised samples padded with zeros; "
+                         "Whisper / AST / CLAP: the extractor's output; CLAP with fusion: its crops drawn after "
+                         "numpy.random.seed(0)), frames: real samples or frames per clip"}
+
+    def save_preprocessor(self, folder, name: str) -> None:
+        self.extractor.save_pretrained(str(folder / f"feature_extractor_{name}"))
+
     @property
     def max_tokens(self) -> int:
         """Output positions of a clip of ``max_seconds`` (for the dry run's memory estimate)."""

@@ -95,7 +95,7 @@ class PromptTuning(PeftMethod):
         elif encoder.family.prompt == "vpt":
             self._apply_vpt(encoder)
         else:
-            shape = getattr(encoder, "pixel_shape", (encoder.image_size, encoder.image_size))  # audio: mel bins x frames
+            shape = encoder.pixel_shape  # audio: mel bins x frames
             pad = s.pad_size or max(1, round(min(shape) * 30 / 224))
             if 2 * pad >= min(shape):
                 raise RecipeError([f"{self.where}.pad_size: {pad} leaves no image inside a {shape[0]}x{shape[1]} input"])

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from ..bundle.io import check_base, load_head, read_bundle
+from ..config import TASK_SETTINGS
 from ..config.tasks import recipe_own_columns
 from ..data import ImageStore, Sample
 from ..errors import UsageError
@@ -115,9 +116,10 @@ class AdapterPool:
             raise UsageError(f"two bundles are named {name!r}; give one another name with NAME=PATH")
         bundle, manifest, recipe, tasks = read_bundle(path)
         kinds = [t.settings.registry_name for t in tasks.values()]
-        if kinds not in (["vqa"], ["classification"]):  # the API's answer is one top-k list
+        if len(tasks) != 1 or not next(iter(tasks.values())).settings.single_answer:  # the API's answer is one top-k list
+            answering = " or ".join(n for n in TASK_SETTINGS.names() if TASK_SETTINGS.get(n).single_answer)
             raise UsageError(f"{path}: its task(s) ({', '.join(f'{n}: {k}' for n, k in zip(tasks, kinds))}) are not one "
-                             "vqa or classification task, which is what `mmpeft serve` answers; use `mmpeft predict`")
+                             f"{answering} task, which is what `mmpeft serve` answers; use `mmpeft predict`")
         vocab = next(iter(tasks.values())).labels
         encoders, methods, shared_of = {}, {}, {}
         for enc_name, cfg in recipe.encoders.items():

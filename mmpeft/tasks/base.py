@@ -112,6 +112,27 @@ class Task:
         return None
 
     @property
+    def tunes(self) -> bool:
+        """Whether :meth:`tune` chooses anything (then the validation outputs are computed for it)."""
+        return False
+
+    def configure(self, train) -> None:
+        """Take what the kind reads from the recipe's ``train:`` block (label smoothing, ...)."""
+
+    def start_note(self, model) -> Optional[str]:
+        """A line for the run's log on how this task's head starts (from a checkpoint, ...)."""
+        return None
+
+    @torch.no_grad()
+    def prepare(self, model, device, autocast) -> None:
+        """What the task needs from the model before scoring or answering (class embeddings,
+        ...), computed under ``autocast`` (a context manager)."""
+
+    def describe_outputs(self) -> str:
+        """What its outputs are, for the run's summary."""
+        return f"{self.width} outputs"
+
+    @property
     def labels(self) -> list[str]:
         """Names of the output columns, where they have names (answers, labels, classes)."""
         return list(self.state.get("labels", []))

@@ -20,7 +20,13 @@ from .vocab import Vocabulary, normalize_answer
 @TASKS.register("vqa")
 class AnswerTask(Task):
     Settings = VqaSettings
-    label_smoothing = 0.0  # set from train.label_smoothing by the training loop
+    label_smoothing = 0.0  # set from train.label_smoothing by the training loop (configure)
+
+    def configure(self, train) -> None:
+        self.label_smoothing = train.label_smoothing
+
+    def describe_outputs(self) -> str:
+        return f"{len(self.labels)} answers"
 
     def __init__(self, name, settings, state, label_field="answer"):
         super().__init__(name, settings, state, label_field)

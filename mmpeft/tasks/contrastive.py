@@ -173,6 +173,33 @@ class ContrastiveTask(Task):
     def prompts(self) -> list[str]:
         return [t.format(label) for label in self.labels for t in self.settings.templates]
 
+    def start_note(self, model) -> Optional[str]:
+        if self.from_checkpoint:
+            kind = model.encoders[next(iter(self.modalities))].checkpoint_head["kind"]
+            return f"task {self.name} starts from the {self.checkpoint_start} of the {kind} checkpoint {self.from_checkpoint}"
+        if self.skipped_checkpoint:
+            return f"task {self.name}: new random projections ({self.skipped_checkpoint})"
+        return None
+
+    @torch.no_grad()
+    def prepare(self, model, device, autocast) -> None:
+        """With classes: each class's embedding (its prompt templates, averaged) from the current
+        text encoder and projection, for zero-shot classification."""
+        side = self.text_side
+        if not self.labels or side is None:
+            return
+        encoder = model.encoders[side[0]]
+        prompts, chunks = self.prompts(), []
+        was_training = model.training
+        model.eval()
+        with autocast:
+            for start in range(0, len(prompts), 64):
+                inputs = {k: v.to(device) for k, v in encoder.preprocess(prompts[start:start + 64]).items()}
+                chunks.append(self.head.project(side[0], encoder(inputs).pooled).float())
+        model.train(was_training)
+        per_class = torch.cat(chunks).view(len(self.labels), len(self.settings.templates), -1).mean(1)
+        self.class_embeddings = F.normalize(per_class, dim=-1).cpu()
+
     def keys(self, row) -> tuple:
         # each encoder's input: its own column's (Sample.inputs, data.encoder_fields) or its modality's
         return tuple(row.inputs[name][2] if name in row.inputs else getattr(row, m) for name, m in self.modalities.items())

@@ -172,6 +172,10 @@ class MultilabelTask(Task):
             "loss": float(F.binary_cross_entropy_with_logits(out.float(), gold.float(), pos_weight=torch.tensor(weight) if weight else None)),
         }
 
+    @property
+    def tunes(self) -> bool:
+        return self.settings.tune_threshold
+
     def tune(self, out, rows):
         """The threshold (0.05 ... 0.95 by 0.05) with the best validation micro-F1; ties: the one nearest 0.5."""
         if not rows:
