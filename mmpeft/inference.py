@@ -17,7 +17,8 @@ from .data import Collator, ImageStore, Sample, make_loader, read_rows, recipe_s
 from .config.problems import describe_error
 from .errors import BundleError, DataError, MMPeftError, UsageError
 from .files import MAX_MANIFEST_BYTES, atomic_text_file, read_text
-from .runtime import fresh_accelerator, groups_to_report, inference_autocast, predict_logits, prepare_tasks, score
+from .runtime import fresh_accelerator, inference_autocast
+from .scoring import groups_to_report, predict_logits, prepare_tasks, score
 from .tasks import Vocabulary
 
 

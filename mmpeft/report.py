@@ -11,7 +11,7 @@ from rich.table import Table
 from .config.datasets import dataset_spec
 from .config.inputs import MODALITY_FIELDS
 from .quant import quantized_layers, weight_bytes
-from .runtime import estimate_training_memory
+from .memory import estimate_training_memory
 
 # Width follows the terminal (80 columns in a file or pipe); no markup, so paths and
 # messages print as written; sentences are not hard-wrapped, so log lines stay whole.

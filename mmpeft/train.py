@@ -34,9 +34,10 @@ from .model import build_model, summarize
 from .profiling import StepProfiler
 from .progress import progress
 from .report import sampling_line, print_epoch, print_summary, print_test, save_plots
-from .runtime import (agree_across_processes, cosine_with_warmup, flat_metrics, groups_to_report, in_order, make_accelerator,
-                      make_optimizer, num_workers, peak_memory_mib, pin_memory, predict_logits, prepare_tasks, score,
-                      select_metric, task_rows)
+from .memory import peak_memory_mib
+from .optim import cosine_with_warmup, make_optimizer
+from .runtime import agree_across_processes, make_accelerator, num_workers, pin_memory
+from .scoring import flat_metrics, groups_to_report, in_order, predict_logits, prepare_tasks, score, select_metric, task_rows
 from .tasks import recipe_task_set
 
 

@@ -19,7 +19,7 @@ LAYERS = [
     ["quant", "encoders", "tasks"],
     ["methods", "fusion", "data"],
     ["model"],
-    ["runtime", "report", "profiling"],
+    ["runtime", "scoring", "memory", "optim", "report", "profiling"],
     ["checkpoint", "train", "inference", "bundle", "serve"],
     ["bench"],
     ["cli", "docs", "__init__"],

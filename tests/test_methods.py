@@ -169,7 +169,7 @@ def test_frozen_encoder_runs_in_eval_mode(assets, tmp_path):
     assert all(torch.equal(a, m.running_mean) for a, m in zip(before, bns))
     assert model.head.training
     # base weights never reach the optimizer
-    from mmpeft.train import make_optimizer
+    from mmpeft.optim import make_optimizer
     from mmpeft.config import TrainConfig
 
     opt = make_optimizer(model, TrainConfig())

@@ -75,7 +75,7 @@ def test_quantized_merge_dequantizes(assets, tmp_path):
 
 
 def test_8bit_optimizer_step(assets, tmp_path):
-    from mmpeft.train import make_optimizer
+    from mmpeft.optim import make_optimizer
 
     recipe = quant_recipe(assets, tmp_path, 4, optimizer="adamw_8bit")
     model = build_model(recipe, 3)

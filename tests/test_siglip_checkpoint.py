@@ -109,7 +109,7 @@ def test_a_siglip_recipe_trains_evaluates_and_merges(siglip_dir, assets, tmp_pat
 
 def test_dry_run_memory_counts_the_positions_siglip_pads_to(siglip_dir, assets, tmp_path):
     """Every SigLIP text is 16 positions here whatever max_length says: the estimate too."""
-    from mmpeft.runtime import estimate_training_memory
+    from mmpeft.memory import estimate_training_memory
 
     estimates = []
     for length in (4, 12):

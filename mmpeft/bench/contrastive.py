@@ -16,7 +16,8 @@ from ..config import TASK_SETTINGS, load_recipe
 from ..data import Collator, ImageStore, make_loader, recipe_splits
 from ..errors import UsageError
 from ..model import build_model
-from ..runtime import fresh_accelerator, predict_logits, prepare_tasks, score
+from ..runtime import fresh_accelerator
+from ..scoring import predict_logits, prepare_tasks, score
 from ..tasks import recipe_task_set
 from ..train import finetune
 from .common import machine_info, output_folder, write_atomic

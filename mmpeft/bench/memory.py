@@ -24,8 +24,8 @@ from ..encoders import build_encoder
 from ..errors import MMPeftError
 from ..model import build_model
 from ..quant import weight_bytes
-from ..runtime import estimate_training_memory
-from ..train import make_optimizer
+from ..memory import estimate_training_memory
+from ..optim import make_optimizer
 from .common import machine_info, output_folder, write_atomic
 
 # name, method, how the frozen base weights are held:

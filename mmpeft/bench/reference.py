@@ -15,9 +15,10 @@ from ..config import load_recipe
 from ..data import Collator, ImageStore, recipe_splits
 from ..errors import MMPeftError, UsageError
 from ..model import build_model
-from ..runtime import peak_memory_mib, resolve_mixed_precision, train_device
+from ..memory import peak_memory_mib
+from ..optim import make_optimizer
+from ..runtime import resolve_mixed_precision, train_device
 from ..tasks import recipe_task_set
-from ..train import make_optimizer
 from .device import largest_fitting, memory_budget, peak_flops
 
 
