@@ -231,7 +231,7 @@ def test_benchmarks_pick_up_a_new_method(dummy_method, tmp_path, monkeypatch):
         return bundle
 
     monkeypatch.setattr(bench_methods, "finetune", fake_finetune)
-    rows = bench_methods.run(out=str(tmp_path / "out"), sides=("image",), work_dir=str(tmp_path / "runs"))
+    rows = bench_methods.run("recipes/quickstart.yaml", out=str(tmp_path / "out"), sides=("image",), work_dir=str(tmp_path / "runs"))
     recipe_lr = bench_methods.load_recipe("recipes/quickstart.yaml").train.lr
     assert [m for m, _ in asked] == benchmark_methods()
     assert dict(asked)[dummy_method] == recipe_lr and dict(asked)["full"] == 5e-5

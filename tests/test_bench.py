@@ -5,6 +5,10 @@ import pytest
 
 from mmpeft.bench.vqa_rad import goals, markdown, summarize
 
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
+VQA_RAD_RECIPE = str(REPO / "recipes" / "medical_vqa_15ep.yaml")
+
 
 def _run(config, seed, open_, closed, overall, trainable=100, total=10_000):
     return {"config": config, "seed": seed, "open": open_, "closed": closed, "overall": overall, "trainable": trainable,
@@ -60,20 +64,20 @@ def test_bad_subset_or_override_stops_before_any_run(tmp_path):
     assert choose(None, ["a", "b"], "--x") == ["a", "b"]
     assert choose(["b"], ["a", "b"], "--x") == ["b"]
     with pytest.raises(UsageError, match=r"--configs: unknown 'fulll'; did you mean 'full'\? \(available: head only, lora"):
-        vqa_rad.run(configs=["lora", "fulll"], out=str(tmp_path / "out"), work_dir=str(tmp_path / "runs"))
+        vqa_rad.run(VQA_RAD_RECIPE, configs=["lora", "fulll"], out=str(tmp_path / "out"), work_dir=str(tmp_path / "runs"))
     with pytest.raises(UsageError, match="--methods: unknown 'lroa'; did you mean 'lora'"):
-        bench_methods.run(methods=["lroa"], out=str(tmp_path / "out"), work_dir=str(tmp_path / "runs"))
+        bench_methods.run(QUICKSTART, methods=["lroa"], out=str(tmp_path / "out"), work_dir=str(tmp_path / "runs"))
     with pytest.raises(UsageError, match="--sides: unknown 'audio'"):
-        bench_methods.run(sides=["audio"], out=str(tmp_path / "out"), work_dir=str(tmp_path / "runs"))
+        bench_methods.run(QUICKSTART, sides=["audio"], out=str(tmp_path / "out"), work_dir=str(tmp_path / "runs"))
     with pytest.raises(RecipeError, match="bach_size"):
-        vqa_rad.run(configs=["lora"], overrides=["train.bach_size=8"], out=str(tmp_path / "out"), work_dir=str(tmp_path / "runs"))
+        vqa_rad.run(VQA_RAD_RECIPE, configs=["lora"], overrides=["train.bach_size=8"], out=str(tmp_path / "out"), work_dir=str(tmp_path / "runs"))
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(UsageError, match=r"--out .*a_file/out: cannot create that folder .*choose a writable folder"):
-        vqa_rad.run(configs=["lora"], out=str(blocker / "out"), work_dir=str(tmp_path / "runs"))
+        vqa_rad.run(VQA_RAD_RECIPE, configs=["lora"], out=str(blocker / "out"), work_dir=str(tmp_path / "runs"))
     with pytest.raises(UsageError, match="cannot create that folder"):
-        bench_methods.run(methods=["lora"], out=str(blocker / "out"), work_dir=str(tmp_path / "runs"))
+        bench_methods.run(QUICKSTART, methods=["lora"], out=str(blocker / "out"), work_dir=str(tmp_path / "runs"))
     assert not (tmp_path / "runs").exists()
     assert parse_seeds("0,1,2") == (0, 1, 2)
     with pytest.raises(UsageError, match="--seeds: expected comma-separated integers"):
@@ -116,7 +120,7 @@ def test_resume_only_into_results_of_the_same_recipe(tmp_path):
     (out / "methods.json").write_text(json.dumps({"recipe": "recipes/quickstart.yaml", "overrides": [], "rows": [],
                                                  "recipe_sha256": other}))
     with pytest.raises(UsageError, match="methods.json holds runs of another recipe"):
-        bench_methods.run(out=str(out), methods=["lora"], work_dir=str(tmp_path / "runs"))
+        bench_methods.run(QUICKSTART, out=str(out), methods=["lora"], work_dir=str(tmp_path / "runs"))
 
 
 def test_bundles_of_another_out_stay_apart():
@@ -378,3 +382,32 @@ def test_committed_search_resumes_with_nothing_left_to_run(tmp_path):
     assert (out / "results.jsonl").read_text() == (committed / "results.jsonl").read_text()
     table = lambda p: p.read_text().split("\n\n", 1)[1]  # noqa: E731  (the first line names the search file's path)
     assert table(out / "summary.md") == table(committed / "summary.md")
+
+
+def test_reproduce_script_names_real_commands_and_options():
+    """Every `mmpeft bench` line of benchmarks/reproduce.sh names a real subcommand and only
+    options it has (the commands behind the README's tables, paths explicit)."""
+    import re
+    import subprocess
+
+    import typer.main
+
+    from mmpeft.cli import app
+
+    script = (REPO / "benchmarks" / "reproduce.sh").read_text().replace("\\\n", " ")
+    commands = typer.main.get_command(app).commands["bench"].commands
+    lines = [line for line in script.splitlines() if "mmpeft bench " in line and not line.lstrip().startswith("#")]
+    assert len(lines) >= 12
+    for line in lines:
+        sub = re.search(r"mmpeft bench ([a-z-]+)", line).group(1)
+        assert sub in commands, line
+        known = {opt for p in commands[sub].params for opt in p.opts}
+        used = set(re.findall(r"(--[a-z-]+)", line.split(f"mmpeft bench {sub}", 1)[1]))
+        assert used <= known, (sub, used - known)
+        required = {p.opts[0] for p in commands[sub].params if p.required and p.opts[0].startswith("--")}
+        assert required <= used, (sub, required - used)
+    listed = subprocess.run(["bash", str(REPO / "benchmarks" / "reproduce.sh"), "list"], capture_output=True, text=True)
+    names = listed.stdout.split()
+    assert listed.returncode == 0 and len(names) == len(lines) and "throughput" in names
+    bad = subprocess.run(["bash", str(REPO / "benchmarks" / "reproduce.sh"), "nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown benchmark" in bad.stderr

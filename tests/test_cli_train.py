@@ -361,8 +361,8 @@ def test_every_command_exits_2_on_bad_input(trained, tmp_path):
         ["export", bundle, "--out", str(taken)],
         ["push", bundle, "not-a-repo-id", "--hub-dir", str(tmp_path / "hub")],
         ["pull", "/no/such/bundle"],
-        ["bench", "methods", "--methods", "lroa", "--out", str(tmp_path / "b")],
-        ["bench", "vqa-rad", "--seeds", "one", "--out", str(tmp_path / "b")],
+        ["bench", "methods", "--recipe", "recipes/quickstart.yaml", "--methods", "lroa", "--out", str(tmp_path / "b")],
+        ["bench", "vqa-rad", "--recipe", "recipes/medical_vqa_15ep.yaml", "--seeds", "one", "--out", str(tmp_path / "b")],
         ["bench", "search", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "b")],
         ["bench", "quickstart", "--recipe", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "b")],
     ]

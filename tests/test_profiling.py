@@ -69,7 +69,8 @@ def test_a_profiled_run_computes_the_same_and_keeps_its_profile_in_the_sealed_bu
 def test_bench_profile_steps_out_of_range_is_a_usage_error(tmp_path):
     from mmpeft.cli import app
 
-    res = CliRunner().invoke(app, ["bench", "throughput", "--steps", "4", "--profile-steps", "4", "--out", str(tmp_path / "b")])
+    res = CliRunner().invoke(app, ["bench", "throughput", "--recipe", "recipes/quickstart.yaml", "--steps", "4", "--profile-steps", "4",
+                                   "--out", str(tmp_path / "b")])
     assert res.exit_code == 2 and "--profile-steps 4" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "b").exists()
 

@@ -357,7 +357,7 @@ def test_contrastive_benchmark_scores_the_floor_and_the_trained_model(assets, ta
     stored = json.loads((tmp_path / "adapters" / "contrastive_bench" / "metrics.json").read_text())["test"]
     assert all(trained[k] == stored[k] for k in COLUMNS)
     assert "untrained projections (floor)" in (tmp_path / "results" / "contrastive.md").read_text()
-    res = CliRunner().invoke(app, ["bench", "contrastive", "--recipe", str(tmp_path / "nope.yaml")])
+    res = CliRunner().invoke(app, ["bench", "contrastive", "--recipe", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "not found" in res.output
 
 

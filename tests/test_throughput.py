@@ -157,9 +157,9 @@ def test_memory_budget_without_a_gpu_is_a_usage_error(tmp_path):
 
     from mmpeft.cli import app
 
-    res = CliRunner().invoke(app, ["bench", "throughput", "--memory-budget-gb", "16", "--out", str(tmp_path)])
+    res = CliRunner().invoke(app, ["bench", "throughput", "--recipe", "recipes/quickstart.yaml", "--memory-budget-gb", "16", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "needs a CUDA GPU" in res.output and "Traceback" not in res.output
-    res = CliRunner().invoke(app, ["bench", "throughput", "--encoders", "huge", "--out", str(tmp_path)])
+    res = CliRunner().invoke(app, ["bench", "throughput", "--recipe", "recipes/quickstart.yaml", "--encoders", "huge", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "expected recipe, base or small" in res.output
 
 

@@ -39,8 +39,7 @@ def floor(recipe) -> dict[str, dict]:
     return score(outputs, index, splits.test, tasks, model.slices, {})
 
 
-def run(recipe_path: str = "recipes/easy_vqa_contrastive.yaml", out: str = "benchmarks/results/contrastive",
-        overrides=()) -> dict:
+def run(recipe_path: str, out: str, overrides=()) -> dict:
     recipe = load_recipe(recipe_path, list(overrides))
     kinds = {n: b["type"] for n, b in (recipe.tasks or {"answer": recipe.task}).items()}
     aligning = {n for n, kind in kinds.items() if TASK_SETTINGS.get(kind).aligns_inputs}

@@ -162,7 +162,7 @@ def training_report(text: str, image: str, device: str = "cuda", **settings) -> 
     return rows
 
 
-def run(out: str = "benchmarks/results", cpu_only: bool = False, small: bool = False) -> dict:
+def run(out: str, cpu_only: bool = False, small: bool = False) -> dict:
     out_path = output_folder(out)
     size = "tiny config (smoke test)" if small else None
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,7 +21,7 @@ from .common import (benchmark_methods, bundle_folder, choose, cpu_ticks, machin
                      recipe_fingerprint, resolved_settings, steal_line, steal_percent, write_atomic)
 
 
-def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results", methods=None, sides=("image", "text"),
+def run(recipe: str, out: str, methods=None, sides=("image", "text"),
         overrides=(), work_dir: str | None = None) -> list[dict]:
     work_dir = work_dir or bundle_folder(out, "benchmarks/runs")  # another --out keeps its bundles apart
     methods = choose(methods, benchmark_methods(), "--methods")

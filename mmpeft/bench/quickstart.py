@@ -10,7 +10,7 @@ from ..train import finetune
 from .common import machine_info, output_folder, write_atomic
 
 
-def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results", overrides=(), target: float = 0.97,
+def run(recipe: str, out: str, overrides=(), target: float = 0.97,
         budget_s: float = 600.0) -> dict:
     out_path = output_folder(out)
     start = time.perf_counter()

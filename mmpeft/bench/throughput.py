@@ -202,7 +202,7 @@ def scaling_runs(recipe: str, overrides: list, work: Path, sizes, rounds: int = 
     return found
 
 
-def run(recipe: str = "recipes/quickstart.yaml", out: str = "benchmarks/results/throughput", steps: int = 40, overrides=(),
+def run(recipe: str, out: str, steps: int = 40, overrides=(),
         scaling=(1000, 4000, 16000), rows_test=(10_000, 1_000_000), toggles=None, encoders: str = "recipe",
         memory_budget_gib: float | None = None, features: bool = True, profile_steps: int = 0) -> dict:
     """The whole benchmark. ``encoders``: "recipe" (its own), "base" (BERT-base + ViT-B/16-sized,

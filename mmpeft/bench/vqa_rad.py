@@ -34,7 +34,7 @@ def configurations() -> dict[str, str]:
 PUBLISHED = [("MEVF-BAN", 43.9, 75.1, 62.6), ("MMBERT", 63.1, 77.9, 72.0), ("PubMedCLIP", 60.1, 80.0, 72.1), ("M3AE", 67.2, 83.5, 77.0)]
 
 
-def run(recipe: str = "recipes/medical_vqa_15ep.yaml", out: str = "benchmarks/results", configs=None, seeds=(0, 1, 2),
+def run(recipe: str, out: str, configs=None, seeds=(0, 1, 2),
         overrides=(), work_dir: str | None = None, jobs: int = 1) -> dict:
     """Run (or resume) the benchmark; see the module docstring.
 

@@ -16,7 +16,8 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: methods, memory,
 
 @bench_app.command("quickstart")
 @friendly
-def bench_quickstart(recipe: str = typer.Option("recipes/quickstart.yaml"), out: str = typer.Option("benchmarks/results"),
+def bench_quickstart(recipe: str = typer.Option(..., help="the recipe to run (recipes/quickstart.yaml in a checkout of mmpeft; benchmarks/reproduce.sh has the commands)"),
+                     out: str = typer.Option(..., help="folder for quickstart.json"),
                      overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides for every run")):
     """Time the quickstart end to end and check its 97% / 10-minute targets."""
     from ..bench.quickstart import run
@@ -31,8 +32,8 @@ def bench_quickstart(recipe: str = typer.Option("recipes/quickstart.yaml"), out:
 
 @bench_app.command("contrastive")
 @friendly
-def bench_contrastive(recipe: str = typer.Option("recipes/easy_vqa_contrastive.yaml", help="a recipe with a contrastive task"),
-                      out: str = typer.Option("benchmarks/results/contrastive", help="folder for contrastive.json / .md"),
+def bench_contrastive(recipe: str = typer.Option(..., help="a recipe with a contrastive task (recipes/easy_vqa_contrastive.yaml in a checkout)"),
+                      out: str = typer.Option(..., help="folder for contrastive.json / .md"),
                       overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides")):
     """Train a contrastive recipe and score it against its untrained projections (the floor)."""
     from ..bench.contrastive import run
@@ -44,7 +45,8 @@ def bench_contrastive(recipe: str = typer.Option("recipes/easy_vqa_contrastive.y
 
 @bench_app.command("methods")
 @friendly
-def bench_methods(recipe: str = typer.Option("recipes/quickstart.yaml"), out: str = typer.Option("benchmarks/results"),
+def bench_methods(recipe: str = typer.Option(..., help="the recipe to run (recipes/quickstart.yaml in a checkout of mmpeft; benchmarks/reproduce.sh has the commands)"),
+                  out: str = typer.Option(..., help="folder for methods.json / .md (bundles in its runs/)"),
                   methods: Optional[str] = typer.Option(None, help="comma-separated subset"),
                   sides: str = typer.Option("image,text"),
                   overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides for every run")):
@@ -57,7 +59,7 @@ def bench_methods(recipe: str = typer.Option("recipes/quickstart.yaml"), out: st
 
 @bench_app.command("memory")
 @friendly
-def bench_memory(out: str = typer.Option("benchmarks/results"), cpu: bool = typer.Option(False, "--cpu", help="weight bytes only"),
+def bench_memory(out: str = typer.Option(..., help="folder for memory.json / .md"), cpu: bool = typer.Option(False, "--cpu", help="weight bytes only"),
                  small: bool = typer.Option(False, "--small", help="tiny models (smoke test)")):
     """Peak memory / throughput of full, LoRA, LoRA+int8, LoRA+NF4 (CUDA); weight bytes per precision (any machine)."""
     from ..bench.memory import run
@@ -68,7 +70,8 @@ def bench_memory(out: str = typer.Option("benchmarks/results"), cpu: bool = type
 
 @bench_app.command("vqa-rad")
 @friendly
-def bench_vqa_rad(recipe: str = typer.Option("recipes/medical_vqa_15ep.yaml"), out: str = typer.Option("benchmarks/results"),
+def bench_vqa_rad(recipe: str = typer.Option(..., help="the recipe to run (recipes/medical_vqa_15ep.yaml in a checkout of mmpeft; benchmarks/reproduce.sh has the commands)"),
+                  out: str = typer.Option(..., help="folder for vqa_rad.json / .md (bundles in its runs/)"),
                   configs: Optional[str] = typer.Option(None, help="comma-separated subset of the configurations: 'head only' and each registered method"),
                   seeds: str = typer.Option("0,1,2"), jobs: int = typer.Option(1, help="runs at a time (several suit a GPU)"),
                   overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides for every run")):
@@ -97,8 +100,8 @@ def bench_search(search_file: str = typer.Argument(..., metavar="SEARCH", help="
 
 @bench_app.command("throughput")
 @friendly
-def bench_throughput(recipe: str = typer.Option("recipes/quickstart.yaml", help="recipe to measure"),
-                     out: str = typer.Option("benchmarks/results/throughput", help="folder for throughput.json / .md"),
+def bench_throughput(recipe: str = typer.Option(..., help="the recipe to run (recipes/quickstart.yaml in a checkout of mmpeft; benchmarks/reproduce.sh has the commands)"),
+                     out: str = typer.Option(..., help="folder for throughput.json / .md"),
                      steps: int = typer.Option(40, help="optimizer steps an epoch (the rows: steps x batch size)"),
                      encoders: Optional[str] = typer.Option(None, help="recipe (its own), base (BERT-base + ViT-B/16-sized, random, "
                                                             "LoRA, 224 px) or small (those, tiny); default: base on a GPU, else recipe"),
@@ -135,16 +138,16 @@ def bench_throughput(recipe: str = typer.Option("recipes/quickstart.yaml", help=
 
 @bench_app.command("serve")
 @friendly
-def bench_serve(bundles: str = typer.Option("adapters/vqa_rad_bitfit_hadamard_all40,adapters/vqa_rad_bitfit_hadamard,"
-                                            "adapters/vqa_rad_bitfit_hadamard_25ep", help="comma-separated bundles over one base"),
-                images: str = typer.Option("../shared/vqa_rad/images", help="a folder of test images (the first --image-count)"),
+def bench_serve(bundles: str = typer.Option(..., help="comma-separated bundles over one base (benchmarks/reproduce.sh serve: "
+                                            "three of the repository's VQA-RAD bundles)"),
+                images: str = typer.Option(..., help="a folder of test images (the first --image-count)"),
                 image_count: int = typer.Option(8, help="images used"),
                 questions: str = typer.Option("is there a fracture?|is this a ct scan?|what organ is shown?",
                                               help="questions, separated by |"),
                 clients: str = typer.Option("1,4,16,64", help="concurrent clients per level"),
                 requests: int = typer.Option(256, help="requests per level"),
                 soak: int = typer.Option(2000, help="requests of the soak"),
-                out: str = typer.Option("benchmarks/results/serve", help="folder for serve.json and serve.md")):
+                out: str = typer.Option(..., help="folder for serve.json and serve.md")):
     """Load test, memory and soak of `mmpeft serve` on 127.0.0.1 (it starts and stops its own servers)."""
     from ..bench.common import parse_ints
     from ..bench.serve import run
@@ -161,8 +164,8 @@ def bench_serve(bundles: str = typer.Option("adapters/vqa_rad_bitfit_hadamard_al
 
 @bench_app.command("faults")
 @friendly
-def bench_faults(recipe: str = typer.Option("recipes/quickstart.yaml", help="recipe to kill and resume"),
-                 out: str = typer.Option("benchmarks/results/faults", help="folder for runs and results"),
+def bench_faults(recipe: str = typer.Option(..., help="recipe to kill and resume (recipes/quickstart.yaml in a checkout)"),
+                 out: str = typer.Option(..., help="folder for runs and results"),
                  trials: int = typer.Option(5, help="kill-and-resume trials"),
                  kills: int = typer.Option(2, help="SIGKILLs per trial, each at a random moment"),
                  seed: int = typer.Option(0, help="seed of the kill moments"),
