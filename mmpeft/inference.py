@@ -72,7 +72,7 @@ def evaluate_bundle(path, overrides: Sequence[str] = (), device: str = "cpu", al
     prepare_tasks(bundle.model, tasks, torch.device(device), recipe)  # under the recipe's autocast, as in training
     with inference_autocast(recipe, device):
         outputs, index = predict_logits(bundle.model, accelerator.prepare(loader), accelerator, desc="test")
-    metrics = score(outputs, index, test, tasks, bundle.model.slices, group_fields)
+    metrics = score(outputs, index, test, tasks, group_fields)
     diffs = []
     for name, task in tasks.items():
         old = old_all.get(name)
@@ -169,13 +169,13 @@ def answer_rows(model, tasks: dict, recipe, rows: list, store: ImageStore, top_k
         batch = collator(list(range(start, min(start + batch_size, len(rows)))))
         inputs = {k: {n: t.to(device) for n, t in v.items()} for k, v in batch["inputs"].items()}
         with inference_autocast(recipe, device):
-            out = model(inputs).float().cpu()
-        if not bool(torch.isfinite(out).all()):
-            raise MMPeftError(f"{where}: the model answered NaN for input(s) {start + 1}-{start + len(out)}; "
+            out = {name: t.float().cpu() for name, t in model(inputs).items()}
+        count = len(next(iter(out.values())))
+        if not all(bool(torch.isfinite(t).all()) for t in out.values()):
+            raise MMPeftError(f"{where}: the model answered NaN for input(s) {start + 1}-{start + count}; "
                               "no prediction is given")
-        answers = {name: task.answer(out[:, model.slices[name]], top_k) for name, task in tasks.items()
-                   if only is None or name == only}
-        for i in range(len(out)):
+        answers = {name: task.answer(out[name], top_k) for name, task in tasks.items() if only is None or name == only}
+        for i in range(count):
             if len(answers) == 1:
                 results.append(next(iter(answers.values()))[i])
             else:

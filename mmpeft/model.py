@@ -16,9 +16,8 @@ from .tasks import Task
 
 
 class TaskHeads(nn.Module):
-    """Several tasks' heads over shared encoder outputs: each reads its own encoders, and their
-    outputs are concatenated (``slices`` say which columns are whose), so the model still
-    returns one tensor that evaluation, merge checks and ONNX export handle as before."""
+    """Several tasks' heads over shared encoder outputs: each reads its own encoders and
+    returns its own output."""
 
     def __init__(self, heads: dict[str, nn.Module], reads: dict[str, list[str]], widths: dict[str, int]):
         super().__init__()
@@ -26,29 +25,44 @@ class TaskHeads(nn.Module):
         self.reads = reads
         self.widths = widths
 
-    def forward(self, outputs: dict) -> torch.Tensor:
+    def forward(self, outputs: dict) -> dict[str, torch.Tensor]:
         rows = next(iter(outputs.values())).pooled
-        columns = []
+        results = {}
         for name, head in self.heads.items():
             if all(n in outputs for n in self.reads[name]):
-                columns.append(head({n: outputs[n] for n in self.reads[name]}).float())
-            else:  # a batch of another task's data, without this head's inputs: its columns are not read
-                columns.append(rows.new_zeros(rows.shape[0], self.widths[name], dtype=torch.float32))
-        return torch.cat(columns, dim=-1)
+                results[name] = head({n: outputs[n] for n in self.reads[name]}).float()
+            else:  # a batch of another task's data, without this head's inputs: its output is not read
+                results[name] = rows.new_zeros(rows.shape[0], self.widths[name], dtype=torch.float32)
+        return results
 
 
 class MultimodalModel(nn.Module):
-    """``encoders[name](inputs[name]) -> EncoderOutput``, then ``head(outputs) -> [B, C]``: one
-    task's outputs, or every task's side by side (``slices[task]``)."""
+    """``encoders[name](inputs[name]) -> EncoderOutput``, then the head(s): ``{task: output}``,
+    each task's own output (``widths[task]`` columns). :meth:`logits` puts them side by side
+    (``slices[task]``), the one tensor merge checks and ONNX export compare."""
 
     def __init__(self, encoders: dict[str, Encoder], methods: dict[str, PeftMethod], head: nn.Module,
-                 slices: dict[str, slice] | None = None):
+                 widths: dict[str, int]):
         super().__init__()
         self.encoders = nn.ModuleDict(encoders)
         self.methods = methods
         self.head = head
-        self.slices = slices or {}
+        self.widths = dict(widths)  # task name -> output width, in the tasks' order
         self.feature_caches: dict[str, "FeatureCache"] = {}
+
+    @property
+    def slices(self) -> dict[str, slice]:
+        """Each task's columns of :meth:`logits`."""
+        found, start = {}, 0
+        for name, width in self.widths.items():
+            found[name] = slice(start, start + width)
+            start += width
+        return found
+
+    def logits(self, inputs, keys=None) -> torch.Tensor:
+        """Every task's output side by side, as float32 ``[B, sum of widths]``."""
+        outputs = [out.float() for out in self(inputs, keys).values()]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
     def enable_feature_cache(self) -> list[str]:
         """Cache the outputs of fully frozen encoders (methods that train nothing in them, such
@@ -62,7 +76,7 @@ class MultimodalModel(nn.Module):
     def disable_feature_cache(self) -> None:
         self.feature_caches = {}
 
-    def forward(self, inputs: dict[str, dict[str, torch.Tensor]], keys: dict[str, list] | None = None) -> torch.Tensor:
+    def forward(self, inputs: dict[str, dict[str, torch.Tensor]], keys: dict[str, list] | None = None) -> dict[str, torch.Tensor]:
         """``inputs[name]`` are encoder tensors; an optional ``row_index`` ``[B]`` maps each
         example to a row of a de-duplicated batch (one image, many questions). ``keys[name]``
         (question text / image path per tensor row) lets frozen encoders use the feature cache."""
@@ -80,7 +94,9 @@ class MultimodalModel(nn.Module):
             if rows is not None:
                 out = EncoderOutput(out.tokens[rows], out.mask[rows], out.pooled[rows])
             outputs[name] = out
-        return self.head(outputs)
+        if isinstance(self.head, TaskHeads):
+            return self.head(outputs)
+        return {next(iter(self.widths)): self.head(outputs)}  # one task over every encoder
 
     def train(self, mode: bool = True):
         """Frozen encoder parts always run in eval mode (dropout off, batch-norm statistics
@@ -176,23 +192,21 @@ def assemble(recipe, encoders: dict, methods: dict, tasks: dict[str, Task] | int
     dims = {name: enc.hidden_size for name, enc in encoders.items()}
     torch.manual_seed(recipe.train.seed)  # head init is reproducible
     if isinstance(tasks, int):
-        model = MultimodalModel(encoders, methods, build_fusion(recipe.fusion, dims, tasks))
+        model = MultimodalModel(encoders, methods, build_fusion(recipe.fusion, dims, tasks), {"output": tasks})
         model.train(False)
         return model
-    heads, reads, slices, start = {}, {}, {}, 0
+    heads, reads = {}, {}
     for name, task in tasks.items():
         reads[name] = task.settings.encoders or list(encoders)
         task.modalities = {n: encoders[n].modality for n in reads[name]}
         sub = {n: dims[n] for n in reads[name]}
         heads[name] = task.build_head(sub, {n: encoders[n] for n in reads[name]}) or build_fusion(task.settings.head or recipe.fusion, sub, task.width)
         task.head = heads[name]
-        slices[name] = slice(start, start + task.width)
-        start += task.width
     only = next(iter(heads.values()))
     # one task over every encoder: its head is the model's head (bundles of earlier versions load unchanged)
     widths = {n: t.width for n, t in tasks.items()}
     head = only if len(heads) == 1 and reads[next(iter(reads))] == list(encoders) else TaskHeads(heads, reads, widths)
-    model = MultimodalModel(encoders, methods, head, slices)
+    model = MultimodalModel(encoders, methods, head, widths)
     model.train(False)
     return model
 

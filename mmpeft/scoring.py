@@ -17,56 +17,60 @@ from .tasks import summary_row
 
 @torch.no_grad()
 def predict_logits(model, loader, accelerator, desc: str = "eval", use_cache: bool = False, fault: str = ""):
-    """Run ``loader`` through the model. Returns ``(logits [N, C], index [N])`` on every process.
-    ``fault`` names the :mod:`~mmpeft.faults` point reached after the first batch."""
+    """Run ``loader`` through the model. Returns ``({task: outputs [N, width]}, index [N])`` on
+    every process. ``fault`` names the :mod:`~mmpeft.faults` point reached after the first batch."""
     model.eval()
-    all_logits, all_index = [], []
+    collected: dict[str, list] = {}
+    all_index = []
     several = accelerator.num_processes > 1
     for batch in progress(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
-        logits, index = model(batch["inputs"], batch.get("keys") if use_cache else None).float(), batch["index"]
+        out = model(batch["inputs"], batch.get("keys") if use_cache else None)
+        out, index = {name: t.float() for name, t in out.items()}, batch["index"]
         if several:
             # Not gather_for_metrics: it trims the last batch by len(rows) % batch size, which is wrong
             # for batches of uneven size (one dataset at a time). Rows repeated to even out the
             # processes are dropped by their index below instead.
-            logits = accelerator.pad_across_processes(logits, dim=0)
+            out = {name: accelerator.pad_across_processes(t, dim=0) for name, t in out.items()}
             index = accelerator.pad_across_processes(index, dim=0, pad_index=-1)
-            logits, index = accelerator.gather((logits, index))
-        all_logits.append(logits.cpu())
+            out, index = accelerator.gather((out, index))
+        for name, t in out.items():
+            collected.setdefault(name, []).append(t.cpu())
         all_index.append(index.cpu())
         if fault:
             faults.point(fault)
-    logits, index = torch.cat(all_logits), torch.cat(all_index)
+    outputs, index = {name: torch.cat(parts) for name, parts in collected.items()}, torch.cat(all_index)
     if several:
-        logits, index = logits[index >= 0], index[index >= 0]
+        keep = index >= 0
+        outputs, index = {name: t[keep] for name, t in outputs.items()}, index[keep]
         ordered, order = torch.sort(index, stable=True)
         first = torch.ones_like(ordered, dtype=torch.bool)
         first[1:] = ordered[1:] != ordered[:-1]
-        logits, index = logits[order[first]], ordered[first]
-    return logits, index
+        outputs, index = {name: t[order[first]] for name, t in outputs.items()}, ordered[first]
+    return outputs, index
 
 
-def score(outputs, index, samples, tasks: dict, slices: dict, group_fields: dict[str, list]) -> dict[str, dict]:
-    """Every task's metrics from the model's outputs ``[N, C]`` (``index``: each output's row
+def score(outputs: dict, index, samples, tasks: dict, group_fields: dict[str, list]) -> dict[str, dict]:
+    """Every task's metrics from its outputs (``outputs[task]``, ``index``: each output row's row
     in ``samples``). A task is scored on the rows that have its target (every row for a task
     without one); rows are put in their original order first, so results never depend on
     batching or on how processes split the data."""
     ordered = in_order(outputs, index, samples)
-    return {name: task.score(*task_rows(ordered, task, slices[name]), group_fields.get(name, ())) for name, task in tasks.items()}
+    return {name: task.score(*task_rows(ordered, task), group_fields.get(name, ())) for name, task in tasks.items()}
 
 
-def in_order(outputs, index, samples) -> tuple:
-    """``(outputs, rows)`` put back in the rows' original order (``index``: each output's row in ``samples``)."""
+def in_order(outputs: dict, index, samples) -> tuple:
+    """``({task: outputs}, rows)`` put back in the rows' original order (``index``: each output's row in ``samples``)."""
     order = index.argsort()
-    return outputs[order], [samples[i] for i in index[order].tolist()]
+    return {name: t[order] for name, t in outputs.items()}, [samples[i] for i in index[order].tolist()]
 
 
-def task_rows(ordered: tuple, task, columns: slice) -> tuple:
-    """A task's output columns and rows, of the rows it learns from (:meth:`~mmpeft.tasks.Task.has`)."""
-    outputs, rows = ordered
+def task_rows(ordered: tuple, task) -> tuple:
+    """A task's outputs and rows, of the rows it learns from (:meth:`~mmpeft.tasks.Task.has`)."""
+    outputs, rows = ordered[0][task.name], ordered[1]
     keep = [i for i, r in enumerate(rows) if task.has(r)]
     if len(keep) < len(rows):
         outputs = outputs[torch.tensor(keep, dtype=torch.long)]
-    return outputs[:, columns], [rows[i] for i in keep]
+    return outputs, [rows[i] for i in keep]
 
 
 def flat_metrics(tasks: dict, metrics: dict[str, dict]) -> dict[str, float]:

@@ -252,7 +252,7 @@ def _epochs(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) 
         for batch in bar:
             with accelerator.accumulate(model):
                 out = model(batch["inputs"], batch.get("keys"))
-                losses = {name: task.loss(out[:, run.raw_model.slices[name]], batch["targets"][name], batch["counts"][name])
+                losses = {name: task.loss(out[name], batch["targets"][name], batch["counts"][name])
                           for name, task in run.tasks.items()}
                 loss = sum(run.tasks[name].settings.weight * value for name, value in losses.items())
                 accelerator.backward(loss)
@@ -326,7 +326,7 @@ def _evaluate(run: Run, loader, rows, desc: str = "eval", use_cache: bool = Fals
     """Every task's metrics on a split (contrastive class embeddings refreshed first)."""
     prepare_tasks(run.raw_model, run.tasks, run.accelerator.device, run.recipe)
     outputs, index = predict_logits(run.model, loader, run.accelerator, desc=desc, use_cache=use_cache, fault=fault)
-    return score(outputs, index, rows, run.tasks, run.raw_model.slices, run.group_fields)
+    return score(outputs, index, rows, run.tasks, run.group_fields)
 
 
 def _tune_on_validation(run: Run) -> None:
@@ -340,7 +340,7 @@ def _tune_on_validation(run: Run) -> None:
     outputs, index = predict_logits(run.model, run.eval_loader, run.accelerator, desc="tune")
     ordered = in_order(outputs, index, run.splits.eval)
     for task in tuning:
-        run.log(task.tune(*task_rows(ordered, task, run.raw_model.slices[task.name])))
+        run.log(task.tune(*task_rows(ordered, task)))
 
 
 

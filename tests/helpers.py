@@ -59,7 +59,7 @@ def train_steps(model, inputs, labels, steps: int = 8, lr: float = 1e-3) -> list
     model.train()
     losses = []
     for _ in range(steps):
-        loss = F.cross_entropy(model(inputs), labels)
+        loss = F.cross_entropy(model.logits(inputs), labels)
         losses.append(loss.item())
         opt.zero_grad()
         loss.backward()

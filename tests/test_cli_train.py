@@ -99,7 +99,7 @@ def test_predict_preprocesses_like_evaluate(trained, tmp_path):
     rows = [Sample(str(path), "what color is the shape ?", "", {}, "row 1")]
     batch = Collator(rows, dict(model.encoders.items()), predictor.tasks, training_store)([0])
     with torch.no_grad():
-        probs = model(batch["inputs"]).float().softmax(-1)[0]
+        probs = model.logits(batch["inputs"]).float().softmax(-1)[0]
     top = probs.topk(3)
     assert [r["answer"] for r in got] == [predictor.vocab.answers[i] for i in top.indices.tolist()]
     assert [r["probability"] for r in got] == [round(p, 6) for p in top.values.tolist()]
@@ -318,9 +318,9 @@ def test_bf16_bundle_is_scored_under_its_autocast(assets, tmp_path):
     rows = [Sample(image, question, "", {}, "input 1")]  # the same preprocessing as predict
     inputs = Collator(rows, dict(predictor.model.encoders.items()), predictor.tasks, predictor.store)([0])["inputs"]
     with torch.no_grad():
-        fp32 = predictor.model(inputs).float().softmax(-1)[0]
+        fp32 = predictor.model.logits(inputs).float().softmax(-1)[0]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            bf16 = predictor.model(inputs).float().softmax(-1)[0]
+            bf16 = predictor.model.logits(inputs).float().softmax(-1)[0]
     assert not torch.equal(fp32, bf16)
     for entry in probs:
         index = predictor.vocab.answers.index(entry["answer"])

@@ -59,7 +59,7 @@ def test_merge_within_tolerance_and_plain_transformers_loads(assets, tmp_path, m
             assert torch.allclose(plain(**kwargs).last_hidden_state, ours(**kwargs).last_hidden_state, atol=1e-6)
     # and the merged model gives the unmerged logits
     with torch.no_grad():
-        assert torch.allclose(merged.model(inputs), model.eval()(inputs), atol=1e-5)
+        assert torch.allclose(merged.model.logits(inputs), model.eval().logits(inputs), atol=1e-5)
 
 
 def test_mixed_methods_keep_unfoldable_and_predict_works(assets, tmp_path):
@@ -70,7 +70,7 @@ def test_mixed_methods_keep_unfoldable_and_predict_works(assets, tmp_path):
     merged = load_bundle(tmp_path / "m")
     inputs, _ = fixed_batch(merged.model)
     with torch.no_grad():
-        assert torch.allclose(merged.model(inputs), model.eval()(inputs), atol=1e-5)
+        assert torch.allclose(merged.model.logits(inputs), model.eval().logits(inputs), atol=1e-5)
     report = json.loads((tmp_path / "m" / "merge_report.json").read_text())
     assert report["kept"] == {"text": "adapter", "image": "prompt"}
 

@@ -77,11 +77,11 @@ def test_steps_lower_loss_and_save_load_identical(assets, tmp_path, kind, method
     losses = train_steps(model, inputs, labels)
     assert losses[-1] < losses[0]
     with torch.no_grad():
-        logits = model(inputs)
+        logits = model.logits(inputs)
     bundle = tmp_path / "bundle"
     _, loaded = write_and_reload(model, recipe, bundle)
     with torch.no_grad():
-        again = loaded.model(inputs)
+        again = loaded.model.logits(inputs)
     assert torch.equal(logits, again)
     # the bundle stores only the method's own parameters: its size follows the trainable count
     side = "text" if kind == "bert" else "image"
@@ -99,11 +99,11 @@ def test_every_fusion_saves_and_reloads(assets, tmp_path, fusion, kind, method):
     model = build_model(recipe, 3).train(False)
     inputs, _ = fixed_batch(model)
     with torch.no_grad():
-        logits = model(inputs)
+        logits = model.logits(inputs)
     bundle = tmp_path / "bundle"
     write_bundle(bundle, model, recipe, ["a", "b", "c"], {"test": {}})
     with torch.no_grad():
-        assert torch.equal(load_bundle(bundle).model(inputs), logits)
+        assert torch.equal(load_bundle(bundle).model.logits(inputs), logits)
 
 
 def test_recipe_shape_mismatch_is_rejected(assets, tmp_path):
@@ -165,7 +165,7 @@ def test_frozen_encoder_runs_in_eval_mode(assets, tmp_path):
     assert bns and not any(m.training for m in bns)
     before = [m.running_mean.clone() for m in bns]
     inputs, labels = fixed_batch(model)
-    F.cross_entropy(model(inputs), labels).backward()
+    F.cross_entropy(model.logits(inputs), labels).backward()
     assert all(torch.equal(a, m.running_mean) for a, m in zip(before, bns))
     assert model.head.training
     # base weights never reach the optimizer
@@ -199,7 +199,7 @@ def test_gradient_checkpointing_recomputes_and_keeps_gradients(assets, tmp_path,
         calls[0] = 0
         torch.manual_seed(0)  # full fine-tuning keeps dropout on; checkpointing replays its RNG
         np.random.seed(0)  # and Wav2Vec2's SpecAugment time masks (training mode) are drawn with numpy
-        F.cross_entropy(model(inputs), labels).backward()
+        F.cross_entropy(model.logits(inputs), labels).backward()
         return calls[0], {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
     plain_calls, plain = gradients()

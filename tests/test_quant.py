@@ -37,12 +37,12 @@ def test_quantized_training_and_exact_reload(assets, tmp_path, bits):
     losses = train_steps(model, inputs, labels)
     assert losses[-1] < losses[0]
     with torch.no_grad():
-        logits = model(inputs)
+        logits = model.logits(inputs)
     manifest, loaded = write_and_reload(model, recipe, tmp_path / "b")  # reload quantizes a fresh base the same way
     assert manifest["encoders"]["text"]["quantization"]["bits"] == bits
     assert quantized_layers(loaded.model.encoders["text"]).get(kind, 0) >= 8
     with torch.no_grad():
-        assert torch.allclose(loaded.model(inputs), logits, atol=1e-6)
+        assert torch.allclose(loaded.model.logits(inputs), logits, atol=1e-6)
 
 
 def test_nf4_weights_are_smaller(assets, tmp_path):
@@ -83,7 +83,7 @@ def test_8bit_optimizer_step(assets, tmp_path):
     assert type(opt).__name__ == "AdamW8bit"
     inputs, labels = fixed_batch(model)
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-    F.cross_entropy(model(inputs), labels).backward()
+    F.cross_entropy(model.logits(inputs), labels).backward()
     opt.step()
     after = [p for p in model.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
@@ -96,7 +96,7 @@ def test_every_frozen_base_method_on_4bit(assets, tmp_path, method):
     assert quantized_layers(model.encoders["text"]).get("Linear4bit", 0) >= 8
     inputs, labels = fixed_batch(model)
     model.train()
-    loss = F.cross_entropy(model(inputs), labels)
+    loss = F.cross_entropy(model.logits(inputs), labels)
     loss.backward()
     if method != "none":
         # every trainable tensor gets a gradient, except BERT's pooler, which mean pooling never uses
@@ -104,10 +104,10 @@ def test_every_frozen_base_method_on_4bit(assets, tmp_path, method):
         assert grads and all(g is not None for _, g in grads)
     model.train(False)
     with torch.no_grad():
-        logits = model(inputs)
+        logits = model.logits(inputs)
     _, loaded = write_and_reload(model, recipe, tmp_path / "b")
     with torch.no_grad():
-        assert torch.allclose(loaded.model(inputs), logits, atol=1e-6)
+        assert torch.allclose(loaded.model.logits(inputs), logits, atol=1e-6)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -122,11 +122,11 @@ def test_quantized_layers_return_the_autocast_dtype(assets, tmp_path, bits):
         layer.register_forward_hook(lambda m, a, out: seen.append(out.dtype))  # after mmpeft's own hook
     inputs, _ = fixed_batch(model)
     with torch.no_grad():
-        plain = model(inputs)
+        plain = model.logits(inputs)
         assert seen and set(seen) == {torch.float32}  # no autocast: unchanged
         seen.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            model(inputs)
+            model.logits(inputs)
     assert len(seen) == len(layers) and set(seen) == {torch.bfloat16}
     with torch.no_grad():
-        assert torch.equal(model(inputs), plain)
+        assert torch.equal(model.logits(inputs), plain)

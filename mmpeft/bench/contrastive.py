@@ -36,7 +36,7 @@ def floor(recipe) -> dict[str, dict]:
     accelerator = fresh_accelerator(cpu=True)
     prepare_tasks(model, tasks, torch.device("cpu"))
     outputs, index = predict_logits(model, loader, accelerator, desc="floor")
-    return score(outputs, index, splits.test, tasks, model.slices, {})
+    return score(outputs, index, splits.test, tasks, {})
 
 
 def run(recipe_path: str, out: str, overrides=()) -> dict:

@@ -126,7 +126,7 @@ def train_steps(text: str, image: str, method: str, base, checkpointing: bool, d
                 torch.cuda.synchronize()
             start = time.perf_counter()
         with torch.autocast(device, dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(model(inputs).float(), labels)
+            loss = torch.nn.functional.cross_entropy(model.logits(inputs), labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -57,7 +57,7 @@ class ReferenceLoop:
     def step(self, inputs, labels) -> None:
         t = self.train
         with torch.autocast(self.device, dtype=self.dtype, enabled=self.dtype is not None):
-            logits = self.model(inputs)
+            logits = self.model(inputs)[self.first]
         loss = F.cross_entropy(logits.float(), labels, ignore_index=-1, label_smoothing=t.label_smoothing)
         loss.backward()
         if t.max_grad_norm:
@@ -165,6 +165,6 @@ def _step_flops(model, batch, dtype, label_smoothing: float) -> int:
     device = labels.device.type
     with FlopCounterMode(display=False) as counter:
         with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
-            logits = model(inputs)
+            logits = next(iter(model(inputs).values()))  # the one task's (a vqa / classification recipe)
         F.cross_entropy(logits.float(), labels, ignore_index=-1, label_smoothing=label_smoothing).backward()
     return counter.get_total_flops()

@@ -27,7 +27,7 @@ class OnnxWrapper(nn.Module):
         inputs: dict = {}
         for (name, key), tensor in zip(self.layout, tensors):
             inputs.setdefault(name, {})[key] = tensor
-        return self.model(inputs)
+        return self.model.logits(inputs)  # every task's output side by side (the manifest's "outputs" say where)
 
 
 def export_onnx(bundle, out: Path, *, opset: int = 17, overwrite: bool = False, tolerance: float = 1e-4,

@@ -115,7 +115,7 @@ def merge_in_memory(bundle, *, tolerance: float = 1e-5, allow_base_mismatch: boo
         merged = load_bundle(bundle, allow_base_mismatch=allow_base_mismatch)
     inputs, source = probe_batch(reference, probe_size)
     with torch.no_grad():
-        ref_logits = reference.model(inputs).float()
+        ref_logits = reference.model.logits(inputs)
     for name, enc in merged.model.encoders.items():
         method = merged.model.methods[name]
         if method.mergeable and method.merge(enc):
@@ -124,7 +124,7 @@ def merge_in_memory(bundle, *, tolerance: float = 1e-5, allow_base_mismatch: boo
             report["kept"][name] = method.name
     merged.model.float()
     with torch.no_grad():
-        new_logits = merged.model(inputs).float()
+        new_logits = merged.model.logits(inputs)
     diff = (new_logits - ref_logits).abs().max().item()
     agree = (new_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
     report.update({"max_abs_logit_diff": diff, "top1_agreement": agree, "tolerance": tolerance,
