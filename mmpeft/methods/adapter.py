@@ -78,6 +78,8 @@ def _out_channels(block: nn.Module) -> int:
 
 @METHODS.register("adapter")
 class BottleneckAdapter(PeftMethod):
+    """Bottleneck adapters after attention / FFN outputs (Houlsby, Pfeiffer); residual 1x1 convs in CNNs."""
+
     Settings = AdapterSettings
     paper = "Houlsby et al. 2019 (arXiv:1902.00751); Pfeiffer et al. 2021 (arXiv:2005.00247); Rebuffi et al. 2017 (arXiv:1705.08045)"
 

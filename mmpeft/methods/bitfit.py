@@ -15,6 +15,8 @@ from .base import METHODS, PeftMethod
 
 @METHODS.register("bitfit")
 class BitFit(PeftMethod):
+    """BitFit: train only the bias terms (Ben Zaken et al. 2022)."""
+
     Settings = BitFitSettings
     mergeable = True  # the biases live in the base model: nothing to fold
     default_lr = 1e-3

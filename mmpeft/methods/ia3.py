@@ -16,6 +16,8 @@ from .lora import LoRA, load_peft_weights, resolve_targets
 
 @METHODS.register("ia3")
 class IA3(LoRA):
+    """IA3 through peft: learned vectors that rescale keys, values and feed-forward activations."""
+
     Settings = IA3Settings
     mergeable = True
     default_lr = 3e-3  # the T-Few paper's learning rate for IA3

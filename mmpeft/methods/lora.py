@@ -52,6 +52,8 @@ def load_peft_weights(encoder, directory: Path) -> None:
 
 @METHODS.register("lora")
 class LoRA(PeftMethod):
+    """LoRA (and its DoRA / rsLoRA variants) through Hugging Face peft: a low-rank update ``B @ A``."""
+
     Settings = LoraSettings
     mergeable = True
     paper = "Hu et al. 2022, arXiv:2106.09685 (DoRA: arXiv:2402.09353, rsLoRA: arXiv:2312.03732)"

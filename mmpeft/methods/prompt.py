@@ -73,6 +73,8 @@ def _layer_list(model: nn.Module, where: str) -> nn.ModuleList:
 
 @METHODS.register("prompt")
 class PromptTuning(PeftMethod):
+    """Prompt tuning: soft prompts (text), visual prompt tokens (ViT-style), a learned pixel border (CNNs)."""
+
     Settings = PromptSettings
     identity_at_init = False
     default_lr = 3e-3

@@ -19,6 +19,8 @@ from .vocab import Vocabulary, normalize_answer
 
 @TASKS.register("vqa")
 class AnswerTask(Task):
+    """VQA: one answer per row from a vocabulary built on the training split; softmax cross-entropy."""
+
     Settings = VqaSettings
     label_smoothing = 0.0  # set from train.label_smoothing by the training loop (configure)
 
@@ -101,4 +103,6 @@ class AnswerTask(Task):
 
 @TASKS.register("classification")
 class LabelTask(AnswerTask):
+    """Classification: one label per row, as ``vqa`` (the same vocabulary, loss and metrics)."""
+
     Settings = ClassificationSettings

@@ -88,6 +88,8 @@ def first_hit_ranks(queries: torch.Tensor, gallery: torch.Tensor, query_ids: tor
 
 @TASKS.register("contrastive")
 class ContrastiveTask(Task):
+    """Two encoders aligned in one embedding space: CLIP's softmax or SigLIP's sigmoid loss."""
+
     Settings = ContrastiveSettings
 
     def __init__(self, name, settings, state, label_field="answer"):

@@ -49,6 +49,8 @@ def average_precision(scores: torch.Tensor, positive: torch.Tensor) -> float:
 
 @TASKS.register("multilabel")
 class MultilabelTask(Task):
+    """Several labels per row, one sigmoid each, binary cross-entropy."""
+
     Settings = MultilabelSettings
 
     def __init__(self, name, settings, state, label_field="answer"):

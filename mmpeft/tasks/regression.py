@@ -27,6 +27,8 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
 
 @TASKS.register("regression")
 class RegressionTask(Task):
+    """One number per row, predicted standardised by the training mean and std; MSE or L1 loss."""
+
     Settings = RegressionSettings
 
     @classmethod
