@@ -207,6 +207,22 @@ def test_every_task_kind_trains_evaluates_and_predicts(kind, assets, task_files,
     assert res.exit_code == 0 and f"test answer ({kind}): {first} {stored[first]:.4f}" in res.output, res.output
     res = runner.invoke(app, ["merge", str(bundle), "--out", str(tmp_path / "merged")])
     assert res.exit_code == 0 and "verified on" in res.output, res.output
+    # one request to `mmpeft serve`'s API answers as predict does (the kind's own form where it is not one top-k list)
+    from fastapi.testclient import TestClient
+
+    from mmpeft.inference import Predictor
+    from mmpeft.serve.app import ServeSettings, create_app
+    from mmpeft.serve.pool import AdapterPool
+
+    image = task_files["test"].parent / "images/test_0.png"
+    with TestClient(create_app(AdapterPool({"b": bundle}, log=lambda m: None), ServeSettings())) as client:
+        reply = client.post("/predict", files={"image": ("x.png", image.read_bytes(), "image/png")},
+                            data={"question": "a red square", "top_k": "2"})
+    assert reply.status_code == 200, reply.text
+    want = Predictor(bundle).predict([str(image)], ["a red square"], top_k=2)[0]
+    body = reply.json()
+    got = {"answer": body["answer"], "top_k": body["top_k"]} if "answer" in body else body["result"]
+    assert got == {k: v for k, v in want.items() if k in got} and set(got) <= set(want) and got
 
 
 def test_multi_task_recipe_shares_encoders_and_carries_every_head(assets, task_files, tmp_path):

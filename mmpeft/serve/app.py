@@ -232,7 +232,7 @@ def create_app(pool, settings: ServeSettings | None = None) -> FastAPI:
             raise ClientError(422, "question is required and must not be empty", "question")
         if isinstance(question, str) and len(question) > settings.max_question_chars:
             raise ClientError(422, f"question has {len(question):,} characters, more than the {settings.max_question_chars:,} allowed", "question")
-        limit = min(settings.max_top_k, len(served.vocab))
+        limit = min(settings.max_top_k, len(served.vocab)) if served.top_k_answers else settings.max_top_k
         top_k = fields.get("top_k", 3)
         try:
             top_k = int(top_k) if not isinstance(top_k, bool) else None
@@ -262,8 +262,9 @@ def create_app(pool, settings: ServeSettings | None = None) -> FastAPI:
             for path in [clip] + [v for n, v in own.items() if served.own[n][0] == "audio"]:
                 if path is not None:
                     Path(path).unlink(missing_ok=True)
-        return {"bundle": name, "version": served.version, "question": question, "answer": answer["answer"],
-                "top_k": answer["top_k"], "batch_size": answer["batch_size"],
+        reply = {"answer": answer["answer"], "top_k": answer["top_k"]} if served.top_k_answers else \
+            {"result": {k: v for k, v in answer.items() if k != "batch_size"}}  # each kind's own answer, as predict prints it
+        return {"bundle": name, "version": served.version, "question": question, **reply, "batch_size": answer["batch_size"],
                 "seconds": round(time.perf_counter() - start, 4)}
 
     return app

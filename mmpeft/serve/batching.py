@@ -73,9 +73,11 @@ class Batcher:
                 answers = await asyncio.to_thread(self.pool.answer, bundle, [j.image for j in jobs],
                                                   [j.question for j in jobs], top_k, [j.audio for j in jobs],
                                                   [j.own for j in jobs])
+                cut = self.pool.bundles[bundle].top_k_answers
                 for job, answer in zip(jobs, answers):
                     if not job.future.done():
-                        job.future.set_result({**answer, "top_k": answer["top_k"][: job.top_k], "batch_size": len(jobs)})
+                        own = {"top_k": answer["top_k"][: job.top_k]} if cut else {}
+                        job.future.set_result({**answer, **own, "batch_size": len(jobs)})
             except Exception as exc:  # noqa: BLE001 - every waiting request learns of the failure
                 for job in jobs:
                     if not job.future.done():

@@ -23,7 +23,6 @@ from typing import Optional
 import torch
 
 from ..bundle.io import check_base, load_head, read_bundle
-from ..config import TASK_SETTINGS
 from ..config.tasks import recipe_own_columns
 from ..data import ImageStore, Sample
 from ..errors import UsageError
@@ -59,6 +58,12 @@ class Served:
     version: str
     summary: dict = field(default_factory=dict)
     own: dict = field(default_factory=dict)  # encoders reading an input of their own: {name: (modality, column)}
+
+    @property
+    def top_k_answers(self) -> bool:
+        """One task with one answer per row: the API answers ``answer`` and a ``top_k`` list;
+        any other bundle answers its tasks' own ``result`` (as ``mmpeft predict`` prints it)."""
+        return len(self.tasks) == 1 and next(iter(self.tasks.values())).settings.single_answer
 
 
 def describe(name: str, path: Path, manifest: dict, recipe, vocab_size: int, version: str, inputs=(), own=None) -> dict:
@@ -115,12 +120,8 @@ class AdapterPool:
         if name in self.bundles:
             raise UsageError(f"two bundles are named {name!r}; give one another name with NAME=PATH")
         bundle, manifest, recipe, tasks = read_bundle(path)
-        kinds = [t.settings.registry_name for t in tasks.values()]
-        if len(tasks) != 1 or not next(iter(tasks.values())).settings.single_answer:  # the API's answer is one top-k list
-            answering = " or ".join(n for n in TASK_SETTINGS.names() if TASK_SETTINGS.get(n).single_answer)
-            raise UsageError(f"{path}: its task(s) ({', '.join(f'{n}: {k}' for n, k in zip(tasks, kinds))}) are not one "
-                             f"{answering} task, which is what `mmpeft serve` answers; use `mmpeft predict`")
-        vocab = next(iter(tasks.values())).labels
+        first = next(iter(tasks.values()))
+        vocab = first.labels if len(tasks) == 1 and first.settings.single_answer else []
         encoders, methods, shared_of = {}, {}, {}
         for enc_name, cfg in recipe.encoders.items():
             key = _structure(cfg, manifest["encoders"][enc_name])
