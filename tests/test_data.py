@@ -111,6 +111,10 @@ class _PixelEncoder:
 
     modality = "image"
 
+    from mmpeft.encoders.base import ImageEncoder
+
+    batch = ImageEncoder.batch  # the image encoders' own batching (one view per unique image)
+
     def pixels(self, image):
         import numpy as np
         import torch

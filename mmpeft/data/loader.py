@@ -11,7 +11,6 @@ from PIL import Image
 
 from ..config.inputs import own_columns, recipe_inputs
 from ..config.tasks import data_blocks, recipe_tasks, task_dataset
-from ..encoders.images import augment
 from ..errors import DataError
 from ..tasks import Task
 from .audio import read_audio
@@ -268,38 +267,14 @@ class Collator:
             if name not in needed:
                 continue
             values = [input_of(r, name, enc.modality) for r in rows]  # its own column's (data.encoder_fields) or its modality's
-            if enc.modality == "text":
-                inputs[name] = enc.preprocess(values)
-                keys[name] = values
-            elif enc.modality == "audio":
-                clips = [self.store.audio_features_for(name, enc, path) for path in values]
-                inputs[name] = {"input_features": torch.stack([f for f, _ in clips]),
-                                "frames": torch.tensor([n for _, n in clips], dtype=torch.long)}
-                keys[name] = values
-            else:
-                # VQA datasets ask many questions per image: encode each unique image once
-                # and let the model index rows into it (``row_index``). With augmentation
-                # each unique image gets one random view per batch, shared by its questions:
-                # a view per question would encode the same image ~10 times (VQA-RAD).
-                unique = list(dict.fromkeys(values))
-                if not self.augment_images:  # augmented views must never hit the feature cache
-                    keys[name] = unique
-                if len(unique) == len(rows):
-                    inputs[name] = {"pixel_values": torch.stack([self._pixels(name, enc, p, rng) for p in unique])}
-                else:
-                    position = {p: i for i, p in enumerate(unique)}
-                    inputs[name] = {"pixel_values": torch.stack([self._pixels(name, enc, p, rng) for p in unique]),
-                                    "row_index": torch.tensor([position[p] for p in values], dtype=torch.long)}
+            inputs[name], key = enc.batch(name, values, self.store, rng)  # each encoder prepares its own batch
+            if key is not None:
+                keys[name] = key
         targets = {name: task.collate(rows) for name, task in self.tasks.items()}
         # rows each task learns from, counted here on the host so the loss need not ask the device
         counts = {name: int(task.usable(targets[name]).sum()) for name, task in self.tasks.items()}
         return {"inputs": inputs, "targets": targets, "index": torch.tensor(indices, dtype=torch.long), "keys": keys,
                 "counts": counts}
-
-    def _pixels(self, name: str, enc, path: str, rng) -> torch.Tensor:
-        if rng is not None:
-            return enc.pixels(augment(self.store.get(path), rng))
-        return self.store.pixels_for(name, enc, path)
 
 
 class IndexDataset(torch.utils.data.Dataset):

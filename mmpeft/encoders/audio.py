@@ -27,7 +27,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .base import EncoderOutput
+from .base import EncoderOutput, audio_batch
 from .zoo import EfficientNetEncoder
 
 AUDIO_ARCH = "efficientnet_lite_audio"
@@ -76,6 +76,9 @@ class EfficientNetAudioEncoder(EfficientNetEncoder):
 
     modality = "audio"
     arch = AUDIO_ARCH
+
+    def batch(self, name: str, values: list, store, rng=None):
+        return audio_batch(self, name, values, store)
 
     def export_preprocessing(self, name: str) -> dict:
         return {"audio": self.audio.model_dump(), "frames": self.frames, "image_mean": list(self.mean),

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .architectures import Architecture, architecture
-from .images import to_pixels
+from .images import augment, to_pixels
 
 
 @dataclass
@@ -78,6 +78,13 @@ class Encoder(nn.Module):
     def save_preprocessor(self, folder, name: str) -> None:
         """Write the files :meth:`export_preprocessing` names (a tokenizer, a feature extractor)."""
 
+    def batch(self, name: str, values: list, store, rng=None) -> tuple[dict[str, torch.Tensor], Optional[list]]:
+        """One batch of this encoder's inputs: ``(tensors, keys)`` from the rows' values of its
+        column (``store``: the data pipeline's decoded-file cache; ``rng``: an augmentation
+        draw, or None), ``keys`` naming each tensor row for the frozen-feature cache (None: not
+        cacheable). Text: tokenised as they are."""
+        return self.preprocess(values), values
+
     def preprocess(self, items: list[Any]) -> dict[str, torch.Tensor]:
         """Turn a list of raw inputs into model tensors (batched)."""
         raise NotImplementedError
@@ -134,6 +141,20 @@ class ImageEncoder(Encoder):
     def export_preprocessing(self, name: str) -> dict:
         return {"image_size": self.image_size, "image_mean": list(self.mean), "image_std": list(self.std), "resize": "bicubic"}
 
+    def batch(self, name: str, values: list, store, rng=None) -> tuple[dict[str, torch.Tensor], Optional[list]]:
+        # VQA datasets ask many questions per image: encode each unique image once and let the
+        # model index rows into it (``row_index``). With augmentation each unique image gets one
+        # random view per batch, shared by its questions: a view per question would encode the
+        # same image ~10 times (VQA-RAD); augmented views must never hit the feature cache.
+        unique = list(dict.fromkeys(values))
+        pixels = torch.stack([self.pixels(augment(store.get(p), rng)) if rng is not None else store.pixels_for(name, self, p)
+                              for p in unique])
+        tensors = {"pixel_values": pixels}
+        if len(unique) != len(values):
+            position = {p: i for i, p in enumerate(unique)}
+            tensors["row_index"] = torch.tensor([position[p] for p in values], dtype=torch.long)
+        return tensors, (unique if rng is None else None)
+
     def preprocess(self, items: list[Any]) -> dict[str, torch.Tensor]:
         return {"pixel_values": torch.stack([self.pixels(im) for im in items])}
 
@@ -149,6 +170,13 @@ class ImageEncoder(Encoder):
 
     def encode_pixels(self, pixel_values: torch.Tensor) -> EncoderOutput:
         raise NotImplementedError
+
+
+def audio_batch(encoder, name: str, values: list, store) -> tuple[dict[str, torch.Tensor], list]:
+    """An audio encoder's batch: each clip's features (cached by the store) and real frames."""
+    clips = [store.audio_features_for(name, encoder, path) for path in values]
+    return {"input_features": torch.stack([f for f, _ in clips]),
+            "frames": torch.tensor([n for _, n in clips], dtype=torch.long)}, values
 
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import RecipeError
-from .base import Encoder, EncoderOutput, masked_mean
+from .base import Encoder, EncoderOutput, audio_batch, masked_mean
 
 WAVEFORM = ("wav2vec2", "hubert", "wavlm")
 FUSION_SEED = 0  # CLAP fusion: the seed of the extractor's crop positions
@@ -97,6 +97,9 @@ class HFAudioEncoder(Encoder):
 
     def sequence_length(self) -> int:
         return self.max_tokens
+
+    def batch(self, name: str, values: list, store, rng=None):
+        return audio_batch(self, name, values, store)
 
     def export_preprocessing(self, name: str) -> dict:
         return {"audio": self.audio.model_dump(), "feature_extractor": f"feature_extractor_{name}",
