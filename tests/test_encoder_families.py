@@ -69,5 +69,8 @@ def test_a_registered_family_trains_and_its_bundle_works_without_an_edit_elsewhe
         assert res.exit_code == 0 and "0." in res.output, res.output
         res = runner.invoke(app, ["inspect", str(bundle)])
         assert res.exit_code == 0 and "tinyconv" in res.output, res.output
+        from mmpeft.docs import registry_reference
+
+        assert "| `tiny_conv_test` |" in registry_reference()  # listed in the generated reference, unedited
     finally:
         ENCODER_FAMILIES.unregister("tiny_conv_test")

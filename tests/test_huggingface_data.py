@@ -161,9 +161,9 @@ def test_every_data_source_has_its_spec_and_its_reader():
     from mmpeft.data.sources import DATASETS
 
     assert DATASET_SPECS.names() == DATASETS.names()
-    from mmpeft.docs import recipe_reference
+    from mmpeft.docs import registry_reference
 
-    reference = recipe_reference()
+    reference = registry_reference()
     for name in DATASET_SPECS.names():
         assert f"| `{name}` |" in reference, name
 
@@ -174,7 +174,7 @@ def test_a_registered_dataset_trains_without_an_edit_elsewhere(assets, tmp_path)
     from mmpeft.config.datasets import DATASET_SPECS, DatasetSpec
     from mmpeft.data.samples import load_manifest
     from mmpeft.data.sources import DATASETS, DatasetReader
-    from mmpeft.docs import recipe_reference
+    from mmpeft.docs import registry_reference
     from mmpeft.inference import evaluate_bundle
 
     @DATASET_SPECS.register("shapes_test")
@@ -195,7 +195,7 @@ def test_a_registered_dataset_trains_without_an_edit_elsewhere(assets, tmp_path)
         raw = tiny.recipe_dict(assets["bert"], assets["vit"], assets["data"], tmp_path / "out", epochs=1)
         raw["data"] = {"source": "shapes_test", "eval_fraction": 0.25}
         bundle = finetune(load_recipe(raw))
-        assert "| `shapes_test` | Test shapes" in recipe_reference()
+        assert "| `shapes_test` | Test shapes" in registry_reference()
         metrics = json.loads((bundle / "metrics.json").read_text())
         assert metrics["data"] == {"source": "shapes_test", "train": 36, "eval": 12, "test": 24}
         again = evaluate_bundle(bundle)
