@@ -65,7 +65,7 @@ def test_benchmark_runs_side_by_side(assets, tmp_path):
     """`mmpeft bench vqa-rad --jobs 2` on tiny encoders and a slice of VQA-RAD: both runs
     train at once, the table keeps the benchmark's order, the results say how they ran."""
     res = CliRunner().invoke(app, [
-        "bench", "vqa-rad", "--configs", "bitfit,head only", "--seeds", "0", "--jobs", "2", "--out", str(tmp_path / "out"),
+        "bench", "vqa-rad", "--recipe", str(ROOT / "recipes" / "medical_vqa_15ep.yaml"), "--configs", "bitfit,head only", "--seeds", "0", "--jobs", "2", "--out", str(tmp_path / "out"),
         f"data.root={VQA_RAD}", f"encoders.text.model={assets['bert']}", f"encoders.image.model={assets['effnet']}",
         "encoders.image.image_size=32", "data.max_train_samples=48", "data.max_eval_samples=16", "data.max_test_samples=40",
         "train.epochs=1", "train.batch_size=16", "output.plots=false",
