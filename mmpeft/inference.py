@@ -13,7 +13,8 @@ from pydantic import BaseModel, Field, ValidationError
 
 from .bundle.io import load_bundle
 from .config.tasks import recipe_own_columns
-from .data import Collator, ImageStore, Sample, make_loader, read_rows, recipe_splits
+from .data import Sample, read_rows, recipe_splits
+from .data.batching import Collator, ImageStore, make_loader
 from .config.problems import describe_error
 from .errors import BundleError, DataError, MMPeftError, UsageError
 from .files import MAX_MANIFEST_BYTES, atomic_text_file, read_text

@@ -25,7 +25,8 @@ from .checkpoint import (LoopState, RunningLoss, capture_rng, data_fingerprint, 
                          remove_checkpoints, restore_rng, run_settings, trainable_state, write_checkpoint)
 from .config import Recipe, load_recipe
 from .config.paths import require_data
-from .data import Collator, ImageStore, make_loader, probe_images, recipe_splits
+from .data import probe_images, recipe_splits
+from .data.batching import Collator, ImageStore, make_loader
 from .data.sampling import DatasetBatches, epoch_sampler, timed
 from .errors import Interrupted, UsageError
 from .files import check_writable, output_lock

@@ -84,7 +84,7 @@ def test_predict_preprocesses_like_evaluate(trained, tmp_path):
     import torch
     from PIL import Image
 
-    from mmpeft.data import Collator, ImageStore
+    from mmpeft.data.batching import Collator, ImageStore
     from mmpeft.data.samples import Sample
     from mmpeft.inference import Predictor
 
@@ -312,7 +312,7 @@ def test_bf16_bundle_is_scored_under_its_autocast(assets, tmp_path):
     predictor = Predictor(bundle)
     image, question = str(assets["data"]["test"].parent / "images/test_1.png"), "what color is the shape ?"
     probs = predictor.predict([image], [question], top_k=3)[0]["top_k"]
-    from mmpeft.data import Collator
+    from mmpeft.data.batching import Collator
     from mmpeft.data.samples import Sample
 
     rows = [Sample(image, question, "", {}, "input 1")]  # the same preprocessing as predict

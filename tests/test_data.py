@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmpeft.data import easy_vqa_samples, load_manifest, vqa_rad_samples
-from mmpeft.data.loader import ImageStore
+from mmpeft.data.batching import ImageStore
 from mmpeft.errors import DataError
 from mmpeft.tasks import Vocabulary, compute_metrics, normalize_answer
 
@@ -131,7 +131,7 @@ def test_augmentation_keeps_left_right_and_one_view_per_image(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from mmpeft.data.loader import Collator
+    from mmpeft.data.batching import Collator
     from mmpeft.data.samples import Sample
     from mmpeft.encoders.images import augment
 

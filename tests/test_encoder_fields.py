@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from mmpeft.cli import app
 from mmpeft.config import load_recipe
-from mmpeft.data import Collator, ImageStore, recipe_splits
+from mmpeft.data import recipe_splits
+from mmpeft.data.batching import Collator, ImageStore
 from mmpeft.errors import DataError, RecipeError
 from mmpeft.model import build_model
 from tests import tiny

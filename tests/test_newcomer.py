@@ -185,3 +185,41 @@ def test_readme_tour_uses_real_files():
     assert "some.png" not in tour and "easy_vqa.get_test_image_paths()" in tour
     assert "after it has finished" in tour and ". .venv/bin/activate" in tour
     assert "osf.io/89kps" in text  # where VQA-RAD comes from, for users without ../shared
+
+
+def test_validate_reads_and_checks_every_row_as_finetune_does(assets, tmp_path):
+    """`mmpeft validate` said OK for each of these; it now reads every row and opens every file
+    (without torch), exits 2 naming the file, row or column, and says how much it checked."""
+    base = project(assets, tmp_path)
+    recipe = base / "recipes" / "tiny.yaml"
+    runner = CliRunner()
+    res = runner.invoke(app, ["validate", str(recipe)])
+    assert res.exit_code == 0, res.output
+    assert "rows checked: 36 train / 12 validation / 24 test; 72 image and 0 audio file(s) opened" in res.output
+    rows = [json.loads(line) for line in (base / "data" / "train.jsonl").read_text().splitlines()]
+    (base / "data" / "images" / "fake.jpg").write_text("a text file saved as .jpg")
+
+    def manifest(name: str, edit) -> str:
+        changed = [edit(i, dict(r)) for i, r in enumerate(rows)]
+        (base / "data" / name).write_text("".join(json.dumps(r) + "\n" for r in changed))
+        return f"data.train={base / 'data' / name}"
+
+    renamed = manifest("renamed.jsonl", lambda i, r: {"img": r["image"], "q": r["question"], "a": r["answer"]})
+    missing = manifest("missing.jsonl", lambda i, r: {**r, "image": "images/nope.png"} if i == 3 else r)
+    text_jpg = manifest("textjpg.jsonl", lambda i, r: {**r, "image": "images/fake.jpg"} if i == 5 else r)
+    no_question = manifest("noq.jsonl", lambda i, r: {k: v for k, v in r.items() if k != "question"} if i == 2 else r)
+    (base / "data" / "empty.jsonl").write_text("")
+    (base / "data" / "rows.arrow").write_bytes(b"ARROW1")
+    cases = [
+        ([renamed], ["renamed.jsonl, row 1", "missing field(s) 'image', 'question', 'answer'", "it has: img, q, a"]),
+        ([missing], ["missing.jsonl, row 4", "nope.png"]),
+        ([text_jpg], ["textjpg.jsonl, row 6", "fake.jpg"]),
+        ([no_question], ["noq.jsonl, row 3", "missing field(s) 'question'"]),
+        ([f"data.test={base / 'data' / 'empty.jsonl'}"], ["no test rows (check data.test:", "empty.jsonl"]),
+        ([f"data.train={base / 'data' / 'rows.arrow'}"], ["unsupported manifest type '.arrow'", "data.source: huggingface"]),
+    ]
+    for overrides, needles in cases:
+        res = runner.invoke(app, ["validate", str(recipe), *overrides])
+        flat = " ".join(res.output.split())
+        assert res.exit_code == 2 and "Traceback" not in res.output, (overrides, res.output)
+        assert all(n in flat for n in needles), (needles, res.output)

@@ -132,7 +132,8 @@ def test_a_task_with_its_own_data_trains_on_it_and_is_scored_on_it(assets, tmp_p
 
 
 def test_rows_of_another_dataset_teach_a_task_nothing(assets, tmp_path):
-    from mmpeft.data import Collator, ImageStore, recipe_splits
+    from mmpeft.data import recipe_splits
+    from mmpeft.data.batching import Collator, ImageStore
     from mmpeft.model import build_model
     from mmpeft.tasks import recipe_task_set
 
@@ -198,7 +199,8 @@ def test_a_missing_task_data_file_or_input_is_named_before_training(assets, tmp_
 def test_shared_rows_need_only_the_encoders_of_the_tasks_reading_them(assets, tmp_path):
     """A text-only answer task on the recipe's data beside an image task on its own: the shared
     manifest needs no image column, and its batches hold only the text encoder's input."""
-    from mmpeft.data import Collator, ImageStore, recipe_splits
+    from mmpeft.data import recipe_splits
+    from mmpeft.data.batching import Collator, ImageStore
     from mmpeft.model import build_model
     from mmpeft.tasks import recipe_task_set
 

@@ -66,7 +66,7 @@ def test_image_cache_stays_within_its_budget(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from mmpeft.data import ImageStore
+    from mmpeft.data.batching import ImageStore
 
     store = ImageStore(max_side=64, cache_mb=1)  # 1 MiB: about 80 images of 64x64
     paths = []

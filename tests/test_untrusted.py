@@ -140,7 +140,8 @@ def test_manifest_with_wrong_types_or_missing_keys(bundle, tmp_path, edit):
 
 
 def test_decompression_bombs_and_fifo_images_follow_on_bad_image(tmp_path, monkeypatch):
-    from mmpeft.data import ImageStore, checks, probe_images
+    from mmpeft.data import checks, probe_images
+    from mmpeft.data.batching import ImageStore
     from mmpeft.data.samples import Sample
 
     big = tmp_path / "big.png"

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from ..config import TASK_SETTINGS, load_recipe
-from ..data import Collator, ImageStore, make_loader, recipe_splits
+from ..data import recipe_splits
+from ..data.batching import Collator, ImageStore, make_loader
 from ..errors import UsageError
 from ..model import build_model
 from ..runtime import fresh_accelerator

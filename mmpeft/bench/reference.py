@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import load_recipe
-from ..data import Collator, ImageStore, recipe_splits
+from ..data import recipe_splits
+from ..data.batching import Collator, ImageStore
 from ..errors import MMPeftError, UsageError
 from ..model import build_model
 from ..memory import peak_memory_mib

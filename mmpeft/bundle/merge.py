@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..data import Collator, ImageStore, Sample, recipe_splits
+from ..data import Sample, recipe_splits
+from ..data.batching import Collator, ImageStore
 from ..encoders import build_encoder
 from ..errors import MMPeftError, UsageError
 from ..files import fingerprint_module

@@ -42,13 +42,22 @@ def main_options(version: bool = typer.Option(False, "--version", callback=_show
 @friendly
 def validate(recipe: Path = typer.Argument(..., metavar="RECIPE", help="recipe YAML"),
              overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides")):
-    """Check a recipe and that its data files exist, without loading any model."""
+    """Check a recipe, and read and check every row of its data as finetune does (columns,
+    files that exist and open as images / audio, rows in every split), without loading any model."""
     r = recipe_with_data(recipe, overrides)
     from ..config import recipe_tasks
+    from ..data import probe_images, recipe_splits
+    from ..data.samples import files_of
 
+    splits = recipe_splits(r)  # every row: its columns and values (errors name the file and row)
+    every = {"train": splits.train, "eval": splits.eval, "test": splits.test}
+    probe_images(every, r.data.on_bad_image, r.data.on_bad_audio)  # every file opens (its header)
+    files = {kind: len({p for rows in every.values() for s in rows for p in files_of(s, kind)}) for kind in ("image", "audio")}
     methods = ", ".join(f"{n}: {c.model} + {c.peft['method']}" for n, c in r.encoders.items())
     tasks = ", ".join(f"{n}: {t.registry_name}" for n, t in recipe_tasks(r).items())
     console.print(f"{recipe}: OK ({methods}; fusion {r.fusion['type']}; task {tasks}; data {r.data.source})")
+    console.print(f"rows checked: {len(splits.train):,} train / {len(splits.eval):,} validation / {len(splits.test):,} test; "
+                  f"{files['image']:,} image and {files['audio']:,} audio file(s) opened")
 
 
 @app.command()

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 from ..config.paths import dataset_dir, dataset_missing, vqa_rad_dir
 from ..errors import DataError
 from ..files import read_text
-from ..tasks.vocab import normalize_answer
+from ..config.answers import normalize_answer
 
 
 @dataclass(slots=True)  # a manifest of a million rows holds a million of these: no per-instance __dict__
@@ -169,7 +169,9 @@ def iter_rows(path: Path):
     """:func:`read_rows` one row at a time (a large manifest is never held as rows twice)."""
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".csv", ".json"):
-        raise DataError(f"{path}: unsupported manifest type {suffix!r}; use .jsonl, .csv or .json")
+        raise DataError(f"{path}: unsupported manifest type {suffix!r}; use .jsonl, .csv or .json"
+                        + (" (a Hugging Face dataset file: data.source: huggingface, data.path)"
+                           if suffix in (".arrow", ".parquet") else ""))
     text = read_text(path, DataError)
     if suffix == ".jsonl":
         for number, line in enumerate(io.StringIO(text), start=1):

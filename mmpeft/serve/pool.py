@@ -24,7 +24,8 @@ import torch
 
 from ..bundle.io import check_base, load_head, read_bundle
 from ..config.tasks import recipe_own_columns
-from ..data import ImageStore, Sample
+from ..data import Sample
+from ..data.batching import ImageStore
 from ..errors import UsageError
 from ..inference import answer_rows, stored_metrics
 from ..model import assemble, build_adapted_encoder

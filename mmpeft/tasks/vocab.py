@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from typing import Iterable
 
-_SPACES = re.compile(r"\s+")
-
-
-def normalize_answer(answer) -> str:
-    """Answers are compared case- and spacing-insensitively; numbers become strings."""
-    return _SPACES.sub(" ", str(answer).strip().lower())
+from ..config.answers import normalize_answer  # noqa: F401 (answers and the vocabulary compare alike)
 
 
 class Vocabulary:
