@@ -223,3 +223,14 @@ def test_validate_reads_and_checks_every_row_as_finetune_does(assets, tmp_path):
         flat = " ".join(res.output.split())
         assert res.exit_code == 2 and "Traceback" not in res.output, (overrides, res.output)
         assert all(n in flat for n in needles), (needles, res.output)
+
+
+def test_the_own_data_example_is_a_working_manifest_and_recipe():
+    """recipes/own_data.yaml reads the shipped example manifest, at the encoders' own image
+    size, and the README shows the manifest's first row as it is."""
+    res = CliRunner().invoke(app, ["validate", str(ROOT / "recipes" / "own_data.yaml")])
+    assert res.exit_code == 0 and "rows checked: 18 train / 6 validation / 12 test; 36 image" in res.output, res.output
+    recipe = load_recipe(ROOT / "recipes" / "own_data.yaml")
+    assert recipe.encoders["image"].image_size is None and recipe.data.source == "manifest"
+    first = (ROOT / "examples" / "own_data" / "train.jsonl").read_text().splitlines()[0]
+    assert first in (ROOT / "README.md").read_text()
