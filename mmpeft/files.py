@@ -384,17 +384,30 @@ def output_lock(lock_path: Path, what: str) -> Iterator[Optional[str]]:
     A second holder is refused at once, naming the process that holds the lock. The lock
     is the kernel's (flock): a process that dies releases it, and a lock file whose
     recorded process is gone is taken over; the block receives a note saying so (else None).
+    The file is removed when the block ends (a run leaves no lock behind); a holder that
+    locked a file another holder removed meanwhile sees that its path is gone and locks anew.
     """
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    for _ in range(10):
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _holder(fd)
+            os.close(fd)
             raise MMPeftError(f"{what} is being written by another run ({holder}); wait for it to finish, "
                               "or choose another output.name / --out") from None
+        try:
+            same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # removed (and perhaps made again) by the holder before us: lock the file at the path now
+    else:
+        raise MMPeftError(f"{what}: its lock file {lock_path} kept being replaced; is another program removing it?")
+    try:
         previous = _read_holder(fd)
         note = None
         if previous and previous.get("pid") != os.getpid():
@@ -407,6 +420,7 @@ def output_lock(lock_path: Path, what: str) -> Iterator[Optional[str]]:
             yield note
         finally:
             os.ftruncate(fd, 0)  # released: an empty lock file is no one's
+            lock_path.unlink(missing_ok=True)  # removed while still held, so no one locks a file on its way out
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)

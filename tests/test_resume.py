@@ -149,6 +149,9 @@ def test_one_writer_per_output(assets, tmp_path):
     lock.write_text(json.dumps({"pid": 2**22 + 17, "host": "h", "started": "then", "command": "mmpeft finetune"}))
     with output_lock(lock, "x") as note:  # the recorded process is gone: taken over, and said so
         assert note and "no longer running" in note
+    assert not lock.exists()  # a finished holder leaves no lock file behind
+    res = runner.invoke(app, ["finetune", str(recipe), "train.epochs=1"])
+    assert res.exit_code == 0 and not lock.exists() and not list(tmp_path.glob(".*.lock")), res.output
 
 
 def test_signal_handler_outside_the_main_thread_is_inert():
