@@ -107,7 +107,12 @@ def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run
             found = list_checkpoints(checkpoints)
             if resume and out_dir.exists() and (not found or is_final(found[-1])):
                 # the bundle is in place: the run completed (a final checkpoint left means its removal was cut short)
-                accelerator.print(f"{out_dir} is complete (its bundle is written); nothing to resume")
+                others = sorted(p.name for p in checkpoints.parent.iterdir()
+                                if p.is_dir() and p.name != out_dir.name and list_checkpoints(p)) \
+                    if checkpoints.parent.is_dir() else []
+                accelerator.print(f"{out_dir} is complete (its bundle is written); nothing to resume" + (
+                    f". Interrupted runs beside it: {', '.join(others)} (resume one with output.name=<run> --resume)"
+                    if others else ""))
                 if is_main:
                     remove_checkpoints(checkpoints)
                 return out_dir
@@ -373,10 +378,12 @@ def _checkpoint(run: Run, loop: LoopState, best_state, epoch_rng: Optional[dict]
     run.last_checkpoint = time.perf_counter()
 
 
+RESUME_COMMAND = "mmpeft finetune <the same recipe and overrides> --resume"  # the CLI puts the command it ran here
+
+
 def _interrupted(stop, recipe: Recipe, checkpoints: Path) -> Interrupted:
     why = f"stopped by {stop.name}" if stop else "stopped with another process of this run, which was signalled"
-    return Interrupted(f"{why}; checkpoint written to {checkpoints}. Resume with: "
-                       f"mmpeft finetune <the same recipe and overrides> --resume", stop.exit_code)
+    return Interrupted(f"{why}; checkpoint written to {checkpoints}. Resume with: {RESUME_COMMAND}", stop.exit_code)
 
 
 def _skip_batches(loader, count: int):

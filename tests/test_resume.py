@@ -4,6 +4,7 @@ and SIGTERM stop at a step with a checkpoint; one writer per output."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,18 +108,24 @@ def test_signal_stops_at_a_step_with_a_checkpoint(reference, tmp_path, signal_na
     recipe, out = reference["recipe"], tmp_path / "out"
     res = finetune(recipe, out, kill_at="train.step#3", signal_name=signal_name)
     assert res.returncode == code, res.stderr[-2000:]
-    assert f"stopped by SIG{signal_name}" in res.stderr and "--resume" in res.stderr and "Traceback" not in res.stderr
+    assert f"stopped by SIG{signal_name}" in res.stderr and "Traceback" not in res.stderr
+    # the command that resumes this very run, not a placeholder
+    assert f"Resume with: mmpeft finetune {recipe} output.dir={out} --resume" in " ".join(res.stderr.split())
     checkpoints = sorted((out / ".checkpoints" / "tiny").glob("ckpt-*"))
     assert [c.name for c in checkpoints] == ["ckpt-e0001-b000003-s00000003"]
     if signal_name == "TERM":
         return
+    shutil.copytree(out / ".checkpoints" / "tiny", tmp_path / "saved")  # an interrupted run's checkpoints, for later
     # without --resume the interrupted run is not silently started again
     res = finetune_here(recipe, out)
     assert res.exit_code == 2 and "pass --resume to continue it" in res.output
     assert finetune_here(recipe, out, "--resume").exit_code == 0
     assert_same(reference["bundle"], out / "tiny")
     res = finetune_here(recipe, out, "--resume")  # complete: nothing to do
-    assert res.exit_code == 0 and "nothing to resume" in res.output
+    assert res.exit_code == 0 and "nothing to resume" in res.output and "Interrupted runs" not in res.output
+    shutil.copytree(tmp_path / "saved", out / ".checkpoints" / "other")  # another run's checkpoints beside it are named
+    res = finetune_here(recipe, out, "--resume")
+    assert res.exit_code == 0 and "Interrupted runs beside it: other" in " ".join(res.output.split()), res.output
 
 
 def test_checkpoint_of_other_settings_or_a_damaged_one(reference, tmp_path):

@@ -9,6 +9,7 @@ loading torch.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import List, Optional
 
@@ -70,9 +71,14 @@ def finetune(recipe: Path = typer.Argument(..., metavar="RECIPE", help="recipe Y
                                          "from the beginning when there is none)")):
     """Train a recipe and write its adapter bundle to adapters/<name>/."""
     r = recipe_with_data(recipe, overrides)  # a bad recipe or data path answers before torch loads
-    from ..train import finetune as run
+    from ..errors import Interrupted
+    from ..train import RESUME_COMMAND, finetune as run
 
-    run(r, dry_run=dry_run, overwrite=overwrite or None, resume=resume)
+    try:
+        run(r, dry_run=dry_run, overwrite=overwrite or None, resume=resume)
+    except Interrupted as exc:  # say the command that resumes this very run
+        command = shlex.join(["mmpeft", "finetune", str(recipe), *(overrides or []), "--resume"])
+        raise Interrupted(str(exc).replace(RESUME_COMMAND, command), exc.exit_code) from None
 
 
 @app.command()
