@@ -139,6 +139,16 @@ def test_inspect(trained):
     res = runner.invoke(app, ["inspect", str(trained["bundle"])])
     assert res.exit_code == 0, res.output
     assert "lora" in res.output and "bitfit" in res.output and "head.safetensors" in res.output
+    # piped into a narrow terminal: numbers and hashes whole (they were cut to `22,786,9…`, `sha256:9…`)
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "mmpeft.cli", "inspect", str(trained["bundle"])], capture_output=True,
+                          text=True, env={**os.environ, "COLUMNS": "60"})
+    manifest = json.loads((trained["bundle"] / "manifest.json").read_text())
+    assert proc.returncode == 0, proc.stderr
+    for e in manifest["encoders"].values():
+        assert f"{e['total_parameters']:,}" in proc.stdout and e["fingerprint"] in proc.stdout
 
 
 def test_tampered_bundle_is_refused(trained, tmp_path):

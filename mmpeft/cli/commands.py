@@ -179,14 +179,19 @@ def inspect(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle di
         about.add_row(key, str(value))
     console.print(about)
     table = Table(title="encoders")
-    for col in ("name", "base model", "method", "trainable", "total", "quantization", "fingerprint"):
-        table.add_column(col)
+    for col in ("name", "base model", "method"):  # names wrap in a narrow terminal; numbers are never cut
+        table.add_column(col, overflow="fold")
+    for col in ("trainable", "total"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("quant.", no_wrap=True)
     for name, e in manifest["encoders"].items():
         q = e.get("quantization")
         table.add_row(name, e["model"], e["method"], f"{e['trainable_parameters']:,}", f"{e['total_parameters']:,}",
-                      f"{q.get('bits', '?')}-bit" if q else "-", (e.get("fingerprint") or "-")[:23] + "...")
-    table.add_row("head", manifest["head"]["type"], "trained", f"{manifest['head']['parameters']:,}", "", "", "")
+                      f"{q.get('bits', '?')}-bit" if q else "-")
+    table.add_row("head", manifest["head"]["type"], "trained", f"{manifest['head']['parameters']:,}", "", "")
     console.print(table)
+    for name, e in manifest["encoders"].items():  # whole, on a line of its own: a hash is never cut
+        console.print(f"{name} base fingerprint: {e.get('fingerprint') or '-'}", soft_wrap=True)
     if (Path(bundle) / "metrics.json").is_file():
         from ..inference import stored_metrics
 
@@ -195,8 +200,8 @@ def inspect(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle di
         for name, test in (stored.get("tasks") or {"answer": stored["test"]}).items():
             console.print(test_line(name, kinds.get(name) or manifest["task"], test))
     files = Table(title="files")
-    files.add_column("file")
-    files.add_column("bytes", justify="right")
+    files.add_column("file", overflow="fold")
+    files.add_column("bytes", justify="right", no_wrap=True)
     for rel, info in manifest["files"].items():
         files.add_row(rel, f"{info['bytes']:,}")
     console.print(files)
