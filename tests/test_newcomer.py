@@ -234,3 +234,12 @@ def test_the_own_data_example_is_a_working_manifest_and_recipe():
     assert recipe.encoders["image"].image_size is None and recipe.data.source == "manifest"
     first = (ROOT / "examples" / "own_data" / "train.jsonl").read_text().splitlines()[0]
     assert first in (ROOT / "README.md").read_text()
+
+
+def test_predict_spells_the_answer_as_its_top_k_does(capsys):
+    """The medical bundle printed `No` above a top-k list saying `no`."""
+    from mmpeft.cli.common import print_answers
+
+    print_answers({"answer": "no", "top_k": [{"answer": "no", "probability": 0.9428}, {"answer": "yes", "probability": 0.0016}]})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["no", "  0.9428  no", "  0.0016  yes"]

@@ -15,12 +15,11 @@ from typing import List, Optional
 
 import typer
 from rich.table import Table
-from rich.text import Text
 
 from ..errors import UsageError
 from ..version import __version__
 from .bench import bench_app
-from .common import OVERRIDES, console, device_of, friendly, quiet_third_party, recipe_with_data, test_line
+from .common import OVERRIDES, console, device_of, friendly, print_answers, quiet_third_party, recipe_with_data, test_line
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Parameter-efficient fine-tuning of multimodal models.")
@@ -151,15 +150,7 @@ def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (o
         return
     one = {m: [str(given[m])] if m in predictor.reads else [] for m in given}
     result = predictor.predict(one["image"], one["text"], top_k, audios=one["audio"], task=task, inputs=own)[0]
-    for name, answer in (result["tasks"].items() if "tasks" in result else [(None, result)]):
-        if name is not None:
-            console.print(f"{name}:")
-        if "answer" in answer and "top_k" in answer:
-            console.print(Text(answer["answer"], style="bold"))
-            for alt in answer["top_k"]:
-                console.print(f"  {alt['probability']:.4f}  {alt['answer']}")
-        else:
-            console.print(json.dumps(answer))
+    print_answers(result)
 
 
 @app.command()

@@ -5,6 +5,7 @@ notices."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 
@@ -108,3 +109,17 @@ def test_line(task: str, kind: str, metrics: dict) -> str:
     values = [f"{m} {metrics[m]:.4f}" for m in declared
               if isinstance(metrics.get(m), (int, float)) and not isinstance(metrics.get(m), bool)]
     return f"test {task} ({kind}): " + ("  ".join(values) or "no numbers stored") + f"  n={metrics.get('count', '?')}"
+
+
+def print_answers(result: dict) -> None:
+    """A prediction as ``predict`` prints it: the answer, then its top-k with probabilities
+    (each task's, for several); other kinds as their JSON."""
+    for name, answer in (result["tasks"].items() if "tasks" in result else [(None, result)]):
+        if name is not None:
+            console.print(f"{name}:")
+        if "answer" in answer and "top_k" in answer:
+            console.print(answer["answer"], style="bold")  # (rich printed Text("no", style="bold") as "No")
+            for alt in answer["top_k"]:
+                console.print(f"  {alt['probability']:.4f}  {alt['answer']}")
+        else:
+            console.print(json.dumps(answer))
