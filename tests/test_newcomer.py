@@ -243,3 +243,31 @@ def test_predict_spells_the_answer_as_its_top_k_does(capsys):
     print_answers({"answer": "no", "top_k": [{"answer": "no", "probability": 0.9428}, {"answer": "yes", "probability": 0.0016}]})
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["no", "  0.9428  no", "  0.0016  yes"]
+
+
+def test_predict_input_reads_the_columns_the_bundle_was_trained_on(assets, tmp_path):
+    """`predict --input` used the default column names whatever the bundle was trained on, and
+    said so only after loading the model: it now reads the recipe's names, and checks every
+    row before torch loads."""
+    base = project(assets, tmp_path)
+    for split in ("train", "test"):
+        rows = [json.loads(line) for line in (base / "data" / f"{split}.jsonl").read_text().splitlines()]
+        renamed = [{"img": r["image"], "q": r["question"], "a": r["answer"]} for r in rows]
+        (base / "data" / f"{split}_renamed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in renamed))
+    recipe = base / "recipes" / "tiny.yaml"
+    overrides = ["data.train=../data/train_renamed.jsonl", "data.test=../data/test_renamed.jsonl", "data.image_field=img",
+                 "data.text_field=q", "data.label_field=a"]
+    raw = load_recipe(recipe, [], anchor=False).model_dump(mode="json")
+    raw["data"].update({k.split(".", 1)[1]: v for k, v in (o.split("=", 1) for o in overrides)})
+    raw["output"]["dir"] = str(tmp_path / "out")
+    (base / "recipes" / "renamed.yaml").write_text(yaml.safe_dump(raw))
+    res = CliRunner().invoke(app, ["finetune", str(base / "recipes" / "renamed.yaml")])
+    assert res.exit_code == 0, res.output
+    bundle = tmp_path / "out" / "tiny"
+    res = CliRunner().invoke(app, ["predict", str(bundle), "--input", str(base / "data" / "test_renamed.jsonl")])
+    assert res.exit_code == 0 and "24 predictions" in res.output, res.output
+    bad = base / "data" / "bad.jsonl"
+    bad.write_text(json.dumps({"img": "images/test_0.png", "question": "x"}) + "\n")
+    proc = run_cli_in_fresh_python("predict", str(bundle), "--input", str(bad))
+    assert proc.returncode == 2 and "bad.jsonl, row 1: needs field(s) 'q'" in " ".join(proc.stderr.split()), proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"  # answered before torch was imported

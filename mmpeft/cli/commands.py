@@ -19,7 +19,7 @@ from rich.table import Table
 from ..errors import UsageError
 from ..version import __version__
 from .bench import bench_app
-from .common import OVERRIDES, console, device_of, friendly, print_answers, quiet_third_party, recipe_with_data, test_line
+from .common import OVERRIDES, console, device_of, friendly, check_input_columns, print_answers, quiet_third_party, recipe_with_data, test_line
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Parameter-efficient fine-tuning of multimodal models.")
@@ -115,14 +115,12 @@ def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (o
             output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the input rows with their predictions (.jsonl or .csv)"),
             top_k: int = typer.Option(3, help="answers to show"),
             task: Optional[str] = typer.Option(None, help="multi-task bundles: answer only this task (default: every task)"),
-            image_field: str = typer.Option("image", help="--input: the image column"),
-            text_field: str = typer.Option("question", help="--input: the question column"),
-            audio_field: str = typer.Option("audio", help="--input: the audio column"),
+            image_field: Optional[str] = typer.Option(None, help="--input: the image column (default: the bundle's recipe's)"),
+            text_field: Optional[str] = typer.Option(None, help="--input: the question column (default: the bundle's recipe's)"),
+            audio_field: Optional[str] = typer.Option(None, help="--input: the audio column (default: the bundle's recipe's)"),
             device: str = typer.Option("auto", help="cpu, cuda or auto"),
             allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="load onto a base whose fingerprint differs")):
     """Answer a question about an image (or classify a clip, ...; or every row of a manifest)."""
-    from ..inference import Predictor, predict_manifest
-
     if input is None and image is None and question is None and audio is None and not encoder_input:
         raise UsageError("give the inputs the bundle reads (--image, --question, --audio), or --input manifest.jsonl")
     own = {}
@@ -135,6 +133,11 @@ def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (o
         raise UsageError("--encoder-input: with --input, each encoder reads its own column from the manifest")
     if top_k < 1:
         raise UsageError(f"--top-k: must be at least 1 (got {top_k})")
+    fields = {"image": image_field, "text": text_field, "audio": audio_field}
+    if input is not None:  # the columns the bundle was trained on, checked in every row before the model loads
+        fields = check_input_columns(bundle, input, fields)
+    from ..inference import Predictor, predict_manifest
+
     predictor = Predictor(bundle, device_of(device), allow_base_mismatch)
     given = {"image": image, "text": question, "audio": audio}
     flags = {"image": "--image", "text": "--question", "audio": "--audio"}
@@ -142,7 +145,7 @@ def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (o
     if input is None and missing:
         raise UsageError(f"{bundle} reads {', '.join(predictor.reads)}: give {' and '.join(missing)} too (or --input manifest.jsonl)")
     if input is not None:
-        results = predict_manifest(predictor, input, output, top_k, image_field, text_field, audio_field, task)
+        results = predict_manifest(predictor, input, output, top_k, fields["image"], fields["text"], fields["audio"], task)
         console.print(f"{len(results)} predictions" + (f" written to {output}" if output else ""))
         if output is None:
             for r in results:

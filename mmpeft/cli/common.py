@@ -123,3 +123,35 @@ def print_answers(result: dict) -> None:
                 console.print(f"  {alt['probability']:.4f}  {alt['answer']}")
         else:
             console.print(json.dumps(answer))
+
+
+def check_input_columns(bundle: Path, manifest: Path, given: dict) -> dict:
+    """The columns ``predict --input`` reads (``given``, else those the bundle's recipe named),
+    checked in every row of ``manifest`` without loading torch, so a wrong column is named
+    before the model loads; returns ``{modality: column}``."""
+    from ..config import load_recipe
+    from ..config.inputs import encoder_modality
+    from ..data import read_rows
+    from ..errors import DataError
+
+    recipe_file = Path(bundle) / "recipe.yaml"
+    recipe = load_recipe(recipe_file, anchor=False) if recipe_file.is_file() else None
+    data = recipe.data if recipe else None
+    trained = {"image": data.image_field if data else "image", "text": data.text_field if data else "question",
+               "audio": data.audio_field if data else "audio"}
+    fields = {m: given.get(m) or trained[m] for m in trained}
+    own = data.encoder_fields if data else {}
+    reads = {encoder_modality(cfg) for name, cfg in (recipe.encoders.items() if recipe else ()) if name not in own}
+    needed = [fields[m] for m in ("image", "text", "audio") if m in reads] + list(own.values())
+    path = Path(manifest)
+    if not path.is_file():
+        raise DataError(f"input manifest not found: {path.resolve()}")
+    for number, row in read_rows(path):
+        missing = [c for c in needed if not isinstance(row, dict) or row.get(c) is None
+                   or row.get(c) == "" and c != fields["text"]]  # an empty question is a question
+        if missing:
+            has = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
+            raise DataError(f"{path}, row {number}: needs field(s) {', '.join(map(repr, missing))} (the bundle reads the column(s) "
+                            f"{', '.join(map(repr, needed))}, as its recipe named them; the row has: {has}; other names: "
+                            "--image-field / --text-field / --audio-field)")
+    return fields
