@@ -160,3 +160,20 @@ def test_augmentation_keeps_left_right_and_one_view_per_image(tmp_path):
     assert torch.equal(pixels, again["inputs"]["image"]["pixel_values"])
     plain = Collator(rows, {"image": _PixelEncoder()}, {}, ImageStore())([0, 1, 2])
     assert plain["keys"]["image"] == [rows[0].image, rows[2].image]
+
+
+def test_paths_relative_to_the_wrong_folder_are_said_so(tmp_path):
+    """Every row's image missing: the first bad row of each file and the row counts are named,
+    and the advice is about the folder the paths are read from, not on_bad_image: skip."""
+    (tmp_path / "data").mkdir()
+    for name in ("train", "test"):
+        rows = [{"image": f"data/{name}_{i}.png", "question": "q", "answer": "a"} for i in range(3)]
+        (tmp_path / "data" / f"{name}.csv").write_text("image,question,answer\n" + "".join(
+            f"{r['image']},{r['question']},{r['answer']}\n" for r in rows))
+    train, test = (load_manifest(tmp_path / "data" / f"{n}.csv") for n in ("train", "test"))
+    with pytest.raises(DataError) as err:
+        ImageStore().check({"train": train, "test": test}, "error")
+    message = " ".join(str(err.value).split())
+    assert message.startswith(f"{tmp_path / 'data' / 'train.csv'}, row 2: file not found")  # CSV: data rows from 2
+    assert "in 6 of 6 rows" in message and f"{tmp_path / 'data' / 'test.csv'}, row 2" in message
+    assert "read from the manifest's folder" in message and "skip" not in message

@@ -85,12 +85,33 @@ def bad_files(splits: dict[str, list[Sample]], kind: str, open_one, desc: str) -
 NOUNS = {"image": "image(s)", "audio": "audio file(s)"}  # as the messages name each kind
 
 
+def _row_number(where: str) -> tuple[str, int]:
+    source, _, number = where.rpartition(", row ")
+    return (source, int(number)) if number.isdigit() else (where, 0)
+
+
 def raise_first_bad(splits: dict[str, list[Sample]], kind: str, bad: dict[str, str], hint: str) -> None:
-    for rows in splits.values():
-        for s in rows:
-            for path in files_of(s, kind):
-                if path in bad:
-                    raise DataError(f"{s.where}: {bad[path]}: {path} ({len(bad)} bad {NOUNS[kind]} in all; {hint})")
+    """Stop on the first bad row of the first file that has one, saying how many rows of how
+    many are bad and the first bad row of every file; when most rows' files are missing, the
+    paths are most likely read from the wrong folder, and skipping them is no advice."""
+    every = [s for rows in splits.values() for s in rows]
+    failing = [s for s in every if any(p in bad for p in files_of(s, kind))]
+    if not failing:
+        return
+    first: dict[str, Sample] = {}  # data file (in the order the splits meet them) -> its first bad row
+    for s in failing:
+        source, number = _row_number(s.where)
+        if source not in first or number < _row_number(first[source].where)[1]:
+            first[source] = s
+    row = next(iter(first.values()))
+    path = next(p for p in files_of(row, kind) if p in bad)
+    missing = all(why == "file not found" for why in bad.values())
+    if missing and len(failing) > len(every) / 2:
+        hint = (f"most rows' {NOUNS[kind]} are missing: paths in a manifest are read from the manifest's folder (or "
+                "data.root when it is set); check that the paths are relative to that folder")
+    others = "; first bad row of each file: " + ", ".join(s.where for s in first.values()) if len(first) > 1 else ""
+    raise DataError(f"{row.where}: {bad[path]}: {path} ({len(bad)} bad {NOUNS[kind]} in all, in {len(failing)} of "
+                    f"{len(every)} rows{others}; {hint})")
 
 
 def skip_bad(splits: dict[str, list[Sample]], kind: str, bad: dict[str, str], setting: str) -> dict[str, list[Sample]]:
