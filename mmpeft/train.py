@@ -125,7 +125,12 @@ def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run
                 if is_main:
                     remove_checkpoints(checkpoints)
         set_seed(t.seed)
-        return _run(recipe, accelerator, out_dir, checkpoints, dry_run, resume)
+        started = time.perf_counter()
+        result = _run(recipe, accelerator, out_dir, checkpoints, dry_run, resume)
+        if not dry_run:
+            minutes, seconds = divmod(round(time.perf_counter() - started), 60)
+            accelerator.print(f"finished in {minutes} min {seconds:02d} s" if minutes else f"finished in {seconds} s")
+        return result
 
 
 

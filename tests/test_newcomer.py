@@ -3,6 +3,7 @@ text, fast validation, output that fits the terminal, ordinary permissions."""
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -262,7 +263,7 @@ def test_predict_input_reads_the_columns_the_bundle_was_trained_on(assets, tmp_p
     raw["output"]["dir"] = str(tmp_path / "out")
     (base / "recipes" / "renamed.yaml").write_text(yaml.safe_dump(raw))
     res = CliRunner().invoke(app, ["finetune", str(base / "recipes" / "renamed.yaml")])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 0 and re.search(r"finished in \d+ s", res.output), res.output  # the run's total time, last
     bundle = tmp_path / "out" / "tiny"
     res = CliRunner().invoke(app, ["predict", str(bundle), "--input", str(base / "data" / "test_renamed.jsonl")])
     assert res.exit_code == 0 and "24 predictions" in res.output, res.output
