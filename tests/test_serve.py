@@ -3,6 +3,7 @@ status and message, batching that changes no answer, two bundles on one base, sh
 
 import base64
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -213,3 +214,16 @@ def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(bundles):
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_a_line_per_request_names_method_path_status_time_and_bundle(pool, bundles):
+    lines = []
+    with client_for(pool, log=lines.append) as client:
+        assert post(client, png(bundles["images"][0]), bundle="seed0").status_code == 200
+        assert post(client, png(bundles["images"][0]), bundle="nope").status_code == 404
+        assert client.get("/bundles").status_code == 200
+    assert len(lines) == 3, lines
+    assert re.fullmatch(r"POST /predict 200 \d+ ms bundle seed0", lines[0]), lines
+    assert re.fullmatch(r"POST /predict 404 \d+ ms", lines[1]) and re.fullmatch(r"GET /bundles 200 \d+ ms", lines[2]), lines
+    with client_for(pool) as client:  # quiet by default in the library (the CLI logs unless --quiet)
+        assert client.get("/bundles").status_code == 200

@@ -285,7 +285,8 @@ def serve(bundles: List[str] = typer.Argument(..., metavar="BUNDLE", help="bundl
           max_batch: int = typer.Option(16, help="requests of one bundle answered in one forward pass at most (1: no batching)"),
           max_wait_ms: float = typer.Option(5.0, help="how long the first request of a batch waits for others"),
           max_upload_mb: float = typer.Option(16.0, help="largest request body accepted"),
-          device: str = typer.Option("auto", help="cpu, cuda or auto")):
+          device: str = typer.Option("auto", help="cpu, cuda or auto"),
+          quiet: bool = typer.Option(False, "--quiet", help="no line per request")):
     """Serve bundles over HTTP: an API (POST /predict, GET /bundles, /docs) and a web page at /."""
     try:
         import uvicorn
@@ -306,7 +307,8 @@ def serve(bundles: List[str] = typer.Argument(..., metavar="BUNDLE", help="bundl
         paths[name] = Path(folder)
     pool = AdapterPool(paths, device_of(device), log=console.print)
     app_ = create_app(pool, ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms,
-                                          max_upload_bytes=int(max_upload_mb * 1024 * 1024)))
+                                          max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                                          log=None if quiet else console.print))
     console.print(f"serving {', '.join(paths)} at http://{host}:{port}/ (API: /predict, /bundles, /docs); Ctrl-C to stop")
     uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
 

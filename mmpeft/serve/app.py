@@ -24,6 +24,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -46,6 +47,7 @@ class ServeSettings:
     max_pixels: int = MAX_IMAGE_PIXELS
     max_question_chars: int = 2000
     max_top_k: int = 50
+    log: Optional[Callable[[str], None]] = None  # one line per request (method, path, status, ms, bundle); None: quiet
 
 
 class ClientError(Exception):
@@ -181,6 +183,20 @@ def create_app(pool, settings: ServeSettings | None = None) -> FastAPI:
     app.state.batcher, app.state.pool, app.state.settings = batcher, pool, settings
     weights = pool.weight_bytes()
 
+    @app.middleware("http")
+    async def request_log(request: Request, call_next):  # as uvicorn's access log, with the time and the bundle
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            if settings.log is not None:
+                bundle = getattr(request.state, "bundle", None)
+                settings.log(f"{request.method} {request.url.path} {status} {1000 * (time.perf_counter() - start):.0f} ms"
+                             + (f" bundle {bundle}" if bundle else ""))
+
     @app.exception_handler(ClientError)
     async def client_error(request: Request, exc: ClientError):
         return JSONResponse({"error": exc.message, "field": exc.field}, status_code=exc.status)
@@ -226,6 +242,7 @@ def create_app(pool, settings: ServeSettings | None = None) -> FastAPI:
         if name not in pool.bundles:
             raise ClientError(404, f"no bundle named {name!r} (served: {', '.join(pool.bundles)})", "bundle")
         served = pool.bundles[name]
+        request.state.bundle = name
         reads = {enc.modality for n, enc in served.model.encoders.items() if n not in served.own}
         question = fields.get("question")
         if "text" in reads and (not isinstance(question, str) or not question.strip()):
