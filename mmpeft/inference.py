@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from accelerate.utils import send_to_device
 from pydantic import BaseModel, Field, ValidationError
 
 from .bundle.io import load_bundle
@@ -168,7 +169,7 @@ def answer_rows(model, tasks: dict, recipe, rows: list, store: ImageStore, top_k
     results = []
     for start in range(0, len(rows), batch_size):
         batch = collator(list(range(start, min(start + batch_size, len(rows)))))
-        inputs = {k: {n: t.to(device) for n, t in v.items()} for k, v in batch["inputs"].items()}
+        inputs = send_to_device(batch["inputs"], device)  # nested: a task's own head inputs sit beside the encoders'
         with inference_autocast(recipe, device):
             out = {name: t.float().cpu() for name, t in model(inputs).items()}
         count = len(next(iter(out.values())))

@@ -12,28 +12,36 @@ from .files import fingerprint_module
 from .fusion import build_fusion
 from .methods import PeftMethod, build_method, count_parameters
 from .quant import prepare_for_kbit_training
-from .tasks import Task
+from .tasks import TASK_INPUTS, Task
 
 
 class TaskHeads(nn.Module):
-    """Several tasks' heads over shared encoder outputs: each reads its own encoders and
-    returns its own output."""
+    """Several tasks' heads over shared encoder outputs: each reads its own encoders (and,
+    for the tasks in ``fed``, the task's own batch inputs) and returns its own output."""
 
-    def __init__(self, heads: dict[str, nn.Module], reads: dict[str, list[str]], widths: dict[str, int]):
+    def __init__(self, heads: dict[str, nn.Module], reads: dict[str, list[str]], widths: dict[str, int],
+                 fed: frozenset = frozenset()):
         super().__init__()
         self.heads = nn.ModuleDict(heads)
         self.reads = reads
         self.widths = widths
+        self.fed = fed
 
-    def forward(self, outputs: dict) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: dict, fed: dict | None = None) -> dict[str, torch.Tensor]:
         rows = next(iter(outputs.values())).pooled
         results = {}
         for name, head in self.heads.items():
-            if all(n in outputs for n in self.reads[name]):
-                results[name] = head({n: outputs[n] for n in self.reads[name]}).float()
+            if all(n in outputs for n in self.reads[name]) and (name not in self.fed or name in (fed or {})):
+                sub = {n: outputs[n] for n in self.reads[name]}
+                results[name] = as_output(head(sub, fed[name]) if name in self.fed else head(sub))
             else:  # a batch of another task's data, without this head's inputs: its output is not read
                 results[name] = rows.new_zeros(rows.shape[0], self.widths[name], dtype=torch.float32)
         return results
+
+
+def as_output(out: torch.Tensor) -> torch.Tensor:
+    """A head's output as the tasks read it: float32 where it is floating point."""
+    return out.float() if out.is_floating_point() else out
 
 
 class MultimodalModel(nn.Module):
@@ -42,8 +50,9 @@ class MultimodalModel(nn.Module):
     (``slices[task]``), the one tensor merge checks and ONNX export compare."""
 
     def __init__(self, encoders: dict[str, Encoder], methods: dict[str, PeftMethod], head: nn.Module,
-                 widths: dict[str, int]):
+                 widths: dict[str, int], fed: frozenset = frozenset()):
         super().__init__()
+        self.fed = fed  # tasks whose heads read the task's own batch inputs (inputs[TASK_INPUTS][task])
         self.encoders = nn.ModuleDict(encoders)
         self.methods = methods
         self.head = head
@@ -94,9 +103,11 @@ class MultimodalModel(nn.Module):
             if rows is not None:
                 out = EncoderOutput(out.tokens[rows], out.mask[rows], out.pooled[rows])
             outputs[name] = out
+        fed = inputs.get(TASK_INPUTS)
         if isinstance(self.head, TaskHeads):
-            return self.head(outputs)
-        return {next(iter(self.widths)): self.head(outputs)}  # one task over every encoder
+            return self.head(outputs, fed)
+        name = next(iter(self.widths))  # one task over every encoder
+        return {name: as_output(self.head(outputs, fed[name]) if name in self.fed else self.head(outputs))}
 
     def train(self, mode: bool = True):
         """Frozen encoder parts always run in eval mode (dropout off, batch-norm statistics
@@ -205,8 +216,9 @@ def assemble(recipe, encoders: dict, methods: dict, tasks: dict[str, Task] | int
     only = next(iter(heads.values()))
     # one task over every encoder: its head is the model's head (bundles of earlier versions load unchanged)
     widths = {n: t.width for n, t in tasks.items()}
-    head = only if len(heads) == 1 and reads[next(iter(reads))] == list(encoders) else TaskHeads(heads, reads, widths)
-    model = MultimodalModel(encoders, methods, head, widths)
+    fed = frozenset(n for n, t in tasks.items() if t.feeds_head)
+    head = only if len(heads) == 1 and reads[next(iter(reads))] == list(encoders) else TaskHeads(heads, reads, widths, fed)
+    model = MultimodalModel(encoders, methods, head, widths, fed)
     model.train(False)
     return model
 

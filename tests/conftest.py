@@ -27,5 +27,9 @@ def assets(tmp_path_factory) -> dict:
         # bitsandbytes' CPU 4-bit kernels need layer widths of at least one block (64)
         "bert64": tiny.make_bert(root / "bert64", hidden=64),
         "vit64": tiny.make_vit(root / "vit64", hidden=64),
+        # tiny random causal LMs of three families (word-level tokenizers, pad = eos)
+        "llama": tiny.make_decoder(root / "llama", "llama", chat=True),
+        "qwen2": tiny.make_decoder(root / "qwen2", "qwen2"),
+        "gpt2": tiny.make_decoder(root / "gpt2", "gpt2"),
         "root": root,
     }

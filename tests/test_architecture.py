@@ -16,8 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mmpeft"
 LAYERS = [
     ["errors", "registry", "files", "version", "progress", "faults", "interrupt"],
     ["config"],
-    ["quant", "encoders", "tasks"],
-    ["methods", "fusion", "data"],
+    ["quant", "encoders", "methods", "tasks"],
+    ["fusion", "data"],
     ["model"],
     ["runtime", "scoring", "memory", "optim", "report", "profiling"],
     ["checkpoint", "train", "inference", "bundle", "serve"],

@@ -169,6 +169,7 @@ KIND_BLOCKS = {
     "multilabel": {"type": "multilabel", "field": "tags", "tune_threshold": True},
     "regression": {"type": "regression", "field": "score"},
     "contrastive": {"type": "contrastive", "projection_dim": 16, "class_field": "cls", "templates": ["a {}", "{}"]},
+    "generate": {"type": "generate", "field": "caption", "max_new_tokens": 4},  # decoder: the tiny llama (below)
 }
 
 
@@ -181,7 +182,7 @@ def task_files(tmp_path_factory):
 def test_every_task_kind_trains_evaluates_and_predicts(kind, assets, task_files, tmp_path):
     """Each registered kind (a new one is picked up here) trains through the CLI, its bundle
     reproduces its metrics with `evaluate`, and predict answers in the kind's own form."""
-    block = KIND_BLOCKS[kind]
+    block = dict(KIND_BLOCKS[kind], **({"decoder": str(assets["llama"])} if kind == "generate" else {}))
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe(assets, task_files, tmp_path / "out", task=block, batch_size=8)))
     runner = CliRunner()
@@ -198,7 +199,7 @@ def test_every_task_kind_trains_evaluates_and_predicts(kind, assets, task_files,
                               "--question", "a red square"])
     assert res.exit_code == 0, res.output
     expected = {"vqa": "0.", "classification": "0.", "multilabel": '"labels"', "regression": '"value"',
-                "contrastive": '"zero_shot"'}[kind]
+                "contrastive": '"zero_shot"', "generate": '"text"'}[kind]
     assert expected in res.output
     # inspect reads the numbers the kind declares (it ended in KeyError: 'accuracy' on a contrastive bundle)
     res = runner.invoke(app, ["inspect", str(bundle)])
@@ -431,17 +432,19 @@ LOSS_ROWS = {
     "multilabel": lambda i: _Row(extra={"tags": ["x"] if i % 2 else ["x", "y"]}),
     "regression": lambda i: _Row(extra={"score": float(i) - 1.5}),
     "contrastive": lambda i: _Row(text=f"t{i}", image=f"i{i}"),
+    "generate": lambda i: _Row(text="what color is the shape ?", answer="red" if i % 2 else "a blue circle"),
 }
 LOSS_SETTINGS = {"classification": {"field": "kind"}, "multilabel": {"field": "tags"}, "regression": {"field": "score"},
                  "contrastive": {"projection_dim": 4}}
 
 
 @pytest.mark.parametrize("kind", TASKS.names())
-def test_loss_given_the_collators_row_count_equals_the_loss_counting_on_the_device(kind):
+def test_loss_given_the_collators_row_count_equals_the_loss_counting_on_the_device(kind, assets):
     """The training loop passes each task the collator's host-side count of rows it learns
     from, so no loss reads the device to decide (a GPU sync every step): the loss and its
     gradients are bit-identical either way, and zero for a batch of another task's rows."""
-    settings = TASK_SETTINGS.get(kind)(**LOSS_SETTINGS.get(kind, {}))
+    extra = {"decoder": str(assets["llama"])} if kind == "generate" else {}
+    settings = TASK_SETTINGS.get(kind)(**LOSS_SETTINGS.get(kind, {}), **extra)
     own = [LOSS_ROWS[kind](i) for i in range(4)]
     task = build_task("t", settings, own)
     if kind == "contrastive":
@@ -455,7 +458,9 @@ def test_loss_given_the_collators_row_count_equals_the_loss_counting_on_the_devi
         assert int(task.usable(target).sum()) == expect
         results = []
         for count in (None, expect):
-            out = torch.randn(len(rows), task.width, generator=torch.Generator().manual_seed(5)).requires_grad_()
+            shape = (len(rows), task.width) if target.dim() == 1 or kind != "generate" else \
+                (*target.shape, len(task.tokenizer))  # token logits over the text positions
+            out = torch.randn(*shape, generator=torch.Generator().manual_seed(5)).requires_grad_()
             loss = task.loss(out, target, count)
             loss.backward()
             results.append((loss.detach(), out.grad))

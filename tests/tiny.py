@@ -241,3 +241,37 @@ def recipe_dict(text_dir, image_dir, data_files, out_dir, text_method="lora", im
         "train": t,
         "output": {"dir": str(out_dir), "plots": False},
     }
+
+
+DECODER_WORDS = WORDS + ["a", "describe", "image", "answer", ":", "."]
+CHAT_TEMPLATE = ("{% for m in messages %}<|user|> {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def make_decoder(directory: Path, family: str = "llama", hidden: int = 32, chat: bool = False) -> Path:
+    """A tiny random causal LM of ``family`` (llama, qwen2, gpt2) with a word-level tokenizer
+    whose pad token is its eos token (as SmolLM2's is), saved as transformers saves models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+    directory.mkdir(parents=True, exist_ok=True)
+    specials = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(DECODER_WORDS)))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="</s>")
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(vocab), bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if family == "gpt2":
+        cfg = GPT2Config(n_embd=hidden, n_layer=2, n_head=2, n_positions=128, **common)
+    else:
+        cls = LlamaConfig if family == "llama" else Qwen2Config
+        cfg = cls(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=family == "qwen2", **common)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory

@@ -43,6 +43,10 @@ def export_onnx(bundle, out: Path, *, opset: int = 17, overwrite: bool = False, 
     if out.exists() and not overwrite:
         raise UsageError(f"--out {out} already exists; pass --overwrite or choose another --out")
     merged, report, inputs = merge_in_memory(bundle, allow_base_mismatch=allow_base_mismatch)
+    loops = [name for name, task in merged.tasks.items() if not task.exports_onnx]
+    if loops:
+        raise UsageError(f"{bundle}: task(s) {', '.join(loops)} generate text token by token, which an ONNX graph of one "
+                         "forward pass does not hold; use mmpeft merge and mmpeft predict / serve instead")
     model = merged.model.eval()
     for name, tensors_ in inputs.items():  # the exported graph takes one image per example
         rows = tensors_.pop("row_index", None)

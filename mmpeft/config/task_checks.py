@@ -58,13 +58,13 @@ def validate_tasks(raw: dict, encoders: list[str]):
             problems.append(f"{where}.encoders: {', '.join(map(repr, unknown))} not an encoder of this recipe "
                             f"(have: {', '.join(encoders)})")
         reads = one.encoders or encoders
-        if not one.uses_fusion and len(reads) != 2 and encoders:
+        if one.aligns_inputs and len(reads) != 2 and encoders:
             problems.append(f"{where}: a {one.registry_name} task aligns exactly two encoders; it reads "
                             f"{len(reads)} ({', '.join(reads)}): set {where}.encoders to two of them")
     train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
     batch = train.get("batch_size", 32)
     for name, one in parsed.items():
-        if not one.uses_fusion and isinstance(batch, int) and batch < 2:
+        if one.aligns_inputs and isinstance(batch, int) and batch < 2:
             problems.append(f"train.batch_size: a {one.registry_name} task ({name}) contrasts each row with the rest of "
                             f"its batch, so a batch needs at least 2 rows (got {batch})")
     select = train.get("select")

@@ -10,7 +10,7 @@ from collections import OrderedDict
 import torch
 from PIL import Image
 
-from ..tasks import Task
+from ..tasks import TASK_INPUTS, Task
 from .audio import read_audio
 from .checks import BAD_AUDIO_HINT, BAD_IMAGE_HINT, MAX_IMAGE_PIXELS, bad_files, clip_seconds, open_image, raise_first_bad, skip_bad
 from .sampling import DatasetBatches, ImageGroupedBatches
@@ -185,6 +185,9 @@ class Collator:
             inputs[name], key = enc.batch(name, values, self.store, rng)  # each encoder prepares its own batch
             if key is not None:
                 keys[name] = key
+        fed = {name: task.inputs(rows) for name, task in self.tasks.items() if task.feeds_head}
+        if fed:
+            inputs[TASK_INPUTS] = fed  # what those tasks' heads read besides the encoders (a prompt's tokens)
         targets = {name: task.collate(rows) for name, task in self.tasks.items()}
         # rows each task learns from, counted here on the host so the loss need not ask the device
         counts = {name: int(task.usable(targets[name]).sum()) for name, task in self.tasks.items()}

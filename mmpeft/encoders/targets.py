@@ -9,7 +9,15 @@ import re
 
 from torch import nn
 
-_ADAPTABLE = (nn.Linear, nn.Conv2d, nn.Conv1d, nn.Embedding)
+def _adaptable() -> tuple:
+    try:  # GPT-2-style decoders keep their projections in transformers' Conv1D (a transposed Linear), which peft adapts
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return (nn.Linear, nn.Conv2d, nn.Conv1d, nn.Embedding)
+    return (nn.Linear, nn.Conv2d, nn.Conv1d, nn.Embedding, Conv1D)
+
+
+_ADAPTABLE = _adaptable()
 
 
 def leaf_names(model: nn.Module) -> list[str]:

@@ -9,6 +9,7 @@ settings class in :mod:`mmpeft.config.tasks`).
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, ClassVar, Optional, Sequence
 
 import torch
@@ -27,6 +28,10 @@ class Task:
     """One named task of a recipe. Subclasses set ``Settings`` and implement the kind."""
 
     Settings: ClassVar[type[TaskSettings]] = TaskSettings
+    #: its head reads a batch of the task's own besides the encoders' outputs (:meth:`inputs`)
+    feeds_head: ClassVar[bool] = False
+    #: its output is one forward pass of fixed width, which an ONNX graph can hold (generation is a loop)
+    exports_onnx: ClassVar[bool] = True
 
     def __init__(self, name: str, settings: TaskSettings, state: dict, label_field: str = "answer"):
         self.name = name
@@ -57,6 +62,11 @@ class Task:
 
     def collate(self, rows: Sequence) -> torch.Tensor:
         raise NotImplementedError
+
+    def inputs(self, rows: Sequence) -> Optional[dict[str, torch.Tensor]]:
+        """The tensors its head reads besides the encoders' outputs (a prompt's tokens), for
+        kinds that set :attr:`feeds_head`."""
+        return None
 
     def loss(self, out: torch.Tensor, target: torch.Tensor, usable: Optional[int] = None) -> torch.Tensor:
         """The batch's loss. ``usable``: how many of its rows have a target the loss reads
@@ -188,6 +198,8 @@ class Task:
 
 
 TASKS: Registry[type[Task]] = Registry("task type")
+#: the key of a batch's inputs that holds the tasks' own head inputs (no encoder name starts with "@")
+TASK_INPUTS = "@tasks"
 
 
 def build_task(name: str, settings: TaskSettings, rows: Sequence, label_field: str = "answer") -> Task:
@@ -245,7 +257,10 @@ def _check_state(state, where: str) -> dict:
             raise BundleError(f"{where}: {key} must be a finite number")
     if "std" in state and state["std"] <= 0 or "threshold" in state and not 0 < state["threshold"] < 1:
         raise BundleError(f"{where}: std must be positive and threshold between 0 and 1")
-    unknown = sorted(set(state) - {"labels", "threshold", "mean", "std", "pos_weight"})
+    fingerprint = state.get("decoder_fingerprint", "sha256:")
+    if not isinstance(fingerprint, str) or not re.fullmatch(r"sha256:[0-9a-f]{0,64}", fingerprint):
+        raise BundleError(f"{where}: decoder_fingerprint must be 'sha256:' and a hex digest")
+    unknown = sorted(set(state) - {"labels", "threshold", "mean", "std", "pos_weight", "decoder_fingerprint"})
     if unknown:
         raise BundleError(f"{where}: unknown task state key(s) {', '.join(unknown)}")
     if len(set(labels)) != len(labels):

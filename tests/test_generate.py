@@ -1,0 +1,212 @@
+"""The generate task: tiny random decoders of three families (Llama, Qwen2, GPT-2) built
+locally and loaded through the real loading code; identity at initialisation, the exact
+trainable set, masked prompt positions, greedy batched == alone, save -> load identical,
+resume, bad input, and the text metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from mmpeft.cli import app
+from mmpeft.config import TASK_SETTINGS, load_recipe
+from mmpeft.data import recipe_splits
+from mmpeft.data.batching import Collator, ImageStore
+from mmpeft.model import build_model
+from mmpeft.tasks import TASK_INPUTS, recipe_task_set
+from mmpeft.tasks.generate import IGNORE
+from mmpeft.tasks.text_metrics import caption_scores, normalize_text, text_metrics, token_scores
+from tests import tiny
+from tests.test_tasks import write_rows
+
+FAMILIES = ["llama", "qwen2", "gpt2"]
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    return write_rows(tmp_path_factory.mktemp("gen_rows"))
+
+
+def generate_recipe(assets, files, out, decoder="llama", epochs=2, **task):
+    raw = tiny.recipe_dict(assets["bert"], assets["vit"], files, out, fusion="concat", epochs=epochs, batch_size=8,
+                           lr=5e-3, head_lr=1e-2)
+    raw["encoders"].pop("text")
+    block = {"type": "generate", "decoder": str(assets[decoder]), "field": "caption", "prompt": "describe the image",
+             "max_new_tokens": 5}
+    block.update(task)
+    raw["task"] = block
+    return raw
+
+
+def built(assets, rows, tmp_path, decoder="llama", **task):
+    recipe = load_recipe(generate_recipe(assets, rows, tmp_path / "out", decoder, **task))
+    splits = recipe_splits(recipe)
+    tasks = recipe_task_set(recipe, splits.train)
+    return recipe, splits, tasks, build_model(recipe, tasks)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapted_decoder_equals_its_base_at_init_and_only_lora_and_connector_train(family, assets, rows, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, splits, tasks, model = built(assets, rows, tmp_path, family)
+    task, head = tasks["answer"], model.head
+    trainable = {n for n, p in head.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n or n.startswith("connectors.") for n in trainable), trainable
+    assert any(".lora_B." in n for n in trainable) and any(n.startswith("connectors.") for n in trainable)
+    assert {n for n, p in model.encoders.named_parameters() if p.requires_grad} == \
+        {n for n, p in model.encoders.named_parameters() if "lora_" in n}
+    # identity: the adapted decoder's logits equal the plain base model's on the same embeddings
+    plain = AutoModelForCausalLM.from_pretrained(str(assets[family])).eval()
+    batch = task.inputs(splits.train[:4])
+    embeds = plain.get_input_embeddings()(batch["text_ids"])
+    want = plain(inputs_embeds=embeds, attention_mask=batch["text_mask"]).logits
+    got = head.decoder.model(inputs_embeds=embeds, attention_mask=batch["text_mask"]).logits
+    assert torch.equal(got, want)
+    # the bundle keeps the connector and the decoder's trainable tensors, not the frozen decoder
+    assert set(head.state_dict()) == {n for n, _ in head.connectors.named_parameters(prefix="connectors")} | \
+        {n for n in trainable if n.startswith("decoder.")}
+
+
+def test_prompt_and_padding_positions_carry_no_loss(assets, rows, tmp_path):
+    _, splits, tasks, model = built(assets, rows, tmp_path)
+    task = tasks["answer"]
+    sample = splits.train[:3]
+    batch = task.inputs(sample)
+    for i, row in enumerate(sample):
+        prompt, target = task.tokens(row)
+        labels = batch["labels"][i]
+        assert (labels[: len(prompt)] == IGNORE).all() and (labels[len(prompt) + len(target):] == IGNORE).all()
+        assert labels[len(prompt): len(prompt) + len(target)].tolist() == target
+        assert target[-1] == task.tokenizer.eos_token_id  # the eos is learned although it is also the pad id
+    model.train()
+    pixels = model.encoders["image"].batch("image", [r.image for r in sample], ImageStore())[0]
+    out = model({"image": pixels, TASK_INPUTS: {"answer": batch}})["answer"]
+    out.retain_grad()
+    task.loss(out, batch["labels"]).backward()
+    masked = batch["labels"] == IGNORE
+    assert out.grad[masked].abs().sum() == 0 and out.grad[~masked].abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_decoding_batched_equals_alone(family, assets, rows, tmp_path):
+    _, splits, tasks, model = built(assets, rows, tmp_path, family, prompt="{}", prompt_field="text")
+    with torch.no_grad():  # a trained-looking connector: random, so the prefix matters
+        for p in model.head.connectors.parameters():
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    sample = splits.test[:5]
+    for i, row in enumerate(sample):  # questions of different lengths: left padding differs per row
+        row.text = " ".join(["what"] * i + ["color", "?"])
+    assert len({len(tasks["answer"].tokens(r)[0]) for r in sample}) > 1
+    collator = Collator(sample, dict(model.encoders.items()), tasks, ImageStore())
+    model.eval()
+    with torch.no_grad():
+        together = model(collator(list(range(5)))["inputs"])["answer"]
+        alone = torch.cat([model(collator([i])["inputs"])["answer"] for i in range(5)])
+    width = tasks["answer"].settings.max_new_tokens
+    assert torch.equal(together[:, :width], alone[:, :width])
+    assert torch.allclose(together[:, width:], alone[:, width:], rtol=1e-4, atol=1e-4)  # the NLL columns
+
+
+def test_trains_saves_loads_identical_and_predicts_through_the_cli(assets, rows, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(generate_recipe(assets, rows, tmp_path / "out", epochs=4)))
+    runner = CliRunner()
+    res = runner.invoke(app, ["finetune", str(path)])
+    assert res.exit_code == 0, res.output
+    bundle = tmp_path / "out" / "tiny"
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    history = metrics["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert {"eval_exact_match", "eval_bleu4", "eval_cider", "eval_loss"} <= set(history[-1])
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["tasks"]["answer"]["state"]["decoder_fingerprint"].startswith("sha256:")
+    assert (bundle / "head.safetensors").stat().st_size < 100_000  # connector + LoRA only, not the decoder
+    res = runner.invoke(app, ["evaluate", str(bundle)])
+    assert res.exit_code == 0 and "reproduced" in res.output, res.output
+    # predict on a test image gives the text the test pass generated for that row
+    example = metrics["tasks"]["answer"]["examples"][0]
+    index = int(example["where"].rsplit(" ", 1)[-1]) - 1
+    test_rows = [json.loads(line) for line in rows["test"].read_text().splitlines()]
+    image = str(rows["test"].parent / test_rows[index]["image"])
+    res = runner.invoke(app, ["predict", str(bundle), "--image", image, "--question", "anything"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.strip().splitlines()[-1])["text"] == example["generated"]
+    res = runner.invoke(app, ["export", str(bundle), "--out", str(tmp_path / "onnx")])
+    assert res.exit_code == 2 and "token by token" in res.output and not (tmp_path / "onnx").exists()
+
+
+def test_a_moved_decoder_is_refused_by_its_fingerprint(assets, rows, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(generate_recipe(assets, rows, tmp_path / "out", epochs=1)))
+    runner = CliRunner()
+    assert runner.invoke(app, ["finetune", str(path)]).exit_code == 0
+    other = tiny.make_decoder(tmp_path / "other", "llama", chat=True, hidden=32)
+    with torch.no_grad():
+        from transformers import AutoModelForCausalLM
+
+        changed = AutoModelForCausalLM.from_pretrained(str(other))
+        changed.lm_head.weight.add_(0.01)
+        changed.save_pretrained(other)
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "out" / "tiny"), f"task.decoder={other}"])
+    assert res.exit_code == 2 and "fingerprint" in res.output and "Traceback" not in res.output, res.output
+
+
+def test_bad_decoders_and_bad_rows_are_named(assets, rows, tmp_path):
+    runner = CliRunner()
+    garbage = tmp_path / "broken.gguf"
+    garbage.write_bytes(b"GGUF" + b"\x00" * 64)
+    cases = [({"decoder": str(assets["vit"])}, "not a causal language model"),
+             ({"decoder": str(assets["bert"])}, "no end-of-sequence token"),
+             ({"decoder": str(garbage)}, "broken.gguf"),
+             ({"decoder": str(tmp_path / "missing.gguf")}, "GGUF file not found"),
+             ({"max_prompt_tokens": 2}, "max_prompt_tokens 2"),
+             ({"max_target_tokens": 1}, "max_target_tokens 1"),
+             ({"decoder_peft": {"method": "prompt"}}, "does not apply to a decoder"),
+             ({"decoder_peft": {"method": "lora", "rnak": 4}}, "rnak")]
+    for i, (block, message) in enumerate(cases):
+        raw = generate_recipe(assets, rows, tmp_path / f"out{i}")
+        raw["task"].update(block)
+        path = tmp_path / f"r{i}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        res = runner.invoke(app, ["finetune", str(path), "--dry-run"])
+        assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, (block, res.output)
+    empty = tmp_path / "empty"
+    files = write_rows(empty)
+    lines = files["train"].read_text().splitlines()
+    first = json.loads(lines[0])
+    first["caption"] = "   "
+    files["train"].write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
+    raw = generate_recipe(assets, files, tmp_path / "oute")
+    path = tmp_path / "re.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    res = runner.invoke(app, ["finetune", str(path), "--dry-run"])
+    assert res.exit_code == 2 and "row 1" in res.output and "empty" in res.output, res.output
+
+
+def test_text_metrics_follow_squad_and_coco():
+    assert normalize_text("The  Red, circle!") == "red circle"
+    f1, recall = token_scores("a red big circle", "the red circle")
+    assert recall == 1.0 and f1 == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
+    assert token_scores("", "") == (1.0, 1.0) and token_scores("blue", "red") == (0.0, 0.0)
+    perfect = caption_scores(["a red circle here", "a blue square there"], ["a red circle here", "a blue square there"])
+    assert perfect["bleu4"] == pytest.approx(1.0, abs=1e-6) and perfect["rouge_l"] == pytest.approx(1.0)
+    # CIDEr-D of a caption set, against the reference implementation's own computation
+    from pycocoevalcap.cider.cider import Cider
+
+    preds, refs = ["a red circle", "a green square", "blue"], ["a red circle", "a blue square", "a blue circle"]
+    want, _ = Cider().compute_score({i: [r] for i, r in enumerate(refs)}, {i: [p] for i, p in enumerate(preds)})
+    got = text_metrics(preds, refs, {"kind": ["circle", "square", "circle"]})
+    assert got["cider"] == pytest.approx(want) and got["exact_match"] == pytest.approx(1 / 3)
+    assert got["groups"]["kind"] == {"circle": {"exact_match": 0.5, "count": 2}, "square": {"exact_match": 0.0, "count": 1}}
+
+
+def test_generate_settings_are_checked_with_the_recipe():
+    settings = TASK_SETTINGS.get("generate")
+    assert settings().metric == "exact_match"
+    assert settings(prompt="{} and {}").problems("task")
+    assert settings(num_beams=2, do_sample=True).problems("task")
