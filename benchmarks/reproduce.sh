@@ -30,8 +30,9 @@ case "$name" in
   contrastive) mmpeft bench contrastive --recipe recipes/easy_vqa_contrastive.yaml --out $R/contrastive "$@" ;;
   contrastive-sigmoid) mmpeft bench contrastive --recipe recipes/easy_vqa_contrastive.yaml --out $R/contrastive_sigmoid \
                          task.loss=sigmoid "$@" ;;
+  caption) mmpeft bench generate --recipe recipes/easy_vqa_caption.yaml --out $R/caption "$@" ;;
   faults) mmpeft bench faults --recipe recipes/quickstart.yaml --out $R/faults "$@" ;;
   list) echo "quickstart methods memory vqa-rad vqa-rad-search vqa-rad-multitask audio-visual task-sampling serve throughput"\
-             "contrastive contrastive-sigmoid faults" ;;
+             "contrastive contrastive-sigmoid caption faults" ;;
   *) echo "unknown benchmark '$name'; run: bash benchmarks/reproduce.sh list" >&2; exit 2 ;;
 esac

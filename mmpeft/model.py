@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .config.tasks import recipe_tasks
 from .encoders import Encoder, EncoderOutput, build_encoder
 from .files import fingerprint_module
 from .fusion import build_fusion
@@ -223,7 +224,8 @@ def assemble(recipe, encoders: dict, methods: dict, tasks: dict[str, Task] | int
     return model
 
 
-def summarize(model: MultimodalModel, recipe) -> list[EncoderSummary]:
+def summarize(model: MultimodalModel, recipe, tasks: dict[str, Task] | None = None) -> list[EncoderSummary]:
+    """A row per encoder, per part a task's head holds of its own (a decoder), and the heads."""
     rows = []
     for name, enc in model.encoders.items():
         method = model.methods[name]
@@ -232,6 +234,15 @@ def summarize(model: MultimodalModel, recipe) -> list[EncoderSummary]:
             count_parameters(enc, trainable_only=True), count_parameters(enc),
         ))
     head = model.head
-    kinds = recipe.fusion["type"] if not isinstance(head, TaskHeads) else f"{len(head.heads)} task heads"
-    rows.append(EncoderSummary("head", kinds, "trainable", ["(all)"], count_parameters(head, True), count_parameters(head)))
+    only = next(iter(recipe_tasks(recipe).values()))
+    kinds = (f"{len(head.heads)} task heads" if isinstance(head, TaskHeads) else
+             recipe.fusion["type"] if only.uses_fusion else f"{only.registry_name} head")
+    heads = head.heads if isinstance(head, TaskHeads) else {next(iter(model.widths)): head}
+    parts = [(f"{name}.{label}", *part) for name, task in (tasks or {}).items() if name in heads
+             for label, *part in task.head_parts(heads[name])]
+    for label, module, source, method, touched in parts:
+        rows.append(EncoderSummary(label, source, method, touched, count_parameters(module, True), count_parameters(module)))
+    trained = count_parameters(head, True) - sum(count_parameters(p[1], True) for p in parts)
+    every = count_parameters(head) - sum(count_parameters(p[1]) for p in parts)
+    rows.append(EncoderSummary("head", kinds, "trainable", ["(all)"], trained, every))
     return rows

@@ -69,6 +69,8 @@ class LineProgress:
         elapsed = max(1e-9, time.perf_counter() - self.start)
         done = f"{self.n}/{self.total} ({100 * self.n / self.total:.0f}%)" if self.total else f"{self.n}"
         parts = [f"{self.desc}: {done}", f"{self.n / elapsed:.1f} {self.unit}/s", f"{elapsed:.0f} s"]
+        if self.total and 0 < self.n < self.total:  # time left at the rate so far
+            parts.append(f"{(self.total - self.n) * elapsed / self.n:.0f} s left")
         if self.postfix:
             parts.append(self.postfix)
         print(", ".join(parts), file=self.stream, flush=True)

@@ -75,9 +75,23 @@ def print_summary(rows, model, recipe, tasks: dict, splits=None) -> None:
         console.print(data.lstrip("; "))
 
 
+def epoch_lines(row: dict) -> list[str]:
+    """An epoch's history row as a person reads it: time and loss on the first line, each
+    validation number ``name value`` after (the machine-readable row is train_log.jsonl)."""
+    head = (f"epoch {row['epoch']} (step {row['step']}): train loss {row['train_loss']:.4f}, "
+            f"{row['epoch_seconds']:.1f} s, {row['samples_per_second']:.1f} rows/s, {row['data_seconds']:.1f} s waiting for data")
+    tasks = [f"{k.split('.', 1)[1]} {v:.4f}" for k, v in row.items() if k.startswith("train_loss.")]
+    lines = [head + (f" (per task: {', '.join(tasks)})" if tasks else "")]
+    evals = [(k[len("eval_"):], v) for k, v in row.items() if k.startswith("eval_")]
+    if evals:
+        width = max(len(k) for k, _ in evals)
+        lines += [f"  validation {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  validation {k:<{width}}  {v}"
+                  for k, v in evals]
+    return lines
+
+
 def print_epoch(row: dict) -> None:
-    parts = [f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()]
-    console.print("  ".join(parts))
+    console.print("\n".join(epoch_lines(row)), highlight=False, markup=False)
 
 
 def print_test(metrics: dict[str, dict], tasks: dict) -> None:
@@ -103,7 +117,7 @@ def save_plots(directory: Path, history: list[dict], test_metrics: dict, group_f
     epochs = [r["epoch"] for r in history]
     # Overall accuracy plus the first group field (e.g. open/closed); more lines are unreadable.
     first = f"eval_{group_fields[0]}=" if group_fields else None
-    acc_keys = ["eval_accuracy"] + sorted({k for r in history for k in r if first and k.startswith(first)})
+    acc_keys = ["eval_accuracy", "eval_exact_match"] + sorted({k for r in history for k in r if first and k.startswith(first)})
     acc_keys = [k for k in acc_keys if any(k in r for r in history)]
     if acc_keys:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -117,7 +131,7 @@ def save_plots(directory: Path, history: list[dict], test_metrics: dict, group_f
         pts = [(r["epoch"], r[key]) for r in history if key in r]
         ax2.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=key[5:])
     if acc_keys:
-        ax2.set_xlabel("epoch"), ax2.set_ylabel("accuracy (%)"), ax2.set_title("validation accuracy")
+        ax2.set_xlabel("epoch"), ax2.set_ylabel("accuracy / exact match (%)"), ax2.set_title("validation")
         ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(directory / "training_curves.png", dpi=100)

@@ -146,9 +146,9 @@ def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run:
     for note in filter(None, (task.start_note(model) for task in tasks.values())):
         accelerator.print(note)
     if is_main:
-        print_summary(summarize(model, recipe), model, recipe, tasks, splits)
+        print_summary(summarize(model, recipe, tasks), model, recipe, tasks, splits)
     if dry_run:
-        return summarize(model, recipe)
+        return summarize(model, recipe, tasks)
 
     store = ImageStore.for_encoders(model.encoders.values(), recipe.data.image_cache_mb)
     checked = store.check({"train": splits.train, "eval": splits.eval, "test": splits.test}, recipe.data.on_bad_image,
@@ -278,7 +278,7 @@ def _epochs(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) 
                 run.log(f"torch.compile: the first step took {time.perf_counter() - start:.1f} s (compiling)")
             loop.seen += batch["index"].shape[0] * accelerator.num_processes
             averages.update(loss, losses, batch["counts"])
-            if loop.step % t.log_every == 0 or loop.step == 1:
+            if loop.step % t.log_every == 0 or loop.step == 1 or loop.batches_done == epoch_batches:  # and each epoch's end
                 averages.sync()
                 each = {name: f"{v:.3f}" for name, v in loop.task_running.items()}
                 bar.set_postfix(loss=f"{loop.running:.4f}", **each,
@@ -297,7 +297,8 @@ def _epochs(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) 
                     _checkpoint(run, loop, best_state, epoch_rng)
                     if stopping:
                         raise _interrupted(stop, recipe, run.checkpoints)
-        averages.sync()
+        if first is None:  # no batch ran (each epoch's last step synced the averages above)
+            averages.sync()
         epoch_seconds = time.perf_counter() - start
         row = {"epoch": epoch, "step": loop.step, "train_loss": loop.running, "epoch_seconds": round(epoch_seconds, 2),
                "samples_per_second": round(loop.seen / max(1e-9, epoch_seconds), 2), "data_seconds": round(waiting[0], 2),
@@ -419,6 +420,8 @@ def _write_bundle(run: Run, out_dir: Path, loop: LoopState, test_metrics: dict) 
             bundle.write_text("profile.txt", run.profiler.table)
         if recipe.output.plots:
             save_plots(bundle.path, loop.history, test_metrics[first], run.group_fields[first])
+            for name, task in run.tasks.items():
+                task.save_pictures(bundle.path, test_metrics[name])
         write_card(bundle.path, manifest, metrics, recipe, name=out_dir.name)
         faults.point("bundle.writing")
     size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())

@@ -11,7 +11,7 @@ import typer
 from ..errors import UsageError
 from .common import OVERRIDES, console, friendly
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: methods, memory, VQA-RAD, searches, contrastive, throughput, serving, faults.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: methods, memory, VQA-RAD, searches, contrastive, generate, throughput, serving, faults.")
 
 
 @bench_app.command("quickstart")
@@ -28,6 +28,22 @@ def bench_quickstart(recipe: str = typer.Option(..., help="the recipe to run (re
     console.print(f"quickstart: test accuracy {100 * r['test_accuracy']:.2f}% (target >= {100 * r['target_accuracy']:.0f}%: "
                   f"{'met' if r['meets_accuracy'] else 'MISSED'}), wall {r['wall_seconds']:.0f} s (budget {r['budget_seconds']:.0f} s: "
                   f"{'met' if r['meets_time'] else 'MISSED'}); written to {out}/quickstart.json")
+
+
+@bench_app.command("generate")
+@friendly
+def bench_generate(recipe: str = typer.Option(..., help="a recipe with a generate task (recipes/easy_vqa_caption.yaml in a checkout)"),
+                   out: str = typer.Option(..., help="folder for generate.json / .md (and the examples picture)"),
+                   bundle: Optional[str] = typer.Option(None, help="a bundle of this recipe already trained (its test "
+                                                        "scoring is reused, not repeated); default: train one"),
+                   rows: int = typer.Option(256, min=1, help="test rows the generation speed is measured on"),
+                   overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides")):
+    """Train a generate recipe, score it once, and time generation against plain transformers."""
+    from ..bench.generate import run
+
+    run(recipe, out, overrides or [], bundle=bundle, rows=rows)
+    console.print((Path(out) / "generate.md").read_text())
+    console.print(f"written to {out}/generate.json and generate.md")
 
 
 @bench_app.command("contrastive")

@@ -138,6 +138,16 @@ class Task:
         """What the task needs from the model before scoring or answering (class embeddings,
         ...), computed under ``autocast`` (a context manager)."""
 
+    def head_parts(self, head) -> list[tuple]:
+        """Parts of its head that the run's summary lists on their own rows: ``(label, module,
+        model, method, touched modules)`` (a decoder and its PEFT method)."""
+        return []
+
+    def save_pictures(self, directory, metrics: dict) -> list[str]:
+        """Pictures of its test results a person would rather see than read (written into
+        ``directory``); returns the file names."""
+        return []
+
     def describe_outputs(self) -> str:
         """What its outputs are, for the run's summary."""
         return f"{self.width} outputs"

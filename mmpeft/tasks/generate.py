@@ -9,6 +9,7 @@ with transformers' ``generate``; metrics in :mod:`.text_metrics`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -21,7 +22,7 @@ from ..files import fingerprint_module
 from ..methods import build_method
 from .base import TASKS, Task
 from .lm_head import CONNECTORS, GenerativeHead
-from .text_metrics import text_metrics
+from .text_metrics import normalize_text, text_metrics
 
 IGNORE = -100  # positions the loss does not read (prompt, padding, rows of other tasks' data)
 MAX_CACHED = 100_000  # tokenised prompts / targets kept per task (prompts repeat: one instruction, many images)
@@ -35,6 +36,7 @@ class GenerateTask(Task):
     feeds_head = True
     exports_onnx = False
     label_smoothing = 0.0
+    eval_batch_size = 64
 
     def __init__(self, name, settings, state, label_field="answer"):
         super().__init__(name, settings, state, label_field)
@@ -44,6 +46,7 @@ class GenerateTask(Task):
 
     def configure(self, train) -> None:
         self.label_smoothing = train.label_smoothing
+        self.eval_batch_size = train.eval_batch_size
 
     @property
     def width(self) -> int:
@@ -173,9 +176,56 @@ class GenerateTask(Task):
         metrics = text_metrics(predictions, references, {f: [r.groups.get(f, "") for r in rows] for f in group_fields})
         nll, count = out[:, -2].double().sum(), out[:, -1].double().sum()
         metrics["loss"] = float(nll / count) if count > 0 else float("nan")
-        metrics["examples"] = [{"where": r.where, "prompt": self.prompt_text(r), "reference": ref, "generated": p}
+        metrics["examples"] = [{"where": r.where, "image": r.image, "prompt": self.prompt_text(r), "reference": ref,
+                                "generated": p}
                                for r, ref, p in list(zip(rows, references, predictions))[:16]]
         return metrics
+
+    def head_parts(self, head):
+        return [("decoder", head.decoder, self.settings.decoder, head.method.name, head.method.touched)]
+
+    def start_note(self, model) -> str:
+        """The decoder's weights and the KV cache generation holds at the evaluation batch size."""
+        d = self.decoder
+        config = d.base.config.get_text_config()
+        layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+        heads = int(getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", 1))
+        head_dim = int(getattr(config, "head_dim", None) or d.hidden_size // max(1, int(config.num_attention_heads)))
+        weights = sum(p.numel() * p.element_size() for p in d.parameters())
+        positions = self.settings.max_prompt_tokens + self.settings.max_new_tokens
+        per_row = 2 * layers * heads * head_dim * positions * 4  # keys and values, float32
+        return (f"task {self.name}: decoder {self.settings.decoder} ({d.arch}) weights {weights / 1e6:.1f} MB; KV cache "
+                f"{per_row / 1e6:.2f} MB a row for {positions} positions (+ the prefix), "
+                f"{self.eval_batch_size * per_row / 1e6:.0f} MB at eval batch {self.eval_batch_size}")
+
+    def save_pictures(self, directory, metrics):
+        """``<task>_examples.png``: test images with their reference and generated text."""
+        examples = [e for e in metrics.get("examples", []) if e.get("image")][:12]
+        if not examples:
+            return []
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from PIL import Image
+
+        cols = min(4, len(examples))
+        rows = -(-len(examples) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, e in zip(axes.flat, examples):
+            with Image.open(e["image"]) as image:
+                ax.imshow(image.convert("RGB"))
+            hit = normalize_text(e["generated"]) == normalize_text(e["reference"])
+            ax.set_title(f"ref: {e['reference'][:40]}\ngen: {e['generated'][:40]}", fontsize=9,
+                         color="darkgreen" if hit else "darkred")
+        fig.suptitle(f"{self.name}: test examples (green: exact match)")
+        fig.tight_layout()
+        name = f"{self.name}_examples.png"
+        fig.savefig(Path(directory) / name, dpi=90)
+        plt.close(fig)
+        return [name]
 
     def answer(self, out, top_k):
         return [{"text": text} for text in self.decode(out)]

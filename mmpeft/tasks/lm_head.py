@@ -148,8 +148,9 @@ class GenerativeHead(nn.Module):
 def _frozen_are_not_missing(module: GenerativeHead, incompatible) -> None:
     """The frozen decoder's tensors are not in a bundle (they come from the decoder's source)."""
     stored = module.stored_names()
-    every = {"decoder." + n for n in dict(module.decoder.named_parameters())} | \
-            {"decoder." + n for n, _ in module.decoder.named_buffers()}
+    # tied weights (an lm_head that is the input embedding) under each of their names
+    every = {"decoder." + n for n, _ in module.decoder.named_parameters(remove_duplicate=False)} | \
+            {"decoder." + n for n, _ in module.decoder.named_buffers(remove_duplicate=False)}
     frozen = every - stored
 
     def is_frozen(key: str) -> bool:
