@@ -28,8 +28,9 @@ def require_bitsandbytes():
     return bnb
 
 
-def quantize_plain_model(model: nn.Module, quant, device: str) -> list[str]:
-    """Replace each ``nn.Linear`` of a plain torch model by a 4-/8-bit bitsandbytes layer in place.
+def quantize_plain_model(model: nn.Module, quant, device: str, skip: tuple[str, ...] = ()) -> list[str]:
+    """Replace each ``nn.Linear`` of a plain torch model by a 4-/8-bit bitsandbytes layer in place
+    (but those whose full name is in ``skip``, such as a language model's output layer).
 
     Returns:
         The names of the layers replaced (may be empty: a CNN without Linear layers).
@@ -41,6 +42,8 @@ def quantize_plain_model(model: nn.Module, quant, device: str) -> list[str]:
             if type(child) is not nn.Linear:
                 continue
             full = f"{name}.{child_name}" if name else child_name
+            if full in skip:
+                continue
             if quant.bits == 4:
                 new = bnb.nn.Linear4bit(
                     child.in_features, child.out_features, bias=child.bias is not None,

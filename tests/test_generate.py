@@ -245,3 +245,114 @@ def test_a_caption_shares_its_encoders_with_a_vqa_head(assets, rows, tmp_path):
     image = str(rows["test"].parent / "images/test_0.png")
     res = runner.invoke(app, ["predict", str(bundle), "--image", image, "--question", "a red square"])
     assert res.exit_code == 0 and '"text"' in res.output and "caption" in res.output, res.output
+
+
+def test_a_4bit_decoder_trains_its_lora_and_reproduces(assets, rows, tmp_path):
+    """QLoRA on the decoder: NF4 Linear layers (the output layer kept full precision), LoRA on top."""
+    decoder = tiny.make_decoder(tmp_path / "llama64", "llama", hidden=64)  # bitsandbytes' CPU kernels need width >= 64
+    raw = generate_recipe(assets, rows, tmp_path / "out", epochs=2, decoder_quantization={"bits": 4})
+    raw["task"]["decoder"] = str(decoder)
+    path = tmp_path / "q.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    runner = CliRunner()
+    res = runner.invoke(app, ["finetune", str(path)])
+    assert res.exit_code == 0, res.output
+    assert "14 Linear layers 4-bit" in res.output  # 2 layers x (q, k, v, o, gate, up, down); lm_head stays
+    bundle = tmp_path / "out" / "tiny"
+    history = json.loads((bundle / "metrics.json").read_text())["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    res = runner.invoke(app, ["evaluate", str(bundle)])
+    assert res.exit_code == 0 and "reproduced" in res.output, res.output
+    raw["task"]["decoder_peft"] = {"method": "full"}
+    path.write_text(yaml.safe_dump(raw))
+    res = runner.invoke(app, ["finetune", str(path), "--dry-run"])
+    assert res.exit_code == 2 and "cannot be done on a quantized base" in res.output, res.output
+
+
+def test_nan_scores_and_a_failing_chat_template_are_refused(assets, rows, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(generate_recipe(assets, rows, tmp_path / "out", epochs=1)))
+    runner = CliRunner()
+    assert runner.invoke(app, ["finetune", str(path)]).exit_code == 0
+    bundle = tmp_path / "out" / "tiny"
+    from mmpeft.inference import Predictor
+
+    predictor = Predictor(bundle)
+    with torch.no_grad():
+        predictor.model.head.decoder.base.lm_head.weight[3] = float("nan")  # one token's score NaN at every step
+    image = str(rows["test"].parent / "images/test_0.png")
+    from mmpeft.errors import MMPeftError
+
+    with pytest.raises(MMPeftError, match="answered NaN"):
+        predictor.predict([image], ["x"])
+    broken = tiny.make_decoder(tmp_path / "broken_template", "llama", chat=True)
+    config = json.loads((broken / "tokenizer_config.json").read_text())
+    (broken / "chat_template.jinja").write_text("{{ raise_exception('no system role here') }}")
+    config.pop("chat_template", None)
+    (broken / "tokenizer_config.json").write_text(json.dumps(config))
+    raw = generate_recipe(assets, rows, tmp_path / "out2")
+    raw["task"]["decoder"] = str(broken)
+    path.write_text(yaml.safe_dump(raw))
+    res = runner.invoke(app, ["finetune", str(path), "--dry-run"])
+    assert res.exit_code == 2 and "chat template" in res.output and "no system role here" in res.output, res.output
+
+
+def _conversations(directory, rows_file, fmt):
+    """The manifest's rows as two-turn conversations in LLaVA's (json) or ShareGPT's (jsonl) format."""
+    out = []
+    for line in rows_file.read_text().splitlines():
+        r = json.loads(line)
+        image = str(rows_file.parent / r["image"])
+        first, second = ("<image>\nwhat color is the shape ?", r["answer"]), ("what shape is it ?", r["kind"])
+        if fmt == "llava":
+            out.append({"image": image, "conversations": [
+                {"from": "human", "value": first[0]}, {"from": "gpt", "value": first[1]},
+                {"from": "human", "value": second[0]}, {"from": "gpt", "value": second[1]}]})
+        else:
+            out.append({"images": [image], "messages": [
+                {"role": "user", "content": first[0]}, {"role": "assistant", "content": first[1]},
+                {"role": "user", "content": second[0]}, {"role": "assistant", "content": second[1]}]})
+    path = directory / f"{rows_file.stem}.{'json' if fmt == 'llava' else 'jsonl'}"
+    path.write_text(json.dumps(out) if fmt == "llava" else "\n".join(map(json.dumps, out)) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["llava", "sharegpt"])
+def test_conversation_manifests_train_one_row_per_reply_with_its_history(fmt, assets, rows, tmp_path):
+    files = {split: _conversations(tmp_path, rows[split], fmt) for split in ("train", "test")}
+    raw = generate_recipe(assets, rows, tmp_path / "out", prompt="{}", field="reply")
+    raw["data"] = {"source": "conversations", "train": str(files["train"]), "test": str(files["test"]), "eval_fraction": 0.25}
+    recipe = load_recipe(raw)
+    splits = recipe_splits(recipe)
+    assert len(splits.train) + len(splits.eval) == 2 * 48 and len(splits.test) == 2 * 24  # two replies a record
+    tasks = recipe_task_set(recipe, splits.train)
+    task = tasks["answer"]
+    second = next(r for r in splits.test if r.text == "what shape is it ?")
+    assert second.extra["messages"] == [{"role": "user", "content": "what color is the shape ?"},
+                                        {"role": "assistant", "content": second.extra["messages"][1]["content"]}]
+    history = task.tokenizer.apply_chat_template(task.messages(second), tokenize=False, add_generation_prompt=True)
+    assert history.count("<|user|>") == 2 and history.count("<|assistant|>") == 2  # the earlier turns come first
+    assert history.index("what color is the shape ?") < history.index("what shape is it ?")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    res = CliRunner().invoke(app, ["finetune", str(path)])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["evaluate", str(tmp_path / "out" / "tiny")])
+    assert res.exit_code == 0 and "reproduced" in res.output, res.output
+
+
+def test_broken_conversation_records_are_named(assets, rows, tmp_path):
+    cases = [([{"image": "x.png"}], "record 1: no 'conversations'"),
+             ([{"conversations": [{"from": "gpt", "value": "hi"}]}], "record 1, turn 1: an assistant turn follows"),
+             ([{"conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]}], "record 1, turn 2"),
+             ([{"conversations": [{"from": "human", "value": "q"}]}], "no assistant turn"),
+             ({"not": "a list"}, "expected a list")]
+    for i, (content, message) in enumerate(cases):
+        bad = tmp_path / f"bad{i}.json"
+        bad.write_text(json.dumps(content))
+        raw = generate_recipe(assets, rows, tmp_path / "out")
+        raw["data"] = {"source": "conversations", "train": str(bad), "test": str(bad)}
+        path = tmp_path / f"c{i}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        res = CliRunner().invoke(app, ["finetune", str(path), "--dry-run"])
+        assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, (content, res.output)

@@ -244,7 +244,7 @@ def recipe_dict(text_dir, image_dir, data_files, out_dir, text_method="lora", im
 
 
 DECODER_WORDS = WORDS + ["a", "describe", "image", "answer", ":", "."]
-CHAT_TEMPLATE = ("{% for m in messages %}<|user|> {{ m['content'] }} {% endfor %}"
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 

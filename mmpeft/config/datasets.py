@@ -90,6 +90,24 @@ class ManifestSpec(DatasetSpec):
     columns = True
 
 
+@DATASET_SPECS.register("conversations")
+class ConversationsSpec(DatasetSpec):
+    """Conversation manifests as LLaVA (``conversations``: from / value) and LLaMA-Factory (``messages``:
+    role / content) write them: one row per assistant turn, its user turn the prompt, earlier turns its history."""
+
+    title = "conversations"
+    keys = ("root", "train", "eval", "test")
+    required = ("train", "test")
+    path_keys = ("root", "train", "eval", "test")
+    path_is_file = True
+    path_hint = "path to a .json (a list of records) or .jsonl file of conversation records"
+    modalities = frozenset({"image", "text"})
+
+    def card_lines(self, data) -> list[str]:
+        return [f"Conversations from `{Path(str(data.train)).name}` (one row per assistant turn; the reply as written is the "
+                "column `reply`)."]
+
+
 @DATASET_SPECS.register("huggingface")
 class HuggingFaceSpec(DatasetSpec):
     """A Hugging Face ``datasets`` dataset on local disk: a ``save_to_disk`` folder, parquet /

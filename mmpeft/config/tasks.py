@@ -18,7 +18,7 @@ from ..registry import Registry
 from .inputs import own_columns
 from .methods import METHOD_SETTINGS
 from .problems import validate_choice
-from .schema import DataConfig
+from .schema import DataConfig, QuantizationConfig
 
 #: the name of the task of a recipe's single ``task:`` block (``train.select: answer.accuracy``)
 SINGLE_TASK = "answer"
@@ -183,6 +183,9 @@ class GenerateSettings(TaskSettings):
     decoder_peft: dict[str, Any] = Field(default_factory=lambda: {"method": "lora", "rank": 8, "alpha": 16},
                                          description="generate: the decoder's PEFT method and its settings, as an encoder's "
                                          "peft: block (lora on the attention projections by default; none freezes it)")
+    decoder_quantization: Optional[QuantizationConfig] = Field(None, description="generate: load the frozen decoder's "
+                                                               "Linear layers 4- or 8-bit with bitsandbytes (QLoRA with "
+                                                               "decoder_peft lora; the output layer stays full precision)")
     connector: Literal["mlp", "resampler"] = Field("mlp", description="generate: how encoder tokens reach the decoder: mlp "
                                                    "(LLaVA-1.5's two-layer projector, every token) or resampler (a fixed "
                                                    "number of learned queries, Perceiver Resampler style)")
@@ -216,6 +219,9 @@ class GenerateSettings(TaskSettings):
         if not errs and method not in DECODER_METHODS:
             errs = [f"{where}.decoder_peft.method: {method!r} does not apply to a decoder here (choose one of "
                     f"{', '.join(DECODER_METHODS)})"]
+        elif not errs and self.decoder_quantization and not METHOD_SETTINGS.get(method).keeps_base_frozen:
+            errs = [f"{where}.decoder_quantization: method {method!r} trains the decoder's base weights, which cannot be "
+                    "done on a quantized base; remove decoder_quantization or choose lora, ia3, bitfit or none"]
         return found + errs
 
 

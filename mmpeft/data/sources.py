@@ -9,6 +9,7 @@ from typing import Optional
 
 from ..config.paths import manifest_path
 from ..registry import Registry
+from .conversations import conversation_samples
 from .huggingface import huggingface_splits  # imports datasets (pyarrow, pandas) only when it reads
 from .samples import Sample, easy_vqa_caption_samples, easy_vqa_samples, fsdd_samples, load_manifest, vqa_rad_samples
 
@@ -48,6 +49,15 @@ class ManifestReader(DatasetReader):
             return load_manifest(manifest_path(data, path), data.image_field, data.text_field, data.label_field,
                                  request.group_fields, data.audio_field, request.inputs, request.targets,
                                  request.label_required, request.own)
+
+        return one(data.train), one(data.eval) if data.eval else None, one(data.test)
+
+
+@DATASETS.register("conversations")
+class ConversationsReader(DatasetReader):
+    def read(self, data, request: RowRequest) -> Rows:
+        def one(path):
+            return conversation_samples(manifest_path(data, path))
 
         return one(data.train), one(data.eval) if data.eval else None, one(data.test)
 

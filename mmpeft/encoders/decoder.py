@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import MMPeftError, RecipeError
+from ..quant import autocast_outputs_like_linear, quantize_plain_model, respect_compute_dtype
 from .architectures import Architecture
 
 #: zoo name -> (package, GGUF file inside it). SmolLM2-135M-Instruct (Allal et al. 2025) as
@@ -63,6 +64,7 @@ class Decoder(nn.Module):
         self.context = int(getattr(model.config.get_text_config(), "max_position_embeddings", 0) or 0)  # 0: unbounded
         self.checkpointed_layers: list = []
         self.base_fingerprint = ""
+        self.quantized: list[str] = []  # Linear layers held 4- / 8-bit (decoder_quantization)
 
     @property
     def family(self) -> Architecture:
@@ -113,6 +115,20 @@ def load_tokenizer(name: str, gguf_file: Optional[str] = None, checked=None):
     if tokenizer.eos_token_id is None:
         raise RecipeError([f"{where}: its tokenizer has no end-of-sequence token, so a generation could not end"])
     return tokenizer
+
+
+def quantize_decoder(decoder: Decoder, quant, device: str = "cpu") -> list[str]:
+    """The decoder's Linear layers 4- / 8-bit (QLoRA; Dettmers et al. 2023), its output layer
+    kept full precision (it may be the input embedding, tied); returns the layers replaced."""
+    head = decoder.model.get_output_embeddings()
+    skip = tuple(n for n, m in decoder.model.named_modules() if m is head)
+    replaced = quantize_plain_model(decoder.model, quant, device, skip=skip)
+    respect_compute_dtype(decoder.model, quant)
+    autocast_outputs_like_linear(decoder.model)
+    for module in decoder.model.modules():  # norms in float32 for stable training (QLoRA practice)
+        if "Norm" in type(module).__name__:
+            module.float()
+    return replaced
 
 
 def load_decoder(name: str, gguf_file: Optional[str] = None) -> Decoder:

@@ -9,6 +9,7 @@ with transformers' ``generate``; metrics in :mod:`.text_metrics`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -16,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from ..config.tasks import GenerateSettings
-from ..encoders.decoder import Decoder, load_decoder, load_tokenizer
-from ..errors import BundleError, DataError
+from ..encoders.decoder import Decoder, load_decoder, load_tokenizer, quantize_decoder
+from ..errors import BundleError, DataError, RecipeError
 from ..files import fingerprint_module
 from ..methods import build_method
+from ..quant import weight_bytes
 from .base import TASKS, Task
 from .lm_head import CONNECTORS, GenerativeHead
 from .text_metrics import normalize_text, text_metrics
@@ -82,18 +84,33 @@ class GenerateTask(Task):
         value = row.text if field == "text" else (row.extra or {}).get(field, "")
         return s.prompt.replace("{}", "" if value is None else str(value))
 
-    def _encode(self, kind: str, text: str) -> list[int]:
-        key = (kind, text)
+    def messages(self, row) -> list[dict]:
+        """The chat: the row's earlier turns (a conversation source's ``messages``), then the prompt."""
+        history = (row.extra or {}).get("messages")
+        history = [m for m in history if isinstance(m, dict)] if isinstance(history, list) else []
+        return history + [{"role": "user", "content": self.prompt_text(row)}]
+
+    def _prompt_ids(self, messages: list[dict]) -> list[int]:
+        tok = self.tokenizer
+        if self.settings.chat_template and tok.chat_template:
+            try:
+                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # jinja's TemplateError, or a template that raises on purpose
+                raise RecipeError([f"tasks.{self.name}: the chat template of decoder {self.settings.decoder!r} "
+                                   f"failed ({type(exc).__name__}: {str(exc)[:200]}); set chat_template: false to "
+                                   "give the decoder the prompt as it is"]) from None
+            return tok(text, add_special_tokens=False)["input_ids"]
+        earlier = "".join(f"{m.get('role', 'user')}: {m.get('content', '')}\n" for m in messages[:-1])
+        return tok(earlier + messages[-1]["content"])["input_ids"]
+
+    def _encode(self, kind: str, value) -> list[int]:
+        key = (kind, value if isinstance(value, str) else json.dumps(value))
         ids = self._ids.get(key)
         if ids is None:
-            tok = self.tokenizer
-            if kind == "prompt" and self.settings.chat_template and tok.chat_template:
-                text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-                ids = tok(text, add_special_tokens=False)["input_ids"]
-            elif kind == "prompt":
-                ids = tok(text)["input_ids"]
+            if kind == "prompt":
+                ids = self._prompt_ids(value)
             else:
-                ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                ids = self.tokenizer(value, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
             if len(self._ids) < MAX_CACHED:
                 self._ids[key] = ids
         return ids
@@ -101,7 +118,7 @@ class GenerateTask(Task):
     def tokens(self, row) -> tuple[list[int], list[int]]:
         """``(prompt ids, target ids + eos)``; no target ids for a row without one."""
         target = self.target(row)
-        prompt = self._encode("prompt", self.prompt_text(row)) if self.owns(row) else []
+        prompt = self._encode("prompt", self.messages(row)) if self.owns(row) else []
         return prompt, ([] if target is None else self._encode("target", target))
 
     def check(self, splits, required):
@@ -191,10 +208,12 @@ class GenerateTask(Task):
         layers = int(getattr(config, "num_hidden_layers", 0) or 0)
         heads = int(getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", 1))
         head_dim = int(getattr(config, "head_dim", None) or d.hidden_size // max(1, int(config.num_attention_heads)))
-        weights = sum(p.numel() * p.element_size() for p in d.parameters())
+        weights = weight_bytes(d)
         positions = self.settings.max_prompt_tokens + self.settings.max_new_tokens
         per_row = 2 * layers * heads * head_dim * positions * 4  # keys and values, float32
-        return (f"task {self.name}: decoder {self.settings.decoder} ({d.arch}) weights {weights / 1e6:.1f} MB; KV cache "
+        q = self.settings.decoder_quantization
+        held = f", {len(d.quantized)} Linear layers {q.bits}-bit" if q is not None else ""
+        return (f"task {self.name}: decoder {self.settings.decoder} ({d.arch}) weights {weights / 1e6:.1f} MB{held}; KV cache "
                 f"{per_row / 1e6:.2f} MB a row for {positions} positions (+ the prefix), "
                 f"{self.eval_batch_size * per_row / 1e6:.0f} MB at eval batch {self.eval_batch_size}")
 
@@ -254,6 +273,8 @@ class GenerateTask(Task):
                               "(another checkpoint or revision)")
         self.state["decoder_fingerprint"] = fingerprint
         decoder.base_fingerprint = fingerprint
+        if s.decoder_quantization is not None:
+            decoder.quantized = quantize_decoder(decoder, s.decoder_quantization)
         method = build_method(s.decoder_peft, where=f"tasks.{self.name}.decoder_peft")
         method.apply(decoder)
         connectors = {name: CONNECTORS[s.connector](width, decoder.hidden_size, s) for name, width in dims.items()}

@@ -20,6 +20,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import LogitsProcessorList
 
 
 class MLPProjector(nn.Module):
@@ -47,6 +48,19 @@ class Resampler(nn.Module):
         x = q + self.attn(q, kv, kv, key_padding_mask=~mask, need_weights=False)[0]
         x = x + self.ffn(x)
         return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+
+
+class NonFinite:
+    """A logits processor that notes, per row, whether any step's scores held a NaN or inf
+    (generation itself would go on and pick some token); it changes no score."""
+
+    def __init__(self, rows: int):
+        self.rows = torch.zeros(rows, dtype=torch.bool)
+
+    def __call__(self, input_ids, scores):
+        bad = ~torch.isfinite(scores).all(-1)
+        self.rows |= bad.view(len(self.rows), -1).any(-1).cpu()  # beams: a row's beams side by side
+        return scores
 
 
 CONNECTORS = {"mlp": lambda width, out, s: MLPProjector(width, out),
@@ -100,14 +114,15 @@ class GenerativeHead(nn.Module):
         prefix, mask = self.prefix(outputs)
         if self.training:
             return self.teacher_logits(prefix, mask, batch["text_ids"], batch["text_mask"])
-        generated = self.generate(prefix, mask, batch["prompt_ids"], batch["prompt_mask"])
+        generated, nonfinite = self.generate(prefix, mask, batch["prompt_ids"], batch["prompt_mask"])
         labels = batch["labels"]
         nll = torch.zeros(labels.shape[0], device=labels.device)
+        nll[nonfinite.to(nll.device)] = float("nan")  # a NaN score: the row's output is marked, not trusted
         count = (labels != -100).sum(-1).float()
         if bool(count.any()):
             logits = self.teacher_logits(prefix, mask, batch["text_ids"], batch["text_mask"]).float()
             token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-            nll = token.sum(-1)
+            nll = nll + token.sum(-1)
         return torch.cat([generated.float(), nll[:, None], count[:, None]], 1)
 
     def teacher_logits(self, prefix, mask, ids, text_mask) -> torch.Tensor:
@@ -120,7 +135,8 @@ class GenerativeHead(nn.Module):
 
     @torch.no_grad()
     def generate(self, prefix, mask, prompt_ids, prompt_mask) -> torch.Tensor:
-        """New token ids ``[B, max_new_tokens]``, -1 after each row's end (its eos kept)."""
+        """New token ids ``[B, max_new_tokens]``, -1 after each row's end (its eos kept), and
+        which rows had a NaN or inf among their scores at some step."""
         s, tokenizer = self.settings, self.decoder.tokenizer
         embeds = torch.cat([prefix, self.decoder.embed(prompt_ids)], 1)
         attention = torch.cat([mask, prompt_mask.bool()], 1)
@@ -136,13 +152,15 @@ class GenerativeHead(nn.Module):
             options.update(temperature=s.temperature, top_p=s.top_p)
         if s.stop:
             options.update(stop_strings=list(s.stop), tokenizer=tokenizer)
-        new = self.decoder.base.generate(inputs_embeds=embeds, attention_mask=attention.long(), **options)
+        watch = NonFinite(embeds.shape[0])
+        new = self.decoder.base.generate(inputs_embeds=embeds, attention_mask=attention.long(),
+                                         logits_processor=LogitsProcessorList([watch]), **options)
         out = torch.full((new.shape[0], s.max_new_tokens), -1, dtype=torch.long, device=new.device)
         ended = torch.zeros(new.shape[0], dtype=torch.bool, device=new.device)
         for i in range(new.shape[1]):  # at most max_new_tokens steps
             out[:, i] = torch.where(ended, -1, new[:, i])
             ended |= new[:, i] == eos
-        return out
+        return out, watch.rows
 
 
 def _frozen_are_not_missing(module: GenerativeHead, incompatible) -> None:
