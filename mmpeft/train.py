@@ -138,13 +138,19 @@ def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run:
     t = recipe.train
     is_main = accelerator.is_main_process
     splits = recipe_splits(recipe)
-    probe_images({"train": splits.train, "eval": splits.eval, "test": splits.test}, recipe.data.on_bad_image, recipe.data.on_bad_audio)
+    typical = probe_images({"train": splits.train, "eval": splits.eval, "test": splits.test}, recipe.data.on_bad_image,
+                           recipe.data.on_bad_audio)
     tasks = recipe_task_set(recipe, splits.train, check={"train": splits.train, "eval": splits.eval, "test": splits.test})
     for task in tasks.values():
         task.configure(t)
     model = build_model(recipe, tasks, device=str(accelerator.device.type))
     for note in filter(None, (task.start_note(model) for task in tasks.values())):
         accelerator.print(note)
+    for name, enc in model.encoders.items():  # said once: real photos read at a copied recipe's 64 px lose their detail
+        if typical and enc.modality == "image" and enc.image_size and typical >= 4 * enc.image_size:
+            accelerator.print(f"images are {typical} px on their longer side (median); encoder {name!r} reads them at "
+                              f"{enc.image_size} px (encoders.{name}.image_size): fine detail is lost, raise it if the "
+                              "task needs it")
     if is_main:
         print_summary(summarize(model, recipe, tasks), model, recipe, tasks, splits)
     if dry_run:

@@ -272,3 +272,50 @@ def test_predict_input_reads_the_columns_the_bundle_was_trained_on(assets, tmp_p
     proc = run_cli_in_fresh_python("predict", str(bundle), "--input", str(bad))
     assert proc.returncode == 2 and "bad.jsonl, row 1: needs field(s) 'q'" in " ".join(proc.stderr.split()), proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"  # answered before torch was imported
+
+
+def test_recipes_ship_in_the_package_and_copy_out(tmp_path):
+    """`mmpeft recipes list / copy` read the recipes inside the installed package (mmpeft/recipes
+    is this repository's recipes/ folder, so a pip install has them too)."""
+    from importlib.resources import files
+
+    from typer.testing import CliRunner
+
+    from mmpeft.cli import app
+
+    shipped = Path(str(files("mmpeft") / "recipes"))
+    repo = Path(__file__).resolve().parents[1] / "recipes"
+    assert sorted(p.name for p in shipped.glob("*.yaml")) == sorted(p.name for p in repo.glob("*.yaml"))
+    runner = CliRunner()
+    res = runner.invoke(app, ["recipes", "list"])
+    assert res.exit_code == 0 and "quickstart" in res.output and "easy_vqa_caption" in res.output, res.output
+    assert "Quickstart: easy-VQA" in res.output
+    res = runner.invoke(app, ["recipes", "copy", "quickstart", str(tmp_path / "mine")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "mine" / "quickstart.yaml").read_bytes() == (repo / "quickstart.yaml").read_bytes()
+    res = runner.invoke(app, ["recipes", "copy", "quickstart", str(tmp_path / "mine")])
+    assert res.exit_code == 2 and "already exists" in res.output
+    assert runner.invoke(app, ["recipes", "copy", "quickstart", str(tmp_path / "mine"), "--overwrite"]).exit_code == 0
+    res = runner.invoke(app, ["recipes", "copy", "quikstart"])
+    assert res.exit_code == 2 and "did you mean 'quickstart'" in res.output, res.output
+
+
+def test_finetune_says_once_when_images_are_read_far_below_their_size(assets, tmp_path):
+    """A copied quickstart keeps image_size 64: real photos would train at 64 px without a word."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from mmpeft.cli import app
+    from tests import tiny
+
+    files = tiny.make_dataset(tmp_path / "data")
+    runner = CliRunner()
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny.recipe_dict(assets["bert"], assets["vit"], files, tmp_path / "out")))
+    res = runner.invoke(app, ["finetune", str(path), "--dry-run"])
+    assert res.exit_code == 0 and "fine detail is lost" not in res.output, res.output  # 32 px images at 32 px
+    for image in (tmp_path / "data" / "images").glob("*.png"):
+        Image.open(image).convert("RGB").resize((256, 192)).save(image)
+    res = runner.invoke(app, ["finetune", str(path), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("images are 256 px on their longer side (median); encoder 'image' reads them at 32 px") == 1

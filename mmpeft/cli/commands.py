@@ -19,11 +19,13 @@ from rich.table import Table
 from ..errors import UsageError
 from ..version import __version__
 from .bench import bench_app
+from .recipes import recipes_app
 from .common import OVERRIDES, console, device_of, friendly, check_input_columns, print_answers, quiet_third_party, recipe_with_data, test_line
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Parameter-efficient fine-tuning of multimodal models.")
 app.add_typer(bench_app, name="bench")
+app.add_typer(recipes_app, name="recipes")
 
 
 def _show_version(value: bool) -> None:

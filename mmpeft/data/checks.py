@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import stat
+import statistics
 import warnings
+from typing import Optional
 
 from PIL import Image, UnidentifiedImageError
 
@@ -44,21 +46,25 @@ def open_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     return image
 
 
-def _read_header(path: str) -> None:
-    open_image(path).close()  # the header is parsed on open: it is an image of an allowed size
-
-
-def probe_images(splits: dict[str, list[Sample]], on_bad_image: str, on_bad_audio: str = "error") -> None:
+def probe_images(splits: dict[str, list[Sample]], on_bad_image: str, on_bad_audio: str = "error") -> Optional[int]:
     """Before any model loads: every image and audio file exists and has a readable header, so a
-    wrong path fails in seconds (``error`` mode; ``skip`` reports after the full check)."""
+    wrong path fails in seconds (``error`` mode; ``skip`` reports after the full check).
+    Returns the median longer side of the images, in pixels (None when not probed or none)."""
+    sides: list[int] = []
+
+    def header(path: str) -> None:
+        with open_image(path) as image:  # the header is parsed on open: it is an image of an allowed size
+            sides.append(max(image.size))
+
     if on_bad_image == "error":
-        bad = bad_files(splits, "image", _read_header, "looking for images")
+        bad = bad_files(splits, "image", header, "looking for images")
         if bad:
             raise_first_bad(splits, "image", bad, BAD_IMAGE_HINT)
     if on_bad_audio == "error":
         bad = bad_files(splits, "audio", audio_info, "looking for audio")
         if bad:
             raise_first_bad(splits, "audio", bad, BAD_AUDIO_HINT)
+    return int(statistics.median(sides)) if sides else None
 
 
 def clip_seconds(path: str) -> float:
