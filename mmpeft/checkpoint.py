@@ -37,7 +37,7 @@ from .version import __version__
 
 FORMAT = "mmpeft-checkpoint"
 # Settings that do not change what a run computes: a checkpoint resumes across them.
-NEUTRAL_SETTINGS = {"output", "data.root", "train.log_every", "train.num_workers", "train.checkpoint_every",
+NEUTRAL_SETTINGS = {"output", "data.root", "train.log_every", "train.report_to", "train.num_workers", "train.checkpoint_every",
                     "train.checkpoint_minutes", "train.keep_checkpoints", "train.device", "train.profile_steps",
                     "train.profile_skip"}
 

@@ -37,6 +37,7 @@ from .progress import progress
 from .report import sampling_line, print_epoch, print_summary, print_test, save_plots
 from .memory import peak_memory_mib
 from .optim import cosine_with_warmup, make_optimizer
+from .tracking import Trackers, check_trackers
 from .runtime import agree_across_processes, make_accelerator, num_workers, pin_memory
 from .scoring import flat_metrics, groups_to_report, in_order, predict_logits, prepare_tasks, score, select_metric, task_rows
 from .tasks import recipe_task_set
@@ -137,6 +138,7 @@ def finetune(recipe: Recipe | str | Path, overrides: Sequence[str] = (), dry_run
 def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run: bool, resume: bool):
     t = recipe.train
     is_main = accelerator.is_main_process
+    trackers = check_trackers(t.report_to) if is_main and not dry_run else []  # a missing package fails before the data loads
     splits = recipe_splits(recipe)
     typical = probe_images({"train": splits.train, "eval": splits.eval, "test": splits.test}, recipe.data.on_bad_image,
                            recipe.data.on_bad_audio)
@@ -205,7 +207,7 @@ def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run:
             accelerator.step = loop.accelerator_step
             where = "training done" if loop.finished else f"epoch {loop.epoch}, {loop.batches_done} batch(es) done"
             run.log(f"resuming from {found.path} ({where}, step {loop.step})")
-    run.writer = _tensorboard(out_dir.parent / ".runs" / recipe.run_name) if is_main else None
+    run.writer = Trackers(trackers, recipe.run_name, out_dir.parent / ".runs", run.settings) if is_main else None
     with stop_on_signals(notice=run.log) as stop:
         if not loop.finished:
             best_state = _train(run, loop, best_state, saved, stop)
@@ -290,9 +292,8 @@ def _epochs(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) 
                 bar.set_postfix(loss=f"{loop.running:.4f}", **each,
                                 samples_per_s=f"{loop.seen / max(1e-9, time.perf_counter() - start):.1f}")
                 if run.writer:
-                    run.writer.add_scalar("train/loss", loop.running, loop.step)
-                    for name, v in loop.task_running.items():
-                        run.writer.add_scalar(f"train/loss_{name}", v, loop.step)
+                    run.writer.log({"train/loss": loop.running,
+                                    **{f"train/loss_{name}": v for name, v in loop.task_running.items()}}, loop.step)
             run.profiler.step()
             faults.point("train.step")
             if accelerator.sync_gradients and loop.batches_done < epoch_batches:  # the epoch's end has its own checkpoint
@@ -323,10 +324,9 @@ def _epochs(run: Run, loop: LoopState, best_state, saved: Optional[dict], stop) 
         loop.history.append(row)
         if accelerator.is_main_process:
             print_epoch(row)
-            if run.writer:
-                for k, v in row.items():
-                    if isinstance(v, (int, float)) and k not in ("epoch", "step"):
-                        run.writer.add_scalar(k.replace("_", "/", 1), v, epoch)
+            if run.writer:  # per epoch: eval/accuracy, train/loss, epoch/seconds, ...
+                run.writer.log({k.replace("_", "/", 1): v for k, v in row.items() if k not in ("epoch", "step", "ended_at")},
+                               epoch)
         loop.epoch, loop.batches_done, saved = epoch + 1, 0, None
         if t.early_stopping_patience and loop.stale >= t.early_stopping_patience:
             run.log(f"early stopping: no {select_task}.{select} improvement for {loop.stale} evaluation(s); best epoch {loop.best_epoch}")
@@ -438,11 +438,4 @@ def _write_bundle(run: Run, out_dir: Path, loop: LoopState, test_metrics: dict) 
 
 
 
-
-def _tensorboard(logdir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard not installed: logging is optional
-        return None
-    return SummaryWriter(str(logdir))
 

@@ -19,7 +19,7 @@ LAYERS = [
     ["quant", "encoders", "methods", "tasks"],
     ["fusion", "data"],
     ["model"],
-    ["runtime", "scoring", "memory", "optim", "report", "profiling"],
+    ["runtime", "scoring", "memory", "optim", "report", "profiling", "tracking"],
     ["checkpoint", "train", "inference", "bundle", "serve"],
     ["bench"],
     ["cli", "docs", "__init__"],

@@ -402,3 +402,34 @@ def test_a_signal_to_one_process_stops_every_process_at_one_checkpoint(assets, t
     proc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0 and "resuming from" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
     assert json.loads((tmp_path / "adapters" / "tiny" / "metrics.json").read_text())["test"]["count"] == 24
+
+
+def test_report_to_mlflow_and_tensorboard_get_the_losses_and_validation_metrics(assets, tmp_path, monkeypatch):
+    """train.report_to through accelerate's trackers: MLflow against a local file store (no server,
+    no network) holds each epoch's validation accuracy as metrics.json does; TensorBoard writes its
+    event file; a tracker whose package is missing stops the run before its data loads."""
+    import importlib.util
+
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps its file store for those who ask for it
+    raw = tiny.recipe_dict(assets["bert"], assets["vit"], assets["data"], tmp_path / "out", report_to=["mlflow", "tensorboard"])
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    res = CliRunner().invoke(app, ["finetune", str(path)])
+    assert res.exit_code == 0, res.output
+    history = json.loads((tmp_path / "out" / "tiny" / "metrics.json").read_text())["history"]
+    client = mlflow.tracking.MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name("mmpeft")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "tiny" and run.data.params["train.lr"] == "0.005"
+    accuracy = client.get_metric_history(run.info.run_id, "eval/accuracy")
+    assert [(m.step, m.value) for m in accuracy] == [(h["epoch"], pytest.approx(h["eval_accuracy"])) for h in history]
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= len(history)
+    assert list((tmp_path / "out" / ".runs" / "tiny").glob("events.out.tfevents.*"))
+    if importlib.util.find_spec("wandb") is None:
+        raw["train"]["report_to"] = ["wandb"]
+        path.write_text(yaml.safe_dump(raw))
+        res = CliRunner().invoke(app, ["finetune", str(path), "--overwrite"])
+        assert res.exit_code == 2 and "pip install wandb" in res.output and "rows train" not in res.output, res.output

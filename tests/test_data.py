@@ -174,6 +174,6 @@ def test_paths_relative_to_the_wrong_folder_are_said_so(tmp_path):
     with pytest.raises(DataError) as err:
         ImageStore().check({"train": train, "test": test}, "error")
     message = " ".join(str(err.value).split())
-    assert message.startswith(f"{tmp_path / 'data' / 'train.csv'}, row 2: file not found")  # CSV: data rows from 2
-    assert "in 6 of 6 rows" in message and f"{tmp_path / 'data' / 'test.csv'}, row 2" in message
+    assert message.startswith(f"{tmp_path / 'data' / 'train.csv'}, row 1: file not found")  # data rows from 1, as JSONL
+    assert "in 6 of 6 rows" in message and f"{tmp_path / 'data' / 'test.csv'}, row 1" in message
     assert "read from the manifest's folder" in message and "skip" not in message

@@ -40,6 +40,7 @@ from ..tasks import recipe_task_set
 from ..train import finetune
 from .device import GpuBusy, base_sized_overrides
 from .reference import largest_batch, peak_gpu_mib, reference_loop
+from .scoring import scoring_speed
 from .common import cpu_ticks, machine_info, output_folder, steal_line, steal_percent, write_atomic
 
 
@@ -239,6 +240,8 @@ def run(recipe: str, out: str, steps: int = 40, overrides=(),
             result["reference"] = {k: v for k, v in reference.items() if k != "trainable"}
             result["same_trainable_parameters"] = reference["trainable"] == trainable_of(recipe, base)
             done("reference", result["reference"])
+            result["scoring"] = scoring_speed(work / "own1")  # the bundle of the second timed finetune
+            done("scoring", result["scoring"])
             if profile_steps:  # right after the timed pair: why finetune is where it is, before the optional rows
                 result["profile"] = profiled(recipe, base + [f"train.profile_steps={profile_steps}", f"train.profile_skip={steps}"],
                                              work)
@@ -306,6 +309,14 @@ def markdown(r: dict) -> str:
         busy = f" {_percent(row.get('gpu_busy'))} | {row['peak_gpu_mib']} |" if gpu else ""
         lines.append(f"| {row['configuration']} | {row['samples_per_second']} | {row['vs_reference']:.3f} | "
                      f"{100 * row['data_share']:.1f}% | {row['first_epoch_samples_per_second']} |" + busy)
+    if r.get("scoring"):
+        sc, train = r["scoring"], r["pipeline"][0].get("samples_per_second")
+        lines += ["", f"Scoring (the pass `mmpeft evaluate` makes over the bundle's test rows, model loading excluded, batch "
+                      f"{sc['batch_size']}): " + "; ".join(
+                          f"{p['pass']} {p['rows_per_second']} rows/s ({p['rows']} rows, {p['opening_images_seconds']} s of it "
+                          f"decoding and checking images" + (f", {p['rows_per_second'] / train:.2f}x training's rows/s" if train else "")
+                          + ")" for p in sc["passes"]) + ". Cold: every image decoded first, as one `evaluate` does; warm: "
+                      "the decoded images and pixels cached, as a training epoch after the first has them."]
     mfu = (f"model FLOPs utilisation {100 * ref['mfu']:.1f}% of the GPU's peak" if ref["mfu"] is not None
            else "model FLOPs utilisation: reported on a listed GPU only (no peak figure for this device)")
     base = r["pipeline"][0]

@@ -170,6 +170,11 @@ class TrainConfig(Strict):
     profile_skip: NonNegativeInt = Field(2, le=10_000_000, description="steps before the profiled ones (which compile, fill "
                                          "caches and warm up; one more step warms the profiler)")
     log_every: PositiveInt = Field(20, description="steps between progress-bar/TensorBoard loss updates")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"]] = Field(
+        default_factory=lambda: ["tensorboard"], max_length=9,
+        description="experiment trackers the losses and validation metrics go to, through accelerate's trackers (as the "
+                    "Hugging Face Trainer's report_to; [] for none): tensorboard writes <output.dir>/.runs/<run>; mlflow "
+                    "reads MLFLOW_TRACKING_URI (a file: store needs no server); each needs its own package installed")
     checkpoint_every: Optional[Union[int, str]] = Field(
         "epoch", description="write a checkpoint at the end of every epoch ('epoch'), every N optimizer steps (N), or "
         "never (null); `finetune --resume` continues from the newest")

@@ -181,8 +181,8 @@ def iter_rows(path: Path):
     if suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text))
         try:
-            for number, row in enumerate(reader, start=2):  # row 1 is the header
-                if number == 2:
+            for number, row in enumerate(reader, start=1):  # data rows from 1, as in JSONL (the header not counted)
+                if number == 1:
                     names = reader.fieldnames or []
                     if len(set(names)) != len(names):
                         raise DataError(f"{path}: the header names a column twice "
@@ -192,7 +192,7 @@ def iter_rows(path: Path):
                                     f"({len(reader.fieldnames or [])}); quote values that hold commas")
                 yield number, row
         except csv.Error as exc:
-            raise DataError(f"{path}, row {reader.line_num}: not readable as CSV ({exc})") from None
+            raise DataError(f"{path}, line {reader.line_num}: not readable as CSV ({exc})") from None
         return
     data = _json(text, str(path), "a manifest")
     if not isinstance(data, list):
