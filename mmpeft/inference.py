@@ -21,7 +21,7 @@ from .errors import BundleError, DataError, MMPeftError, UsageError
 from .files import MAX_MANIFEST_BYTES, atomic_text_file, read_text
 from .runtime import fresh_accelerator, inference_autocast
 from .scoring import groups_to_report, predict_logits, prepare_tasks, score
-from .tasks import Vocabulary
+from .tasks import TASK_INPUTS, Vocabulary
 
 
 class _StoredMetrics(BaseModel):
@@ -120,7 +120,32 @@ class Predictor:
         """The modalities this bundle's encoders read from their modality's input, of "image",
         "text", "audio" (encoders with a column of their own: :attr:`own`)."""
         kinds = {enc.modality for name, enc in self.model.encoders.items() if name not in self.own}
+        kinds |= {m for task in self.tasks.values() for m in task.reads()}  # a prompt filled from the question
         return [m for m in ("image", "text", "audio") if m in kinds]
+
+    def decode_with(self, **options) -> None:
+        """Decoding settings of the bundle's generating tasks for this predictor (``max_new_tokens``,
+        ``num_beams``, ``temperature``, ``top_p``; None leaves one as the recipe set it)."""
+        generating = [name for name, task in self.tasks.items() if task.feeds_head]
+        if not generating:
+            raise UsageError(f"{self.bundle.path}: no task of it generates text, so decoding options do not apply")
+        for name in generating:
+            self.tasks[name].decode_with(**options)
+            self.model.widths[name] = self.tasks[name].width
+
+    @torch.no_grad()
+    def stream(self, image: str, text: str, on_text, audio: str = "", task: Optional[str] = None) -> None:
+        """One input's generated text, each piece passed to ``on_text`` as it is decoded."""
+        name = task or next((n for n, t in self.tasks.items() if t.feeds_head), None)
+        if name is None or name not in self.tasks or not self.tasks[name].feeds_head:
+            raise UsageError(f"{self.bundle.path}: {'task ' + repr(name) if name else 'no task'} that generates text")
+        row = Sample(str(image or ""), str(text or ""), "", {}, "input 1", str(audio or ""))
+        self.store.check({"input": [row]}, "error", hint="check the file path")
+        batch = Collator([row], dict(self.model.encoders.items()), self.tasks, self.store)([0])
+        inputs = send_to_device(batch["inputs"], self.device)
+        with inference_autocast(self.bundle.recipe, self.device):
+            outputs = self.model.encode(inputs)
+            self.tasks[name].stream(self.model.task_head(name), outputs, inputs[TASK_INPUTS][name], on_text)
 
     @torch.no_grad()
     def predict(self, images: Sequence[str], texts: Sequence[str], top_k: int = 3, batch_size: int = 32,

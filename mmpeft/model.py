@@ -90,6 +90,19 @@ class MultimodalModel(nn.Module):
         """``inputs[name]`` are encoder tensors; an optional ``row_index`` ``[B]`` maps each
         example to a row of a de-duplicated batch (one image, many questions). ``keys[name]``
         (question text / image path per tensor row) lets frozen encoders use the feature cache."""
+        outputs = self.encode(inputs, keys)
+        fed = inputs.get(TASK_INPUTS)
+        if isinstance(self.head, TaskHeads):
+            return self.head(outputs, fed)
+        name = next(iter(self.widths))  # one task over every encoder
+        return {name: as_output(self.head(outputs, fed[name]) if name in self.fed else self.head(outputs))}
+
+    def task_head(self, name: str) -> nn.Module:
+        """The head of task ``name``."""
+        return self.head.heads[name] if isinstance(self.head, TaskHeads) else self.head
+
+    def encode(self, inputs: dict, keys: dict | None = None) -> dict[str, EncoderOutput]:
+        """Every encoder's output for the encoders ``inputs`` has tensors for."""
         outputs = {}
         for name, enc in self.encoders.items():
             if name not in inputs:  # a batch of a task's own data, which this encoder does not read
@@ -104,11 +117,7 @@ class MultimodalModel(nn.Module):
             if rows is not None:
                 out = EncoderOutput(out.tokens[rows], out.mask[rows], out.pooled[rows])
             outputs[name] = out
-        fed = inputs.get(TASK_INPUTS)
-        if isinstance(self.head, TaskHeads):
-            return self.head(outputs, fed)
-        name = next(iter(self.widths))  # one task over every encoder
-        return {name: as_output(self.head(outputs, fed[name]) if name in self.fed else self.head(outputs))}
+        return outputs
 
     def train(self, mode: bool = True):
         """Frozen encoder parts always run in eval mode (dropout off, batch-norm statistics

@@ -139,6 +139,18 @@ def test_trains_saves_loads_identical_and_predicts_through_the_cli(assets, rows,
     assert json.loads(res.output.strip().splitlines()[-1])["text"] == example["generated"]
     res = runner.invoke(app, ["export", str(bundle), "--out", str(tmp_path / "onnx")])
     assert res.exit_code == 2 and "token by token" in res.output and not (tmp_path / "onnx").exists()
+    # merge folds the decoder's LoRA, verifies the generated tokens, and writes a plain transformers decoder
+    res = runner.invoke(app, ["merge", str(bundle), "--out", str(tmp_path / "merged")])
+    assert res.exit_code == 0 and "verified on" in res.output, res.output
+    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+    assert report["folded"]["answer.decoder"] == "lora" and report["max_abs_logit_diff"] <= 1e-5
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged" / "heads" / "answer")).config.model_type == "qwen2"
+    res = runner.invoke(app, ["predict", str(tmp_path / "merged"), "--image", image, "--question", "anything"])
+    assert res.exit_code == 0 and json.loads(res.output.strip().splitlines()[-1])["text"] == example["generated"], res.output
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "merged")])
+    assert res.exit_code == 0 and "reproduced" in res.output, res.output
 
 
 def test_a_moved_decoder_is_refused_by_its_fingerprint(assets, rows, tmp_path):
@@ -356,3 +368,68 @@ def test_broken_conversation_records_are_named(assets, rows, tmp_path):
         path.write_text(yaml.safe_dump(raw))
         res = CliRunner().invoke(app, ["finetune", str(path), "--dry-run"])
         assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, (content, res.output)
+
+
+def test_plain_peft_loads_the_decoders_lora_with_identical_logits(assets, rows, tmp_path):
+    """The bundle's heads/<task>/adapter is peft's own format: a process that never imports mmpeft
+    loads it onto the plain decoder with transformers + peft and gets the same logits."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(generate_recipe(assets, rows, tmp_path / "out", "gpt2", epochs=1)))
+    assert CliRunner().invoke(app, ["finetune", str(path)]).exit_code == 0
+    bundle = tmp_path / "out" / "tiny"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["head_files"]["answer"] == ["heads/answer/adapter/adapter_config.json",
+                                                "heads/answer/adapter/adapter_model.safetensors"]
+    ids = [[3, 5, 8, 9, 2, 11]]
+    script = f"""
+import json, sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base = AutoModelForCausalLM.from_pretrained({str(assets['gpt2'])!r})
+model = PeftModel.from_pretrained(base, {str(bundle / 'heads/answer/adapter')!r}).eval()
+with torch.no_grad():
+    logits = model(input_ids=torch.tensor({ids})).logits
+assert "mmpeft" not in sys.modules
+print(json.dumps(logits.flatten().tolist()))
+"""
+    plain = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    from mmpeft.inference import Predictor
+
+    head = Predictor(bundle).model.head
+    with torch.no_grad():
+        ours = head.decoder.model(input_ids=torch.tensor(ids)).logits.flatten()
+    lora_b = [v for k, v in head.state_dict().items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # trained: the adapter changes the logits
+    assert torch.allclose(torch.tensor(json.loads(plain.stdout.strip().splitlines()[-1])), ours, atol=1e-6)
+
+
+def test_predict_streams_the_same_text_and_takes_decoding_options(assets, rows, tmp_path):
+    path = tmp_path / "r.yaml"
+    raw = generate_recipe(assets, rows, tmp_path / "out", epochs=2, prompt="describe: {}")
+    path.write_text(yaml.safe_dump(raw))
+    runner = CliRunner()
+    assert runner.invoke(app, ["finetune", str(path)]).exit_code == 0
+    bundle = tmp_path / "out" / "tiny"
+    image = str(rows["test"].parent / "images/test_0.png")
+    from mmpeft.inference import Predictor
+
+    predictor = Predictor(bundle)
+    assert predictor.reads == ["image", "text"]  # the prompt is filled from the question
+    pieces = []
+    predictor.stream(image, "what color is the shape ?", pieces.append)
+    whole = predictor.predict([image], ["what color is the shape ?"])[0]["text"]
+    assert "".join(pieces) == whole and len(pieces) >= 1
+    res = runner.invoke(app, ["predict", str(bundle), "--image", image, "--prompt", "what color is the shape ?",
+                              "--max-new-tokens", "2"])
+    assert res.exit_code == 0, res.output
+    short = json.loads(res.output.strip().splitlines()[-1])["text"]
+    assert len(short.split()) <= 2 and whole.startswith(short)  # greedy: the first two tokens of the longer answer
+    res = runner.invoke(app, ["predict", str(bundle), "--image", image, "--prompt", "x", "--num-beams", "2",
+                              "--temperature", "0.7"])
+    assert res.exit_code == 2 and "exclude each other" in res.output, res.output
+    res = runner.invoke(app, ["predict", str(bundle), "--image", image, "--prompt", "x", "--temperature", "0.7"])
+    assert res.exit_code == 0 and '"text"' in res.output, res.output

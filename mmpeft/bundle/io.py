@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import yaml
+
 from ..config import load_recipe
 from ..errors import BundleError
-from ..files import read_safetensors, verify_sealed
+from ..files import MAX_MANIFEST_BYTES, read_safetensors, read_text, verify_sealed
 from ..model import build_model
 from ..tasks import stored_task_set
 from .manifest import parse_manifest
@@ -91,6 +93,19 @@ def read_bundle(path, overrides: Sequence[str] = ()):
             if root not in base.parents or not base.is_dir():
                 raise BundleError(f"{bundle}/manifest.json: encoder {name!r} base {entry.get('model')!r} is not a directory inside the bundle")
             overrides.insert(0, f"encoders.{name}.model={base}")
+        heads = manifest.get("merged_heads") or {}
+        if not isinstance(heads, dict):
+            raise BundleError(f"{bundle}/manifest.json: merged_heads must be a mapping")
+        # the recipe's one task: block, or a block of tasks: (named as the manifest names it)
+        single = not heads or not (yaml.safe_load(read_text(bundle / "recipe.yaml", BundleError, max_bytes=MAX_MANIFEST_BYTES))
+                                   or {}).get("tasks")
+        for name, changes in heads.items():
+            folder = changes.get("decoder") if isinstance(changes, dict) else None
+            base = (root / str(folder)).resolve()
+            if not isinstance(folder, str) or root not in base.parents or not base.is_dir():
+                raise BundleError(f"{bundle}/manifest.json: task {name!r}'s merged decoder {folder!r} is not a directory "
+                                  "inside the bundle")
+            overrides.insert(0, f"{'task' if single else f'tasks.{name}'}.decoder={base}")
     recipe = load_recipe(bundle / "recipe.yaml", overrides, anchor=False)  # a resolved recipe: its paths are as trained
     if set(manifest["encoders"]) != set(recipe.encoders):
         raise BundleError(f"{bundle}: manifest encoders {sorted(manifest['encoders'])} differ from the recipe's {sorted(recipe.encoders)}")

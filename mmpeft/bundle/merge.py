@@ -123,6 +123,10 @@ def merge_in_memory(bundle, *, tolerance: float = 1e-5, allow_base_mismatch: boo
             report["folded"][name] = method.name
         else:
             report["kept"][name] = method.name
+    for name, task in merged.tasks.items():  # a head's own parts (a decoder and its LoRA)
+        for label, _, _, method, _ in task.head_parts(task.head):
+            folded = task.merge_head(task.head)
+            report["folded" if folded else "kept"][f"{name}.{label}"] = folded or method
     merged.model.float()
     with torch.no_grad():
         new_logits = merged.model.logits(inputs)
@@ -174,6 +178,14 @@ def _write_merged(merged, report: dict, out: Path, overwrite: bool, bundle: Path
                 merged.model.methods[name] = build_method({"method": "none"})
             # fingerprint of the merged base as it will be loaded back
             enc.base_fingerprint = fingerprint_module(build_encoder(str(base_dir), modality=enc.modality).model)
+        heads = {}
+        for name, task in merged.tasks.items():
+            changes = task.save_merged(task.head, writer.path, f"heads/{name}")
+            if changes:
+                block = recipe.tasks[name] if recipe.tasks else recipe.task
+                block.update(changes)
+                heads[name] = changes
         metrics = json.loads((bundle / "metrics.json").read_text()) if (bundle / "metrics.json").is_file() else {}
-        writer.add_model(merged.model, recipe, merged.tasks, metrics, extra={"merged": True, "merge_report": report})
+        writer.add_model(merged.model, recipe, merged.tasks, metrics,
+                         extra={"merged": True, "merge_report": report, "merged_heads": heads})
         writer.write_json("merge_report.json", report)

@@ -85,6 +85,7 @@ class BundleWriter:
                 "quantization": cfg.quantization.model_dump() if cfg.quantization else None,
                 "quantized_layers": quantized_layers(enc),
             }
+        extra_files = {name: t.save_files(t.head, directory, f"heads/{name}") for name, t in tasks.items() if t.head is not None}
         head_state = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
         save_file(head_state, str(directory / "head.safetensors"))
         self.write_json("metrics.json", metrics)
@@ -99,6 +100,7 @@ class BundleWriter:
             "tasks": {name: {"type": t.settings.registry_name, "state": t.state} for name, t in tasks.items()},
             "encoders": enc_entries,
             "head": {"type": recipe.fusion["type"], "file": "head.safetensors", "parameters": count_parameters(model.head)},
+            "head_files": {name: files for name, files in extra_files.items() if files},  # e.g. a decoder's peft adapter
             "vocabulary": next(iter(tasks.values())).labels,  # the first task's output names (earlier versions' only vocabulary)
             **(extra or {}),
         })

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -108,7 +109,8 @@ def evaluate(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle d
 @friendly
 def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (or merged model) directory"),
             image: Optional[Path] = typer.Option(None, help="image file"),
-            question: Optional[str] = typer.Option(None, help="question / text"),
+            question: Optional[str] = typer.Option(None, "--question", "--prompt", help="question / text (a generating "
+                                                   "bundle's prompt)"),
             audio: Optional[Path] = typer.Option(None, help="audio file (bundles with an audio encoder)"),
             encoder_input: List[str] = typer.Option([], "--encoder-input", metavar="ENCODER=VALUE",
                                                     help="the input of an encoder that reads a column of its own "
@@ -121,8 +123,14 @@ def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (o
             text_field: Optional[str] = typer.Option(None, help="--input: the question column (default: the bundle's recipe's)"),
             audio_field: Optional[str] = typer.Option(None, help="--input: the audio column (default: the bundle's recipe's)"),
             device: str = typer.Option("auto", help="cpu, cuda or auto"),
+            max_new_tokens: Optional[int] = typer.Option(None, min=1, help="generating bundles: tokens at most"),
+            num_beams: Optional[int] = typer.Option(None, min=1, help="generating bundles: beam search width"),
+            temperature: Optional[float] = typer.Option(None, help="generating bundles: sample at this temperature"),
+            top_p: Optional[float] = typer.Option(None, help="generating bundles: nucleus sampling mass (samples)"),
+            stream: bool = typer.Option(True, "--stream/--no-stream", help="generating bundles, one input: print the text "
+                                        "as it is generated"),
             allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="load onto a base whose fingerprint differs")):
-    """Answer a question about an image (or classify a clip, ...; or every row of a manifest)."""
+    """Answer a question about an image (or classify a clip, caption it, ...; or every row of a manifest)."""
     if input is None and image is None and question is None and audio is None and not encoder_input:
         raise UsageError("give the inputs the bundle reads (--image, --question, --audio), or --input manifest.jsonl")
     own = {}
@@ -141,6 +149,9 @@ def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (o
     from ..inference import Predictor, predict_manifest
 
     predictor = Predictor(bundle, device_of(device), allow_base_mismatch)
+    decoding = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "temperature": temperature, "top_p": top_p}
+    if any(v is not None for v in decoding.values()):
+        predictor.decode_with(**decoding)
     given = {"image": image, "text": question, "audio": audio}
     flags = {"image": "--image", "text": "--question", "audio": "--audio"}
     missing = [flags[m] for m in predictor.reads if given[m] is None]
@@ -154,6 +165,13 @@ def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (o
                 print(json.dumps(r))
         return
     one = {m: [str(given[m])] if m in predictor.reads else [] for m in given}
+    generating = [n for n, t in predictor.tasks.items() if t.feeds_head]
+    if stream and sys.stdout.isatty() and not own and generating and (task in generating or len(predictor.tasks) == 1):
+        # a terminal: the text as it is generated (piped output stays one JSON line per input)
+        predictor.stream(one["image"][0] if one["image"] else "", one["text"][0] if one["text"] else "",
+                         lambda piece: print(piece, end="", flush=True), one["audio"][0] if one["audio"] else "", task)
+        print()
+        return
     result = predictor.predict(one["image"], one["text"], top_k, audios=one["audio"], task=task, inputs=own)[0]
     print_answers(result)
 

@@ -143,6 +143,33 @@ class Task:
         model, method, touched modules)`` (a decoder and its PEFT method)."""
         return []
 
+    def reads(self) -> tuple[str, ...]:
+        """Row inputs it reads itself besides its encoders' ("text": a prompt filled from the question)."""
+        return ()
+
+    def decode_with(self, **options) -> None:
+        """Change how it decodes for prediction (``max_new_tokens``, ``num_beams``, ``temperature``, ``top_p``)."""
+        raise ValueError(f"task {self.name!r} ({self.settings.registry_name}) does not generate text")
+
+    def stream(self, head, outputs: dict, fed: dict, on_text) -> None:
+        """Generate one row's text, passing each decoded piece to ``on_text`` as it comes."""
+        raise ValueError(f"task {self.name!r} ({self.settings.registry_name}) does not generate text")
+
+    def save_files(self, head, bundle_dir, folder: str) -> list[str]:
+        """Files of its head in the formats other tools read (a decoder's LoRA as peft saves it),
+        written under ``bundle_dir / folder``; returns their paths relative to the bundle."""
+        return []
+
+    def merge_head(self, head) -> Optional[str]:
+        """Fold the method its head's own parts carry (a decoder's LoRA) into their base; the
+        method's name when folded, else None (nothing to fold, or it cannot be folded)."""
+        return None
+
+    def save_merged(self, head, bundle_dir, folder: str) -> dict:
+        """Write the base parts of a merged head (a decoder) under ``bundle_dir / folder``;
+        returns the task's recipe settings that load them from there (relative to the bundle)."""
+        return {}
+
     def save_pictures(self, directory, metrics: dict) -> list[str]:
         """Pictures of its test results a person would rather see than read (written into
         ``directory``); returns the file names."""

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..config.tasks import GenerateSettings
 from ..encoders.decoder import Decoder, load_decoder, load_tokenizer, quantize_decoder
-from ..errors import BundleError, DataError, RecipeError
+from ..errors import BundleError, DataError, RecipeError, UsageError
 from ..files import fingerprint_module
 from ..methods import build_method
 from ..quant import weight_bytes
@@ -197,6 +197,73 @@ class GenerateTask(Task):
                                 "generated": p}
                                for r, ref, p in list(zip(rows, references, predictions))[:16]]
         return metrics
+
+    def reads(self):
+        s = self.settings
+        return ("text",) if "{}" in s.prompt and (s.prompt_field or "text") == "text" else ()
+
+    def decode_with(self, **options):
+        given = {k: v for k, v in options.items() if v is not None}
+        if "temperature" in given or "top_p" in given:
+            given["do_sample"] = True
+        try:
+            self.settings = type(self.settings).model_validate({**self.settings.model_dump(), **given})
+        except ValueError as exc:
+            raise UsageError(f"decoding: {str(exc).splitlines()[-1].strip()}") from None
+        problems = self.settings.problems(f"task {self.name}")
+        if problems:
+            raise UsageError("; ".join(problems))
+        if self.head is not None:
+            self.head.settings = self.settings
+
+    def stream(self, head, outputs, fed, on_text):
+        """Greedy / sampled decoding of one row through transformers' ``TextStreamer`` protocol."""
+        task = self
+
+        class Pieces:  # put() gets token ids as generate makes them; end() once it stops
+            def __init__(self):
+                self.ids, self.shown = [], ""
+
+            def put(self, value):
+                self.ids += [t for t in value.flatten().tolist() if t != task.tokenizer.eos_token_id]
+                text = task.tokenizer.decode(self.ids, skip_special_tokens=True)
+                if len(text) > len(self.shown) and not text.endswith("\ufffd"):  # whole characters only
+                    on_text(text[len(self.shown):])
+                    self.shown = text
+
+            def end(self):
+                pass
+
+        prefix, mask = head.prefix(outputs)
+        head.generate(prefix, mask, fed["prompt_ids"], fed["prompt_mask"], streamer=Pieces())
+
+    def save_files(self, head, bundle_dir, folder):
+        """The decoder's method as the method saves it for an encoder: LoRA / IA3 in peft's format
+        (``adapter_config.json`` + ``adapter_model.safetensors``, which plain peft loads onto the
+        plain decoder: ``PeftModel.from_pretrained(base, folder)``), BitFit its tensors, none nothing."""
+        target = Path(bundle_dir) / folder / "adapter"
+        target.mkdir(parents=True, exist_ok=True)
+        written = head.method.save(head.decoder, target)
+        if not written:
+            target.rmdir()
+        return [f"{folder}/adapter/{name}" for name in written]
+
+    def merge_head(self, head):
+        method = head.method
+        if not method.mergeable or self.settings.decoder_quantization is not None:
+            return None  # a 4/8-bit decoder keeps its LoRA beside it (folding would re-quantize)
+        method.merge(head.decoder)  # peft's merge_and_unload: the decoder is a plain transformers model again
+        head.method = build_method({"method": "none"})
+        return method.name
+
+    def save_merged(self, head, bundle_dir, folder):
+        if head.method.name != "none" or self.settings.decoder_quantization is not None:
+            return {}  # kept: the bundle loads the decoder from its source, the method from head.safetensors
+        target = Path(bundle_dir) / folder
+        head.decoder.base.save_pretrained(target, safe_serialization=True)
+        head.decoder.tokenizer.save_pretrained(target)
+        self.state["decoder_fingerprint"] = fingerprint_module(load_decoder(str(target)).model)  # as it loads back
+        return {"decoder": folder, "gguf_file": None, "decoder_peft": {"method": "none"}}
 
     def head_parts(self, head):
         return [("decoder", head.decoder, self.settings.decoder, head.method.name, head.method.touched)]

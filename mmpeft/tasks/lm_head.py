@@ -134,7 +134,7 @@ class GenerativeHead(nn.Module):
         return logits[:, start: start + ids.shape[1]]
 
     @torch.no_grad()
-    def generate(self, prefix, mask, prompt_ids, prompt_mask) -> torch.Tensor:
+    def generate(self, prefix, mask, prompt_ids, prompt_mask, streamer=None) -> torch.Tensor:
         """New token ids ``[B, max_new_tokens]``, -1 after each row's end (its eos kept), and
         which rows had a NaN or inf among their scores at some step."""
         s, tokenizer = self.settings, self.decoder.tokenizer
@@ -154,7 +154,7 @@ class GenerativeHead(nn.Module):
             options.update(stop_strings=list(s.stop), tokenizer=tokenizer)
         watch = NonFinite(embeds.shape[0])
         new = self.decoder.base.generate(inputs_embeds=embeds, attention_mask=attention.long(),
-                                         logits_processor=LogitsProcessorList([watch]), **options)
+                                         logits_processor=LogitsProcessorList([watch]), streamer=streamer, **options)
         out = torch.full((new.shape[0], s.max_new_tokens), -1, dtype=torch.long, device=new.device)
         ended = torch.zeros(new.shape[0], dtype=torch.bool, device=new.device)
         for i in range(new.shape[1]):  # at most max_new_tokens steps
