@@ -35,6 +35,7 @@ from ..data.audio import BadAudio, audio_info
 from ..data.checks import MAX_IMAGE_PIXELS
 from ..version import __version__
 from .batching import Batcher
+from .openai_api import OpenAIError, add_openai_routes
 
 PAGE = Path(__file__).with_name("page.html")
 
@@ -244,6 +245,7 @@ def create_app(pool, settings: ServeSettings | None = None) -> FastAPI:
         served = pool.bundles[name]
         request.state.bundle = name
         reads = {enc.modality for n, enc in served.model.encoders.items() if n not in served.own}
+        reads |= {m for task in served.tasks.values() for m in task.reads()}  # a prompt filled from the question
         question = fields.get("question")
         if "text" in reads and (not isinstance(question, str) or not question.strip()):
             raise ClientError(422, "question is required and must not be empty", "question")
@@ -284,11 +286,33 @@ def create_app(pool, settings: ServeSettings | None = None) -> FastAPI:
         return {"bundle": name, "version": served.version, "question": question, **reply, "batch_size": answer["batch_size"],
                 "seconds": round(time.perf_counter() - start, 4)}
 
+    async def read_json(request: Request) -> dict:
+        try:
+            body = await _read_bytes(request, settings)
+        except ClientError as exc:
+            raise OpenAIError(exc.status, exc.message) from None
+        if not request.headers.get("content-type", "").startswith("application/json"):
+            raise OpenAIError(415, "send application/json")
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise OpenAIError(400, "body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise OpenAIError(400, "body must be a JSON object")
+        return data
+
+    def decode(data: bytes, max_pixels: int, field: str):
+        try:
+            return _decode_image(data, max_pixels, field)
+        except ClientError as exc:
+            raise OpenAIError(exc.status, exc.message, "messages") from None
+
+    add_openai_routes(app, pool, settings, read_json, decode)
     return app
 
 
-async def _read_request(request: Request, settings: ServeSettings) -> dict:
-    """The request's fields, the body read into memory with a hard size limit."""
+async def _read_bytes(request: Request, settings: ServeSettings) -> bytes:
+    """The request's body, read into memory with a hard size limit."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > settings.max_upload_bytes:
         raise ClientError(413, f"request of {int(declared):,} bytes, more than the {settings.max_upload_bytes:,} allowed")
@@ -298,7 +322,12 @@ async def _read_request(request: Request, settings: ServeSettings) -> dict:
         if size > settings.max_upload_bytes:
             raise ClientError(413, f"request of more than {settings.max_upload_bytes:,} bytes, the most allowed")
         chunks.append(chunk)
-    body = b"".join(chunks)
+    return b"".join(chunks)
+
+
+async def _read_request(request: Request, settings: ServeSettings) -> dict:
+    """The request's fields, the body read into memory with a hard size limit."""
+    body = await _read_bytes(request, settings)
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         raw = _parse_multipart(body, content_type)

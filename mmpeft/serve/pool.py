@@ -21,15 +21,17 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from accelerate.utils import send_to_device
 
 from ..bundle.io import check_base, load_head, read_bundle
 from ..config.tasks import recipe_own_columns
 from ..data import Sample
-from ..data.batching import ImageStore
+from ..data.batching import Collator, ImageStore
 from ..errors import UsageError
 from ..inference import answer_rows, stored_metrics
 from ..model import assemble, build_adapted_encoder
-from ..tasks import Vocabulary
+from ..runtime import inference_autocast
+from ..tasks import TASK_INPUTS, Vocabulary
 
 
 @dataclass
@@ -193,6 +195,40 @@ class AdapterPool:
             self._activate(served)
             return answer_rows(served.model, served.tasks, served.recipe, rows, store, top_k, self.device,
                                batch_size=max(1, len(rows)), where=name)
+
+    def chat(self, name: str, image, text: str, history: list, options: dict, on_text=None) -> dict:
+        """One generated reply of bundle ``name``'s generating task to ``text`` (an image decoded,
+        or None; ``history``: earlier ``{role, content}`` turns; ``options``: decoding settings for
+        this request only), each piece passed to ``on_text`` as it comes. Returns the text and
+        OpenAI's ``usage`` counts and ``finish_reason``."""
+        served = self.bundles[name]
+        task_name = next(n for n, t in served.tasks.items() if t.feeds_head)
+        task = served.tasks[task_name]
+        store = ImageStore.for_encoders(served.model.encoders.values())
+        if image is not None:
+            store.put("<upload 0>", image)
+        row = Sample("<upload 0>" if image is not None else "", text, "", {}, "request 1", extra={"messages": history})
+        pieces, counted = [], {"tokens": 0}
+
+        def take(piece: str) -> None:
+            pieces.append(piece)
+            if on_text is not None:
+                on_text(piece)
+
+        with self._lock:
+            before = task.settings
+            try:
+                task.decode_with(**options)
+                self._activate(served)
+                batch = Collator([row], dict(served.model.encoders.items()), served.tasks, store)([0])
+                inputs = send_to_device(batch["inputs"], self.device)
+                fed = inputs[TASK_INPUTS][task_name]
+                with torch.no_grad(), inference_autocast(served.recipe, self.device):
+                    outputs = served.model.encode(inputs)
+                    usage = task.stream(served.model.task_head(task_name), outputs, fed, take)
+            finally:
+                task.decode_with(**before.model_dump())
+        return {"text": "".join(pieces), **usage}
 
     def weight_bytes(self) -> dict:
         """Bytes of the shared encoders' tensors and of what each bundle keeps for itself."""

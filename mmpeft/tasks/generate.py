@@ -204,8 +204,8 @@ class GenerateTask(Task):
 
     def decode_with(self, **options):
         given = {k: v for k, v in options.items() if v is not None}
-        if "temperature" in given or "top_p" in given:
-            given["do_sample"] = True
+        if ("temperature" in given or "top_p" in given) and "do_sample" not in given:
+            given["do_sample"] = True  # asking for a temperature asks for sampling
         try:
             self.settings = type(self.settings).model_validate({**self.settings.model_dump(), **given})
         except ValueError as exc:
@@ -217,7 +217,8 @@ class GenerateTask(Task):
             self.head.settings = self.settings
 
     def stream(self, head, outputs, fed, on_text):
-        """Greedy / sampled decoding of one row through transformers' ``TextStreamer`` protocol."""
+        """Greedy / sampled decoding of one row through transformers' ``TextStreamer`` protocol;
+        returns OpenAI's counts: prompt tokens (prefix + prompt), completion tokens, finish reason."""
         task = self
 
         class Pieces:  # put() gets token ids as generate makes them; end() once it stops
@@ -226,7 +227,7 @@ class GenerateTask(Task):
 
             def put(self, value):
                 self.ids += [t for t in value.flatten().tolist() if t != task.tokenizer.eos_token_id]
-                text = task.tokenizer.decode(self.ids, skip_special_tokens=True)
+                text = task.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()  # as predict strips it
                 if len(text) > len(self.shown) and not text.endswith("\ufffd"):  # whole characters only
                     on_text(text[len(self.shown):])
                     self.shown = text
@@ -235,7 +236,12 @@ class GenerateTask(Task):
                 pass
 
         prefix, mask = head.prefix(outputs)
-        head.generate(prefix, mask, fed["prompt_ids"], fed["prompt_mask"], streamer=Pieces())
+        pieces = Pieces()
+        new, _ = head.generate(prefix, mask, fed["prompt_ids"], fed["prompt_mask"], streamer=pieces)
+        made = int((new[0] >= 0).sum())
+        ended = bool((new[0] == self.tokenizer.eos_token_id).any())
+        prompt = int(mask[0].sum()) + int(fed["prompt_mask"][0].sum())
+        return {"prompt_tokens": prompt, "completion_tokens": made, "finish_reason": "stop" if ended else "length"}
 
     def save_files(self, head, bundle_dir, folder):
         """The decoder's method as the method saves it for an encoder: LoRA / IA3 in peft's format

@@ -1,0 +1,175 @@
+"""An OpenAI-compatible chat API for generating bundles: ``GET /v1/models`` and ``POST
+/v1/chat/completions`` (``messages`` whose content is text or parts of ``text`` and
+``image_url``, ``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``n``, ``stream`` as
+server-sent events, ``usage`` counts), so that client code written for the OpenAI API talks
+to ``mmpeft serve`` unchanged. Errors come in OpenAI's shape, ``{"error": {"message",
+"type", "param", "code"}}``, a 4xx for every client mistake. Images come as ``data:`` URLs
+(base64); the server never fetches an http URL. Requests are answered one at a time per
+server (generation is not batched here yet), each with its own decoding settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+MAX_MESSAGES = 64
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, param: str = "", code: str = "invalid_request"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def _number(body: dict, key: str, kind, low, high, default=None):
+    value = body.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or kind is int and not float(value).is_integer() \
+            or not low <= value <= high:
+        raise OpenAIError(400, f"{key} must be {'an integer' if kind is int else 'a number'} from {low} to {high} "
+                               f"(got {value!r})", key)
+    return kind(value)
+
+
+def _image(url, decode, max_pixels: int):
+    if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
+        raise OpenAIError(400, "image_url.url must be a data: URL with base64 content (this server fetches no http URL)",
+                          "messages")
+    try:
+        data = base64.b64decode(url.split(";base64,", 1)[1], validate=True)
+    except (binascii.Error, ValueError):
+        raise OpenAIError(400, "image_url.url is not valid base64", "messages") from None
+    return decode(data, max_pixels, "image_url")
+
+
+def parse_messages(messages, max_chars: int) -> tuple[list[dict], str, list]:
+    """``(history, the last user text, its image URLs)`` of a chat request."""
+    if not isinstance(messages, list) or not messages or len(messages) > MAX_MESSAGES:
+        raise OpenAIError(400, f"messages must be a list of 1 to {MAX_MESSAGES} messages", "messages")
+    turns = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise OpenAIError(400, f"messages[{i}] must have role system, user or assistant", "messages")
+        content, text, images = m.get("content"), [], []
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list):
+            raise OpenAIError(400, f"messages[{i}].content must be text or a list of parts", "messages")
+        for part in parts:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                text.append(part["text"])
+            elif kind == "image_url" and isinstance(part.get("image_url"), dict):
+                images.append(part["image_url"].get("url"))
+            else:
+                raise OpenAIError(400, f"messages[{i}]: a content part is text or image_url", "messages")
+        joined = "\n".join(text)
+        if len(joined) > max_chars:
+            raise OpenAIError(400, f"messages[{i}] has {len(joined):,} characters, more than the {max_chars:,} allowed",
+                              "messages")
+        turns.append({"role": m["role"], "content": joined, "images": images})
+    if turns[-1]["role"] != "user":
+        raise OpenAIError(400, "the last message must be the user's", "messages")
+    images = [u for t in turns for u in t["images"]]
+    if len(images) > 1:
+        raise OpenAIError(400, "one image per conversation (the bundle's image encoder reads one)", "messages")
+    history = [{"role": t["role"], "content": t["content"]} for t in turns[:-1]]
+    return history, turns[-1]["content"], images
+
+
+def add_openai_routes(app: FastAPI, pool, settings, read_body, decode_image) -> None:
+    """The ``/v1`` routes on ``app`` (``read_body(request)``: the bounded JSON body)."""
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(request: Request, exc: OpenAIError):
+        return JSONResponse({"error": {"message": exc.message, "type": "invalid_request_error", "param": exc.param or None,
+                                       "code": exc.code}}, status_code=exc.status)
+
+    def generating() -> list[str]:
+        return [n for n, b in pool.bundles.items() if any(t.feeds_head for t in b.tasks.values())]
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "mmpeft"}
+                                           for n in generating()]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await read_body(request)
+        name = body.get("model")
+        if not isinstance(name, str) or name not in generating():
+            raise OpenAIError(404, f"model {str(name)[:100]!r} is not served here (generating bundles: "
+                                   f"{', '.join(generating()) or 'none'})", "model", "model_not_found")
+        request.state.bundle = name
+        history, text, urls = parse_messages(body.get("messages"), settings.max_question_chars)
+        if _number(body, "n", int, 1, 128, 1) != 1:
+            raise OpenAIError(400, "n: one choice per request", "n")
+        stop = body.get("stop")
+        stop = [stop] if isinstance(stop, str) else stop
+        if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) and x for x in stop)):
+            raise OpenAIError(400, "stop must be a string or a list of up to 4 strings", "stop")
+        options = {"max_new_tokens": _number(body, "max_tokens", int, 1, 4096) or _number(body, "max_completion_tokens", int, 1, 4096),
+                   "temperature": _number(body, "temperature", float, 0.0, 2.0), "top_p": _number(body, "top_p", float, 1e-6, 1.0),
+                   "stop": stop}
+        if options["temperature"] == 0.0:  # OpenAI's temperature 0: the likeliest token, greedy
+            options.update(temperature=None, do_sample=False)
+        image = await asyncio.to_thread(_image, urls[0], decode_image, settings.max_pixels) if urls else None
+        served = pool.bundles[name]
+        if any(e.modality == "image" for e in served.model.encoders.values()) and image is None:
+            raise OpenAIError(400, f"model {name!r} reads an image: add an image_url part to the user message", "messages")
+        options = {k: v for k, v in options.items() if v is not None}
+        ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def reply(choice: dict, **extra) -> dict:
+            return {"id": ident, "object": extra.pop("object", "chat.completion"), "created": created, "model": name,
+                    "choices": [choice], **extra}
+
+        def run(on_text=None) -> dict:
+            try:
+                return pool.chat(name, image, text, history, options, on_text)
+            except ValueError as exc:  # a decoding setting the task refuses (UsageError is one)
+                raise OpenAIError(400, str(exc)) from None
+
+        if not body.get("stream"):
+            out = await asyncio.to_thread(run)
+            usage = {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+                     "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
+            return reply({"index": 0, "message": {"role": "assistant", "content": out["text"]},
+                          "finish_reason": out["finish_reason"]}, usage=usage)
+
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def worker():
+            try:
+                out = run(lambda piece: loop.call_soon_threadsafe(queue.put_nowait, ("text", piece)))
+                loop.call_soon_threadsafe(queue.put_nowait, ("end", out))
+            except Exception as exc:  # noqa: BLE001 - said in the stream: its 200 header is already sent
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
+
+        async def events():
+            chunk = {"object": "chat.completion.chunk"}
+            yield f"data: {json.dumps(reply({'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}, **chunk))}\n\n"
+            task = asyncio.create_task(asyncio.to_thread(worker))
+            while True:
+                kind, value = await queue.get()
+                if kind == "text":
+                    yield f"data: {json.dumps(reply({'index': 0, 'delta': {'content': value}, 'finish_reason': None}, **chunk))}\n\n"
+                elif kind == "end":
+                    yield f"data: {json.dumps(reply({'index': 0, 'delta': {}, 'finish_reason': value['finish_reason']}, **chunk))}\n\n"
+                    break
+                else:
+                    message = value.message if isinstance(value, OpenAIError) else f"{type(value).__name__}: {str(value)[:300]}"
+                    yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
+                    break
+            await task
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")

@@ -1,0 +1,82 @@
+"""`mmpeft serve`'s OpenAI-compatible chat API, driven by the official `openai` client: a plain
+and a streamed completion with an image equal `mmpeft predict`'s greedy text; a bad image, an
+unknown model, an http image URL and bad settings come back as 4xx in OpenAI's error shape."""
+
+from __future__ import annotations
+
+import base64
+
+import openai
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from mmpeft.cli import app
+from mmpeft.inference import Predictor
+from mmpeft.serve.app import ServeSettings, create_app
+from mmpeft.serve.pool import AdapterPool
+from tests.test_generate import generate_recipe
+from tests.test_tasks import write_rows
+
+
+@pytest.fixture(scope="module")
+def served(assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("openai")
+    rows = write_rows(root / "rows")
+    raw = generate_recipe(assets, rows, root / "out", epochs=2, prompt="describe: {}")
+    path = root / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert CliRunner().invoke(app, ["finetune", str(path)]).exit_code == 0
+    bundle = root / "out" / "tiny"
+    image = rows["test"].parent / "images/test_0.png"
+    with TestClient(create_app(AdapterPool({"captioner": bundle}, log=lambda m: None), ServeSettings())) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+        yield {"client": client, "http": http, "bundle": bundle, "image": image}
+
+
+def user(text, image=None):
+    parts = [{"type": "text", "text": text}]
+    if image is not None:
+        url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+        parts.append({"type": "image_url", "image_url": {"url": url}})
+    return [{"role": "user", "content": parts}]
+
+
+def test_models_and_completions_equal_predict(served):
+    client, image = served["client"], served["image"]
+    assert [m.id for m in client.models.list().data] == ["captioner"]
+    want = Predictor(served["bundle"]).predict([str(image)], ["what color is the shape ?"])[0]["text"]
+    done = client.chat.completions.create(model="captioner", messages=user("what color is the shape ?", image))
+    assert done.choices[0].message.content == want and done.choices[0].message.role == "assistant"
+    assert done.usage.completion_tokens >= 1 and done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+    assert done.choices[0].finish_reason in ("stop", "length")
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="captioner", messages=user("what color is the shape ?", image), stream=True)]
+    assert "".join(pieces) == want
+    short = client.chat.completions.create(model="captioner", messages=user("what color is the shape ?", image), max_tokens=1)
+    assert short.usage.completion_tokens == 1 and want.startswith(short.choices[0].message.content)
+    sampled = client.chat.completions.create(model="captioner", messages=user("x", image), temperature=0.8, top_p=0.9)
+    assert isinstance(sampled.choices[0].message.content, str)
+    again = client.chat.completions.create(model="captioner", messages=user("what color is the shape ?", image))
+    assert again.choices[0].message.content == want  # a request's sampling settings do not stay behind
+
+
+def test_client_mistakes_are_4xx_in_openais_shape(served):
+    client, image, http = served["client"], served["image"], served["http"]
+    cases = [(dict(model="nope", messages=user("x", image)), openai.NotFoundError, "not served"),
+             (dict(model="captioner", messages=user("x")), openai.BadRequestError, "reads an image"),
+             (dict(model="captioner", messages=[{"role": "user", "content": [
+                 {"type": "image_url", "image_url": {"url": "http://example.com/x.png"}}]}]), openai.BadRequestError, "data: URL"),
+             (dict(model="captioner", messages=[{"role": "user", "content": [
+                 {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]), openai.APIStatusError,
+              "not an image"),
+             (dict(model="captioner", messages=user("x", image), max_tokens=0), openai.BadRequestError, "max_tokens"),
+             (dict(model="captioner", messages=user("x", image), n=2), openai.BadRequestError, "one choice"),
+             (dict(model="captioner", messages=[{"role": "wizard", "content": "x"}]), openai.BadRequestError, "role")]
+    for kwargs, error, message in cases:
+        with pytest.raises(error) as caught:
+            client.chat.completions.create(**kwargs)
+        assert 400 <= caught.value.status_code < 500 and message in caught.value.message, (kwargs, caught.value.message)
+    reply = http.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and reply.json()["error"]["type"] == "invalid_request_error"
