@@ -411,3 +411,38 @@ def test_reproduce_script_names_real_commands_and_options():
     assert listed.returncode == 0 and len(names) == len(lines) and "throughput" in names
     bad = subprocess.run(["bash", str(REPO / "benchmarks" / "reproduce.sh"), "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown benchmark" in bad.stderr
+
+
+def test_bench_generate_times_mmpeft_against_plain_generate_and_qlora(assets, tmp_path):
+    """`mmpeft bench generate` on a tiny decoder: the scores of the bundle's one test scoring,
+    identical text from mmpeft's path and plain transformers generate, the references unseen in
+    training counted, and LoRA against QLoRA side by side (one process each)."""
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from mmpeft.cli import app
+    from tests import tiny
+    from tests.test_generate import generate_recipe
+    from tests.test_tasks import write_rows
+
+    rows = write_rows(tmp_path / "rows")
+    decoder = tiny.make_decoder(tmp_path / "llama64", "llama", hidden=64)
+    raw = generate_recipe(assets, rows, tmp_path / "out", epochs=1)
+    raw["task"]["decoder"] = str(decoder)
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    res = CliRunner().invoke(app, ["bench", "generate", "--recipe", str(path), "--out", str(tmp_path / "res"), "--rows", "24",
+                                   "--qlora-rows", "16"])
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "res" / "generate.json").read_text())
+    stored = json.loads((tmp_path / "out" / "generate_bench" / "metrics.json").read_text())["tasks"]["answer"]
+    assert result["test"]["exact_match"] == stored["exact_match"] and result["test_rows"] == 24
+    g = result["generation"]
+    assert g["rows"] == 24 and g["generated_tokens"] > 0 and set(g["tokens_per_second"]) == {"mmpeft", "transformers"}
+    assert g["unseen_in_training"]["of_test_rows"] == 24
+    lora, qlora = result["lora_vs_qlora"]
+    assert "error" not in lora and "error" not in qlora, result["lora_vs_qlora"]
+    assert qlora["decoder_weights_mb"] < lora["decoder_weights_mb"]  # NF4 linear layers take less than float32 ones
+    assert (tmp_path / "res" / "answer_examples.png").is_file() and "mmpeft / transformers" in (tmp_path / "res" / "generate.md").read_text()

@@ -423,6 +423,16 @@ def test_predict_streams_the_same_text_and_takes_decoding_options(assets, rows, 
     predictor.stream(image, "what color is the shape ?", pieces.append)
     whole = predictor.predict([image], ["what color is the shape ?"])[0]["text"]
     assert "".join(pieces) == whole and len(pieces) >= 1
+    words = whole.split()
+    # a stop string ends the generation and the text is cut before it (as OpenAI's API does): " <second word>"
+    # first occurs right after the first word
+    assert len(words) > 1, whole
+    stopping = Predictor(bundle)
+    stopping.decode_with(stop=[" " + words[1]])
+    assert stopping.predict([image], ["what color is the shape ?"])[0]["text"] == words[0]
+    pieces = []
+    stopping.stream(image, "what color is the shape ?", pieces.append)
+    assert "".join(pieces) == words[0]
     res = runner.invoke(app, ["predict", str(bundle), "--image", image, "--prompt", "what color is the shape ?",
                               "--max-new-tokens", "2"])
     assert res.exit_code == 0, res.output

@@ -9,6 +9,11 @@ two must produce the same tokens; the comparison is refused otherwise.
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
 from dataclasses import replace
 import time
 from pathlib import Path
@@ -122,7 +127,32 @@ def training_tokens(recipe, name: str, task) -> float:
     return sum(lengths) / max(1, len(lengths))
 
 
-def run(recipe_path: str, out: str, overrides=(), bundle: Optional[str] = None, rows: int = 256) -> dict:
+def lora_against_qlora(recipe_path: str, overrides, rows: int, work: Path) -> list[dict]:
+    """The recipe's decoder with LoRA on float32 weights against the same on NF4 weights (QLoRA),
+    side by side: one epoch of ``rows`` training rows each, each in a process of its own (its
+    peak resident memory is its own), in the order LoRA, QLoRA."""
+    found = []
+    for label, extra in (("LoRA, float32 decoder", []), ("QLoRA, NF4 decoder", ["task.decoder_quantization.bits=4"])):
+        name = "qlora" if extra else "lora"
+        cmd = [sys.executable, "-m", "mmpeft.cli", "finetune", recipe_path, *overrides, *extra, f"data.max_train_samples={rows}",
+               "data.max_test_samples=16", "data.eval_fraction=0", "train.epochs=1", "output.plots=false",
+               f"output.dir={work}", f"output.name={name}", "--overwrite"]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, MMPEFT_PROGRESS_SECONDS="3600"))
+        text = done.stdout + done.stderr
+        if done.returncode != 0:
+            found.append({"configuration": label, "error": text.strip().splitlines()[-1][:300] if text.strip() else "failed"})
+            continue
+        peak = re.search(r"peak memory: (\d+) MiB", text)
+        weights = re.search(r"decoder \S+ \(\w+\) weights ([\d.]+) MB", text)
+        history = json.loads((work / name / "metrics.json").read_text())["history"]
+        found.append({"configuration": label, "rows": rows, "samples_per_second": history[-1]["samples_per_second"],
+                      "peak_rss_mib": int(peak.group(1)) if peak else None,
+                      "decoder_weights_mb": float(weights.group(1)) if weights else None})
+    return found
+
+
+def run(recipe_path: str, out: str, overrides=(), bundle: Optional[str] = None, rows: int = 256,
+        qlora_rows: int = 0) -> dict:
     recipe = load_recipe(recipe_path, list(overrides))
     kinds = {n: b["type"] for n, b in (recipe.tasks or {"answer": recipe.task}).items()}
     if not any(TASKS.get(k).feeds_head for k in kinds.values()):
@@ -148,6 +178,9 @@ def run(recipe_path: str, out: str, overrides=(), bundle: Optional[str] = None, 
               "training": {"text_tokens_per_row": round(per_row, 1), "samples_per_second": fastest,
                            "text_tokens_per_second": round(fastest * per_row, 1)},
               "generation": speed(loaded, rows, recipe.train.eval_batch_size)}
+    if qlora_rows:
+        with tempfile.TemporaryDirectory() as tmp:
+            result["lora_vs_qlora"] = lora_against_qlora(recipe_path, list(overrides), qlora_rows, Path(tmp))
     # test images with their reference and the text generated for them in the speed runs (greedy: as scored)
     result["pictures"] = task.save_pictures(folder, {"examples": result["generation"].pop("shown")})
     write_atomic(folder / "generate.json", json.dumps(result, indent=2))
@@ -183,5 +216,13 @@ def markdown(result: dict) -> str:
               f"reference never seen as a training target (a vocabulary head scores them wrong); "
               f"{g['unseen_in_training']['exact_match']} of them were generated exactly.", "",
               "Examples (reference -> generated):", ""]
+    if result.get("lora_vs_qlora"):
+        rows = result["lora_vs_qlora"]
+        lines[-2:-2] = ["The decoder's LoRA on float32 weights against NF4 weights (QLoRA), one epoch each in a process of "
+                        "its own, side by side in this run:", "",
+                        "| configuration | training rows/s | decoder weights MB | peak resident MiB |", "|---|---:|---:|---:|"]
+        lines[-2:-2] = [f"| {r['configuration']} | failed: {r['error']} | | |" if "error" in r else
+                        f"| {r['configuration']} | {r['samples_per_second']} | {r['decoder_weights_mb']} | {r['peak_rss_mib']} |"
+                        for r in rows] + [""]
     lines += [f"- {e['reference']!r} -> {e['generated']!r}" for e in result["examples"]]
     return "\n".join(lines) + "\n"

@@ -37,11 +37,13 @@ def bench_generate(recipe: str = typer.Option(..., help="a recipe with a generat
                    bundle: Optional[str] = typer.Option(None, help="a bundle of this recipe already trained (its test "
                                                         "scoring is reused, not repeated); default: train one"),
                    rows: int = typer.Option(256, min=1, help="test rows the generation speed is measured on"),
+                   qlora_rows: int = typer.Option(0, min=0, help="also train the decoder's LoRA on float32 and on NF4 "
+                                                  "weights (QLoRA) for one epoch of this many rows, side by side (0: no)"),
                    overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides")):
     """Train a generate recipe, score it once, and time generation against plain transformers."""
     from ..bench.generate import run
 
-    run(recipe, out, overrides or [], bundle=bundle, rows=rows)
+    run(recipe, out, overrides or [], bundle=bundle, rows=rows, qlora_rows=qlora_rows)
     console.print((Path(out) / "generate.md").read_text())
     console.print(f"written to {out}/generate.json and generate.md")
 

@@ -23,7 +23,7 @@ from ..files import fingerprint_module
 from ..methods import build_method
 from ..quant import weight_bytes
 from .base import TASKS, Task
-from .lm_head import CONNECTORS, GenerativeHead
+from .lm_head import CONNECTORS, GenerativeHead, cut_at_stop
 from .text_metrics import normalize_text, text_metrics
 
 IGNORE = -100  # positions the loss does not read (prompt, padding, rows of other tasks' data)
@@ -184,7 +184,7 @@ class GenerateTask(Task):
         texts = []
         for row in ids.tolist():
             kept = [t for t in row if t >= 0 and t != eos]
-            texts.append(self.tokenizer.decode(kept, skip_special_tokens=True).strip())
+            texts.append(cut_at_stop(self.tokenizer.decode(kept, skip_special_tokens=True), self.settings.stop).strip())
         return texts
 
     def score(self, out, rows, group_fields=()):
@@ -219,21 +219,27 @@ class GenerateTask(Task):
     def stream(self, head, outputs, fed, on_text):
         """Greedy / sampled decoding of one row through transformers' ``TextStreamer`` protocol;
         returns OpenAI's counts: prompt tokens (prefix + prompt), completion tokens, finish reason."""
-        task = self
+        task, stops = self, list(self.settings.stop)
+        hold = max((len(x) for x in stops), default=1) - 1
 
         class Pieces:  # put() gets token ids as generate makes them; end() once it stops
             def __init__(self):
                 self.ids, self.shown = [], ""
 
-            def put(self, value):
+            def put(self, value, final=False):
                 self.ids += [t for t in value.flatten().tolist() if t != task.tokenizer.eos_token_id]
                 text = task.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()  # as predict strips it
-                if len(text) > len(self.shown) and not text.endswith("\ufffd"):  # whole characters only
-                    on_text(text[len(self.shown):])
-                    self.shown = text
+                cut = cut_at_stop(text, stops)
+                if cut == text and not final:  # hold back what could be the start of a stop string
+                    cut = text[: len(text) - hold]
+                if final:
+                    cut = cut.rstrip()
+                if len(cut) > len(self.shown) and not cut.endswith("\ufffd"):  # whole characters only
+                    on_text(cut[len(self.shown):])
+                    self.shown = cut
 
             def end(self):
-                pass
+                self.put(torch.zeros(0, dtype=torch.long), final=True)
 
         prefix, mask = head.prefix(outputs)
         pieces = Pieces()

@@ -20,7 +20,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LogitsProcessorList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 
 class MLPProjector(nn.Module):
@@ -61,6 +61,24 @@ class NonFinite:
         bad = ~torch.isfinite(scores).all(-1)
         self.rows |= bad.view(len(self.rows), -1).any(-1).cpu()  # beams: a row's beams side by side
         return scores
+
+
+class StopStrings(StoppingCriteria):
+    """A row is done once its decoded new text holds one of ``stops`` (the text is cut before it
+    when decoded: :func:`cut_at_stop`, as OpenAI's API returns it)."""
+
+    def __init__(self, tokenizer, stops):
+        self.tokenizer, self.stops = tokenizer, list(stops)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        return torch.tensor([any(stop in t for stop in self.stops) for t in texts], device=input_ids.device)
+
+
+def cut_at_stop(text: str, stops) -> str:
+    """``text`` up to the first stop string in it."""
+    cuts = [text.find(stop) for stop in stops if stop in text]
+    return text[: min(cuts)] if cuts else text
 
 
 CONNECTORS = {"mlp": lambda width, out, s: MLPProjector(width, out),
@@ -150,8 +168,8 @@ class GenerativeHead(nn.Module):
                        eos_token_id=eos)
         if s.do_sample:
             options.update(temperature=s.temperature, top_p=s.top_p)
-        if s.stop:
-            options.update(stop_strings=list(s.stop), tokenizer=tokenizer)
+        if s.stop:  # our own criterion: transformers' stop_strings cannot map some tokenizers' vocabularies
+            options["stopping_criteria"] = StoppingCriteriaList([StopStrings(tokenizer, s.stop)])
         watch = NonFinite(embeds.shape[0])
         new = self.decoder.base.generate(inputs_embeds=embeds, attention_mask=attention.long(),
                                          logits_processor=LogitsProcessorList([watch]), streamer=streamer, **options)
