@@ -90,3 +90,9 @@ def test_readme_has_ci_test_command():
     after = text.split("<!-- ci:test -->", 1)[1]
     command = after.split("```bash", 1)[1].split("```", 1)[0]
     assert "pip install torch==2.13.0" in command and "pytest" in command
+
+
+def test_readme_stays_an_entrance():
+    """The README is an entrance of about 300 lines at most; the manual is the docs site."""
+    lines = README.read_text().splitlines()
+    assert len(lines) <= 300, f"README.md has {len(lines)} lines; move detail into docs/"

@@ -443,3 +443,20 @@ def test_predict_streams_the_same_text_and_takes_decoding_options(assets, rows, 
     assert res.exit_code == 2 and "exclude each other" in res.output, res.output
     res = runner.invoke(app, ["predict", str(bundle), "--image", image, "--prompt", "x", "--temperature", "0.7"])
     assert res.exit_code == 0 and '"text"' in res.output, res.output
+
+
+def test_a_resampler_connector_with_beam_search_trains_and_reproduces(assets, rows, tmp_path):
+    """The second connector (a fixed number of learned queries) and beam search decoding."""
+    _, _, tasks, model = built(assets, rows, tmp_path, connector="resampler", queries=3, num_beams=2)
+    prefix, mask = model.head.prefix({"image": model.encoders["image"](
+        model.encoders["image"].batch("image", [r.image for r in recipe_splits(
+            load_recipe(generate_recipe(assets, rows, tmp_path / "o"))).test[:2]], ImageStore())[0])})
+    assert prefix.shape[:2] == (2, 3) and bool(mask.all())  # 3 prefix tokens a row, whatever the image's token count
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(generate_recipe(assets, rows, tmp_path / "out", epochs=1, connector="resampler",
+                                                   queries=3, num_beams=2)))
+    runner = CliRunner()
+    res = runner.invoke(app, ["finetune", str(path)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "out" / "tiny")])
+    assert res.exit_code == 0 and "reproduced" in res.output, res.output

@@ -1,9 +1,10 @@
 """``mmpeft bench generate``: a generate recipe trained once and scored once on its test split
 (the checkpoint chosen on validation rows held out of the training split), then its speed:
-training tokens/s, and generation tokens/s of ``mmpeft``'s own path (collation, connector,
-decoding) against plain transformers ``generate`` on the same merged decoder, the same
-prefix embeddings and the same options, alternating twice each (the faster run kept). The
-two must produce the same tokens; the comparison is refused otherwise.
+training tokens/s, and generation tokens/s of ``mmpeft``'s own path (``predict``'s: rows
+collated, encoders, connector, decoding, text) against plain transformers ``generate`` on
+the same merged decoder and options, fed the same batches collated beforehand (the encoders
+and connector timed with it), alternating twice each (the faster run kept). The two must
+produce the same text; the comparison is refused otherwise.
 """
 
 from __future__ import annotations
@@ -57,17 +58,18 @@ def speed(predictor: Predictor, rows: int, batch_size: int) -> dict:
     collator = Collator(test, dict(model.encoders.items()), tasks, predictor.store)
     batches = [list(range(i, min(i + batch_size, len(test)))) for i in range(0, len(test), batch_size)]
     model.eval()
-    prepared = []  # plain transformers: the same left-padded prefix + prompt embeddings, made beforehand
-    with torch.no_grad():
-        for index in batches:
-            batch = collator(index)
-            outputs = {n: model.encoders[n](batch["inputs"][n]) for n in model.encoders if n in batch["inputs"]}
-            prefix, mask = head.prefix(outputs)
-            fed = batch["inputs"][TASK_INPUTS][name]
-            embeds = torch.cat([prefix, head.decoder.embed(fed["prompt_ids"])], 1)
-            attention = torch.cat([mask, fed["prompt_mask"].bool()], 1)
-            order = attention.long().argsort(dim=1, stable=True)
-            prepared.append((embeds.gather(1, order[..., None].expand_as(embeds)), attention.gather(1, order).long()))
+    # plain transformers: the batches collated beforehand (pixels, prompt ids); timed: the encoders and the
+    # connector making the same left-padded prefix + prompt embeddings, then transformers' generate
+    prepared = [collator(index)["inputs"] for index in batches]
+
+    def embeddings(inputs):
+        outputs = {n: model.encoders[n](inputs[n]) for n in model.encoders if n in inputs}
+        prefix, mask = head.prefix(outputs)
+        fed = inputs[TASK_INPUTS][name]
+        embeds = torch.cat([prefix, head.decoder.embed(fed["prompt_ids"])], 1)
+        attention = torch.cat([mask, fed["prompt_mask"].bool()], 1)
+        order = attention.long().argsort(dim=1, stable=True)
+        return embeds.gather(1, order[..., None].expand_as(embeds)), attention.gather(1, order).long()
     s, tok = task.settings, task.tokenizer
     options = dict(max_new_tokens=s.max_new_tokens, num_beams=s.num_beams, do_sample=False,
                    pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
@@ -82,7 +84,8 @@ def speed(predictor: Predictor, rows: int, batch_size: int) -> dict:
         start = time.perf_counter()
         texts, count = [], 0
         with torch.no_grad():
-            for embeds, attention in prepared:
+            for inputs in prepared:
+                embeds, attention = embeddings(inputs)
                 new = head.decoder.base.generate(inputs_embeds=embeds, attention_mask=attention, **options)
                 for row in new.tolist():
                     kept = []
@@ -209,7 +212,8 @@ def markdown(result: dict) -> str:
               "| path | tokens/s | seconds (two runs) |", "|---|---:|---|",
               f"| mmpeft (collation, connector, generate) | {g['tokens_per_second']['mmpeft']} | "
               f"{', '.join(map(str, g['seconds']['mmpeft']))} |",
-              f"| plain transformers generate (embeddings made beforehand) | {g['tokens_per_second']['transformers']} | "
+              f"| plain transformers generate (batches collated beforehand; encoders, connector and generate timed) | "
+              f"{g['tokens_per_second']['transformers']} | "
               f"{', '.join(map(str, g['seconds']['transformers']))} |", "",
               f"mmpeft / transformers: **{g['ratio']:.3f}x**", "",
               f"Of these {g['unseen_in_training']['of_test_rows']} test rows, {g['unseen_in_training']['rows']} have a "

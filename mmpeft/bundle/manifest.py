@@ -20,7 +20,7 @@ from ..errors import BundleError
 from ..files import MAX_MANIFEST_BYTES, check_integrity, read_text
 
 FORMAT = "mmpeft-bundle"
-FORMAT_VERSION = 2  # 2: the manifest carries its own integrity hash
+FORMAT_VERSION = 3  # 2: the manifest carries its own integrity hash; 3: heads' own files (a decoder's adapter), every kind's task state
 MAX_VOCABULARY = 1_000_000
 
 
