@@ -219,10 +219,10 @@ def assemble(recipe, encoders: dict, methods: dict, tasks: dict[str, Task] | int
     heads, reads = {}, {}
     for name, task in tasks.items():
         reads[name] = task.settings.encoders or list(encoders)
-        task.modalities = {n: encoders[n].modality for n in reads[name]}
+        task.reading({n: encoders[n].modality for n in reads[name]})
         sub = {n: dims[n] for n in reads[name]}
         heads[name] = task.build_head(sub, {n: encoders[n] for n in reads[name]}) or build_fusion(task.settings.head or recipe.fusion, sub, task.width)
-        task.head = heads[name]
+        task.attach(heads[name])
     only = next(iter(heads.values()))
     # one task over every encoder: its head is the model's head (bundles of earlier versions load unchanged)
     widths = {n: t.width for n, t in tasks.items()}

@@ -42,7 +42,8 @@ class Task:
             label_field = settings.data.get("label_field", "answer")  # its own data's label column
         self.field = settings.field or label_field
         self.label_field = label_field
-        self.head = None  # the task's head module, set when the model is built (contrastive reads its logit scale)
+        self.head = None  # the task's head module, given when the model is built (:meth:`attach`)
+        self.modalities: dict[str, str] = {}  # the encoders it reads, by name: their modality (:meth:`reading`)
 
     # --- what the kind defines ---------------------------------------------------------
 
@@ -111,6 +112,14 @@ class Task:
     def table(self, metrics: dict) -> list[tuple[str, str, str]]:
         """``(metric, value, n)`` rows of the test table."""
         return [(m, f"{metrics[m]:.4f}", str(metrics.get("count", ""))) for m in self.headline(metrics)]
+
+    def reading(self, modalities: dict[str, str]) -> None:
+        """Told, before its head is built, the encoders it reads and their modalities (``{name: modality}``)."""
+        self.modalities = dict(modalities)
+
+    def attach(self, head) -> None:
+        """Told the head the model holds for it (a fusion head, or its own :meth:`build_head`)."""
+        self.head = head
 
     def build_head(self, dims: dict[str, int], encoders: Optional[dict] = None):
         """The task's own head over encoders of these widths (``encoders``: the built encoders,

@@ -95,7 +95,6 @@ class ContrastiveTask(Task):
     def __init__(self, name, settings, state, label_field="answer"):
         super().__init__(name, settings, state, label_field)
         self.field = settings.class_field or ""
-        self.modalities: dict[str, str] = {}  # encoder name -> modality, set when the model is built
         self.class_embeddings = None  # [classes, dim], computed by the runtime for zero-shot scoring and answers
         self.from_checkpoint = None  # the dual-encoder checkpoint whose projections the head started from
         self.skipped_checkpoint = None  # why the head could not (said in the run's log)
