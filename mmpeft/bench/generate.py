@@ -63,8 +63,7 @@ def speed(predictor: Predictor, rows: int, batch_size: int) -> dict:
     prepared = [collator(index)["inputs"] for index in batches]
 
     def embeddings(inputs):
-        outputs = {n: model.encoders[n](inputs[n]) for n in model.encoders if n in inputs}
-        prefix, mask = head.prefix(outputs)
+        prefix, mask = head.prefix(model.encode(inputs))  # (one image encoded once for its several questions)
         fed = inputs[TASK_INPUTS][name]
         embeds = torch.cat([prefix, head.decoder.embed(fed["prompt_ids"])], 1)
         attention = torch.cat([mask, fed["prompt_mask"].bool()], 1)
@@ -110,7 +109,8 @@ def speed(predictor: Predictor, rows: int, batch_size: int) -> dict:
         raise UsageError(f"mmpeft and plain transformers generated different text for {differ} of {len(test)} rows")
     best = {k: min(v) for k, v in runs.items()}
     originals = recipe_splits(recipe).test[:rows]
-    shown = [{"where": r.where, "image": r.image, "reference": task.target(r) or "", "generated": g}
+    shown = [{"where": r.where, "image": r.image, "prompt": task.prompt_text(r), "reference": task.target(r) or "",
+              "generated": g}
              for r, g in zip(originals, texts["mmpeft"])]
     # references never seen as a training target: a vocabulary head cannot answer them, generation can
     seen = {normalize_text(task.target(r)) for r in recipe_splits(recipe).train if task.target(r) is not None}

@@ -316,7 +316,8 @@ class GenerateTask(Task):
             with Image.open(e["image"]) as image:
                 ax.imshow(image.convert("RGB"))
             hit = normalize_text(e["generated"]) == normalize_text(e["reference"])
-            ax.set_title(f"ref: {e['reference'][:40]}\ngen: {e['generated'][:40]}", fontsize=9,
+            asked = f"q: {e['prompt'][:40]}\n" if e.get("prompt") and "{}" in self.settings.prompt else ""
+            ax.set_title(f"{asked}ref: {e['reference'][:40]}\ngen: {e['generated'][:40]}", fontsize=9,
                          color="darkgreen" if hit else "darkred")
         fig.suptitle(f"{self.name}: test examples (green: exact match)")
         fig.tight_layout()
