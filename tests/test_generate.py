@@ -460,3 +460,19 @@ def test_a_resampler_connector_with_beam_search_trains_and_reproduces(assets, ro
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["evaluate", str(tmp_path / "out" / "tiny")])
     assert res.exit_code == 0 and "reproduced" in res.output, res.output
+
+
+def test_free_form_easy_vqa_answers_are_a_generate_recipe_over_the_builtin_source(assets, tmp_path):
+    """Built-in data needs nothing new: easy-VQA's questions as prompts, its answers as targets."""
+    raw = generate_recipe(assets, {"train": "unused", "test": "unused"}, tmp_path / "out", prompt="Question: {} Answer:")
+    raw["task"].pop("field")
+    raw["data"] = {"source": "easy_vqa", "max_train_samples": 64, "max_eval_samples": 16, "max_test_samples": 16}
+    path = tmp_path / "e.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    res = CliRunner().invoke(app, ["finetune", str(path), "--dry-run"])
+    assert res.exit_code == 0 and "rows train/eval/test 64/16/16" in res.output, res.output
+    recipe = load_recipe(raw)
+    splits = recipe_splits(recipe)
+    task = recipe_task_set(recipe, splits.train)["answer"]
+    row = splits.test[0]
+    assert task.prompt_text(row) == f"Question: {row.text} Answer:" and task.target(row) == row.answer
