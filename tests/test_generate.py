@@ -42,6 +42,15 @@ def generate_recipe(assets, files, out, decoder="llama", epochs=2, **task):
     return raw
 
 
+def trained(assets, rows, tmp_path, decoder="llama", epochs=1, **task):
+    """A bundle of the generate recipe trained through the CLI."""
+    path = tmp_path / "trained.yaml"
+    path.write_text(yaml.safe_dump(generate_recipe(assets, rows, tmp_path / "out", decoder, epochs, **task)))
+    res = CliRunner().invoke(app, ["finetune", str(path)])
+    assert res.exit_code == 0, res.output
+    return tmp_path / "out" / "tiny"
+
+
 def built(assets, rows, tmp_path, decoder="llama", **task):
     recipe = load_recipe(generate_recipe(assets, rows, tmp_path / "out", decoder, **task))
     splits = recipe_splits(recipe)
@@ -154,10 +163,8 @@ def test_trains_saves_loads_identical_and_predicts_through_the_cli(assets, rows,
 
 
 def test_a_moved_decoder_is_refused_by_its_fingerprint(assets, rows, tmp_path):
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(generate_recipe(assets, rows, tmp_path / "out", epochs=1)))
+    bundle = trained(assets, rows, tmp_path)
     runner = CliRunner()
-    assert runner.invoke(app, ["finetune", str(path)]).exit_code == 0
     other = tiny.make_decoder(tmp_path / "other", "llama", chat=True, hidden=32)
     with torch.no_grad():
         from transformers import AutoModelForCausalLM
@@ -165,7 +172,7 @@ def test_a_moved_decoder_is_refused_by_its_fingerprint(assets, rows, tmp_path):
         changed = AutoModelForCausalLM.from_pretrained(str(other))
         changed.lm_head.weight.add_(0.01)
         changed.save_pretrained(other)
-    res = runner.invoke(app, ["evaluate", str(tmp_path / "out" / "tiny"), f"task.decoder={other}"])
+    res = runner.invoke(app, ["evaluate", str(bundle), f"task.decoder={other}"])
     assert res.exit_code == 2 and "fingerprint" in res.output and "Traceback" not in res.output, res.output
 
 
@@ -282,11 +289,9 @@ def test_a_4bit_decoder_trains_its_lora_and_reproduces(assets, rows, tmp_path):
 
 
 def test_nan_scores_and_a_failing_chat_template_are_refused(assets, rows, tmp_path):
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(generate_recipe(assets, rows, tmp_path / "out", epochs=1)))
+    bundle = trained(assets, rows, tmp_path)
     runner = CliRunner()
-    assert runner.invoke(app, ["finetune", str(path)]).exit_code == 0
-    bundle = tmp_path / "out" / "tiny"
+    path = tmp_path / "r.yaml"
     from mmpeft.inference import Predictor
 
     predictor = Predictor(bundle)
@@ -376,10 +381,7 @@ def test_plain_peft_loads_the_decoders_lora_with_identical_logits(assets, rows, 
     import subprocess
     import sys
 
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(generate_recipe(assets, rows, tmp_path / "out", "gpt2", epochs=1)))
-    assert CliRunner().invoke(app, ["finetune", str(path)]).exit_code == 0
-    bundle = tmp_path / "out" / "tiny"
+    bundle = trained(assets, rows, tmp_path, "gpt2")
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["head_files"]["answer"] == ["heads/answer/adapter/adapter_config.json",
                                                 "heads/answer/adapter/adapter_model.safetensors"]
@@ -408,12 +410,8 @@ print(json.dumps(logits.flatten().tolist()))
 
 
 def test_predict_streams_the_same_text_and_takes_decoding_options(assets, rows, tmp_path):
-    path = tmp_path / "r.yaml"
-    raw = generate_recipe(assets, rows, tmp_path / "out", epochs=2, prompt="describe: {}")
-    path.write_text(yaml.safe_dump(raw))
+    bundle = trained(assets, rows, tmp_path, epochs=2, prompt="describe: {}")
     runner = CliRunner()
-    assert runner.invoke(app, ["finetune", str(path)]).exit_code == 0
-    bundle = tmp_path / "out" / "tiny"
     image = str(rows["test"].parent / "images/test_0.png")
     from mmpeft.inference import Predictor
 

@@ -8,15 +8,11 @@ import base64
 
 import openai
 import pytest
-import yaml
 from fastapi.testclient import TestClient
-from typer.testing import CliRunner
-
-from mmpeft.cli import app
 from mmpeft.inference import Predictor
 from mmpeft.serve.app import ServeSettings, create_app
 from mmpeft.serve.pool import AdapterPool
-from tests.test_generate import generate_recipe
+from tests.test_generate import trained
 from tests.test_tasks import write_rows
 
 
@@ -24,11 +20,7 @@ from tests.test_tasks import write_rows
 def served(assets, tmp_path_factory):
     root = tmp_path_factory.mktemp("openai")
     rows = write_rows(root / "rows")
-    raw = generate_recipe(assets, rows, root / "out", epochs=2, prompt="describe: {}")
-    path = root / "r.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    assert CliRunner().invoke(app, ["finetune", str(path)]).exit_code == 0
-    bundle = root / "out" / "tiny"
+    bundle = trained(assets, rows, root, epochs=2, prompt="describe: {}")
     image = rows["test"].parent / "images/test_0.png"
     with TestClient(create_app(AdapterPool({"captioner": bundle}, log=lambda m: None), ServeSettings())) as http:
         client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)

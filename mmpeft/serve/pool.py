@@ -208,7 +208,7 @@ class AdapterPool:
         if image is not None:
             store.put("<upload 0>", image)
         row = Sample("<upload 0>" if image is not None else "", text, "", {}, "request 1", extra={"messages": history})
-        pieces, counted = [], {"tokens": 0}
+        pieces = []
 
         def take(piece: str) -> None:
             pieces.append(piece)
