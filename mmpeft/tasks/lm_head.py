@@ -152,7 +152,7 @@ class GenerativeHead(nn.Module):
         return logits[:, start: start + ids.shape[1]]
 
     @torch.no_grad()
-    def generate(self, prefix, mask, prompt_ids, prompt_mask, streamer=None) -> torch.Tensor:
+    def generate(self, prefix, mask, prompt_ids, prompt_mask, streamer=None) -> tuple[torch.Tensor, torch.Tensor]:
         """New token ids ``[B, max_new_tokens]``, -1 after each row's end (its eos kept), and
         which rows had a NaN or inf among their scores at some step."""
         s, tokenizer = self.settings, self.decoder.tokenizer
