@@ -250,6 +250,9 @@ def _load_caches(model, tensors: dict, keys: dict, device) -> None:
             begin = end
 
 
+CHECKPOINT_FILES = frozenset({"checkpoint.json", "state.safetensors"})
+
+
 def write_checkpoint(folder: Path, *, model, optimizer, scheduler, scaler, loop: LoopState, rng: list, epoch_rng: Optional[list],
                      best_state: Optional[dict], settings: dict, data_fp: str, keep: int) -> Path:
     """Write one checkpoint (atomically) and keep only the newest ``keep``; returns its path."""
@@ -261,7 +264,8 @@ def write_checkpoint(folder: Path, *, model, optimizer, scheduler, scaler, loop:
     cache_tensors, cache_keys = _cache_parts(model)
     tensors.update(cache_tensors)
     target = Path(folder) / f"ckpt-e{loop.epoch:04d}-b{loop.batches_done:06d}-s{loop.step:08d}"
-    with sealed_directory(target, "checkpoint.json", overwrite=True) as sealing:
+    # a checkpoint of ours whose checkpoint.json was damaged (resume fell back past it) is replaced
+    with sealed_directory(target, "checkpoint.json", overwrite=True, ours=CHECKPOINT_FILES) as sealing:
         save_file(tensors, str(sealing.path / "state.safetensors"))
         sealing.manifest.update({
             "format": FORMAT, "versions": {"mmpeft": __version__, "torch": torch.__version__},

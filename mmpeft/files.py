@@ -87,6 +87,8 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             header = json.loads(handle.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise bad(f"header is not JSON: {exc}") from None
+        except RecursionError:  # e.g. 200,000 nested "[": no header of ours is nested deeper than two levels
+            raise bad("header is nested too deeply to be a tensor table") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
     shapes = {}
@@ -152,8 +154,12 @@ def inside(root: Path, rel) -> Optional[Path]:
     """``root / rel`` resolved, or None when ``rel`` is not a relative path that stays inside ``root``."""
     if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
         return None
-    root = Path(root).resolve()
-    full = (root / rel).resolve()
+    try:
+        root = Path(root).resolve()
+        full = (root / rel).resolve()
+    except (RuntimeError, OSError) as exc:  # RuntimeError: a symbolic-link loop (Python < 3.13)
+        raise BundleError(f"{Path(root) / rel}: cannot be resolved ({exc}): a symbolic-link loop or a broken folder; "
+                          "fetch the bundle again (mmpeft pull copies plain files only)") from None
     return full if root in full.parents else None
 
 
@@ -254,19 +260,28 @@ def remove_leftovers(target: Path) -> list[str]:
     return removed
 
 
+def _only(folder: Path, names: frozenset) -> bool:
+    """True when ``folder`` holds plain files named in ``names`` and nothing else."""
+    if not names or folder.is_symlink() or not folder.is_dir():
+        return False
+    return all(p.name in names and p.is_file() and not p.is_symlink() for p in folder.iterdir())
+
+
 @contextmanager
-def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(target: Path, overwrite: bool = False, ours: frozenset = frozenset()) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success rename it to ``target``.
 
     An interrupted write leaves only a hidden ``.tmp`` directory (removed by the next write
     of the same target), never a half bundle. ``overwrite`` replaces only a folder mmpeft
-    wrote (see :func:`written_by_mmpeft`); a folder holding anything else is refused.
+    wrote (see :func:`written_by_mmpeft`), or one holding nothing but plain files named in
+    ``ours`` (a damaged folder of a kind only mmpeft writes, such as a checkpoint whose
+    manifest was cut short); a folder holding anything else is refused.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not overwrite:
         raise UsageError(f"{target} already exists; choose another output name or pass --overwrite / output.overwrite=true")
-    if target.exists() and not written_by_mmpeft(target):
+    if target.exists() and not written_by_mmpeft(target) and not _only(target, ours):
         raise UsageError(f"{target} exists and holds files mmpeft did not write; it is not replaced: move it away "
                          "or choose another output name")
     remove_leftovers(target)
@@ -355,10 +370,12 @@ class Sealing:
 
 
 @contextmanager
-def sealed_directory(target: Path, name: str = "manifest.json", overwrite: bool = False) -> Iterator[Sealing]:
+def sealed_directory(target: Path, name: str = "manifest.json", overwrite: bool = False,
+                     ours: frozenset = frozenset()) -> Iterator[Sealing]:
     """Write a folder atomically and seal it: when the block completes, ``name`` gets the
-    manifest with every file's size and sha256, and the folder is renamed into place."""
-    with atomic_directory(target, overwrite=overwrite) as tmp:
+    manifest with every file's size and sha256, and the folder is renamed into place
+    (``ours``: as :func:`atomic_directory`)."""
+    with atomic_directory(target, overwrite=overwrite, ours=ours) as tmp:
         sealing = Sealing(tmp)
         yield sealing
         seal(tmp, sealing.manifest, name)

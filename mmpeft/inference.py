@@ -47,14 +47,16 @@ def stored_metrics(bundle: Path) -> dict:
     return stored
 
 
-def evaluate_bundle(path, overrides: Sequence[str] = (), device: str = "cpu", allow_base_mismatch: bool = False) -> dict:
+def evaluate_bundle(path, overrides: Sequence[str] = (), device: str = "cpu", allow_base_mismatch: bool = False,
+                    expect_digest: Optional[str] = None) -> dict:
     """Rebuild the bundle's model, score its recipe's test split, compare to the stored metrics.
 
     Returns:
         ``{"metrics": {task: ...}, "stored": {task: ...}, "max_abs_diff": float, "tasks": {name: Task}}``
         (the difference over every task's headline numbers and per-group accuracies).
     """
-    bundle = load_bundle(path, device=device, allow_base_mismatch=allow_base_mismatch, overrides=overrides)
+    bundle = load_bundle(path, device=device, allow_base_mismatch=allow_base_mismatch, overrides=overrides,
+                         expect_digest=expect_digest)
     recipe, tasks = bundle.recipe, bundle.tasks
     splits = recipe_splits(recipe)
     store = ImageStore.for_encoders(bundle.model.encoders.values(), recipe.data.image_cache_mb)
@@ -104,8 +106,8 @@ def _diff(new, old) -> float:
 class Predictor:
     """Answers questions about images with a loaded bundle."""
 
-    def __init__(self, path, device: str = "cpu", allow_base_mismatch: bool = False):
-        self.bundle = load_bundle(path, device=device, allow_base_mismatch=allow_base_mismatch)
+    def __init__(self, path, device: str = "cpu", allow_base_mismatch: bool = False, expect_digest: Optional[str] = None):
+        self.bundle = load_bundle(path, device=device, allow_base_mismatch=allow_base_mismatch, expect_digest=expect_digest)
         self.model = self.bundle.model
         self.tasks = self.bundle.tasks
         self.vocab = Vocabulary(self.bundle.vocab)

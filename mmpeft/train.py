@@ -21,6 +21,7 @@ import torch
 from . import faults
 from .bundle.card import write_card
 from .bundle.writer import bundle_writer
+from .bundle.manifest import bundle_digest
 from .checkpoint import (LoopState, RunningLoss, capture_rng, data_fingerprint, is_final, list_checkpoints, load_trainable_state, newest_checkpoint,
                          remove_checkpoints, restore_rng, run_settings, trainable_state, write_checkpoint)
 from .config import Recipe, load_recipe
@@ -431,7 +432,7 @@ def _write_bundle(run: Run, out_dir: Path, loop: LoopState, test_metrics: dict) 
         write_card(bundle.path, manifest, metrics, recipe, name=out_dir.name)
         faults.point("bundle.writing")
     size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
-    run.log(f"bundle written to {out_dir} ({size / 1e6:.2f} MB)")
+    run.log(f"bundle written to {out_dir} ({size / 1e6:.2f} MB), digest {bundle_digest(manifest)}")
     device = run.accelerator.device
     run.log(f"peak memory: {peak_memory_mib(device):.0f} MiB "
             f"({'torch.cuda.max_memory_allocated' if device.type == 'cuda' else 'process peak RSS'})")

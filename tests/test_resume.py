@@ -135,10 +135,11 @@ def test_checkpoint_of_other_settings_or_a_damaged_one(reference, tmp_path):
     assert [c.name for c in sorted(folder.glob("ckpt-*"))] == ["ckpt-e0001-b000002-s00000002", "ckpt-e0001-b000004-s00000004"]
     res = finetune_here(recipe, out, "train.lr=0.001", "--resume")
     assert res.exit_code == 2 and "train.lr: 0.005 in the checkpoint, 0.001 now" in res.output
-    # a damaged newest checkpoint falls back to the one before, and says so
+    # a damaged newest checkpoint (its checkpoint.json cut short) falls back to the one before and
+    # says so; when training reaches that step again, the damaged folder of ours is replaced
     newest = sorted(folder.glob("ckpt-*"))[-1]
-    (newest / "state.safetensors").write_bytes(b"\0" * 64)
-    res = finetune_here(recipe, out, "--resume")
+    (newest / "checkpoint.json").write_text('{"format": "mmpeft-checkp')
+    res = finetune_here(recipe, out, "train.checkpoint_every=2", "--resume")
     assert res.exit_code == 0, res.output
     assert "ckpt-e0001-b000004-s00000004 is damaged" in res.output
     assert "resuming from" in res.output and "ckpt-e0001-b000002-s00000002" in res.output

@@ -1,8 +1,8 @@
 """Share bundles: push to / pull from the Hugging Face Hub, a local directory standing
 in for it, a bundle directory, or a ``.tar.gz`` of one.
 
-Everything pulled is verified (manifest, hashes, safetensors-only) before it is moved
-into place, and archives are unpacked without following links or leaving the target.
+Everything pulled is verified (manifest, hashes, safetensors-only, and the digest when one
+is pinned) as copied, before it is moved into place, and archives are unpacked without following links or leaving the target.
 Set ``MMPEFT_HUB_DIR`` (or pass ``hub_dir``) to use a local directory as the hub:
 repositories are then ``<hub_dir>/<owner>/<name>/``; packaging and verification are the
 same, only the transport differs (a file copy instead of an HTTP upload).
@@ -11,7 +11,7 @@ same, only the transport differs (a file copy instead of an HTTP upload).
 from __future__ import annotations
 
 import os
-import shutil
+import re
 import stat
 import tarfile
 import tempfile
@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import BundleError, MMPeftError, UsageError
-from ..files import atomic_directory
+from ..files import MAX_MANIFEST_BYTES, atomic_directory
 from .io import read_manifest, verify_files
+from .manifest import bundle_digest
 
 HUB_ENV = "MMPEFT_HUB_DIR"
 
@@ -31,25 +32,33 @@ def _hub_dir(hub_dir: Optional[str]) -> Optional[Path]:
     return Path(chosen) if chosen else None
 
 
+_REPO_PART = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
+
+
 def _check_repo_id(repo_id: str) -> None:
+    """``owner/name`` as the Hub spells them: letters, digits, ``.``, ``_``, ``-``, no ``..``,
+    so a repo id can never name a folder outside the hub directory."""
     parts = repo_id.split("/")
-    if len(parts) != 2 or not all(parts) or any(p in (".", "..") for p in parts):
-        raise UsageError(f"repository id {repo_id!r} must look like 'owner/name'")
+    if len(parts) != 2 or not all(_REPO_PART.match(p) and ".." not in p and "--" not in p for p in parts):
+        raise UsageError(f"repository id {repo_id[:200]!r} must look like 'owner/name' (letters, digits, '.', '_', '-')")
 
 
-def push(bundle, repo_id: str, *, hub_dir: Optional[str] = None, private: bool = False, token: Optional[str] = None) -> str:
-    """Verify ``bundle`` and upload it (with its README model card) to ``repo_id``. Returns where it went."""
+def push(bundle, repo_id: str, *, hub_dir: Optional[str] = None, private: bool = False,
+         token: Optional[str] = None) -> tuple[str, str]:
+    """Verify ``bundle`` and upload it (with its README model card) to ``repo_id``.
+    Returns where it went and the bundle's digest (to pin on ``pull --expect-digest``)."""
     bundle = Path(bundle)
     _check_repo_id(repo_id)
     manifest = read_manifest(bundle)
+    digest = bundle_digest(manifest)
     files = _check_tree(bundle, manifest, str(bundle))
     verify_files(bundle, manifest)
     local = _hub_dir(hub_dir)
     if local is not None:
         target = local / repo_id
         with atomic_directory(target, overwrite=True) as tmp:
-            _copy(bundle, files, tmp)
-        return str(target)
+            _copy(bundle, files, tmp, manifest)
+        return str(target), digest
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
@@ -59,7 +68,7 @@ def push(bundle, repo_id: str, *, hub_dir: Optional[str] = None, private: bool =
     except Exception as exc:  # noqa: BLE001 - network/auth problems become one clear message
         raise MMPeftError(f"push to {repo_id!r} failed: {type(exc).__name__}: {str(exc).splitlines()[0]} "
                           f"(log in with `huggingface-cli login`, or set {HUB_ENV} to push to a local directory)") from None
-    return f"https://huggingface.co/{repo_id}"
+    return f"https://huggingface.co/{repo_id}", digest
 
 
 MAX_ARCHIVE_BYTES = 16 * 1024**3  # what an archive may unpack to
@@ -129,9 +138,14 @@ def _bundle_root(directory: Path) -> Path:
     raise BundleError(f"no mmpeft bundle (manifest.json) found in {directory}")
 
 
-def pull(source: str, out, *, hub_dir: Optional[str] = None, overwrite: bool = False, token: Optional[str] = None) -> Path:
-    """Fetch a bundle from a repo id, a local hub directory, a bundle directory or a ``.tar.gz``,
-    verify it, and place it at ``out``."""
+def pull(source: str, out, *, hub_dir: Optional[str] = None, overwrite: bool = False, token: Optional[str] = None,
+         expect_digest: Optional[str] = None) -> tuple[Path, str]:
+    """Fetch a bundle from a repo id, a local hub directory, a bundle directory or a ``.tar.gz``
+    and place it at ``out``, verified; returns ``(out, digest)``.
+
+    What is verified is the copy, after copying: a source file swapped after a check cannot
+    land unverified. With a hub directory (``hub_dir`` or ``$MMPEFT_HUB_DIR``) ``source`` is a
+    repo id (or an archive), looked up in that folder only, never on the Hugging Face Hub."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise UsageError(f"--out {out} already exists; pass --overwrite or choose another --out")
@@ -142,10 +156,14 @@ def pull(source: str, out, *, hub_dir: Optional[str] = None, overwrite: bool = F
         if src.is_file() and source.endswith((".tar.gz", ".tgz")):
             _safe_extract(src, scratch)
             root = _bundle_root(scratch)
+        elif local is not None:  # a repo id in that folder, and nothing else
+            _check_repo_id(source)
+            root = local / source
+            if not root.is_dir():
+                raise BundleError(f"{source} is not in the hub folder {local}; a hub folder is looked up alone, never "
+                                  f"the Hugging Face Hub (to pull a bundle folder, drop --hub-dir / {HUB_ENV})")
         elif src.is_dir():
             root = src
-        elif local is not None and (local / source).is_dir():
-            root = local / source
         else:
             _check_repo_id(source)
             from huggingface_hub import snapshot_download
@@ -154,15 +172,34 @@ def pull(source: str, out, *, hub_dir: Optional[str] = None, overwrite: bool = F
                 root = Path(snapshot_download(source, local_dir=str(scratch / "dl"), token=token))
             except Exception as exc:  # noqa: BLE001
                 raise MMPeftError(f"pull of {source!r} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
-        manifest = read_manifest(root)
+        manifest = read_manifest(root, expect_digest)  # refuse a wrong bundle before copying a byte of it
         files = _check_tree(root, manifest, source, ignore=(".cache",))  # hub downloads keep their cache there
-        verify_files(root, manifest)
         with atomic_directory(out, overwrite=overwrite) as tmp:
-            _copy(root, files, tmp)
-    return out
+            _copy(root, files, tmp, manifest)
+            copied = read_manifest(tmp, expect_digest)  # what was copied is what is checked
+            _check_tree(tmp, copied, source)
+            verify_files(tmp, copied)
+    return out, bundle_digest(copied)
 
 
-def _copy(root: Path, files: list[str], into: Path) -> None:
-    for rel in files:
+def _copy(root: Path, files: list[str], into: Path, manifest: dict) -> None:
+    """Copy ``files`` and the manifest, each opened without following a link and read no
+    further than its recorded size (plus one byte, so a longer file fails its hash)."""
+    sizes = {rel: entry["bytes"] for rel, entry in manifest["files"].items()}
+    for rel in ["manifest.json", *files]:
         (into / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(root / rel, into / rel)
+        try:
+            fd = os.open(root / rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            raise BundleError(f"{root / rel}: cannot be read as a plain file ({exc.strerror}); refusing it") from None
+        with os.fdopen(fd, "rb") as src:
+            if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+                raise BundleError(f"{root / rel}: not a regular file; refusing it")
+            limit = sizes.get(rel, MAX_MANIFEST_BYTES) + 1
+            with open(into / rel, "wb") as dst:
+                while limit > 0:
+                    chunk = src.read(min(limit, 1 << 20))
+                    if not chunk:
+                        break
+                    dst.write(chunk)
+                    limit -= len(chunk)

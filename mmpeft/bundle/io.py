@@ -8,29 +8,56 @@ match its recorded sha256 (:mod:`mmpeft.files`). The layout is described in
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
+import torch
 import yaml
 
 from ..config import load_recipe
 from ..errors import BundleError
-from ..files import MAX_MANIFEST_BYTES, read_safetensors, read_text, verify_sealed
-from ..model import build_model
+from ..files import (MAX_MANIFEST_BYTES, atomic_text_file, json_fingerprint, read_safetensors, read_text, safetensors_shapes,
+                     verify_sealed)
+from ..model import assemble, build_adapted_encoder
 from ..tasks import stored_task_set
-from .manifest import parse_manifest
+from .manifest import bundle_digest, check_digest, parse_manifest
 
 
-def read_manifest(bundle: Path) -> dict:
-    """A bundle's manifest, its shape and integrity checked (:mod:`mmpeft.bundle.manifest`)."""
+def read_manifest(bundle: Path, expect_digest: Optional[str] = None, *, allow_unsealed: bool = False) -> dict:
+    """A bundle's manifest, its shape and integrity checked (:mod:`mmpeft.bundle.manifest`),
+    and its digest the pinned one when ``expect_digest`` is given."""
     bundle = Path(bundle)
     path = bundle / "manifest.json"
-    if not bundle.is_dir():
-        raise BundleError(f"bundle not found: {bundle} (expected a directory written by 'mmpeft finetune')")
-    if not path.is_file():
-        raise BundleError(f"{bundle} is not an mmpeft bundle: no manifest.json")
-    return parse_manifest(path)
+    try:
+        if not bundle.is_dir():
+            raise BundleError(f"bundle not found: {bundle} (expected a directory written by 'mmpeft finetune')")
+        if not path.is_file():
+            raise BundleError(f"{bundle} is not an mmpeft bundle: no manifest.json")
+    except OSError as exc:  # a symbolic-link loop, a name too long
+        raise BundleError(f"{bundle}: cannot be read as a bundle ({exc.strerror or exc})") from None
+    manifest = parse_manifest(path, allow_unsealed=allow_unsealed)
+    check_digest(manifest, expect_digest, bundle)
+    return manifest
+
+
+def seal_bundle(bundle) -> tuple[str, bool]:
+    """Seal a format 1 bundle one made oneself: its files must still match the hashes its
+    manifest recorded (sealing never blesses a changed file); the manifest then gets its
+    integrity hash and format 2. Returns ``(digest, whether it was sealed now)``."""
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle, allow_unsealed=True)
+    verify_files(bundle, manifest)
+    if manifest["format_version"] >= 2:
+        return bundle_digest(manifest), False
+    manifest["format_version"] = 2
+    manifest.pop("integrity", None)
+    manifest["integrity"] = json_fingerprint(manifest)
+    with atomic_text_file(bundle / "manifest.json") as handle:
+        handle.write(json.dumps(manifest, indent=2))
+    return bundle_digest(manifest), True
 
 
 def verify_files(bundle: Path, manifest: dict) -> None:
@@ -54,7 +81,7 @@ class LoadedBundle:
 
 
 def load_bundle(path, *, device: str = "cpu", allow_base_mismatch: bool = False, overrides: Sequence[str] = (),
-                verify_base: bool = True) -> LoadedBundle:
+                verify_base: bool = True, expect_digest: Optional[str] = None) -> LoadedBundle:
     """Rebuild the model from its base encoders and a bundle's trained weights.
 
     Args:
@@ -63,12 +90,17 @@ def load_bundle(path, *, device: str = "cpu", allow_base_mismatch: bool = False,
         allow_base_mismatch: load even if a base encoder's fingerprint differs (warns).
         overrides: dotted recipe overrides that do not change the architecture (e.g. ``data.root=...``).
         verify_base: compare base fingerprints (internal merges of a de-quantized copy turn it off).
+        expect_digest: the bundle's pinned digest (``sha256:...``); any other bundle is refused.
 
     Raises:
         BundleError: missing/tampered files, wrong shapes, or a different base encoder.
     """
-    bundle, manifest, recipe, tasks = read_bundle(path, overrides)
-    model = build_model(recipe, tasks, device=device)
+    bundle, manifest, recipe, tasks = read_bundle(path, overrides, expect_digest)
+    encoders, methods = {}, {}
+    for name, cfg in recipe.encoders.items():
+        encoders[name], methods[name] = build_adapted_encoder(name, cfg, recipe.train, device)
+    check_head_size(recipe, encoders, methods, tasks, bundle, manifest)
+    model = assemble(recipe, encoders, methods, tasks)
     for name, enc in model.encoders.items():
         if verify_base:
             check_base(name, enc, manifest, recipe, allow_base_mismatch)
@@ -79,10 +111,10 @@ def load_bundle(path, *, device: str = "cpu", allow_base_mismatch: bool = False,
     return LoadedBundle(bundle, manifest, recipe, model, manifest["vocabulary"], tasks)
 
 
-def read_bundle(path, overrides: Sequence[str] = ()):
+def read_bundle(path, overrides: Sequence[str] = (), expect_digest: Optional[str] = None):
     """A bundle's verified manifest, its resolved recipe and its tasks: ``(path, manifest, recipe, tasks)``."""
     bundle = Path(path)
-    manifest = read_manifest(bundle)
+    manifest = read_manifest(bundle, expect_digest)
     verify_files(bundle, manifest)
     overrides = list(overrides)
     if manifest.get("merged"):
@@ -111,6 +143,25 @@ def read_bundle(path, overrides: Sequence[str] = ()):
         raise BundleError(f"{bundle}: manifest encoders {sorted(manifest['encoders'])} differ from the recipe's {sorted(recipe.encoders)}")
     tasks = stored_task_set(recipe, manifest, f"{bundle}/manifest.json")
     return bundle, manifest, recipe, tasks
+
+
+def check_head_size(recipe, encoders: dict, methods: dict, tasks: dict, bundle: Path, manifest: dict) -> None:
+    """Before the heads are allocated: the heads the manifest describes (its vocabulary, its
+    tasks) must hold as many values as the head file does, so an edited manifest (a
+    vocabulary of a million answers) cannot make us build gigabytes. Built on the meta
+    device, which allocates nothing; a task whose head is a decoder sizes it from the
+    decoder's own files, so such bundles are checked by the head file's names and shapes
+    only, when it is read."""
+    if any(task.feeds_head for task in tasks.values()):
+        return
+    rel = manifest["head"]["file"]
+    in_file = sum(math.prod(shape) for shape in safetensors_shapes(bundle / rel).values())
+    with torch.device("meta"):
+        probe = assemble(recipe, encoders, methods, tasks)
+    described = sum(t.numel() for t in probe.head.state_dict().values())
+    if described != in_file:
+        raise BundleError(f"{bundle}/manifest.json describes heads of {described:,} values (its vocabulary and tasks), "
+                          f"but {rel} holds {in_file:,}: the manifest was edited; refusing to build the model")
 
 
 def check_base(name: str, enc, manifest: dict, recipe, allow_base_mismatch: bool = False) -> None:

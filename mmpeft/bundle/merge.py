@@ -16,6 +16,7 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -28,7 +29,8 @@ from ..encoders import build_encoder
 from ..errors import MMPeftError, UsageError
 from ..files import fingerprint_module
 from ..methods import build_method
-from .io import load_bundle
+from .io import load_bundle, read_manifest
+from .manifest import bundle_digest
 from .writer import bundle_writer
 
 
@@ -94,7 +96,8 @@ def probe_batch(loaded, size: int = 16, seed: int = 0):
     return collator(list(range(len(rows))))["inputs"], source
 
 
-def merge_in_memory(bundle, *, tolerance: float = 1e-5, allow_base_mismatch: bool = False, probe_size: int = 16):
+def merge_in_memory(bundle, *, tolerance: float = 1e-5, allow_base_mismatch: bool = False, probe_size: int = 16,
+                    expect_digest: Optional[str] = None):
     """Load a bundle twice, fold the mergeable methods of one copy, and verify it on a probe batch.
 
     Returns:
@@ -103,17 +106,18 @@ def merge_in_memory(bundle, *, tolerance: float = 1e-5, allow_base_mismatch: boo
     Raises:
         MMPeftError: when the max |logit difference| exceeds ``tolerance``.
     """
-    reference = load_bundle(bundle, allow_base_mismatch=allow_base_mismatch)
+    reference = load_bundle(bundle, allow_base_mismatch=allow_base_mismatch, expect_digest=expect_digest)
     quantized = [n for n, c in reference.recipe.encoders.items() if c.quantization is not None]
     report: dict = {"folded": {}, "kept": {}, "dequantized": {}}
     if quantized:
         # A float32 copy of the model whose quantized layers get the exact de-quantized
         # weights the reference computes with: merging then happens in float32.
-        merged = load_bundle(bundle, overrides=[f"encoders.{n}.quantization=null" for n in quantized], verify_base=False)
+        merged = load_bundle(bundle, overrides=[f"encoders.{n}.quantization=null" for n in quantized], verify_base=False,
+                             expect_digest=expect_digest)
         for n in quantized:
             report["dequantized"][n] = copy_dequantized(reference.model.encoders[n].model, merged.model.encoders[n].model)
     else:
-        merged = load_bundle(bundle, allow_base_mismatch=allow_base_mismatch)
+        merged = load_bundle(bundle, allow_base_mismatch=allow_base_mismatch, expect_digest=expect_digest)
     inputs, source = probe_batch(reference, probe_size)
     with torch.no_grad():
         ref_logits = reference.model.logits(inputs)
@@ -143,12 +147,12 @@ def merge_in_memory(bundle, *, tolerance: float = 1e-5, allow_base_mismatch: boo
 
 
 def merge_bundle(bundle, out: Path, *, tolerance: float = 1e-5, allow_base_mismatch: bool = False,
-                 overwrite: bool = False, probe_size: int = 16) -> dict:
+                 overwrite: bool = False, probe_size: int = 16, expect_digest: Optional[str] = None) -> dict:
     """Merge ``bundle`` into a standalone model at ``out``.
 
     Returns:
         The merge report: folded / kept methods per encoder, ``max_abs_logit_diff``,
-        ``top1_agreement``, tolerance and probe source.
+        ``top1_agreement``, tolerance and probe source, and the merged model's ``digest``.
 
     Raises:
         MMPeftError: the merged model differs from the unmerged one beyond ``tolerance``
@@ -157,8 +161,10 @@ def merge_bundle(bundle, out: Path, *, tolerance: float = 1e-5, allow_base_misma
     out = Path(out)
     if out.exists() and not overwrite:
         raise UsageError(f"--out {out} already exists; pass --overwrite or choose another --out")
-    merged, report, _ = merge_in_memory(bundle, tolerance=tolerance, allow_base_mismatch=allow_base_mismatch, probe_size=probe_size)
+    merged, report, _ = merge_in_memory(bundle, tolerance=tolerance, allow_base_mismatch=allow_base_mismatch,
+                                        probe_size=probe_size, expect_digest=expect_digest)
     _write_merged(merged, report, out, overwrite, Path(bundle))
+    report["digest"] = bundle_digest(read_manifest(out))
     return report
 
 

@@ -63,6 +63,11 @@ def validate(recipe: Path = typer.Argument(..., metavar="RECIPE", help="recipe Y
                   f"{files['image']:,} image and {files['audio']:,} audio file(s) opened")
 
 
+def expect_digest_option():
+    return typer.Option(None, "--expect-digest", metavar="sha256:HEX", help="refuse the bundle unless its digest "
+                        "(printed by finetune, inspect, push and seal) is this one")
+
+
 @app.command()
 @friendly
 def finetune(recipe: Path = typer.Argument(..., metavar="RECIPE", help="recipe YAML"),
@@ -88,12 +93,13 @@ def finetune(recipe: Path = typer.Argument(..., metavar="RECIPE", help="recipe Y
 def evaluate(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle directory"),
              overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="e.g. data.root=/path/to/vqa_rad"),
              device: str = typer.Option("auto", help="cpu, cuda or auto"),
-             allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch")):
+             allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch"),
+             expect_digest: Optional[str] = expect_digest_option()):
     """Rebuild a bundle's model and reproduce its stored test metrics."""
     from ..inference import evaluate_bundle
     from ..report import print_test
 
-    result = evaluate_bundle(bundle, overrides or [], device_of(device), allow_base_mismatch)
+    result = evaluate_bundle(bundle, overrides or [], device_of(device), allow_base_mismatch, expect_digest)
     print_test(result["metrics"], result["tasks"])
     diff = result["max_abs_diff"]
     for name, task in result["tasks"].items():
@@ -129,7 +135,8 @@ def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (o
             top_p: Optional[float] = typer.Option(None, help="generating bundles: nucleus sampling mass (samples)"),
             stream: bool = typer.Option(True, "--stream/--no-stream", help="generating bundles, one input: print the text "
                                         "as it is generated"),
-            allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="load onto a base whose fingerprint differs")):
+            allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="load onto a base whose fingerprint differs"),
+            expect_digest: Optional[str] = expect_digest_option()):
     """Answer a question about an image (or classify a clip, caption it, ...; or every row of a manifest)."""
     if input is None and image is None and question is None and audio is None and not encoder_input:
         raise UsageError("give the inputs the bundle reads (--image, --question, --audio), or --input manifest.jsonl")
@@ -148,7 +155,7 @@ def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (o
         fields = check_input_columns(bundle, input, fields)
     from ..inference import Predictor, predict_manifest
 
-    predictor = Predictor(bundle, device_of(device), allow_base_mismatch)
+    predictor = Predictor(bundle, device_of(device), allow_base_mismatch, expect_digest)
     decoding = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "temperature": temperature, "top_p": top_p}
     if any(v is not None for v in decoding.values()):
         predictor.decode_with(**decoding)
@@ -181,6 +188,7 @@ def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (o
 def inspect(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle directory")):
     """Show a bundle's methods, parameters, base fingerprints, metrics and files."""
     from ..bundle.io import read_manifest, verify_files
+    from ..bundle.manifest import bundle_digest
 
     manifest = read_manifest(bundle)
     verify_files(bundle, manifest)
@@ -221,6 +229,8 @@ def inspect(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle di
     console.print(files)
     total = sum(i["bytes"] for i in manifest["files"].values())
     console.print(f"total {total / 1e6:.2f} MB")
+    console.print(f"digest {bundle_digest(manifest)} (pin it: --expect-digest on pull, predict, evaluate, merge, serve)",
+                  soft_wrap=True)
 
 
 @app.command()
@@ -229,11 +239,13 @@ def merge(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle dire
           out: Path = typer.Option(..., "--out", help="directory for the merged model"),
           tolerance: float = typer.Option(1e-5, help="max |logit difference| allowed between merged and unmerged"),
           overwrite: bool = typer.Option(False, "--overwrite"),
-          allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch")):
+          allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch"),
+          expect_digest: Optional[str] = expect_digest_option()):
     """Fold mergeable methods into the base weights; write a verified standalone model."""
     from ..bundle.merge import merge_bundle
 
-    report = merge_bundle(bundle, out, tolerance=tolerance, allow_base_mismatch=allow_base_mismatch, overwrite=overwrite)
+    report = merge_bundle(bundle, out, tolerance=tolerance, allow_base_mismatch=allow_base_mismatch, overwrite=overwrite,
+                          expect_digest=expect_digest)
     for name, method in report["folded"].items():
         console.print(f"{name}: {method} folded into the base weights")
     for name, method in report["kept"].items():
@@ -243,7 +255,7 @@ def merge(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle dire
     console.print(f"verified on {report['probe']['size']} probe examples ({report['probe']['source']}): max |logit diff| "
               f"{report['max_abs_logit_diff']:.2e} (tolerance {report['tolerance']:.0e}), top-1 agreement "
               f"{100 * report['top1_agreement']:.1f}%")
-    console.print(f"merged model written to {out}")
+    console.print(f"merged model written to {out}, digest {report['digest']}", soft_wrap=True)
 
 
 @app.command()
@@ -278,7 +290,9 @@ def push(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle direc
     """Upload a verified bundle (with its model card) to the Hugging Face Hub."""
     from ..bundle.hub import push as do_push
 
-    console.print(f"pushed {bundle} to {do_push(bundle, repo_id, hub_dir=hub_dir, private=private)}")
+    where, digest = do_push(bundle, repo_id, hub_dir=hub_dir, private=private)
+    console.print(f"pushed {bundle} to {where}; digest {digest} (whoever pulls it can pin it: --expect-digest)",
+                  soft_wrap=True)
 
 
 @app.command()
@@ -286,7 +300,8 @@ def push(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle direc
 def pull(source: str = typer.Argument(..., metavar="SOURCE", help="owner/name, a bundle directory, or a .tar.gz of one"),
          out: Optional[Path] = typer.Option(None, "--out", help="where to put it (default adapters/<name>)"),
          hub_dir: Optional[str] = typer.Option(None, help="local directory standing in for the hub (or $MMPEFT_HUB_DIR)"),
-         overwrite: bool = typer.Option(False, "--overwrite")):
+         overwrite: bool = typer.Option(False, "--overwrite"),
+         expect_digest: Optional[str] = expect_digest_option()):
     """Fetch and verify a bundle from the Hub, a directory or an archive."""
     from ..bundle.hub import pull as do_pull
 
@@ -294,7 +309,20 @@ def pull(source: str = typer.Argument(..., metavar="SOURCE", help="owner/name, a
     for suffix in (".tar.gz", ".tgz"):
         name = name[: -len(suffix)] if name.endswith(suffix) else name
     target = out or Path("adapters") / name
-    console.print(f"pulled {source} into {do_pull(source, target, hub_dir=hub_dir, overwrite=overwrite)} (verified)")
+    where, digest = do_pull(source, target, hub_dir=hub_dir, overwrite=overwrite, expect_digest=expect_digest)
+    pinned = "the pinned digest" if expect_digest else "digest"
+    console.print(f"pulled {source[:200]} into {where} (verified; {pinned} {digest})", soft_wrap=True)
+
+
+@app.command()
+@friendly
+def seal(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="a bundle you made yourself")):
+    """Seal an older (format 1) bundle of your own: give its manifest an integrity hash and a digest."""
+    from ..bundle.io import seal_bundle
+
+    digest, sealed = seal_bundle(bundle)
+    state = "sealed (format 2)" if sealed else "already sealed; unchanged"
+    console.print(f"{bundle}: {state}; digest {digest}", soft_wrap=True)
 
 
 @app.command()
@@ -306,7 +334,10 @@ def serve(bundles: List[str] = typer.Argument(..., metavar="BUNDLE", help="bundl
           max_wait_ms: float = typer.Option(5.0, help="how long the first request of a batch waits for others"),
           max_upload_mb: float = typer.Option(16.0, help="largest request body accepted"),
           device: str = typer.Option("auto", help="cpu, cuda or auto"),
-          quiet: bool = typer.Option(False, "--quiet", help="no line per request")):
+          quiet: bool = typer.Option(False, "--quiet", help="no line per request"),
+          expect_digest: List[str] = typer.Option([], "--expect-digest", metavar="[NAME=]sha256:HEX",
+                                                  help="refuse to start unless this bundle's digest is this one; "
+                                                  "repeatable, NAME= where several are served")):
     """Serve bundles over HTTP: an API (POST /predict, GET /bundles, /docs) and a web page at /."""
     try:
         import uvicorn
@@ -325,12 +356,29 @@ def serve(bundles: List[str] = typer.Argument(..., metavar="BUNDLE", help="bundl
         if name in paths:
             raise UsageError(f"two bundles would be named {name!r}; name one with NAME=FOLDER")
         paths[name] = Path(folder)
-    pool = AdapterPool(paths, device_of(device), log=console.print)
+    pool = AdapterPool(paths, device_of(device), log=console.print, digests=pinned_digests(expect_digest, list(paths)))
     app_ = create_app(pool, ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms,
                                           max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                                           log=None if quiet else console.print))
     console.print(f"serving {', '.join(paths)} at http://{host}:{port}/ (API: /predict, /bundles, /docs); Ctrl-C to stop")
-    uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    # connections beyond limit_concurrency get 503 at once instead of queueing without end; idle
+    # keep-alive connections close after 5 s
+    uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30, limit_concurrency=256,
+                timeout_keep_alive=5)
+
+
+def pinned_digests(items: list[str], names: list[str]) -> dict[str, str]:
+    """``serve --expect-digest`` values by bundle name: ``NAME=DIGEST``, or a bare digest when one bundle is served."""
+    pinned = {}
+    for item in items:
+        name, sep, digest = item.rpartition("=")
+        if not sep and len(names) == 1:
+            name = names[0]
+        if name not in names or not digest or name in pinned:
+            raise UsageError(f"--expect-digest {item[:100]!r}: give NAME=sha256:HEX once per served bundle "
+                             f"(served: {', '.join(names)})")
+        pinned[name] = digest
+    return pinned
 
 
 def main() -> None:

@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 from accelerate.utils import send_to_device
 
-from ..bundle.io import check_base, load_head, read_bundle
+from ..bundle.io import check_base, check_head_size, load_head, read_bundle
+from ..bundle.manifest import bundle_digest
 from ..config.tasks import recipe_own_columns
 from ..data import Sample
 from ..data.batching import Collator, ImageStore
@@ -83,7 +84,8 @@ def describe(name: str, path: Path, manifest: dict, recipe, vocab_size: int, ver
         for field_name in first:
             for value, group in test.get("groups", {}).get(field_name, {}).items():
                 metrics[f"{field_name}={value}"] = group["accuracy"]
-    return {"name": name, "version": version, "created": manifest.get("created"), "task": manifest["task"],
+    return {"name": name, "version": version, "digest": bundle_digest(manifest), "created": manifest.get("created"),
+            "task": manifest["task"],
             "inputs": [m for m in ("image", "text", "audio") if m in inputs],
             "encoder_inputs": {n: modality for n, (modality, _) in (own or {}).items()},
             "methods": {n: e["method"] for n, e in manifest["encoders"].items()}, "head": manifest["head"]["type"],
@@ -104,14 +106,15 @@ def _structure(cfg, entry: dict) -> str:
 class AdapterPool:
     """Loads bundles, shares their encoders, answers batches of one bundle at a time."""
 
-    def __init__(self, paths: dict[str, Path], device: str = "cpu", log=print):
+    def __init__(self, paths: dict[str, Path], device: str = "cpu", log=print, digests: Optional[dict[str, str]] = None):
+        """``digests``: the pinned digest of some (or all) bundles, by name; another bundle there is refused."""
         self.device = device
         self.log = log
         self.bundles: dict[str, Served] = {}
         self._encoders: dict[str, Shared] = {}
         self._lock = threading.Lock()  # one forward at a time: it uses every core anyway
         for name, path in paths.items():
-            self._add(name, Path(path))
+            self._add(name, Path(path), (digests or {}).get(name))
         for shared in self._encoders.values():
             users = ", ".join(shared.users)
             if shared.shareable and len(shared.users) > 1:
@@ -119,10 +122,10 @@ class AdapterPool:
             elif not shared.shareable:
                 self.log(f"{users}: {shared.method.name} trains the whole encoder, so it has its own copy")
 
-    def _add(self, name: str, path: Path) -> None:
+    def _add(self, name: str, path: Path, expect_digest: Optional[str] = None) -> None:
         if name in self.bundles:
             raise UsageError(f"two bundles are named {name!r}; give one another name with NAME=PATH")
-        bundle, manifest, recipe, tasks = read_bundle(path)
+        bundle, manifest, recipe, tasks = read_bundle(path, expect_digest=expect_digest)
         first = next(iter(tasks.values()))
         vocab = first.labels if len(tasks) == 1 and first.settings.single_answer else []
         encoders, methods, shared_of = {}, {}, {}
@@ -146,6 +149,7 @@ class AdapterPool:
                 shared.active = name
             shared.users.append(name)
             encoders[enc_name], methods[enc_name], shared_of[enc_name] = shared.encoder, shared.method, shared
+        check_head_size(recipe, encoders, methods, tasks, bundle, manifest)
         model = assemble(recipe, encoders, methods, tasks)
         load_head(model.head, bundle, manifest)
         model.to(self.device).train(False)
