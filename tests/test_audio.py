@@ -2,6 +2,7 @@
 reference implementation, the frame mask, bad files, FSDD, and three-modality runs
 through the CLI (finetune, evaluate, predict, merge, export)."""
 
+import io
 import json
 from pathlib import Path
 
@@ -190,6 +191,10 @@ def test_audio_only_recipe_needs_no_image_or_text_column(assets, tmp_path):
         assert missing.status_code == 422 and "audio is required" in missing.json()["error"]
         bad = client.post("/predict", files={"audio": ("clip.wav", b"not audio at all", "audio/wav")})
         assert bad.status_code == 415 and "not an audio file" in bad.json()["error"]
+        nan_wav = io.BytesIO()  # a float WAV of NaN samples: its own 415, before it could join (and fail) a batch
+        soundfile.write(nan_wav, np.full(800, np.nan, dtype=np.float32), 8000, format="WAV", subtype="FLOAT")
+        nan = client.post("/predict", files={"audio": ("nan.wav", nan_wav.getvalue(), "audio/wav")})
+        assert nan.status_code == 415 and "not finite" in nan.json()["error"], nan.text
         assert client.get("/bundles").json()["bundles"][0]["inputs"] == ["audio"]  # the page shows only an audio input
     # push to a (local) hub and pull into a fresh folder: the audio bundle answers the same
     hub, fresh = tmp_path / "hub", tmp_path / "pulled"

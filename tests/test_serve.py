@@ -2,6 +2,7 @@
 status and message, batching that changes no answer, two bundles on one base, shutdown."""
 
 import base64
+import json
 import os
 import re
 import signal
@@ -72,6 +73,8 @@ def test_endpoints(pool):
         assert "accuracy" in listed[0]["metrics"] and "not for diagnosis" in listed[0]["intended_use"]
         schema = client.get("/openapi.json").json()
         assert set(schema["paths"]["/predict"]["post"]["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
+        docs = client.get("/docs")  # served offline: no script from a CDN
+        assert docs.status_code == 200 and "/predict" in docs.text and "<script" not in docs.text
         page = client.get("/")
         assert page.status_code == 200 and "<script>" in page.text and "http" not in page.text.split("<script>")[1].split("</script>")[0].replace("http://", "")
 
@@ -121,13 +124,43 @@ def truncated_png(path) -> bytes:
     ("bad json", 400, "not valid JSON"),
     ("bad base64", 400, "not valid base64"),
     ("wrong content type", 415, "send multipart/form-data or application/json"),
+    # found by an attacker (issue 35): each was a 500, or an echo of the whole name
+    ("lone surrogate", 422, "lone surrogate"),
+    ("top_k Infinity", 422, "top_k must be an integer"),
+    ("top_k 1e400", 422, "top_k must be an integer"),
+    ("UTF-16 JSON", 400, "not UTF-8"),
+    ("form of 30 fields", 413, "more than 20 fields"),
+    ("boundary of 8000 characters", 400, "boundary of 1 to 70 characters"),
+    ("multipart of 100 parts", 413, "more than 64 parts"),
+    ("a name of 1 MB", 404, "no bundle named"),
+    ("decodes beyond the budget", 413, "decodes to 3,456 bytes"),
 ])
 def test_bad_input_is_a_4xx_with_a_clear_message(pool, bundles, case, status, needle):
     image = bundles["images"][0]
-    settings = {"max_pixels": 100} if case == "too many pixels" else {"max_upload_bytes": 2048} if case == "upload too large" else {}
+    settings = {"too many pixels": {"max_pixels": 100}, "upload too large": {"max_upload_bytes": 2048},
+                "decodes beyond the budget": {"max_decoded_bytes": 3000}}.get(case, {})
+    b64 = base64.b64encode(png(image)).decode()
+    json_type = {"content-type": "application/json"}
+    parts = "".join(f'--b\r\nContent-Disposition: form-data; name="f{i}"\r\n\r\nx\r\n' for i in range(100)) + "--b--\r\n"
     with client_for(pool, **settings) as client:
         q = {"bundle": "seed0"}
         reply = {
+            "lone surrogate": lambda: client.post("/predict", headers=json_type, content=json.dumps(
+                {"question": "\ud800 what", "image_base64": b64, **q}).encode()),  # escaped as \\ud800 in the JSON text
+            "top_k Infinity": lambda: client.post("/predict", headers=json_type, content=(
+                '{"question": "q", "bundle": "seed0", "top_k": Infinity, "image_base64": "%s"}' % b64).encode()),
+            "top_k 1e400": lambda: client.post("/predict", headers=json_type, content=(
+                '{"question": "q", "bundle": "seed0", "top_k": 1e400, "image_base64": "%s"}' % b64).encode()),
+            "UTF-16 JSON": lambda: client.post("/predict", headers=json_type, content=(
+                '{"question": "q", "bundle": "seed0", "image_base64": "%s"}' % b64).encode("utf-16")),
+            "form of 30 fields": lambda: client.post("/predict", content="&".join(f"k{i}=v" for i in range(30)).encode(),
+                                                     headers={"content-type": "application/x-www-form-urlencoded"}),
+            "boundary of 8000 characters": lambda: client.post(
+                "/predict", content=b"--x", headers={"content-type": "multipart/form-data; boundary=" + "a" * 8000}),
+            "multipart of 100 parts": lambda: client.post("/predict", content=parts.encode(),
+                                                          headers={"content-type": "multipart/form-data; boundary=b"}),
+            "a name of 1 MB": lambda: post(client, png(image), bundle="n" * 1_000_000),
+            "decodes beyond the budget": lambda: post(client, png(image), **q),
             "no question": lambda: client.post("/predict", files={"image": ("x.png", png(image))}, data=q),
             "empty question": lambda: post(client, png(image), "   ", **q),
             "unknown bundle": lambda: post(client, png(image), bundle="nope"),
@@ -146,8 +179,49 @@ def test_bad_input_is_a_4xx_with_a_clear_message(pool, bundles, case, status, ne
         }[case]()
         assert reply.status_code == status, (case, reply.status_code, reply.text)
         body = reply.json()
-        assert needle in body["error"], body
+        assert needle in body["error"] and len(body["error"]) < 400, body
         assert client.get("/health").json()["status"] == "ok"  # the server is still fine
+
+
+def test_images_beyond_the_decode_budget_are_shed_with_503_and_retry_after(pool, bundles):
+    with client_for(pool, max_decoded_bytes=10_000) as client:
+        budget = client.app.state.budget
+        assert post(client, png(bundles["images"][0]), bundle="seed0").status_code == 200 and budget.used == 0
+        budget.used = 8_000  # other requests' images being decoded
+        reply = post(client, png(bundles["images"][0]), bundle="seed0")
+        assert reply.status_code == 503 and reply.headers["retry-after"] == "1" and "retry" in reply.json()["error"]
+        budget.used = 0
+        assert post(client, png(bundles["images"][0]), bundle="seed0").status_code == 200
+
+
+def test_a_request_that_breaks_its_batch_fails_alone(pool, bundles, monkeypatch):
+    """A request that passes every check and still breaks the forward pass (as a NaN clip or a
+    lone surrogate did before they were checked) is answered with its own 500; the requests
+    that shared its batch are answered again, one at a time, and get their answers."""
+    answer = pool.answer
+
+    def breaks_on_boom(bundle, images, questions, *rest):
+        if "boom" in " ".join(questions):
+            raise TypeError("TextEncodeInput must be Union[...]")
+        return answer(bundle, images, questions, *rest)
+
+    monkeypatch.setattr(pool, "answer", breaks_on_boom)
+    app = create_app(pool, ServeSettings(max_batch=8, max_wait_ms=300))
+    with TestClient(app, raise_server_exceptions=False) as client:  # the 500 as a client sees it
+        replies = {}
+
+        def ask(i):
+            question = "boom" if i == 3 else "what color is the shape ?"
+            replies[i] = post(client, png(bundles["images"][i % 4]), question, bundle="seed0")
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert replies[3].status_code == 500 and "TextEncodeInput" in replies[3].json()["error"]
+    assert all(replies[i].status_code == 200 for i in range(8) if i != 3), {i: r.text for i, r in replies.items()}
+    assert max(r.json()["batch_size"] for i, r in replies.items() if i != 3) == 1  # answered again one at a time
 
 
 def test_batching_changes_no_answer(pool, bundles):

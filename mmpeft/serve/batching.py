@@ -55,6 +55,27 @@ class Batcher:
         await self.queues[bundle].put(Job(image, question, top_k, future, audio=audio, own=own or {}))
         return await future
 
+    async def _answer(self, bundle: str, jobs: list[Job]) -> None:
+        """Answer ``jobs`` in one forward pass; if it fails, each alone, so that one request's
+        failure (an input that passed every check and still breaks the model) stays its own."""
+        top_k = max(job.top_k for job in jobs)  # each answer is cut to its own top_k below
+        try:
+            answers = await asyncio.to_thread(self.pool.answer, bundle, [j.image for j in jobs], [j.question for j in jobs],
+                                              top_k, [j.audio for j in jobs], [j.own for j in jobs])
+        except Exception as exc:  # noqa: BLE001 - the requests learn of it
+            if len(jobs) == 1:
+                if not jobs[0].future.done():
+                    jobs[0].future.set_exception(exc)
+                return
+            for job in jobs:
+                await self._answer(bundle, [job])
+            return
+        cut = self.pool.bundles[bundle].top_k_answers
+        for job, answer in zip(jobs, answers):
+            if not job.future.done():
+                own = {"top_k": answer["top_k"][: job.top_k]} if cut else {}
+                job.future.set_result({**answer, **own, "batch_size": len(jobs)})
+
     async def _work(self, bundle: str) -> None:
         queue = self.queues[bundle]
         while True:
@@ -68,20 +89,8 @@ class Batcher:
                     jobs.append(await asyncio.wait_for(queue.get(), remaining))
                 except asyncio.TimeoutError:
                     break
-            top_k = max(job.top_k for job in jobs)  # each answer is cut to its own top_k below
             try:
-                answers = await asyncio.to_thread(self.pool.answer, bundle, [j.image for j in jobs],
-                                                  [j.question for j in jobs], top_k, [j.audio for j in jobs],
-                                                  [j.own for j in jobs])
-                cut = self.pool.bundles[bundle].top_k_answers
-                for job, answer in zip(jobs, answers):
-                    if not job.future.done():
-                        own = {"top_k": answer["top_k"][: job.top_k]} if cut else {}
-                        job.future.set_result({**answer, **own, "batch_size": len(jobs)})
-            except Exception as exc:  # noqa: BLE001 - every waiting request learns of the failure
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+                await self._answer(bundle, jobs)
             finally:
                 self.batches += 1
                 self.requests += len(jobs)
