@@ -79,3 +79,18 @@ def test_benchmark_runs_side_by_side(assets, tmp_path):
     for r in result["runs"]:
         metrics = json.loads((tmp_path / "out" / "runs" / f"{r['config'].replace(' ', '_')}_s0" / "metrics.json").read_text())
         assert r["overall"] == metrics["test"]["accuracy"]
+
+
+FSDD = ROOT.parent / "shared" / "fsdd"
+
+
+@pytest.mark.skipif(not (FSDD / "recordings").is_dir(), reason="FSDD not present at ../shared/fsdd")
+def test_shipped_spoken_digit_adapter_reproduces_and_predicts(monkeypatch):
+    """The audio bundle shipped beside the VQA-RAD ones: its 300 test recordings score exactly
+    as stored, and a spoken "zero" is read as 0 (the downgrade attack of issue 35 read it as 3)."""
+    bundle = ROOT / "adapters" / "spoken_digits"
+    monkeypatch.chdir(ROOT)
+    res = CliRunner().invoke(app, ["evaluate", str(bundle), f"data.root={FSDD}"])
+    assert res.exit_code == 0 and "reproduced" in res.output, res.output
+    res = CliRunner().invoke(app, ["predict", str(bundle), "--audio", str(FSDD / "recordings" / "0_george_0.wav")])
+    assert res.exit_code == 0 and res.output.split()[0] == "0", res.output
