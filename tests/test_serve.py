@@ -73,6 +73,8 @@ def test_endpoints(pool):
         assert "accuracy" in listed[0]["metrics"] and "not for diagnosis" in listed[0]["intended_use"]
         schema = client.get("/openapi.json").json()
         assert set(schema["paths"]["/predict"]["post"]["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
+        # the schema says what the server answers a client's mistakes with, so a schema-driven fuzzer can hold it to it
+        assert {"400", "404", "413", "415", "422", "503"} <= set(schema["paths"]["/predict"]["post"]["responses"])
         docs = client.get("/docs")  # served offline: no script from a CDN
         assert docs.status_code == 200 and "/predict" in docs.text and "<script" not in docs.text
         page = client.get("/")

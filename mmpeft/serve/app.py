@@ -115,14 +115,22 @@ def create_app(pool, settings: ServeSettings | None = None) -> FastAPI:
 
     openapi = {"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": {"type": "object", "required": ["image", "question"], "properties": {
-            "image": {"type": "string", "format": "binary"}, "question": {"type": "string"},
+            "image": {"type": "string", "format": "binary"}, "question": {"type": "string", "minLength": 1, "maxLength": 2000},
             "audio": {"type": "string", "format": "binary", "description": "bundles with an audio encoder"},
             "bundle": {"type": "string", "description": "a name from /bundles; optional when one bundle is served"},
             "top_k": {"type": "integer", "minimum": 1, "default": 3}}}},
         "application/json": {"schema": {"type": "object", "required": ["image_base64", "question"], "properties": {
-            "image_base64": {"type": "string", "format": "byte"}, "question": {"type": "string"},
+            "image_base64": {"type": "string", "format": "byte"},
+            "question": {"type": "string", "minLength": 1, "maxLength": 2000, "pattern": "\\S"},
             "audio_base64": {"type": "string", "format": "byte", "description": "bundles with an audio encoder"},
             "bundle": {"type": "string"}, "top_k": {"type": "integer", "minimum": 1, "default": 3}}}}}}}
+    error = {"content": {"application/json": {"schema": {"type": "object", "required": ["error", "field"], "properties": {
+        "error": {"type": "string"}, "field": {"type": "string"}}}}}}
+    openapi["responses"] = {str(code): {"description": why, **error} for code, why in (
+        (400, "a body that cannot be read: not JSON, not UTF-8, bad base64, a damaged image"),
+        (404, "no bundle of that name"), (413, "too large: the body, an image's pixels, its decoded bytes, fields or parts"),
+        (415, "another content type, or a file that is not an image / audio"),
+        (422, "a field missing, empty or out of range"), (503, "images in flight fill the decode budget: retry (Retry-After)"))}
 
     @app.post("/predict", openapi_extra=openapi)
     async def predict(request: Request):
