@@ -345,9 +345,15 @@ def seal(directory: Path, manifest: Optional[dict] = None, name: str = "manifest
     path = Path(directory) / name
     manifest = json.loads(path.read_text()) if manifest is None else manifest
     manifest["files"] = file_table(directory, exclude=name)
+    add_integrity(manifest)
+    path.write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def add_integrity(manifest: dict) -> dict:
+    """Give ``manifest`` (in place) its ``integrity`` hash: the sha256 of the rest of it."""
     manifest.pop("integrity", None)
     manifest["integrity"] = json_fingerprint(manifest)
-    path.write_text(json.dumps(manifest, indent=2))
     return manifest
 
 

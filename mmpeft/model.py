@@ -184,10 +184,15 @@ def build_model(recipe, tasks: dict[str, Task] | int, device: str = "cpu") -> Mu
             for one fusion head over every encoder (benchmarks).
         device: where quantized weights are placed at load.
     """
+    return assemble(recipe, *build_encoders(recipe, device), tasks)
+
+
+def build_encoders(recipe, device: str = "cpu") -> tuple[dict, dict]:
+    """Every encoder of ``recipe``, frozen, with its method attached: ``(encoders, methods)`` by name."""
     encoders, methods = {}, {}
     for name, cfg in recipe.encoders.items():
         encoders[name], methods[name] = build_adapted_encoder(name, cfg, recipe.train, device)
-    return assemble(recipe, encoders, methods, tasks)
+    return encoders, methods
 
 
 def build_adapted_encoder(name: str, cfg, train, device: str = "cpu"):

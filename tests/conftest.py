@@ -9,6 +9,20 @@ from tests import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def tiny_bundle(assets, tmp_path_factory):
+    """One tiny sealed bundle (LoRA on the text encoder, 3 answers) for the tests that probe
+    bundles as an attacker would; they copy it before changing anything."""
+    from mmpeft.bundle.writer import write_bundle
+    from mmpeft.model import build_model
+    from tests.helpers import recipe_for
+
+    base = tmp_path_factory.mktemp("tiny_bundle")
+    recipe = recipe_for(assets, "bert", "lora", base)
+    write_bundle(base / "b", build_model(recipe, 3), recipe, ["a", "b", "c"], {"test": {"accuracy": 0.5, "macro_f1": 0.5}})
+    return base / "b"
+
+
+@pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("assets")
     return {

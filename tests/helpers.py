@@ -18,6 +18,15 @@ def refuses(enc, method: str) -> bool:
     return method == "prompt" and enc.family.prompt == "none"
 
 
+def copy_of(bundle, tmp_path, name="copy"):
+    """A copy of ``bundle`` under ``tmp_path`` to change (the shared fixture stays as written)."""
+    import shutil
+
+    target = tmp_path / name
+    shutil.copytree(bundle, target)
+    return target
+
+
 def recipe_for(assets, kind: str, method: str | dict, out_dir, fusion="gated", other="none", **train):
     """A tiny recipe where ``kind``'s encoder gets ``method`` and the other encoder ``other``."""
     image_kind = kind if kind in IMAGE_KINDS else "vit"

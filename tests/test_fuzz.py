@@ -213,15 +213,8 @@ def test_manifests(scratch, kind, rows, bom, crlf, junk):
 
 
 @pytest.fixture(scope="module")
-def bundle(assets, tmp_path_factory):
-    from mmpeft.bundle.writer import write_bundle
-    from mmpeft.model import build_model
-    from tests.helpers import recipe_for
-
-    base = tmp_path_factory.mktemp("bundle")
-    recipe = recipe_for(assets, "bert", "lora", base)
-    write_bundle(base / "b", build_model(recipe, 3), recipe, ["a", "b", "c"], {"test": {"accuracy": 0.5, "macro_f1": 0.5}})
-    return base / "b"
+def bundle(tiny_bundle):
+    return tiny_bundle
 
 
 BUNDLES = Tally("bundle manifests and recipes (load_bundle, inspect)")

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,29 +14,17 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from mmpeft.bundle.io import load_bundle
-from mmpeft.bundle.writer import write_bundle
 from mmpeft.cli import app
 from mmpeft.errors import BundleError, DataError, UsageError
 from mmpeft.files import seal
-from mmpeft.model import build_model
-from tests.helpers import recipe_for
+from tests.helpers import copy_of
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def bundle(assets, tmp_path_factory):
-    base = tmp_path_factory.mktemp("untrusted")
-    recipe = recipe_for(assets, "bert", "lora", base)
-    write_bundle(base / "b", build_model(recipe, 3), recipe, ["a", "b", "c"],
-                 {"test": {"accuracy": 0.5, "macro_f1": 0.5}})
-    return base / "b"
-
-
-def copy_of(bundle, tmp_path, name="copy") -> Path:
-    target = tmp_path / name
-    shutil.copytree(bundle, target)
-    return target
+def bundle(tiny_bundle):
+    return tiny_bundle
 
 
 def pull(source, out):

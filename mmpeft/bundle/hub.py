@@ -1,8 +1,9 @@
 """Share bundles: push to / pull from the Hugging Face Hub, a local directory standing
 in for it, a bundle directory, or a ``.tar.gz`` of one.
 
-Everything pulled is verified (manifest, hashes, safetensors-only, and the digest when one
-is pinned) as copied, before it is moved into place, and archives are unpacked without following links or leaving the target.
+Everything pulled is verified as copied (manifest, hashes, safetensors-only, and the digest
+when one is pinned) before it is moved into place, and archives are unpacked without
+following links or leaving the target.
 Set ``MMPEFT_HUB_DIR`` (or pass ``hub_dir``) to use a local directory as the hub:
 repositories are then ``<hub_dir>/<owner>/<name>/``; packaging and verification are the
 same, only the transport differs (a file copy instead of an HTTP upload).

@@ -9,7 +9,6 @@ match its recorded sha256 (:mod:`mmpeft.files`). The layout is described in
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -19,9 +18,9 @@ import yaml
 
 from ..config import load_recipe
 from ..errors import BundleError
-from ..files import (MAX_MANIFEST_BYTES, atomic_text_file, json_fingerprint, read_safetensors, read_text, safetensors_shapes,
-                     verify_sealed)
-from ..model import assemble, build_adapted_encoder
+from ..files import (MAX_MANIFEST_BYTES, add_integrity, atomic_text_file, check_state, read_safetensors, read_text,
+                     safetensors_shapes, verify_sealed)
+from ..model import assemble, build_encoders
 from ..tasks import stored_task_set
 from .manifest import bundle_digest, check_digest, parse_manifest
 
@@ -53,8 +52,7 @@ def seal_bundle(bundle) -> tuple[str, bool]:
     if manifest["format_version"] >= 2:
         return bundle_digest(manifest), False
     manifest["format_version"] = 2
-    manifest.pop("integrity", None)
-    manifest["integrity"] = json_fingerprint(manifest)
+    add_integrity(manifest)
     with atomic_text_file(bundle / "manifest.json") as handle:
         handle.write(json.dumps(manifest, indent=2))
     return bundle_digest(manifest), True
@@ -96,9 +94,7 @@ def load_bundle(path, *, device: str = "cpu", allow_base_mismatch: bool = False,
         BundleError: missing/tampered files, wrong shapes, or a different base encoder.
     """
     bundle, manifest, recipe, tasks = read_bundle(path, overrides, expect_digest)
-    encoders, methods = {}, {}
-    for name, cfg in recipe.encoders.items():
-        encoders[name], methods[name] = build_adapted_encoder(name, cfg, recipe.train, device)
+    encoders, methods = build_encoders(recipe, device)
     check_head_size(recipe, encoders, methods, tasks, bundle, manifest)
     model = assemble(recipe, encoders, methods, tasks)
     for name, enc in model.encoders.items():
@@ -147,21 +143,17 @@ def read_bundle(path, overrides: Sequence[str] = (), expect_digest: Optional[str
 
 def check_head_size(recipe, encoders: dict, methods: dict, tasks: dict, bundle: Path, manifest: dict) -> None:
     """Before the heads are allocated: the heads the manifest describes (its vocabulary, its
-    tasks) must hold as many values as the head file does, so an edited manifest (a
+    tasks) must have the names and shapes the head file holds, so an edited manifest (a
     vocabulary of a million answers) cannot make us build gigabytes. Built on the meta
     device, which allocates nothing; a task whose head is a decoder sizes it from the
     decoder's own files, so such bundles are checked by the head file's names and shapes
     only, when it is read."""
     if any(task.feeds_head for task in tasks.values()):
         return
-    rel = manifest["head"]["file"]
-    in_file = sum(math.prod(shape) for shape in safetensors_shapes(bundle / rel).values())
+    path = bundle / manifest["head"]["file"]
     with torch.device("meta"):
         probe = assemble(recipe, encoders, methods, tasks)
-    described = sum(t.numel() for t in probe.head.state_dict().values())
-    if described != in_file:
-        raise BundleError(f"{bundle}/manifest.json describes heads of {described:,} values (its vocabulary and tasks), "
-                          f"but {rel} holds {in_file:,}: the manifest was edited; refusing to build the model")
+    check_state(safetensors_shapes(path), probe.head.state_dict(), path)  # what load_head checks, before allocating
 
 
 def check_base(name: str, enc, manifest: dict, recipe, allow_base_mismatch: bool = False) -> None:

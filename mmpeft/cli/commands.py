@@ -65,7 +65,7 @@ def validate(recipe: Path = typer.Argument(..., metavar="RECIPE", help="recipe Y
 
 def expect_digest_option():
     return typer.Option(None, "--expect-digest", metavar="sha256:HEX", help="refuse the bundle unless its digest "
-                        "(printed by finetune, inspect, push and seal) is this one")
+                        "(printed by finetune, inspect, push, pull, seal and merge) is this one")
 
 
 @app.command()
