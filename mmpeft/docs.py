@@ -171,7 +171,24 @@ def registry_reference() -> str:
             lines.append(f"| `{name}` | {_cell(summary(cls))} | {', '.join(f'`{k}`' for k in keys) or '-'} "
                          f"| `{cls.__module__}.{cls.__qualname__}` |")
         parts.append("\n".join(lines))
-    return "\n\n".join(parts + [data_sources(), encoder_families()])
+    return "\n\n".join(parts[:1] + [method_abilities()] + parts[1:] + [data_sources(), encoder_families()])
+
+
+def method_abilities() -> str:
+    """What each method declares it can do (the flags code outside the methods asks)."""
+    def yes(flag: bool) -> str:
+        return "yes" if flag else "no"
+
+    lines = ["### What each method can do", "",
+             "Declared by each method (its flags); the recipe check, merge and the tests read them.", "",
+             "| method | equals its base at init | merges | trains the encoder | 4/8-bit base | on a decoder | layers | paper |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        layers = getattr(cls, "layer_kinds", "-")
+        lines.append(f"| `{name}` | {yes(cls.identity_at_init)} | {yes(cls.mergeable)} | {yes(cls.trains_encoder)} "
+                     f"| {yes(cls.quantized_base)} | {yes(cls.Settings.for_decoder)} | {_cell(layers)} | {_cell(cls.paper)} |")
+    return "\n".join(lines)
 
 
 def generated() -> dict[str, tuple[str, str, str]]:

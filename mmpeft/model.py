@@ -195,6 +195,15 @@ def build_encoders(recipe, device: str = "cpu") -> tuple[dict, dict]:
     return encoders, methods
 
 
+def method_refusal(recipe, name: str) -> str | None:
+    """Why encoder ``name``'s method cannot adapt it (None: it can); builds the frozen encoder
+    and asks the method, so a benchmark can record the refusal instead of stopping on it."""
+    cfg = recipe.encoders[name]
+    enc = build_encoder(cfg.model, modality=cfg.modality, revision=cfg.revision, max_length=cfg.max_length,
+                        image_size=cfg.image_size, pooling=cfg.pooling, audio=cfg.audio)
+    return build_method(cfg.peft, where=f"encoders.{name}.peft").unavailable(enc)
+
+
 def build_adapted_encoder(name: str, cfg, train, device: str = "cpu"):
     """One frozen encoder with its fingerprint taken and its method attached: ``(encoder, method)``."""
     enc = build_encoder(
@@ -206,7 +215,7 @@ def build_adapted_encoder(name: str, cfg, train, device: str = "cpu"):
         prepare_for_kbit_training(enc)
     enc.base_fingerprint = fingerprint_module(enc.model)
     method = build_method(cfg.peft, where=f"encoders.{name}.peft")
-    method.apply(enc)
+    method.attach(enc)
     if train.gradient_checkpointing:
         enc.checkpointing = enc.enable_gradient_checkpointing()  # False: the model cannot (reported by dry runs)
     return enc, method

@@ -13,9 +13,12 @@ IMAGE_KINDS = ["vit", "clip", "resnet", "effnet", "effnet_audio", "wav2vec2", "w
 
 
 def refuses(enc, method: str) -> bool:
-    """Whether ``method`` declares it cannot adapt this encoder (prompt tuning on a family
-    whose architecture row says ``prompt: none``): the method loops check the refusal instead."""
-    return method == "prompt" and enc.family.prompt == "none"
+    """Whether ``method``, with its default settings, says it cannot adapt this encoder (prompt
+    tuning where the architecture row says ``prompt: none``, VeRA on a CNN): the method loops
+    check the refusal instead."""
+    from mmpeft.methods import build_method
+
+    return build_method({"method": method}).unavailable(enc) is not None
 
 
 def copy_of(bundle, tmp_path, name="copy"):

@@ -80,6 +80,16 @@ def test_manifest_source_needs_files_and_quantized_full_is_refused():
     assert any(p.startswith("encoders.image.quantization: method 'full' trains the base weights") for p in got)
 
 
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_methods_that_cannot_run_on_a_quantized_base_are_refused(method):
+    raw = yaml.safe_load(yaml.safe_dump(BASE))
+    raw["encoders"]["image"]["peft"] = {"method": method}
+    raw["encoders"]["image"]["quantization"] = {"bits": 4}
+    got = problems(raw)
+    assert any(p.startswith(f"encoders.image.quantization: method {method!r} does not run on a 4/8-bit quantized base; "
+                            "remove the quantization or choose") and "vera" in p for p in got), got
+
+
 def test_cli_validate_exit_codes(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(BASE))

@@ -11,6 +11,7 @@ from mmpeft.bundle.writer import write_bundle
 from mmpeft.encoders import build_encoder
 from mmpeft.fusion import FUSIONS
 from mmpeft.methods import METHODS, build_method
+from mmpeft.methods.peft_tuner import PeftTuner
 from mmpeft.model import build_model
 from mmpeft.errors import RecipeError
 from tests.helpers import ENCODER_KINDS, fixed_batch, recipe_for, refuses, train_steps, write_and_reload
@@ -34,6 +35,18 @@ def expected_trainable(method: str, names: list[str], kind: str) -> set[str]:
         return {n for n in names if ".mmpeft_adapter." in n or n.startswith("adapters.")}
     if method == "prompt":
         return {n for n in names if "prompt" in n and "lora" not in n}
+    if method == "vera":
+        return {n for n in names if ".vera_lambda_b." in n or ".vera_lambda_d." in n}
+    if method == "loha":
+        return {n for n in names if ".hada_w" in n}
+    if method == "lokr":
+        return {n for n in names if ".lokr_w" in n}
+    if method == "oft":
+        return {n for n in names if ".oft_R." in n}
+    if method == "boft":
+        return {n for n in names if ".boft_R." in n or ".boft_s." in n}
+    if method == "ln_tuning":
+        return {n for n in names if ".ln_tuning_layers." in n}
     raise AssertionError(f"add the expected trainable set of new method {method!r} to this test")
 
 
@@ -49,9 +62,9 @@ def test_trainable_set_and_identity(assets, kind, method):
     m = build_method(settings)
     if refuses(enc, method):
         with pytest.raises(RecipeError, match="not available for"):
-            m.apply(enc)
+            m.attach(enc)
         return
-    m.apply(enc)
+    m.attach(enc)
     names = [n for n, _ in enc.named_parameters()]
     trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
     assert trainable == expected_trainable(method, names, kind)
@@ -89,6 +102,8 @@ def test_steps_lower_loss_and_save_load_identical(assets, tmp_path, kind, method
     stored = sum(f.stat().st_size for f in (bundle / "encoders" / side).iterdir() if f.suffix == ".safetensors")
     if method == "full":
         trainable += sum(b.numel() for b in model.encoders[side].buffers() if b.is_floating_point())
+    if method == "vera":  # the shared frozen projections travel with the adapter
+        trainable += sum(b.numel() for n, b in model.encoders[side].named_buffers() if ".vera_A." in n or ".vera_B." in n)
     assert 4 * trainable <= stored <= 4 * trainable + 16_384 + 200 * len(list(model.encoders[side].parameters()))
 
 
@@ -136,25 +151,57 @@ def test_lora_target_error_lists_modules(assets):
         m.apply(enc)
 
 
-def test_lora_dir_loads_with_plain_peft(assets, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModel
+PEFT_TUNERS = [m for m in ALL_METHODS if issubclass(METHODS.get(m), PeftTuner)]
 
-    enc = build_encoder(str(assets["bert"]))
-    m = build_method({"method": "lora", "rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": None,
-                      "use_dora": False, "use_rslora": False})
-    m.apply(enc)
-    with torch.no_grad():
-        for n, p in enc.named_parameters():
-            if "lora_B" in n:
-                p.normal_()
+
+@pytest.mark.parametrize("method", PEFT_TUNERS)
+@pytest.mark.parametrize("kind", ["bert", "effnet"])
+def test_peft_methods_load_with_plain_peft(assets, tmp_path, method, kind):
+    """What a peft-backed method saves, plain peft loads onto the plain encoder, giving our outputs."""
+    from peft import PeftModel
+
+    enc = build_encoder(str(assets[kind]))
+    m = build_method({"method": method})
+    if refuses(enc, method):
+        return  # the refusal is checked by test_trainable_set_and_identity
+    m.attach(enc)
+    with torch.no_grad():  # a trained-looking adapter: the comparison is not of two identities
+        for p in enc.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
     m.save(enc, tmp_path)
-    ids = enc.preprocess(["what color is the shape ?"])
-    ours = enc.model(**ids).last_hidden_state
-    plain = PeftModel.from_pretrained(AutoModel.from_pretrained(str(assets["bert"])), str(tmp_path)).eval()
-    theirs = plain(**ids).last_hidden_state
-    assert torch.allclose(ours, theirs, atol=1e-6)
-    assert not torch.allclose(ours, AutoModel.from_pretrained(str(assets["bert"]))(**ids).last_hidden_state, atol=1e-3)
+    inputs, _ = fixed_batch(type("M", (), {"encoders": {"x": enc}})())
+    enc.eval()
+    with torch.no_grad():
+        ours = enc(inputs["x"]).pooled
+        base = build_encoder(str(assets[kind]))
+        base.model = PeftModel.from_pretrained(base.model, str(tmp_path)).eval()
+        theirs = base(inputs["x"]).pooled
+        plain = build_encoder(str(assets[kind]))(inputs["x"]).pooled
+    assert torch.allclose(ours, theirs, atol=1e-6), (ours - theirs).abs().max()
+    assert not torch.allclose(ours, plain, atol=1e-4)
+
+
+def test_layers_a_method_cannot_adapt_are_refused_by_name(assets):
+    enc = build_encoder(str(assets["effnet"]))
+    with pytest.raises(RecipeError, match=r"vera is not available for efficientnet_lite encoders: none of the \d+ target "
+                                          r"layers is one it adapts \(Linear layers\)"):
+        build_method({"method": "vera"}, where="encoders.image.peft").attach(enc)
+    with pytest.raises(RecipeError, match="ln_tuning is not available for efficientnet_lite encoders: it has no LayerNorm"):
+        build_method({"method": "ln_tuning"}).attach(enc)
+    enc = build_encoder(str(assets["resnet"]))  # its convolutions are 3x3 and 7x7: OFT adapts 1x1 only
+    with pytest.raises(RecipeError, match=r"encoders.image.peft.target_modules: oft adapts Linear and 1x1 Conv2d layers .*"
+                                          r"only; it cannot adapt embedder.embedder.convolution"):
+        build_method({"method": "oft", "target_modules": ["convolution"]}, where="encoders.image.peft").attach(enc)
+    bert = build_encoder(str(assets["bert"]))
+    with pytest.raises(RecipeError, match="matches no LayerNorm / RMSNorm layer .* named: LayerNorm"):
+        build_method({"method": "ln_tuning", "target_modules": ["query"]}).attach(bert)
+    # a default target list keeps the layers the method adapts: OFT's blocks of 32 divide some of
+    # EfficientNet's pointwise widths only
+    oft = build_method({"method": "oft"})
+    oft.attach(build_encoder(str(assets["effnet"])))
+    assert oft.touched and all(n.endswith(("_expand_conv", "_project_conv", "_conv_head")) for n in oft.touched)
+    assert len(oft.touched) < len(build_method({"method": "lora"}).targets(build_encoder(str(assets["effnet"])))[1])
 
 
 def test_frozen_encoder_runs_in_eval_mode(assets, tmp_path):

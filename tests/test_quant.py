@@ -89,7 +89,14 @@ def test_8bit_optimizer_step(assets, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
 
 
-@pytest.mark.parametrize("method", ["adapter", "prompt", "ia3", "bitfit", "none"])
+def _quantized_methods():
+    from mmpeft.methods import METHODS
+
+    # lora has its own tests above
+    return [m for m in METHODS.names() if METHODS.get(m).quantized_base and m != "lora"]
+
+
+@pytest.mark.parametrize("method", _quantized_methods())
 def test_every_frozen_base_method_on_4bit(assets, tmp_path, method):
     recipe = quant_recipe(assets, tmp_path, 4, text_method=method, image_method=method)
     model = build_model(recipe, 3)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..config import load_recipe
 from ..methods import METHODS
+from ..model import method_refusal
 from ..progress import progress
 from ..train import finetune
 from .common import (benchmark_methods, bundle_folder, choose, cpu_ticks, machine_info, output_folder, previous_results,
@@ -45,6 +46,10 @@ def run(recipe: str, out: str, methods=None, sides=("image", "text"),
         if not METHODS.get(method).keeps_base_frozen:  # a pretrained base needs a far smaller learning rate
             ov.append(f"train.lr={METHODS.get(method).default_lr}")
         r = load_recipe(recipe, ov)
+        refusal = method_refusal(r, side)
+        if refusal:  # recorded, so the table says why the row is empty
+            rows.append({"side": side, "method": method, "refused": refusal})
+            continue
         ticks = cpu_ticks()
         bundle = finetune(r, overwrite=True)
         manifest = json.loads((Path(bundle) / "manifest.json").read_text())
@@ -74,6 +79,9 @@ def markdown(result: dict) -> str:
              "| side | method | trainable params (encoder) | % of encoder | adapter file bytes | test accuracy | s / epoch |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
+        if "refused" in r:
+            lines.append(f"| {r['side']} | {r['method']} | refused: {r['refused']} | | | | |")
+            continue
         pct = 100 * r["trainable"] / max(1, r["encoder_total"])
         lines.append(f"| {r['side']} | {r['method']} | {r['trainable']:,} | {pct:.2f} | {r['adapter_bytes']:,} | "
                      f"{100 * r['test_accuracy']:.2f} | {r['seconds_per_epoch']:.1f} |")

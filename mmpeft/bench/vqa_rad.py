@@ -20,6 +20,7 @@ from pathlib import Path
 from ..config import load_recipe
 from ..errors import MMPeftError, UsageError
 from ..methods import METHODS
+from ..model import method_refusal
 from .common import (benchmark_methods, bundle_folder, choose, cpu_ticks, machine_info, output_folder, previous_results,
                      recipe_fingerprint, resolved_settings, side_by_side, steal_line, steal_percent, threads_per_run, write_atomic)
 
@@ -59,8 +60,9 @@ def run(recipe: str, out: str, configs=None, seeds=(0, 1, 2),
     runs: list[dict] = prev["runs"] if prev else []
     done = {(r["config"], r["seed"]) for r in runs}
     recipe_methods = {n: e.peft["method"] for n, e in loaded.encoders.items()}
+    refused = refusals(recipe, base, recipe_methods, {c: table[c] for c in chosen})
     # seed-major, so a benchmark stopped part-way still has every configuration at the seeds it reached
-    jobs_todo = [(c, s) for s in seeds for c in chosen if (c, s) not in done]
+    jobs_todo = [(c, s) for s in seeds for c in chosen if (c, s) not in done and c not in refused]
     env = dict(os.environ)
     if jobs > 1:  # share the cores among the runs instead of oversubscribing them
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads_per_run(jobs))
@@ -74,20 +76,39 @@ def run(recipe: str, out: str, configs=None, seeds=(0, 1, 2),
     # a failed run stops the benchmark: the runs in flight finish and are kept, no new ones start
     side_by_side(jobs_todo, jobs, lambda job: _train(recipe, base, recipe_methods, table[job[0]], *job, work_dir, env), record,
                  "vqa-rad runs")
-    result = {**header, "settings": settings(loaded), "runs": runs, "summary": summarize(runs)}
+    result = {**header, "settings": settings(loaded), "runs": runs, "summary": summarize(runs),
+              "refused": {**(prev or {}).get("refused", {}), **refused}}
     write_atomic(cache, json.dumps(result, indent=2))
     write_atomic(out_path / "vqa_rad.md", markdown(result))
     return result
+
+
+def method_overrides(base: list, recipe_methods: dict, method: str) -> list[str]:
+    """``base`` plus ``method`` on every encoder (the recipe's own settings kept where its
+    method is the one benchmarked)."""
+    return list(base) + [f"encoders.{side}.peft={{method: {method}}}" for side in ("text", "image")
+                         if side in recipe_methods and recipe_methods[side] != method]
+
+
+def refusals(recipe: str, base: list, recipe_methods: dict, configs: dict) -> dict[str, str]:
+    """Configuration -> why its method cannot adapt one of the encoders (VeRA on a CNN, say):
+    recorded beside the table instead of stopping the benchmark."""
+    found = {}
+    for config, method in configs.items():
+        loaded = load_recipe(recipe, method_overrides(base, recipe_methods, method))
+        for side in loaded.encoders:
+            reason = method_refusal(loaded, side)
+            if reason:
+                found[config] = f"{side}: {reason}"
+                break
+    return found
 
 
 def _train(recipe: str, base: list, recipe_methods: dict, method: str, config: str, seed: int, work_dir: str, env: dict) -> dict:
     """One benchmark run (``method`` on both encoders) as its own ``mmpeft finetune`` process;
     returns its result row."""
     name = f"{config.replace(' ', '_')}_s{seed}"
-    ov = list(base)
-    for side in ("text", "image"):  # keep the recipe's own settings where its method is the one benchmarked
-        if recipe_methods.get(side) != method:
-            ov.append(f"encoders.{side}.peft={{method: {method}}}")
+    ov = method_overrides(base, recipe_methods, method)
     ov += [f"train.seed={seed}", f"train.lr={METHODS.get(method).default_lr}", f"output.dir={work_dir}", f"output.name={name}"]
     start, ticks = time.perf_counter(), cpu_ticks()
     # --resume: a run the benchmark was interrupted in continues from its last checkpoint
@@ -178,11 +199,17 @@ def markdown(result: dict) -> str:
         f = lambda v: f"{v[0]:.1f} ± {v[1]:.1f}"  # noqa: E731
         lines.append(f"| {r['config']} | {r['seeds']} | {f(r['open'])} | {f(r['closed'])} | {f(r['overall'])} | "
                      f"{r['trainable']:,} | {r['trainable_pct']:.2f} | {r['peak_mib']:.0f} | {r['epoch_seconds']:.1f} |")
+    for config, reason in result.get("refused", {}).items():
+        lines.append(f"| {config} | refused: {_cell(reason)} | | | | | | | |")
     for name, o, c, a in PUBLISHED:
         lines.append(f"| {name} (published) | | {o} | {c} | {a} | | | | |")
     check = goals(result["summary"])
     steal = steal_line([r.get("cpu_steal_pct") for r in result.get("runs", [])])
     return "\n".join(lines + ([""] + [check] if check else []) + ([""] + [steal] if steal else [])) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "/").replace("\n", " ")
 
 
 def _sharing(runs: list[dict]) -> str:

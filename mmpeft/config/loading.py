@@ -19,7 +19,7 @@ from ..errors import RecipeError
 from ..files import read_text
 from .fusion import FUSION_SETTINGS
 from .inputs import encoder_modality
-from .methods import METHOD_SETTINGS
+from .methods import METHOD_SETTINGS, quantized_problem
 from .problems import format_error, validate_choice
 from .task_checks import validate_tasks
 from .tasks import SINGLE_TASK
@@ -179,13 +179,8 @@ def validate_recipe(raw: dict, source: str | None = None) -> Recipe:
         problems += errs
         if settings is not None:
             resolved_peft[enc_name] = settings
-            if block.get("quantization") and not parsed.keeps_base_frozen:
-                frozen = [n for n in METHOD_SETTINGS.names() if METHOD_SETTINGS.get(n).keeps_base_frozen]
-                problems.append(
-                    f"encoders.{enc_name}.quantization: method {settings['method']!r} trains the base weights, "
-                    f"which cannot be done on a quantized base; remove quantization or choose {', '.join(frozen[:-1])} "
-                    f"or {frozen[-1]}"
-                )
+            if block.get("quantization") and not parsed.quantized_base:
+                problems.append(quantized_problem(f"encoders.{enc_name}.quantization", settings["method"]))
     fusion = raw.get("fusion", {"type": "gated"})
     resolved_fusion = None
     if isinstance(fusion, dict):

@@ -38,6 +38,11 @@ class MethodSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     #: True when the base weights stay frozen (so the base may be quantized).
     keeps_base_frozen: ClassVar[bool] = True
+    #: True when the method runs on a 4/8-bit bitsandbytes base (implies keeps_base_frozen).
+    quantized_base: ClassVar[bool] = True
+    #: True when the method adapts a generate task's decoder too (prompts and bottleneck
+    #: adapters hook into encoders only).
+    for_decoder: ClassVar[bool] = True
 
     @field_validator(*REGEX_SETTINGS, check_fields=False)
     @classmethod
@@ -46,6 +51,17 @@ class MethodSettings(BaseModel):
 
 
 METHOD_SETTINGS: Registry[type[MethodSettings]] = Registry("PEFT method")
+
+
+def quantized_problem(where: str, method: str, decoder: bool = False) -> str:
+    """The recipe problem of a quantized base (a decoder's, with ``decoder``) under a method
+    that cannot run on one."""
+    ok = [n for n in METHOD_SETTINGS.names() if METHOD_SETTINGS.get(n).quantized_base
+          and (METHOD_SETTINGS.get(n).for_decoder or not decoder)]
+    why = ("trains the base weights, which cannot be done on" if not METHOD_SETTINGS.get(method).keeps_base_frozen
+           else "does not run on")
+    return (f"{where}: method {method!r} {why} a 4/8-bit quantized base; remove the quantization or choose "
+            f"{', '.join(ok[:-1])} or {ok[-1]}")
 
 
 @METHOD_SETTINGS.register("none")
@@ -58,6 +74,7 @@ class FullSettings(MethodSettings):
     """Full fine-tuning: nothing to set."""
 
     keeps_base_frozen = False
+    quantized_base = False
 
 
 @METHOD_SETTINGS.register("bitfit")
@@ -83,6 +100,8 @@ class IA3Settings(MethodSettings):
 
 @METHOD_SETTINGS.register("adapter")
 class AdapterSettings(MethodSettings):
+    for_decoder: ClassVar[bool] = False
+
     placement: Literal["houlsby", "pfeiffer"] = Field("houlsby", description="houlsby: after attention and FFN; pfeiffer: after FFN only")
     reduction_factor: PositiveInt = Field(16, le=65536, description="bottleneck = hidden size / reduction_factor")
     bottleneck_size: Optional[PositiveInt] = Field(None, le=65536, description="explicit bottleneck width (overrides reduction_factor)")
@@ -94,6 +113,73 @@ class AdapterSettings(MethodSettings):
 
 @METHOD_SETTINGS.register("prompt")
 class PromptSettings(MethodSettings):
+    for_decoder: ClassVar[bool] = False
+
     num_tokens: PositiveInt = Field(10, le=4096, description="soft-prompt / visual-prompt tokens")
     deep: bool = Field(False, description="ViT: fresh prompt tokens at every layer (VPT-deep)")
     pad_size: Optional[PositiveInt] = Field(None, le=4096, description="CNN: border width in pixels (default: 30/224 of the image size)")
+
+
+def _targets():
+    return Field(None, description="module names (list) or a regex; default per architecture")
+
+
+@METHOD_SETTINGS.register("vera")
+class VeraSettings(MethodSettings):
+    rank: PositiveInt = Field(256, le=8192, description="rank of the shared frozen random matrices A and B")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the VeRA input")
+    d_initial: float = Field(0.1, gt=0.0, description="initial value of the trained vector d (b starts at zero)")
+    projection_seed: int = Field(0, ge=0, description="seed of the shared random matrices (stored in the bundle too)")
+    target_modules: Optional[Union[list[str], str]] = _targets()
+
+
+@METHOD_SETTINGS.register("loha")
+class LoHaSettings(MethodSettings):
+    # peft's LyCORIS layers read the base weight's shape, which bitsandbytes packs
+    quantized_base: ClassVar[bool] = False
+
+    rank: PositiveInt = Field(8, le=4096, description="rank of each of the two low-rank factors")
+    alpha: PositiveFloat = Field(8.0, description="scaling numerator: update is scaled by alpha / r")
+    rank_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the update's rank dimension")
+    module_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="probability of skipping a layer's update in training")
+    use_effective_conv2d: bool = Field(False, description="Conv2d (kernel > 1): decompose as in FedPara's proposition 3")
+    target_modules: Optional[Union[list[str], str]] = _targets()
+
+
+@METHOD_SETTINGS.register("lokr")
+class LoKrSettings(MethodSettings):
+    # peft's LyCORIS layers read the base weight's shape, which bitsandbytes packs
+    quantized_base: ClassVar[bool] = False
+
+    rank: PositiveInt = Field(8, le=4096, description="rank of the decomposed Kronecker factor")
+    alpha: PositiveFloat = Field(8.0, description="scaling numerator: update is scaled by alpha / r")
+    rank_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the update's rank dimension")
+    module_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="probability of skipping a layer's update in training")
+    decompose_both: bool = Field(False, description="decompose the first Kronecker factor too")
+    decompose_factor: int = Field(-1, ge=-1, description="size of the first factor's dimensions (-1: as square as possible)")
+    use_effective_conv2d: bool = Field(False, description="Conv2d (kernel > 1): decompose as in FedPara's proposition 3")
+    target_modules: Optional[Union[list[str], str]] = _targets()
+
+
+@METHOD_SETTINGS.register("oft")
+class OFTSettings(MethodSettings):
+    block_size: PositiveInt = Field(32, le=4096, description="size of each orthogonal block; layers whose input width it does not divide are left out")
+    coft: bool = Field(False, description="constrained OFT: keep the rotation within eps of the identity")
+    eps: PositiveFloat = Field(6e-5, description="COFT's constraint radius")
+    block_share: bool = Field(False, description="one block shared by every block position of a layer")
+    module_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="multiplicative dropout on the blocks")
+    target_modules: Optional[Union[list[str], str]] = _targets()
+
+
+@METHOD_SETTINGS.register("boft")
+class BOFTSettings(MethodSettings):
+    block_size: PositiveInt = Field(4, le=4096, description="size of each butterfly block; layers whose input width it does not divide are left out")
+    butterfly_factor: PositiveInt = Field(1, le=16, description="number of butterfly factors (1: block-diagonal, as OFT)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="multiplicative dropout on the blocks")
+    target_modules: Optional[Union[list[str], str]] = _targets()
+
+
+@METHOD_SETTINGS.register("ln_tuning")
+class LNTuningSettings(MethodSettings):
+    target_modules: Optional[Union[list[str], str]] = Field(
+        None, description="normalisation layers to tune (names or a regex); default every LayerNorm / RMSNorm")

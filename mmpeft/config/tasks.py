@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
 from ..registry import Registry
 from .inputs import own_columns
-from .methods import METHOD_SETTINGS
+from .methods import METHOD_SETTINGS, quantized_problem
 from .problems import validate_choice
 from .schema import DataConfig, QuantizationConfig
 
@@ -65,8 +65,6 @@ class TaskSettings(BaseModel):
 
 
 TASK_SETTINGS: Registry[type[TaskSettings]] = Registry("task type")
-#: the PEFT methods a generate task's decoder takes (prompts and bottleneck adapters hook into encoders only)
-DECODER_METHODS = ("lora", "ia3", "bitfit", "none", "full")
 
 
 @TASK_SETTINGS.register("vqa")
@@ -216,12 +214,12 @@ class GenerateSettings(TaskSettings):
             found.append(f"{where}.num_beams: beam search and do_sample exclude each other here; pick one")
         _, _, errs = validate_choice(self.decoder_peft, "method", "lora", METHOD_SETTINGS, f"{where}.decoder_peft")
         method = self.decoder_peft.get("method", "lora")
-        if not errs and method not in DECODER_METHODS:
+        if not errs and not METHOD_SETTINGS.get(method).for_decoder:
+            usable = [n for n in METHOD_SETTINGS.names() if METHOD_SETTINGS.get(n).for_decoder]
             errs = [f"{where}.decoder_peft.method: {method!r} does not apply to a decoder here (choose one of "
-                    f"{', '.join(DECODER_METHODS)})"]
-        elif not errs and self.decoder_quantization and not METHOD_SETTINGS.get(method).keeps_base_frozen:
-            errs = [f"{where}.decoder_quantization: method {method!r} trains the decoder's base weights, which cannot be "
-                    "done on a quantized base; remove decoder_quantization or choose lora, ia3, bitfit or none"]
+                    f"{', '.join(usable)})"]
+        elif not errs and self.decoder_quantization and not METHOD_SETTINGS.get(method).quantized_base:
+            errs = [quantized_problem(f"{where}.decoder_quantization", method, decoder=True)]
         return found + errs
 
 

@@ -4,7 +4,7 @@ Importing this package registers every built-in method in :data:`METHODS`; each 
 recipe settings are registered under the same name in :mod:`mmpeft.config.methods`.
 """
 
-from . import adapter, bitfit, frozen, ia3, lora, prompt  # noqa: F401  (registration side effects)
+from . import adapter, bitfit, boft, frozen, ia3, ln_tuning, loha, lokr, lora, oft, prompt, vera  # noqa: F401  (registration)
 from .base import METHODS, PeftMethod, build_method, count_parameters
 
 __all__ = ["METHODS", "PeftMethod", "build_method", "count_parameters"]

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config.methods import MethodSettings
+from ..errors import RecipeError
 from ..files import read_safetensors
 from ..registry import Registry
 
@@ -34,6 +35,8 @@ class PeftMethod:
     #: True when the base weights stay frozen (so the base may be quantized); declared
     #: once, on the settings class, because the torch-free recipe check needs it too.
     keeps_base_frozen: ClassVar[bool] = True
+    #: True when the method runs on a 4/8-bit base (declared on the settings class too).
+    quantized_base: ClassVar[bool] = True
     #: True when the method trains anything inside the encoder. An encoder whose method
     #: does not is a fixed feature extractor: its outputs can be cached between epochs.
     trains_encoder: ClassVar[bool] = True
@@ -51,6 +54,7 @@ class PeftMethod:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         cls.keeps_base_frozen = cls.Settings.keeps_base_frozen
+        cls.quantized_base = cls.Settings.quantized_base
 
     def __init__(self, settings: dict, where: str = "peft"):
         clean = {k: v for k, v in settings.items() if k != "method"}
@@ -63,6 +67,18 @@ class PeftMethod:
         return self.registry_name
 
     # --- attach ----------------------------------------------------------
+    def unavailable(self, encoder) -> str | None:
+        """Why the method cannot adapt ``encoder`` with these settings (None: it can). Asked
+        before :meth:`apply`, so a recipe that cannot work is refused when the model is built."""
+        return None
+
+    def attach(self, encoder) -> None:
+        """:meth:`apply`, after a refusal naming the reason where the method cannot adapt ``encoder``."""
+        reason = self.unavailable(encoder)
+        if reason:
+            raise RecipeError([f"{self.where}: {self.name} is not available for {encoder.arch} encoders: {reason}"])
+        self.apply(encoder)
+
     def apply(self, encoder) -> None:
         """Attach to ``encoder`` in place and mark exactly the method's parameters trainable."""
         raise NotImplementedError

@@ -11,15 +11,14 @@ from ..config.methods import IA3Settings
 from ..encoders.targets import match_targets
 from ..errors import RecipeError
 from .base import METHODS
-from .lora import LoRA, load_peft_weights, resolve_targets
+from .peft_tuner import PeftTuner, resolve_targets
 
 
 @METHODS.register("ia3")
-class IA3(LoRA):
+class IA3(PeftTuner):
     """IA3 through peft: learned vectors that rescale keys, values and feed-forward activations."""
 
     Settings = IA3Settings
-    mergeable = True
     default_lr = 3e-3  # the T-Few paper's learning rate for IA3
     paper = "Liu et al. 2022, arXiv:2205.05638"
 
@@ -36,15 +35,12 @@ class IA3(LoRA):
             raise RecipeError([f"{self.where}.feedforward_modules: must be a subset of target_modules"])
         return targets, (ff or []), matched
 
+    def unavailable(self, encoder):
+        return None  # every layer its targets match is one IA3 rescales
+
     def apply(self, encoder) -> None:
         from peft import IA3Config, get_peft_model
 
         targets, ff, matched = self._targets(encoder)
         encoder.model = get_peft_model(encoder.model, IA3Config(target_modules=targets, feedforward_modules=ff))
         self.touched = matched
-
-    def train_modules(self, encoder):
-        return []
-
-    def load(self, encoder, directory) -> None:
-        load_peft_weights(encoder, directory)

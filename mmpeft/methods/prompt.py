@@ -80,13 +80,15 @@ class PromptTuning(PeftMethod):
     default_lr = 3e-3
     paper = "Lester et al. 2021 (arXiv:2104.08691); Jia et al. 2022 (arXiv:2203.12119); Bahng et al. 2022 (arXiv:2203.17274)"
 
+    def unavailable(self, encoder):
+        if encoder.family.prompt == "none":
+            return "their attention masks follow the input length; choose another method, e.g. lora, ia3, adapter or bitfit"
+        return None
+
     def apply(self, encoder) -> None:
         s = self.settings
         for p in encoder.parameters():
             p.requires_grad_(False)
-        if encoder.family.prompt == "none":
-            raise RecipeError([f"{self.where}: prompt tuning is not available for {encoder.arch} encoders (their attention "
-                               "masks follow the input length); choose lora, ia3, adapter or bitfit"])
         if encoder.modality == "text":
             table = encoder.base_model().get_input_embeddings().weight
             g = torch.Generator().manual_seed(0)

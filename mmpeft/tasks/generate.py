@@ -356,7 +356,7 @@ class GenerateTask(Task):
         if s.decoder_quantization is not None:
             decoder.quantized = quantize_decoder(decoder, s.decoder_quantization)
         method = build_method(s.decoder_peft, where=f"tasks.{self.name}.decoder_peft")
-        method.apply(decoder)
+        method.attach(decoder)
         connectors = {name: CONNECTORS[s.connector](width, decoder.hidden_size, s) for name, width in dims.items()}
         self.decoder = decoder
         return GenerativeHead(connectors, decoder, method, s)
