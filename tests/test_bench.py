@@ -446,3 +446,38 @@ def test_bench_generate_times_mmpeft_against_plain_generate_and_qlora(assets, tm
     assert "error" not in lora and "error" not in qlora, result["lora_vs_qlora"]
     assert qlora["decoder_weights_mb"] < lora["decoder_weights_mb"]  # NF4 linear layers take less than float32 ones
     assert (tmp_path / "res" / "answer_examples.png").is_file() and "mmpeft / transformers" in (tmp_path / "res" / "generate.md").read_text()
+
+
+def test_methods_subset_keeps_other_rows_and_records_refusals(tmp_path):
+    """A --methods subset adds to the rows of the same settings (kept, in benchmark order), and a
+    method that cannot adapt an encoder (VeRA on the EfficientNet) is a row saying why, not a stop."""
+    import json
+
+    from mmpeft.bench import methods as bench_methods
+    from mmpeft.bench.common import recipe_fingerprint
+    from mmpeft.config import load_recipe
+
+    out = tmp_path / "out"
+    out.mkdir()
+    rows = [{"side": "text", "method": "lora", "trainable": 10, "encoder_total": 100, "head_trainable": 5,
+             "test_accuracy": 0.5, "seconds_per_epoch": 1.0, "adapter_bytes": 40},
+            {"side": "image", "method": "bitfit", "trainable": 20, "encoder_total": 100, "head_trainable": 5,
+             "test_accuracy": 0.6, "seconds_per_epoch": 2.0, "adapter_bytes": 80}]
+    fingerprint = recipe_fingerprint(load_recipe(QUICKSTART, []))
+    (out / "methods.json").write_text(json.dumps({"recipe": QUICKSTART, "overrides": [], "rows": rows,
+                                                 "recipe_sha256": fingerprint}))
+    got = bench_methods.run(QUICKSTART, out=str(out), methods=["vera"], sides=["image"], work_dir=str(tmp_path / "runs"))
+    assert [(r["side"], r["method"]) for r in got] == [("image", "bitfit"), ("image", "vera"), ("text", "lora")]
+    assert got[1]["refused"].startswith("none of the") and "Linear layers" in got[1]["refused"]
+    assert not (tmp_path / "runs").exists()  # nothing trained
+    table = (out / "methods.md").read_text()
+    assert "| image | vera | refused: none of the" in table and "| text | lora | 10 |" in table
+
+
+def test_vqa_rad_records_a_configuration_whose_method_cannot_adapt_an_encoder(tmp_path):
+    from mmpeft.bench import vqa_rad
+
+    result = vqa_rad.run(VQA_RAD_RECIPE, str(tmp_path / "out"), ["vera"], seeds=(0,), work_dir=str(tmp_path / "runs"))
+    assert result["runs"] == [] and list(result["refused"]) == ["vera"]
+    assert result["refused"]["vera"].startswith("image: none of the") and not (tmp_path / "runs").exists()
+    assert "| vera | refused: image: none of the" in (tmp_path / "out" / "vqa_rad.md").read_text()

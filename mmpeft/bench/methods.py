@@ -1,7 +1,8 @@
 """``mmpeft bench methods``: fine-tune the quickstart with each method on one side at a time.
 
 The other encoder stays frozen (``none``) so each row isolates one method on one
-encoder. Every registered method runs (:func:`~mmpeft.bench.common.benchmark_methods`),
+encoder; a method that cannot adapt an encoder (VeRA on a CNN) gets a row saying why. A run
+of a subset (``--methods``) adds its rows to the results measured with the same settings. Every registered method runs (:func:`~mmpeft.bench.common.benchmark_methods`),
 with the recipe's learning rates, except methods that train the base weights (``full``),
 which use their own ``default_lr``. Prints and writes (JSON + Markdown) method, side,
 trainable parameters, test accuracy and seconds per epoch.
@@ -65,6 +66,10 @@ def run(recipe: str, out: str, methods=None, sides=("image", "text"),
         })
         write_atomic(cache, json.dumps({"recipe": recipe, "overrides": base, "recipe_sha256": fingerprint,
                                         "recipe_resolved": resolved_settings(loaded), "machine": machine_info(), "rows": rows}, indent=2))
+    # rows of the same settings that this run did not ask for stay: a subset run adds its rows
+    order = {(sd, m): i for i, (sd, m) in enumerate((sd, m) for sd in ("image", "text") for m in benchmark_methods())}
+    rows += [r for key, r in done.items() if key not in set(jobs)]
+    rows.sort(key=lambda r: order.get((r["side"], r["method"]), len(order)))
     result = {"recipe": recipe, "overrides": base, "recipe_sha256": fingerprint, "recipe_resolved": resolved_settings(loaded),
               "machine": machine_info(), "rows": rows}
     write_atomic(cache, json.dumps(result, indent=2))

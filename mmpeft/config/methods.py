@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import ClassVar, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from ..registry import Registry
 
@@ -90,6 +90,15 @@ class LoraSettings(MethodSettings):
     target_modules: Optional[Union[list[str], str]] = Field(None, description="module names (list) or a regex; default per architecture")
     use_dora: bool = Field(False, description="DoRA: learn a magnitude vector too")
     use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r)")
+    init: Literal["default", "pissa", "olora"] = Field(
+        "default", description="default: B = 0; pissa: A, B from the weight's top singular vectors; olora: from its QR "
+                               "factors (both move that part out of the base weight, Linear layers only)")
+
+    @model_validator(mode="after")
+    def _init_combinations(self):
+        if self.init != "default" and self.use_dora:
+            raise ValueError(f"init: {self.init} and use_dora cannot be combined; pick one")
+        return self
 
 
 @METHOD_SETTINGS.register("ia3")

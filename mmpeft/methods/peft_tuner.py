@@ -131,7 +131,8 @@ class PeftTuner(PeftMethod):
     def check_config(self, cfg: dict, cfg_path: Path) -> None:
         """Refuse a stored adapter config that disagrees with the recipe (beyond shapes)."""
 
-    def load(self, encoder, directory: Path) -> None:
+    def read_config(self, directory: Path) -> dict:
+        """The stored ``adapter_config.json``, checked against the recipe."""
         cfg_path = directory / "adapter_config.json"
         try:
             cfg = json.loads(cfg_path.read_text())
@@ -140,6 +141,10 @@ class PeftTuner(PeftMethod):
         if not isinstance(cfg, dict):
             raise BundleError(f"{cfg_path}: the adapter config is not a JSON object")
         self.check_config(cfg, cfg_path)
+        return cfg
+
+    def load(self, encoder, directory: Path) -> None:
+        self.read_config(directory)
         load_peft_weights(encoder, directory)
 
     def merge(self, encoder) -> bool:
