@@ -25,7 +25,7 @@ def problems(raw, overrides=()):
 def test_valid_recipe_fills_method_defaults():
     r = load_recipe(BASE)
     assert r.encoders["text"].peft == {"method": "lora", "rank": 4, "alpha": 16.0, "dropout": 0.0,
-                                       "target_modules": None, "use_dora": False, "use_rslora": False}
+                                       "target_modules": None, "use_dora": False, "use_rslora": False, "init": "default"}
     assert r.encoders["image"].peft == {"method": "bitfit"}
     assert r.fusion == {"type": "gated", "hidden_size": 256, "dropout": 0.1, "gate_input": "inputs"}
 

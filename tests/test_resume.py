@@ -103,6 +103,16 @@ def test_resume_with_grouped_batches_feature_cache_augmentation_and_workers(asse
     assert_same(tmp_path / "ref_augment" / "tiny", tmp_path / "ref_workers" / "tiny")
 
 
+def test_resume_of_a_method_that_moves_the_base(assets, tmp_path):
+    """PiSSA rewrites the base weights at init: a resumed run rebuilds that residual from the
+    pristine base and continues exactly."""
+    recipe = recipe_file(assets, tmp_path, "pissa", encoders__text__peft={"method": "lora", "init": "pissa", "rank": 4})
+    res = finetune_here(recipe, tmp_path / "ref_pissa")
+    assert res.exit_code == 0, res.output
+    kill_and_resume(recipe, tmp_path / "killed_pissa", ["train.step#3"])
+    assert_same(tmp_path / "ref_pissa" / "tiny", tmp_path / "killed_pissa" / "tiny")
+
+
 @pytest.mark.parametrize("signal_name,code", [("INT", 130), ("TERM", 143)])
 def test_signal_stops_at_a_step_with_a_checkpoint(reference, tmp_path, signal_name, code):
     recipe, out = reference["recipe"], tmp_path / "out"
