@@ -185,9 +185,9 @@ def method_abilities() -> str:
              "|---|---|---|---|---|---|---|---|"]
     for name in METHODS.names():
         cls = METHODS.get(name)
-        layers = getattr(cls, "layer_kinds", "-")
+        layers = cls.layer_kinds or "-"
         lines.append(f"| `{name}` | {yes(cls.identity_at_init)} | {yes(cls.mergeable)} | {yes(cls.trains_encoder)} "
-                     f"| {yes(cls.quantized_base)} | {yes(cls.Settings.for_decoder)} | {_cell(layers)} | {_cell(cls.paper)} |")
+                     f"| {yes(cls.quantized_base)} | {yes(cls.for_decoder)} | {_cell(layers)} | {_cell(cls.paper)} |")
     return "\n".join(lines)
 
 

@@ -80,6 +80,16 @@ def test_manifest_source_needs_files_and_quantized_full_is_refused():
     assert any(p.startswith("encoders.image.quantization: method 'full' trains the base weights") for p in got)
 
 
+def test_lora_inits_that_rewrite_the_base_are_refused_on_a_quantized_one():
+    raw = yaml.safe_load(yaml.safe_dump(BASE))
+    raw["encoders"]["image"]["peft"] = {"method": "lora", "init": "olora"}
+    raw["encoders"]["image"]["quantization"] = {"bits": 8}
+    assert "encoders.image.quantization: init: olora rewrites the base weights, which a 4/8-bit base cannot hold " \
+           "exactly; remove the quantization or use init: default" in problems(raw)
+    raw["encoders"]["image"]["peft"] = {"method": "lora", "init": "pissa", "use_dora": True}
+    assert any("init: pissa and use_dora cannot be combined" in p for p in problems(raw))
+
+
 @pytest.mark.parametrize("method", ["loha", "lokr"])
 def test_methods_that_cannot_run_on_a_quantized_base_are_refused(method):
     raw = yaml.safe_load(yaml.safe_dump(BASE))

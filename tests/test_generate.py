@@ -481,7 +481,7 @@ def _decoder_methods():
     from mmpeft.methods import METHODS
 
     # lora: the tests above; none / full / bitfit: no method modules of their own to check here
-    return [m for m in METHODS.names() if METHODS.get(m).Settings.for_decoder and m not in ("lora", "none", "full", "bitfit")]
+    return [m for m in METHODS.names() if METHODS.get(m).for_decoder and m not in ("lora", "none", "full", "bitfit")]
 
 
 @pytest.mark.parametrize("method", _decoder_methods())
@@ -515,3 +515,12 @@ def test_every_decoder_method_starts_at_its_base_reloads_and_merges(method, asse
     assert torch.equal(again, adapted)
     report = merge_bundle(bundle, tmp_path / "merged", tolerance=1e-4)
     assert report["max_abs_logit_diff"] <= 1e-4
+
+
+def test_a_decoder_method_that_cannot_adapt_the_decoder_is_refused(assets, rows, tmp_path):
+    from mmpeft.errors import RecipeError
+
+    # GPT-2 keeps its projections in transformers' Conv1D, which peft's OFT does not wrap
+    with pytest.raises(RecipeError, match=r"tasks.answer.decoder_peft: oft is not available for gpt2 models: none of the \d+ "
+                                          r"target layers is one it adapts"):
+        built(assets, rows, tmp_path, "gpt2", decoder_peft={"method": "oft"})

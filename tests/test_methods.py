@@ -184,10 +184,10 @@ def test_peft_methods_load_with_plain_peft(assets, tmp_path, method, kind):
 
 def test_layers_a_method_cannot_adapt_are_refused_by_name(assets):
     enc = build_encoder(str(assets["effnet"]))
-    with pytest.raises(RecipeError, match=r"vera is not available for efficientnet_lite encoders: none of the \d+ target "
+    with pytest.raises(RecipeError, match=r"vera is not available for efficientnet_lite models: none of the \d+ target "
                                           r"layers is one it adapts \(Linear layers\)"):
         build_method({"method": "vera"}, where="encoders.image.peft").attach(enc)
-    with pytest.raises(RecipeError, match="ln_tuning is not available for efficientnet_lite encoders: it has no LayerNorm"):
+    with pytest.raises(RecipeError, match="ln_tuning is not available for efficientnet_lite models: it has no LayerNorm"):
         build_method({"method": "ln_tuning"}).attach(enc)
     enc = build_encoder(str(assets["resnet"]))  # its convolutions are 3x3 and 7x7: OFT adapts 1x1 only
     with pytest.raises(RecipeError, match=r"encoders.image.peft.target_modules: oft adapts Linear and 1x1 Conv2d layers .*"
@@ -299,5 +299,21 @@ def test_lora_inits_that_move_the_base_reload_load_in_plain_peft_and_merge(asset
     assert not torch.allclose(ours, AutoModel.from_pretrained(str(assets["bert"]))(**ids).last_hidden_state, atol=1e-4)
     assert merge_bundle(bundle, tmp_path / "merged")["max_abs_logit_diff"] <= 1e-5
     # a CNN's convolutions are not matrices: refused by name
-    with pytest.raises(RecipeError, match=r"lora is not available for efficientnet_lite encoders: .*unquantized Linear"):
+    with pytest.raises(RecipeError, match=r"lora is not available for efficientnet_lite models: .*unquantized Linear"):
         build_method({"method": "lora", "init": init}).attach(build_encoder(str(assets["effnet"])))
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_lycoris_dropouts_train_with_the_model(assets, tmp_path, method):
+    """peft's LoHa / LoKr apply rank and module dropout only in training mode: their layers
+    switch with the model while the frozen base stays in eval mode."""
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    recipe = recipe_for(assets, "bert", {"method": method, "rank_dropout": 0.5}, tmp_path)
+    model = build_model(recipe, 3)
+    layers = [m for m in model.encoders["text"].modules() if isinstance(m, LycorisLayer)]
+    model.train()
+    assert layers and all(m.training for m in layers)
+    assert not any(m.training for m in model.encoders["text"].modules() if isinstance(m, torch.nn.Dropout))
+    model.eval()
+    assert not any(m.training for m in layers)

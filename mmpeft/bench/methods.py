@@ -64,8 +64,10 @@ def run(recipe: str, out: str, methods=None, sides=("image", "text"),
             "seconds_per_epoch": sum(secs) / len(secs), "adapter_bytes": size,
             "cpu_steal_pct": steal_percent(ticks, cpu_ticks()),
         })
+        kept = [r for key, r in done.items() if key not in set(jobs)]  # an interrupted subset run loses none
         write_atomic(cache, json.dumps({"recipe": recipe, "overrides": base, "recipe_sha256": fingerprint,
-                                        "recipe_resolved": resolved_settings(loaded), "machine": machine_info(), "rows": rows}, indent=2))
+                                        "recipe_resolved": resolved_settings(loaded), "machine": machine_info(),
+                                        "rows": rows + kept}, indent=2))
     # rows of the same settings that this run did not ask for stay: a subset run adds its rows
     order = {(sd, m): i for i, (sd, m) in enumerate((sd, m) for sd in ("image", "text") for m in benchmark_methods())}
     rows += [r for key, r in done.items() if key not in set(jobs)]

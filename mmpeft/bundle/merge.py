@@ -1,7 +1,8 @@
 """Fold trained methods into the base weights and write a standalone, verified model.
 
-Mergeable methods (LoRA, DoRA, IA3 via peft's ``merge_and_unload``; BitFit, none and
-full already live in the base weights) are folded; bottleneck adapters and prompts
+Mergeable methods (the peft tuners: LoRA and its variants, IA3, VeRA, LoHa, LoKr, OFT,
+BOFT, LN tuning, via peft's ``merge_and_unload``; BitFit, none and full already live in
+the base weights) are folded; bottleneck adapters and prompts
 cannot be (they add modules) and are kept, saved beside the merged base so that
 ``mmpeft predict MERGED_DIR`` still works. A quantized base is de-quantized to float32
 first and never re-quantized.

@@ -5,8 +5,9 @@ Layout of ``adapters/<run>/``::
     manifest.json          versions, per-encoder model/method/fingerprint/files, tasks and their state
                            (vocabulary, thresholds, target statistics), file hashes
     recipe.yaml            the fully resolved recipe
-    encoders/<name>/       the method's trained weights (LoRA: peft's adapter_config.json +
-                           adapter_model.safetensors; others: weights.safetensors)
+    encoders/<name>/       the method's trained weights (methods built on peft: peft's
+                           adapter_config.json + adapter_model.safetensors, and PiSSA / OLoRA's
+                           lora_trained.safetensors; others: weights.safetensors)
     head.safetensors       the head (several tasks: every task's, under heads.<task>.)
     metrics.json           test metrics (and validation history)
     train_log.jsonl        one line per evaluation

@@ -181,6 +181,8 @@ def validate_recipe(raw: dict, source: str | None = None) -> Recipe:
             resolved_peft[enc_name] = settings
             if block.get("quantization") and not parsed.quantized_base:
                 problems.append(quantized_problem(f"encoders.{enc_name}.quantization", settings["method"]))
+            elif block.get("quantization") and parsed.quantized_conflict():
+                problems.append(f"encoders.{enc_name}.quantization: {parsed.quantized_conflict()}")
     fusion = raw.get("fusion", {"type": "gated"})
     resolved_fusion = None
     if isinstance(fusion, dict):

@@ -44,6 +44,10 @@ class MethodSettings(BaseModel):
     #: adapters hook into encoders only).
     for_decoder: ClassVar[bool] = True
 
+    def quantized_conflict(self) -> str | None:
+        """Why these settings (beyond the method's flag) cannot run on a 4/8-bit base; None: they can."""
+        return None
+
     @field_validator(*REGEX_SETTINGS, check_fields=False)
     @classmethod
     def _regex_compiles(cls, value):
@@ -93,6 +97,12 @@ class LoraSettings(MethodSettings):
     init: Literal["default", "pissa", "olora"] = Field(
         "default", description="default: B = 0; pissa: A, B from the weight's top singular vectors; olora: from its QR "
                                "factors (both move that part out of the base weight, Linear layers only)")
+
+    def quantized_conflict(self):
+        if self.init != "default":
+            return (f"init: {self.init} rewrites the base weights, which a 4/8-bit base cannot hold exactly; "
+                    "remove the quantization or use init: default")
+        return None
 
     @model_validator(mode="after")
     def _init_combinations(self):

@@ -212,7 +212,7 @@ class GenerateSettings(TaskSettings):
             found.append(f"{where}.prompt: {{}} may appear once")
         if self.num_beams > 1 and self.do_sample:
             found.append(f"{where}.num_beams: beam search and do_sample exclude each other here; pick one")
-        _, _, errs = validate_choice(self.decoder_peft, "method", "lora", METHOD_SETTINGS, f"{where}.decoder_peft")
+        _, parsed, errs = validate_choice(self.decoder_peft, "method", "lora", METHOD_SETTINGS, f"{where}.decoder_peft")
         method = self.decoder_peft.get("method", "lora")
         if not errs and not METHOD_SETTINGS.get(method).for_decoder:
             usable = [n for n in METHOD_SETTINGS.names() if METHOD_SETTINGS.get(n).for_decoder]
@@ -220,6 +220,8 @@ class GenerateSettings(TaskSettings):
                     f"{', '.join(usable)})"]
         elif not errs and self.decoder_quantization and not METHOD_SETTINGS.get(method).quantized_base:
             errs = [quantized_problem(f"{where}.decoder_quantization", method, decoder=True)]
+        elif not errs and self.decoder_quantization and parsed.quantized_conflict():
+            errs = [f"{where}.decoder_quantization: {parsed.quantized_conflict()}"]
         return found + errs
 
 

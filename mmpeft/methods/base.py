@@ -37,6 +37,10 @@ class PeftMethod:
     keeps_base_frozen: ClassVar[bool] = True
     #: True when the method runs on a 4/8-bit base (declared on the settings class too).
     quantized_base: ClassVar[bool] = True
+    #: True when the method adapts a generate task's decoder too (declared on the settings class).
+    for_decoder: ClassVar[bool] = True
+    #: The layer kinds the method adapts, in words (docs and refusals; empty: not layer-based).
+    layer_kinds: ClassVar[str] = ""
     #: True when the method trains anything inside the encoder. An encoder whose method
     #: does not is a fixed feature extractor: its outputs can be cached between epochs.
     trains_encoder: ClassVar[bool] = True
@@ -55,6 +59,7 @@ class PeftMethod:
         super().__init_subclass__(**kwargs)
         cls.keeps_base_frozen = cls.Settings.keeps_base_frozen
         cls.quantized_base = cls.Settings.quantized_base
+        cls.for_decoder = cls.Settings.for_decoder
 
     def __init__(self, settings: dict, where: str = "peft"):
         clean = {k: v for k, v in settings.items() if k != "method"}
@@ -76,7 +81,7 @@ class PeftMethod:
         """:meth:`apply`, after a refusal naming the reason where the method cannot adapt ``encoder``."""
         reason = self.unavailable(encoder)
         if reason:
-            raise RecipeError([f"{self.where}: {self.name} is not available for {encoder.arch} encoders: {reason}"])
+            raise RecipeError([f"{self.where}: {self.name} is not available for {encoder.arch} models: {reason}"])
         self.apply(encoder)
 
     def apply(self, encoder) -> None:

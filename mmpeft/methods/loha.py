@@ -19,6 +19,14 @@ from .peft_tuner import PeftTuner, check_rank
 LYCORIS_LAYERS = (nn.Linear, nn.Conv2d, nn.Conv1d)  # what peft's LyCORIS tuners wrap
 
 
+def lycoris_layers(encoder) -> list[nn.Module]:
+    """The adapted layers: peft applies rank and module dropout only while they are in training
+    mode (their base layer is a plain Linear / convolution, with nothing that trains differently)."""
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    return [m for m in encoder.model.modules() if isinstance(m, LycorisLayer)]
+
+
 @METHODS.register("loha")
 class LoHa(PeftTuner):
     """LoHa: the Hadamard product of two low-rank updates."""
@@ -29,6 +37,9 @@ class LoHa(PeftTuner):
 
     def adapts(self, module):
         return isinstance(module, LYCORIS_LAYERS)
+
+    def train_modules(self, encoder):
+        return lycoris_layers(encoder)
 
     def peft_config(self, targets):
         from peft import LoHaConfig

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ..config.methods import LoKrSettings
 from .base import METHODS
-from .loha import LYCORIS_LAYERS
+from .loha import LYCORIS_LAYERS, lycoris_layers
 from .peft_tuner import PeftTuner, check_rank
 
 
@@ -26,6 +26,9 @@ class LoKr(PeftTuner):
 
     def adapts(self, module):
         return isinstance(module, LYCORIS_LAYERS)
+
+    def train_modules(self, encoder):
+        return lycoris_layers(encoder)
 
     def peft_config(self, targets):
         from peft import LoKrConfig

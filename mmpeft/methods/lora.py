@@ -26,12 +26,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 from ..config.methods import LoraSettings
 from ..files import read_safetensors
 from .base import METHODS
-from .peft_tuner import PeftTuner, check_rank
+from .peft_tuner import PeftTuner, check_rank, is_linear
 
 TRAINED = "lora_trained.safetensors"
 
@@ -54,7 +53,11 @@ class LoRA(PeftTuner):
     def adapts(self, module):
         # the SVD / QR inits are defined on plain matrices: not on convolutions, nor on 4/8-bit
         # weights (bitsandbytes' layers subclass nn.Linear)
-        return not self.moves_base or type(module) is nn.Linear
+        if not self.moves_base:
+            return True
+        weight = getattr(module, "weight", None)
+        return is_linear(module) and weight is not None and weight.dtype.is_floating_point and \
+            getattr(weight, "quant_state", None) is None
 
     def peft_config(self, targets):
         from peft import LoraConfig

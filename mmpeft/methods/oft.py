@@ -19,14 +19,13 @@ from ..config.methods import OFTSettings
 from ..errors import BundleError
 from .base import METHODS
 from .peft_tuner import PeftTuner
-from .vera import _is_linear
 
 
 def input_width(module: nn.Module) -> int | None:
     """The width an orthogonal method rotates: a Linear's input features, a Conv2d's
     ``in_channels x kernel area`` (None for other layers, or for grouped convolutions)."""
-    if _is_linear(module):
-        return getattr(module, "in_features", None) or module.weight.shape[0]  # Conv1D keeps (in, out)
+    if isinstance(module, nn.Linear):  # peft's OFT / BOFT wrap nn.Linear, not transformers' Conv1D
+        return module.in_features
     if isinstance(module, nn.Conv2d) and module.groups == 1 and module.dilation == (1, 1):
         kh, kw = module.kernel_size
         return module.in_channels * kh * kw if kh == kw else None

@@ -51,6 +51,15 @@ def load_peft_weights(encoder, directory: Path) -> None:
     set_peft_model_state_dict(encoder.model, state)
 
 
+def is_linear(module: nn.Module) -> bool:
+    """A Linear layer, or transformers' Conv1D (a transposed Linear, in GPT-2-style decoders)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        Conv1D = ()
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
 def check_rank(cfg: dict, cfg_path: Path, rank: int) -> None:
     """Refuse a stored adapter whose rank is not the recipe's."""
     if cfg.get("r") != rank:
@@ -111,7 +120,7 @@ class PeftTuner(PeftMethod):
         spec, names = self.targets(encoder)
         try:
             encoder.model = get_peft_model(encoder.model, self.peft_config(spec))
-        except ValueError as exc:  # peft's own refusal of a layer shape or a setting
+        except (ValueError, TypeError) as exc:  # peft's own refusal of a layer kind, shape or setting
             raise RecipeError([f"{self.where}: {self.name} cannot adapt {encoder.source!r}: {exc}"]) from None
         self.touched = names
 

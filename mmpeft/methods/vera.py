@@ -11,19 +11,9 @@ convolutions), so CNN encoders are refused.
 
 from __future__ import annotations
 
-from torch import nn
-
 from ..config.methods import VeraSettings
 from .base import METHODS
-from .peft_tuner import PeftTuner, check_rank
-
-
-def _is_linear(module: nn.Module) -> bool:
-    try:  # GPT-2-style decoders keep projections in transformers' Conv1D, a transposed Linear
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        Conv1D = ()
-    return isinstance(module, (nn.Linear, Conv1D))
+from .peft_tuner import PeftTuner, check_rank, is_linear
 
 
 @METHODS.register("vera")
@@ -38,7 +28,7 @@ class VeRA(PeftTuner):
     paper = "Kopiczko et al. 2024, arXiv:2310.11454"
 
     def adapts(self, module):
-        return _is_linear(module)
+        return is_linear(module)
 
     def peft_config(self, targets):
         from peft import VeraConfig

@@ -269,7 +269,7 @@ class GenerateTask(Task):
         return method.name
 
     def save_merged(self, head, bundle_dir, folder):
-        if head.method.name != "none" or self.settings.decoder_quantization is not None:
+        if head.method.trains_encoder or self.settings.decoder_quantization is not None:
             return {}  # kept: the bundle loads the decoder from its source, the method from head.safetensors
         target = Path(bundle_dir) / folder
         head.decoder.base.save_pretrained(target, safe_serialization=True)
