@@ -199,18 +199,21 @@ def method_refusal(recipe, name: str) -> str | None:
     """Why encoder ``name``'s method cannot adapt it (None: it can); builds the frozen encoder
     and asks the method, so a benchmark can record the refusal instead of stopping on it."""
     cfg = recipe.encoders[name]
-    enc = build_encoder(cfg.model, modality=cfg.modality, revision=cfg.revision, max_length=cfg.max_length,
-                        image_size=cfg.image_size, pooling=cfg.pooling, audio=cfg.audio)
-    return build_method(cfg.peft, where=f"encoders.{name}.peft").unavailable(enc)
+    return build_method(cfg.peft, where=f"encoders.{name}.peft").unavailable(frozen_encoder(cfg))
 
 
-def build_adapted_encoder(name: str, cfg, train, device: str = "cpu"):
-    """One frozen encoder with its fingerprint taken and its method attached: ``(encoder, method)``."""
-    enc = build_encoder(
+def frozen_encoder(cfg, device: str = "cpu"):
+    """The recipe block's encoder, as loaded (quantized where it says), before any method."""
+    return build_encoder(
         cfg.model, modality=cfg.modality, revision=cfg.revision, max_length=cfg.max_length,
         image_size=cfg.image_size, pooling=cfg.pooling, quantization=cfg.quantization, device=device, attention=cfg.attention,
         audio=cfg.audio,
     )
+
+
+def build_adapted_encoder(name: str, cfg, train, device: str = "cpu"):
+    """One frozen encoder with its fingerprint taken and its method attached: ``(encoder, method)``."""
+    enc = frozen_encoder(cfg, device)
     if cfg.quantization is not None:
         prepare_for_kbit_training(enc)
     enc.base_fingerprint = fingerprint_module(enc.model)

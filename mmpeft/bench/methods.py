@@ -2,7 +2,8 @@
 
 The other encoder stays frozen (``none``) so each row isolates one method on one
 encoder; a method that cannot adapt an encoder (VeRA on a CNN) gets a row saying why. A run
-of a subset (``--methods``) adds its rows to the results measured with the same settings. Every registered method runs (:func:`~mmpeft.bench.common.benchmark_methods`),
+of a subset (``--methods``) adds its rows to the results measured with the same settings.
+Every registered method runs (:func:`~mmpeft.bench.common.benchmark_methods`),
 with the recipe's learning rates, except methods that train the base weights (``full``),
 which use their own ``default_lr``. Prints and writes (JSON + Markdown) method, side,
 trainable parameters, test accuracy and seconds per epoch.
@@ -37,6 +38,8 @@ def run(recipe: str, out: str, methods=None, sides=("image", "text"),
     prev = previous_results(cache, recipe, base, fingerprint)  # resume: keep rows measured with the same settings
     done = {(r["side"], r["method"]): r for r in prev["rows"]} if prev else {}
     jobs = [(side, m) for side in sides for m in methods]
+    # rows of the same settings that this run did not ask for stay (an interrupted run loses none)
+    kept = [r for key, r in done.items() if key not in set(jobs)]
     for side, method in progress(jobs, desc="methods", unit="run"):
         if (side, method) in done:
             rows.append(done[(side, method)])
@@ -64,13 +67,11 @@ def run(recipe: str, out: str, methods=None, sides=("image", "text"),
             "seconds_per_epoch": sum(secs) / len(secs), "adapter_bytes": size,
             "cpu_steal_pct": steal_percent(ticks, cpu_ticks()),
         })
-        kept = [r for key, r in done.items() if key not in set(jobs)]  # an interrupted subset run loses none
         write_atomic(cache, json.dumps({"recipe": recipe, "overrides": base, "recipe_sha256": fingerprint,
                                         "recipe_resolved": resolved_settings(loaded), "machine": machine_info(),
                                         "rows": rows + kept}, indent=2))
-    # rows of the same settings that this run did not ask for stay: a subset run adds its rows
     order = {(sd, m): i for i, (sd, m) in enumerate((sd, m) for sd in ("image", "text") for m in benchmark_methods())}
-    rows += [r for key, r in done.items() if key not in set(jobs)]
+    rows += kept
     rows.sort(key=lambda r: order.get((r["side"], r["method"]), len(order)))
     result = {"recipe": recipe, "overrides": base, "recipe_sha256": fingerprint, "recipe_resolved": resolved_settings(loaded),
               "machine": machine_info(), "rows": rows}

@@ -179,10 +179,10 @@ def validate_recipe(raw: dict, source: str | None = None) -> Recipe:
         problems += errs
         if settings is not None:
             resolved_peft[enc_name] = settings
-            if block.get("quantization") and not parsed.quantized_base:
-                problems.append(quantized_problem(f"encoders.{enc_name}.quantization", settings["method"]))
-            elif block.get("quantization") and parsed.quantized_conflict():
-                problems.append(f"encoders.{enc_name}.quantization: {parsed.quantized_conflict()}")
+            problem = block.get("quantization") and quantized_problem(
+                f"encoders.{enc_name}.quantization", settings["method"], parsed)
+            if problem:
+                problems.append(problem)
     fusion = raw.get("fusion", {"type": "gated"})
     resolved_fusion = None
     if isinstance(fusion, dict):

@@ -57,9 +57,12 @@ class MethodSettings(BaseModel):
 METHOD_SETTINGS: Registry[type[MethodSettings]] = Registry("PEFT method")
 
 
-def quantized_problem(where: str, method: str, decoder: bool = False) -> str:
-    """The recipe problem of a quantized base (a decoder's, with ``decoder``) under a method
-    that cannot run on one."""
+def quantized_problem(where: str, method: str, parsed: MethodSettings, decoder: bool = False) -> str | None:
+    """The recipe problem of a quantized base (a decoder's, with ``decoder``) under ``method``
+    with settings ``parsed``; None when they run on one."""
+    if parsed.quantized_base:
+        conflict = parsed.quantized_conflict()
+        return f"{where}: {conflict}" if conflict else None
     ok = [n for n in METHOD_SETTINGS.names() if METHOD_SETTINGS.get(n).quantized_base
           and (METHOD_SETTINGS.get(n).for_decoder or not decoder)]
     why = ("trains the base weights, which cannot be done on" if not METHOD_SETTINGS.get(method).keeps_base_frozen
@@ -152,32 +155,31 @@ class VeraSettings(MethodSettings):
     target_modules: Optional[Union[list[str], str]] = _targets()
 
 
-@METHOD_SETTINGS.register("loha")
-class LoHaSettings(MethodSettings):
+class LycorisSettings(MethodSettings):
+    """What LoHa and LoKr share (not a method of its own)."""
+
     # peft's LyCORIS layers read the base weight's shape, which bitsandbytes packs
     quantized_base: ClassVar[bool] = False
 
-    rank: PositiveInt = Field(8, le=4096, description="rank of each of the two low-rank factors")
+    rank: PositiveInt = Field(8, le=4096, description="rank of the low-rank factors")
     alpha: PositiveFloat = Field(8.0, description="scaling numerator: update is scaled by alpha / r")
     rank_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the update's rank dimension")
     module_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="probability of skipping a layer's update in training")
     use_effective_conv2d: bool = Field(False, description="Conv2d (kernel > 1): decompose as in FedPara's proposition 3")
     target_modules: Optional[Union[list[str], str]] = _targets()
+
+
+@METHOD_SETTINGS.register("loha")
+class LoHaSettings(LycorisSettings):
+    """LoHa: the rank of each of the two low-rank pairs."""
 
 
 @METHOD_SETTINGS.register("lokr")
-class LoKrSettings(MethodSettings):
-    # peft's LyCORIS layers read the base weight's shape, which bitsandbytes packs
-    quantized_base: ClassVar[bool] = False
+class LoKrSettings(LycorisSettings):
+    """LoKr: the rank of the decomposed Kronecker factor."""
 
-    rank: PositiveInt = Field(8, le=4096, description="rank of the decomposed Kronecker factor")
-    alpha: PositiveFloat = Field(8.0, description="scaling numerator: update is scaled by alpha / r")
-    rank_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the update's rank dimension")
-    module_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="probability of skipping a layer's update in training")
     decompose_both: bool = Field(False, description="decompose the first Kronecker factor too")
     decompose_factor: int = Field(-1, ge=-1, description="size of the first factor's dimensions (-1: as square as possible)")
-    use_effective_conv2d: bool = Field(False, description="Conv2d (kernel > 1): decompose as in FedPara's proposition 3")
-    target_modules: Optional[Union[list[str], str]] = _targets()
 
 
 @METHOD_SETTINGS.register("oft")

@@ -218,10 +218,9 @@ class GenerateSettings(TaskSettings):
             usable = [n for n in METHOD_SETTINGS.names() if METHOD_SETTINGS.get(n).for_decoder]
             errs = [f"{where}.decoder_peft.method: {method!r} does not apply to a decoder here (choose one of "
                     f"{', '.join(usable)})"]
-        elif not errs and self.decoder_quantization and not METHOD_SETTINGS.get(method).quantized_base:
-            errs = [quantized_problem(f"{where}.decoder_quantization", method, decoder=True)]
-        elif not errs and self.decoder_quantization and parsed.quantized_conflict():
-            errs = [f"{where}.decoder_quantization: {parsed.quantized_conflict()}"]
+        elif not errs and self.decoder_quantization:
+            problem = quantized_problem(f"{where}.decoder_quantization", method, parsed, decoder=True)
+            errs = [problem] if problem else []
         return found + errs
 
 

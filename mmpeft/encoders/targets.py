@@ -26,17 +26,15 @@ def leaf_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-def match_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
-    """Full names of modules matched with peft's rules: a string is a regex on the
-    full name, a list matches a name equal to an entry or ending in ``.entry``."""
-    found = []
-    for name, mod in model.named_modules():
-        if not name or not isinstance(mod, _ADAPTABLE):
-            continue
-        if isinstance(targets, str):
-            ok = re.fullmatch(targets, name) is not None
-        else:
-            ok = any(name == t or name.endswith("." + t) for t in targets)
-        if ok:
-            found.append(name)
-    return found
+def name_matches(name: str, targets: str | list[str]) -> bool:
+    """peft's rule: a string is a regex on the full name, a list matches a name equal to an
+    entry or ending in ``.entry``."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def match_targets(model: nn.Module, targets: str | list[str], kinds: tuple = _ADAPTABLE) -> list[str]:
+    """Full names of the modules of ``kinds`` (by default the layers a LoRA-style method can
+    adapt) that ``targets`` matches by peft's rules (:func:`name_matches`)."""
+    return [name for name, mod in model.named_modules() if name and isinstance(mod, kinds) and name_matches(name, targets)]

@@ -12,7 +12,6 @@ channels x kernel area) the butterfly structure divides.
 from __future__ import annotations
 
 from ..config.methods import BOFTSettings
-from ..errors import BundleError
 from .base import METHODS
 from .oft import input_width
 from .peft_tuner import PeftTuner
@@ -43,7 +42,5 @@ class BOFT(PeftTuner):
         return BOFTConfig(boft_block_size=s.block_size, boft_block_num=0, boft_n_butterfly_factor=s.butterfly_factor,
                           boft_dropout=s.dropout, target_modules=targets, bias="none")
 
-    def check_config(self, cfg, cfg_path) -> None:
-        if cfg.get("boft_block_size") != self.settings.block_size:
-            raise BundleError(f"{cfg_path}: block size {cfg.get('boft_block_size')} differs from the recipe's "
-                              f"{self.settings.block_size}")
+    def stored_settings(self):
+        return {"boft_block_size": ("block size", self.settings.block_size)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..config.methods import LNTuningSettings
+from ..encoders.targets import name_matches
 from ..errors import RecipeError
 from .base import METHODS
 from .peft_tuner import PeftTuner
@@ -24,21 +25,8 @@ def is_norm(module: nn.Module) -> bool:
 
 def norm_layers(model: nn.Module, targets=None) -> list[str]:
     """Full names of the normalisation layers ``targets`` matches (peft's rules), or all of them."""
-    import re
-
-    found = []
-    for name, module in model.named_modules():
-        if not name or not is_norm(module):
-            continue
-        if targets is None:
-            ok = True
-        elif isinstance(targets, str):
-            ok = re.fullmatch(targets, name) is not None
-        else:
-            ok = any(name == t or name.endswith("." + t) for t in targets)
-        if ok:
-            found.append(name)
-    return found
+    return [name for name, module in model.named_modules()
+            if name and is_norm(module) and (targets is None or name_matches(name, targets))]
 
 
 @METHODS.register("ln_tuning")

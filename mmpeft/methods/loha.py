@@ -10,36 +10,17 @@ the weights on merge. Linear and convolution layers (our CNN encoders too).
 
 from __future__ import annotations
 
-from torch import nn
-
 from ..config.methods import LoHaSettings
 from .base import METHODS
-from .peft_tuner import PeftTuner, check_rank
-
-LYCORIS_LAYERS = (nn.Linear, nn.Conv2d, nn.Conv1d)  # what peft's LyCORIS tuners wrap
-
-
-def lycoris_layers(encoder) -> list[nn.Module]:
-    """The adapted layers: peft applies rank and module dropout only while they are in training
-    mode (their base layer is a plain Linear / convolution, with nothing that trains differently)."""
-    from peft.tuners.lycoris_utils import LycorisLayer
-
-    return [m for m in encoder.model.modules() if isinstance(m, LycorisLayer)]
+from .lycoris import LycorisTuner
 
 
 @METHODS.register("loha")
-class LoHa(PeftTuner):
+class LoHa(LycorisTuner):
     """LoHa: the Hadamard product of two low-rank updates."""
 
     Settings = LoHaSettings
-    layer_kinds = "Linear and Conv1d / Conv2d layers"
     paper = "Hyeon-Woo et al. 2022, arXiv:2108.06098; LyCORIS: Yeh et al. 2024, arXiv:2309.14859"
-
-    def adapts(self, module):
-        return isinstance(module, LYCORIS_LAYERS)
-
-    def train_modules(self, encoder):
-        return lycoris_layers(encoder)
 
     def peft_config(self, targets):
         from peft import LoHaConfig
@@ -47,6 +28,3 @@ class LoHa(PeftTuner):
         s = self.settings
         return LoHaConfig(r=s.rank, alpha=s.alpha, rank_dropout=s.rank_dropout, module_dropout=s.module_dropout,
                           use_effective_conv2d=s.use_effective_conv2d, target_modules=targets)
-
-    def check_config(self, cfg, cfg_path) -> None:
-        check_rank(cfg, cfg_path, self.settings.rank)

@@ -12,23 +12,15 @@ from __future__ import annotations
 
 from ..config.methods import LoKrSettings
 from .base import METHODS
-from .loha import LYCORIS_LAYERS, lycoris_layers
-from .peft_tuner import PeftTuner, check_rank
+from .lycoris import LycorisTuner
 
 
 @METHODS.register("lokr")
-class LoKr(PeftTuner):
+class LoKr(LycorisTuner):
     """LoKr: the Kronecker product of a small factor and a low-rank factor."""
 
     Settings = LoKrSettings
-    layer_kinds = "Linear and Conv1d / Conv2d layers"
     paper = "Yeh et al. 2024 (LyCORIS), arXiv:2309.14859; Edalati et al. 2022 (KronA), arXiv:2212.10650"
-
-    def adapts(self, module):
-        return isinstance(module, LYCORIS_LAYERS)
-
-    def train_modules(self, encoder):
-        return lycoris_layers(encoder)
 
     def peft_config(self, targets):
         from peft import LoKrConfig
@@ -37,6 +29,3 @@ class LoKr(PeftTuner):
         return LoKrConfig(r=s.rank, alpha=s.alpha, rank_dropout=s.rank_dropout, module_dropout=s.module_dropout,
                           decompose_both=s.decompose_both, decompose_factor=s.decompose_factor,
                           use_effective_conv2d=s.use_effective_conv2d, target_modules=targets)
-
-    def check_config(self, cfg, cfg_path) -> None:
-        check_rank(cfg, cfg_path, self.settings.rank)

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from ..config.methods import LoraSettings
 from ..files import read_safetensors
 from .base import METHODS
-from .peft_tuner import PeftTuner, check_rank, is_linear
+from .peft_tuner import PeftTuner, is_linear
 
 TRAINED = "lora_trained.safetensors"
 
@@ -106,8 +106,8 @@ class LoRA(PeftTuner):
                 out[name] = tensor
         return out
 
-    def check_config(self, cfg, cfg_path) -> None:
-        check_rank(cfg, cfg_path, self.settings.rank * (2 if self.moves_base else 1))
+    def stored_settings(self):
+        return {"r": ("rank", self.settings.rank * (2 if self.moves_base else 1))}  # PiSSA / OLoRA store 2r
 
     def load(self, encoder, directory: Path) -> None:
         if not self.moves_base:

@@ -16,7 +16,6 @@ from __future__ import annotations
 from torch import nn
 
 from ..config.methods import OFTSettings
-from ..errors import BundleError
 from .base import METHODS
 from .peft_tuner import PeftTuner
 
@@ -55,7 +54,5 @@ class OFT(PeftTuner):
         return OFTConfig(r=0, oft_block_size=s.block_size, coft=s.coft, eps=s.eps, block_share=s.block_share,
                          module_dropout=s.module_dropout, target_modules=targets, bias="none")
 
-    def check_config(self, cfg, cfg_path) -> None:
-        if cfg.get("oft_block_size") != self.settings.block_size:
-            raise BundleError(f"{cfg_path}: block size {cfg.get('oft_block_size')} differs from the recipe's "
-                              f"{self.settings.block_size}")
+    def stored_settings(self):
+        return {"oft_block_size": ("block size", self.settings.block_size)}

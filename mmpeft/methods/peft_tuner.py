@@ -60,12 +60,6 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
-def check_rank(cfg: dict, cfg_path: Path, rank: int) -> None:
-    """Refuse a stored adapter whose rank is not the recipe's."""
-    if cfg.get("r") != rank:
-        raise BundleError(f"{cfg_path}: rank {cfg.get('r')} differs from the recipe's {rank}")
-
-
 class PeftTuner(PeftMethod):
     """A peft tuner: subclasses give :meth:`peft_config` and, where they adapt fewer layer
     kinds than peft's LoRA, :meth:`adapts` and :attr:`layer_kinds`."""
@@ -137,8 +131,15 @@ class PeftTuner(PeftMethod):
             card.unlink()
         return ["adapter_config.json", "adapter_model.safetensors"]
 
+    def stored_settings(self) -> dict[str, tuple[str, object]]:
+        """``adapter_config.json`` key -> (its name in words, the value the recipe implies): what
+        a stored adapter must agree on beyond its tensors' shapes."""
+        return {"r": ("rank", self.settings.rank)} if "rank" in type(self.settings).model_fields else {}
+
     def check_config(self, cfg: dict, cfg_path: Path) -> None:
-        """Refuse a stored adapter config that disagrees with the recipe (beyond shapes)."""
+        for key, (what, value) in self.stored_settings().items():
+            if cfg.get(key) != value:
+                raise BundleError(f"{cfg_path}: {what} {cfg.get(key)} differs from the recipe's {value}")
 
     def read_config(self, directory: Path) -> dict:
         """The stored ``adapter_config.json``, checked against the recipe."""

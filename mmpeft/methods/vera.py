@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ..config.methods import VeraSettings
 from .base import METHODS
-from .peft_tuner import PeftTuner, check_rank, is_linear
+from .peft_tuner import PeftTuner, is_linear
 
 
 @METHODS.register("vera")
@@ -36,6 +36,3 @@ class VeRA(PeftTuner):
         s = self.settings
         return VeraConfig(r=s.rank, target_modules=targets, projection_prng_key=s.projection_seed,
                           save_projection=True, vera_dropout=s.dropout, d_initial=s.d_initial, bias="none")
-
-    def check_config(self, cfg, cfg_path) -> None:
-        check_rank(cfg, cfg_path, self.settings.rank)
