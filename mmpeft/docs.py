@@ -26,7 +26,7 @@ from pydantic_core import PydanticUndefined
 from .config import FUSION_SETTINGS, METHOD_SETTINGS, TASK_SETTINGS
 from .config.datasets import DATASET_SPECS
 from .config.schema import (AudioConfig, DataConfig, EncoderConfig, OutputConfig, QuantizationConfig, Recipe,
-                            TrainConfig)
+                            TrainConfig, VideoConfig)
 from .encoders.families import ENCODER_FAMILIES
 from .fusion import FUSIONS
 from .methods import METHODS
@@ -80,8 +80,9 @@ def _rows(prefix: str, model: type[BaseModel], skip=(), required: dict | None = 
 def recipe_reference() -> str:
     lines = ["| key | default | meaning |", "|---|---|---|"]
     lines += _rows("", Recipe, skip=("encoders", "fusion", "task", "tasks", "data", "train", "output"))
-    lines += _rows("encoders.<name>.", EncoderConfig, skip=("quantization", "audio"))
+    lines += _rows("encoders.<name>.", EncoderConfig, skip=("quantization", "audio", "video"))
     lines += _rows("encoders.<name>.audio.", AudioConfig)
+    lines += _rows("encoders.<name>.video.", VideoConfig)
     lines += _rows("encoders.<name>.quantization.", QuantizationConfig)
     for method in METHOD_SETTINGS.names():
         for name, field in METHOD_SETTINGS.get(method).model_fields.items():

@@ -60,7 +60,8 @@ def evaluate_bundle(path, overrides: Sequence[str] = (), device: str = "cpu", al
     recipe, tasks = bundle.recipe, bundle.tasks
     splits = recipe_splits(recipe)
     store = ImageStore.for_encoders(bundle.model.encoders.values(), recipe.data.image_cache_mb)
-    checked = store.check({"test": splits.test}, recipe.data.on_bad_image, on_bad_audio=recipe.data.on_bad_audio)
+    checked = store.check({"test": splits.test}, recipe.data.on_bad_image, on_bad_audio=recipe.data.on_bad_audio,
+                          on_bad_video=recipe.data.on_bad_video)
     test = checked["test"]
     for task in tasks.values():
         task.check({"test": test}, required=False)  # a bad target is named by file and row
@@ -120,10 +121,10 @@ class Predictor:
     @property
     def reads(self) -> list[str]:
         """The modalities this bundle's encoders read from their modality's input, of "image",
-        "text", "audio" (encoders with a column of their own: :attr:`own`)."""
+        "text", "audio", "video" (encoders with a column of their own: :attr:`own`)."""
         kinds = {enc.modality for name, enc in self.model.encoders.items() if name not in self.own}
         kinds |= {m for task in self.tasks.values() for m in task.reads()}  # a prompt filled from the question
-        return [m for m in ("image", "text", "audio") if m in kinds]
+        return [m for m in ("image", "text", "audio", "video") if m in kinds]
 
     def decode_with(self, **options) -> None:
         """Decoding settings of the bundle's generating tasks for this predictor (``max_new_tokens``,
@@ -136,12 +137,12 @@ class Predictor:
             self.model.widths[name] = self.tasks[name].width
 
     @torch.no_grad()
-    def stream(self, image: str, text: str, on_text, audio: str = "", task: Optional[str] = None) -> None:
+    def stream(self, image: str, text: str, on_text, audio: str = "", task: Optional[str] = None, video: str = "") -> None:
         """One input's generated text, each piece passed to ``on_text`` as it is decoded."""
         name = task or next((n for n, t in self.tasks.items() if t.feeds_head), None)
         if name is None or name not in self.tasks or not self.tasks[name].feeds_head:
             raise UsageError(f"{self.bundle.path}: {'task ' + repr(name) if name else 'no task'} that generates text")
-        row = Sample(str(image or ""), str(text or ""), "", {}, "input 1", str(audio or ""))
+        row = Sample(str(image or ""), str(text or ""), "", {}, "input 1", str(audio or ""), video=str(video or ""))
         self.store.check({"input": [row]}, "error", hint="check the file path")
         batch = Collator([row], dict(self.model.encoders.items()), self.tasks, self.store)([0])
         inputs = send_to_device(batch["inputs"], self.device)
@@ -152,9 +153,9 @@ class Predictor:
     @torch.no_grad()
     def predict(self, images: Sequence[str], texts: Sequence[str], top_k: int = 3, batch_size: int = 32,
                 audios: Sequence[str] = (), task: Optional[str] = None,
-                inputs: Optional[dict[str, Sequence[str]]] = None) -> list[dict]:
-        """What the bundle's task answers for each input: the i-th image path, text and audio
-        path (a list the bundle does not read may be empty), and the i-th value of each
+                inputs: Optional[dict[str, Sequence[str]]] = None, videos: Sequence[str] = ()) -> list[dict]:
+        """What the bundle's task answers for each input: the i-th image path, text, audio path
+        and video path (a list the bundle does not read may be empty), and the i-th value of each
         encoder reading a column of its own (``inputs``: encoder -> values; :attr:`own`).
         One task: its answer (vqa: ``answer`` and ``top_k``); several: ``{"tasks": {name:
         answer}}``, or only ``task``'s."""
@@ -164,22 +165,23 @@ class Predictor:
             raise UsageError(f"--encoder-input: {', '.join(map(repr, unknown))} " +
                              (f"is not an encoder with a column of its own (those are: {', '.join(own)})" if own else
                               f"given, but every encoder of {self.bundle.path} reads its modality's input "
-                              "(--image / --question / --audio)"))
+                              "(--image / --question / --audio / --video)"))
         missing = [name for name in own if name not in inputs]
         if missing:
             raise UsageError(f"{self.bundle.path}: encoder(s) {', '.join(map(repr, missing))} read column(s) of their own: "
                              "give " + " ".join(f"--encoder-input {n}=<{own[n][0]}>" for n in missing))
-        n = max([len(images), len(texts), len(audios)] + [len(v) for v in inputs.values()])
-        images, texts, audios = (list(x) if len(x) else [""] * n for x in (images, texts, audios))
+        n = max([len(images), len(texts), len(audios), len(videos)] + [len(v) for v in inputs.values()])
+        images, texts, audios, videos = (list(x) if len(x) else [""] * n for x in (images, texts, audios, videos))
         rows = [Sample(str(i), str(t), "", {}, f"input {k + 1}", str(a),
-                       inputs={name: (own[name][0], own[name][1], str(values[k])) for name, values in inputs.items()})
-                for k, (i, t, a) in enumerate(zip(images, texts, audios))]
+                       inputs={name: (own[name][0], own[name][1], str(values[k])) for name, values in inputs.items()},
+                       video=str(v))
+                for k, (i, t, a, v) in enumerate(zip(images, texts, audios, videos))]
         self.store.check({"input": rows}, "error", hint="check the file path")
         if task is not None and task not in self.tasks:
             raise UsageError(f"--task: {task!r} is not a task of {self.bundle.path} (it has: {', '.join(self.tasks)})")
         answers = answer_rows(self.model, self.tasks, self.bundle.recipe, rows, self.store, top_k, self.device, batch_size,
                               where=str(self.bundle.path), only=task)
-        fields = {"image": "image", "text": "question", "audio": "audio"}
+        fields = {"image": "image", "text": "question", "audio": "audio", "video": "video"}
         return [{**{fields[m]: getattr(row, m) for m in self.reads}, **{c: v for _, c, v in row.inputs.values()}, **a}
                 for row, a in zip(rows, answers)]
 
@@ -216,7 +218,8 @@ PREDICTION_COLUMNS = ("prediction", "probability", "top_k")
 
 
 def predict_manifest(predictor: Predictor, manifest: Path, out: Optional[Path], top_k: int, image_field="image",
-                     text_field="question", audio_field="audio", task: Optional[str] = None) -> list[dict]:
+                     text_field="question", audio_field="audio", task: Optional[str] = None,
+                     video_field="video") -> list[dict]:
     """Predict every row of a manifest. Each output row is the input row with every column
     as it was, plus ``prediction`` (the top answer), ``probability`` (its probability) and
     ``top_k`` (a list of ``{answer, probability}``; a JSON string in CSV). Other task kinds
@@ -226,7 +229,7 @@ def predict_manifest(predictor: Predictor, manifest: Path, out: Optional[Path], 
     if not path.is_file():
         raise DataError(f"input manifest not found: {path.resolve()}")
     rows = read_rows(path)
-    columns = {"image": image_field, "text": text_field, "audio": audio_field}
+    columns = {"image": image_field, "text": text_field, "audio": audio_field, "video": video_field}
     # encoders with a column of their own read it under the recipe's name for it
     reads = [(("modality", m), m, columns[m]) for m in predictor.reads] + [
         (("encoder", name), m, c) for name, (m, c) in predictor.own.items()]
@@ -235,7 +238,7 @@ def predict_manifest(predictor: Predictor, manifest: Path, out: Optional[Path], 
     for number, row in rows:
         if not isinstance(row, dict) or any(row.get(f) in (None, "") and not (f == text_field and f in row) for f in needed):
             raise DataError(f"{path}, row {number}: needs field(s) {', '.join(map(repr, needed))} "
-                            "(--image-field / --text-field / --audio-field; an encoder's own column: the recipe's "
+                            "(--image-field / --text-field / --audio-field / --video-field; an encoder's own column: the recipe's "
                             "data.encoder_fields)")
         for key, m, column in reads:
             value = str(row[column])
@@ -243,8 +246,9 @@ def predict_manifest(predictor: Predictor, manifest: Path, out: Optional[Path], 
                 value = str(Path(value) if Path(value).is_absolute() else path.parent / value)
             values[key].append(value)
     own = {name: values[("encoder", name)] for name in predictor.own}
-    given = {m: values.get(("modality", m), []) for m in ("image", "text", "audio")}
-    results = predictor.predict(given["image"], given["text"], top_k, audios=given["audio"], task=task, inputs=own)
+    given = {m: values.get(("modality", m), []) for m in ("image", "text", "audio", "video")}
+    results = predictor.predict(given["image"], given["text"], top_k, audios=given["audio"], task=task, inputs=own,
+                                videos=given["video"])
     replaced = sorted({c for _, row in rows for c in PREDICTION_COLUMNS if c in row})
     if replaced:
         print(f"note: the input's column(s) {', '.join(replaced)} are replaced by this prediction's")

@@ -18,12 +18,15 @@ from .tasks import TASK_INPUTS, Task
 
 class TaskHeads(nn.Module):
     """Several tasks' heads over shared encoder outputs: each reads its own encoders (and,
-    for the tasks in ``fed``, the task's own batch inputs) and returns its own output."""
+    for the tasks in ``fed``, the task's own batch inputs) and returns its own output.
+    ``temporal`` holds the video encoders' temporal components (:mod:`~mmpeft.encoders.video`):
+    trained and saved with the heads, run on those encoders' outputs before any head reads them."""
 
     def __init__(self, heads: dict[str, nn.Module], reads: dict[str, list[str]], widths: dict[str, int],
-                 fed: frozenset = frozenset()):
+                 fed: frozenset = frozenset(), temporal: dict[str, nn.Module] | None = None):
         super().__init__()
         self.heads = nn.ModuleDict(heads)
+        self.temporal = nn.ModuleDict(temporal or {})
         self.reads = reads
         self.widths = widths
         self.fed = fed
@@ -114,6 +117,8 @@ class MultimodalModel(nn.Module):
                 out = cache(enc, tensors, keys[name])
             else:
                 out = enc(tensors)
+            if isinstance(self.head, TaskHeads) and name in self.head.temporal:
+                out = self.head.temporal[name](out)  # after the feature cache: a frozen encoder's frames are cached
             if rows is not None:
                 out = EncoderOutput(out.tokens[rows], out.mask[rows], out.pooled[rows])
             outputs[name] = out
@@ -207,7 +212,7 @@ def frozen_encoder(cfg, device: str = "cpu"):
     return build_encoder(
         cfg.model, modality=cfg.modality, revision=cfg.revision, max_length=cfg.max_length,
         image_size=cfg.image_size, pooling=cfg.pooling, quantization=cfg.quantization, device=device, attention=cfg.attention,
-        audio=cfg.audio,
+        audio=cfg.audio, video=cfg.video,
     )
 
 
@@ -227,7 +232,7 @@ def build_adapted_encoder(name: str, cfg, train, device: str = "cpu"):
 def assemble(recipe, encoders: dict, methods: dict, tasks: dict[str, Task] | int) -> MultimodalModel:
     """The model of ``encoders`` (built, possibly shared with other models) and new heads:
     one per task, each over the encoders it reads (its own head kind, else ``fusion:``)."""
-    dims = {name: enc.hidden_size for name, enc in encoders.items()}
+    dims = {name: enc.output_width for name, enc in encoders.items()}
     torch.manual_seed(recipe.train.seed)  # head init is reproducible
     if isinstance(tasks, int):
         model = MultimodalModel(encoders, methods, build_fusion(recipe.fusion, dims, tasks), {"output": tasks})
@@ -244,7 +249,9 @@ def assemble(recipe, encoders: dict, methods: dict, tasks: dict[str, Task] | int
     # one task over every encoder: its head is the model's head (bundles of earlier versions load unchanged)
     widths = {n: t.width for n, t in tasks.items()}
     fed = frozenset(n for n, t in tasks.items() if t.feeds_head)
-    head = only if len(heads) == 1 and reads[next(iter(reads))] == list(encoders) else TaskHeads(heads, reads, widths, fed)
+    temporal = {n: stage for n, enc in encoders.items() if (stage := enc.temporal_stage()) is not None}
+    head = (only if len(heads) == 1 and reads[next(iter(reads))] == list(encoders) and not temporal
+            else TaskHeads(heads, reads, widths, fed, temporal))
     model = MultimodalModel(encoders, methods, head, widths, fed)
     model.train(False)
     return model
@@ -261,7 +268,7 @@ def summarize(model: MultimodalModel, recipe, tasks: dict[str, Task] | None = No
         ))
     head = model.head
     only = next(iter(recipe_tasks(recipe).values()))
-    kinds = (f"{len(head.heads)} task heads" if isinstance(head, TaskHeads) else
+    kinds = (f"{len(head.heads)} task heads" if isinstance(head, TaskHeads) and len(head.heads) > 1 else
              recipe.fusion["type"] if only.uses_fusion else f"{only.registry_name} head")
     heads = head.heads if isinstance(head, TaskHeads) else {next(iter(model.widths)): head}
     parts = [(f"{name}.{label}", *part) for name, task in (tasks or {}).items() if name in heads

@@ -142,7 +142,7 @@ def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run:
     trackers = check_trackers(t.report_to) if is_main and not dry_run else []  # a missing package fails before the data loads
     splits = recipe_splits(recipe)
     typical = probe_images({"train": splits.train, "eval": splits.eval, "test": splits.test}, recipe.data.on_bad_image,
-                           recipe.data.on_bad_audio)
+                           recipe.data.on_bad_audio, recipe.data.on_bad_video)
     tasks = recipe_task_set(recipe, splits.train, check={"train": splits.train, "eval": splits.eval, "test": splits.test})
     for task in tasks.values():
         task.configure(t)
@@ -161,7 +161,7 @@ def _run(recipe: Recipe, accelerator, out_dir: Path, checkpoints: Path, dry_run:
 
     store = ImageStore.for_encoders(model.encoders.values(), recipe.data.image_cache_mb)
     checked = store.check({"train": splits.train, "eval": splits.eval, "test": splits.test}, recipe.data.on_bad_image,
-                          on_bad_audio=recipe.data.on_bad_audio)
+                          on_bad_audio=recipe.data.on_bad_audio, on_bad_video=recipe.data.on_bad_video)
     splits.train, splits.eval, splits.test = checked["train"], checked["eval"], checked["test"]
     faults.point("data.checked")
     encoders = dict(model.encoders.items())

@@ -196,7 +196,7 @@ def test_validate_reads_and_checks_every_row_as_finetune_does(assets, tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["validate", str(recipe)])
     assert res.exit_code == 0, res.output
-    assert "rows checked: 36 train / 12 validation / 24 test; 72 image and 0 audio file(s) opened" in res.output
+    assert "rows checked: 36 train / 12 validation / 24 test; 72 image, 0 audio and 0 video file(s) opened" in res.output
     rows = [json.loads(line) for line in (base / "data" / "train.jsonl").read_text().splitlines()]
     (base / "data" / "images" / "fake.jpg").write_text("a text file saved as .jpg")
 

@@ -77,7 +77,7 @@ def probe_batch(loaded, size: int = 16, seed: int = 0):
         rng = random.Random(seed)
         first = [r for r in splits.test if r.dataset == splits.test[0].dataset]  # one dataset: every row has its inputs
         rows = rng.sample(first, min(size, len(first)))
-        store.check({"probe": rows}, "error", on_bad_audio="error")
+        store.check({"probe": rows}, "error", on_bad_audio="error", on_bad_video="error")
         source = "bundle test data"
     except Exception:  # noqa: BLE001 - data not reachable here: fall back to synthetic inputs
         rows = None
@@ -91,8 +91,11 @@ def probe_batch(loaded, size: int = 16, seed: int = 0):
             store.put(path, Image.fromarray(gen.integers(0, 256, (64, 64, 3), dtype=np.uint8)))
             if rates:  # a second of noise at the audio encoders' rate (one rate: several would need one clip each)
                 store.put_audio(path, (0.1 * gen.standard_normal(max(rates))).astype(np.float32))
+            if store.video_readers:  # clips of noise, as many frames as the longest reader takes
+                count = max(frames for frames, _, _ in store.video_readers)
+                store.put_clip(path, [Image.fromarray(gen.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(count)])
             text = " ".join(gen.choice(words, size=6))
-            rows.append(Sample(path, text, "", {}, path, path))
+            rows.append(Sample(path, text, "", {}, path, path, video=path))
     collator = Collator(rows, dict(loaded.model.encoders.items()), loaded.tasks, store)
     return collator(list(range(len(rows))))["inputs"], source
 

@@ -54,13 +54,13 @@ def validate(recipe: Path = typer.Argument(..., metavar="RECIPE", help="recipe Y
 
     splits = recipe_splits(r)  # every row: its columns and values (errors name the file and row)
     every = {"train": splits.train, "eval": splits.eval, "test": splits.test}
-    probe_images(every, r.data.on_bad_image, r.data.on_bad_audio)  # every file opens (its header)
-    files = {kind: len({p for rows in every.values() for s in rows for p in files_of(s, kind)}) for kind in ("image", "audio")}
+    probe_images(every, r.data.on_bad_image, r.data.on_bad_audio, r.data.on_bad_video)  # every file opens (its header)
+    files = {kind: len({p for rows in every.values() for s in rows for p in files_of(s, kind)}) for kind in ("image", "audio", "video")}
     methods = ", ".join(f"{n}: {c.model} + {c.peft['method']}" for n, c in r.encoders.items())
     tasks = ", ".join(f"{n}: {t.registry_name}" for n, t in recipe_tasks(r).items())
     console.print(f"{recipe}: OK ({methods}; fusion {r.fusion['type']}; task {tasks}; data {r.data.source})")
     console.print(f"rows checked: {len(splits.train):,} train / {len(splits.eval):,} validation / {len(splits.test):,} test; "
-                  f"{files['image']:,} image and {files['audio']:,} audio file(s) opened")
+                  f"{files['image']:,} image, {files['audio']:,} audio and {files['video']:,} video file(s) opened")
 
 
 def expect_digest_option():
@@ -118,6 +118,7 @@ def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (o
             question: Optional[str] = typer.Option(None, "--question", "--prompt", help="question / text (a generating "
                                                    "bundle's prompt)"),
             audio: Optional[Path] = typer.Option(None, help="audio file (bundles with an audio encoder)"),
+            video: Optional[Path] = typer.Option(None, help="video file (bundles with a video encoder)"),
             encoder_input: List[str] = typer.Option([], "--encoder-input", metavar="ENCODER=VALUE",
                                                     help="the input of an encoder that reads a column of its own "
                                                     "(data.encoder_fields): a file path, or the text; repeatable"),
@@ -128,6 +129,7 @@ def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (o
             image_field: Optional[str] = typer.Option(None, help="--input: the image column (default: the bundle's recipe's)"),
             text_field: Optional[str] = typer.Option(None, help="--input: the question column (default: the bundle's recipe's)"),
             audio_field: Optional[str] = typer.Option(None, help="--input: the audio column (default: the bundle's recipe's)"),
+            video_field: Optional[str] = typer.Option(None, help="--input: the video column (default: the bundle's recipe's)"),
             device: str = typer.Option("auto", help="cpu, cuda or auto"),
             max_new_tokens: Optional[int] = typer.Option(None, min=1, help="generating bundles: tokens at most"),
             num_beams: Optional[int] = typer.Option(None, min=1, help="generating bundles: beam search width"),
@@ -138,8 +140,8 @@ def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (o
             allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="load onto a base whose fingerprint differs"),
             expect_digest: Optional[str] = expect_digest_option()):
     """Answer a question about an image (or classify a clip, caption it, ...; or every row of a manifest)."""
-    if input is None and image is None and question is None and audio is None and not encoder_input:
-        raise UsageError("give the inputs the bundle reads (--image, --question, --audio), or --input manifest.jsonl")
+    if input is None and image is None and question is None and audio is None and video is None and not encoder_input:
+        raise UsageError("give the inputs the bundle reads (--image, --question, --audio, --video), or --input manifest.jsonl")
     own = {}
     for item in encoder_input:
         name, sep, value = item.partition("=")
@@ -150,7 +152,7 @@ def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (o
         raise UsageError("--encoder-input: with --input, each encoder reads its own column from the manifest")
     if top_k < 1:
         raise UsageError(f"--top-k: must be at least 1 (got {top_k})")
-    fields = {"image": image_field, "text": text_field, "audio": audio_field}
+    fields = {"image": image_field, "text": text_field, "audio": audio_field, "video": video_field}
     if input is not None:  # the columns the bundle was trained on, checked in every row before the model loads
         fields = check_input_columns(bundle, input, fields)
     from ..inference import Predictor, predict_manifest
@@ -159,13 +161,14 @@ def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (o
     decoding = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "temperature": temperature, "top_p": top_p}
     if any(v is not None for v in decoding.values()):
         predictor.decode_with(**decoding)
-    given = {"image": image, "text": question, "audio": audio}
-    flags = {"image": "--image", "text": "--question", "audio": "--audio"}
+    given = {"image": image, "text": question, "audio": audio, "video": video}
+    flags = {"image": "--image", "text": "--question", "audio": "--audio", "video": "--video"}
     missing = [flags[m] for m in predictor.reads if given[m] is None]
     if input is None and missing:
         raise UsageError(f"{bundle} reads {', '.join(predictor.reads)}: give {' and '.join(missing)} too (or --input manifest.jsonl)")
     if input is not None:
-        results = predict_manifest(predictor, input, output, top_k, fields["image"], fields["text"], fields["audio"], task)
+        results = predict_manifest(predictor, input, output, top_k, fields["image"], fields["text"], fields["audio"], task,
+                                   fields["video"])
         console.print(f"{len(results)} predictions" + (f" written to {output}" if output else ""))
         if output is None:
             for r in results:
@@ -176,10 +179,12 @@ def predict(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle (o
     if stream and sys.stdout.isatty() and not own and generating and (task in generating or len(predictor.tasks) == 1):
         # a terminal: the text as it is generated (piped output stays one JSON line per input)
         predictor.stream(one["image"][0] if one["image"] else "", one["text"][0] if one["text"] else "",
-                         lambda piece: print(piece, end="", flush=True), one["audio"][0] if one["audio"] else "", task)
+                         lambda piece: print(piece, end="", flush=True), one["audio"][0] if one["audio"] else "", task,
+                         one["video"][0] if one["video"] else "")
         print()
         return
-    result = predictor.predict(one["image"], one["text"], top_k, audios=one["audio"], task=task, inputs=own)[0]
+    result = predictor.predict(one["image"], one["text"], top_k, audios=one["audio"], task=task, inputs=own,
+                               videos=one["video"])[0]
     print_answers(result)
 
 

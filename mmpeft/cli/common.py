@@ -138,11 +138,11 @@ def check_input_columns(bundle: Path, manifest: Path, given: dict) -> dict:
     recipe = load_recipe(recipe_file, anchor=False) if recipe_file.is_file() else None
     data = recipe.data if recipe else None
     trained = {"image": data.image_field if data else "image", "text": data.text_field if data else "question",
-               "audio": data.audio_field if data else "audio"}
+               "audio": data.audio_field if data else "audio", "video": data.video_field if data else "video"}
     fields = {m: given.get(m) or trained[m] for m in trained}
     own = data.encoder_fields if data else {}
     reads = {encoder_modality(cfg) for name, cfg in (recipe.encoders.items() if recipe else ()) if name not in own}
-    needed = [fields[m] for m in ("image", "text", "audio") if m in reads] + list(own.values())
+    needed = [fields[m] for m in ("image", "text", "audio", "video") if m in reads] + list(own.values())
     path = Path(manifest)
     if not path.is_file():
         raise DataError(f"input manifest not found: {path.resolve()}")
@@ -153,5 +153,5 @@ def check_input_columns(bundle: Path, manifest: Path, given: dict) -> dict:
             has = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
             raise DataError(f"{path}, row {number}: needs field(s) {', '.join(map(repr, missing))} (the bundle reads the column(s) "
                             f"{', '.join(map(repr, needed))}, as its recipe named them; the row has: {has}; other names: "
-                            "--image-field / --text-field / --audio-field)")
+                            "--image-field / --text-field / --audio-field / --video-field)")
     return fields

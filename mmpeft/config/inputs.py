@@ -18,7 +18,7 @@ ZOO_ALIASES = {
     "efficientnet_lite0_audio": "efficientnet-lite0-audio",
 }
 ZOO_MODALITIES = {"minilm": "text", "efficientnet-lite0": "image", "efficientnet-lite0-audio": "audio"}
-MODALITIES = ("text", "image", "audio")
+MODALITIES = ("text", "image", "audio", "video")
 
 
 def zoo_name(model: str) -> Optional[str]:
@@ -57,7 +57,7 @@ def encoder_modality(cfg) -> Optional[str]:
     return MODEL_TYPE_MODALITIES.get(hf.get("model_type")) if isinstance(hf, dict) else None
 
 
-MODALITY_FIELDS = {"image": "image_field", "text": "text_field", "audio": "audio_field"}  # data: keys of each column
+MODALITY_FIELDS = {"image": "image_field", "text": "text_field", "audio": "audio_field", "video": "video_field"}  # data: keys of each column
 
 
 def own_columns(recipe, data, names=None) -> dict[str, tuple[str, str]]:

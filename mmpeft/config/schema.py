@@ -58,18 +58,38 @@ class AudioConfig(Strict):
         return self
 
 
+class VideoConfig(Strict):
+    """How a video encoder reads a clip: ``frames`` frames of its first ``max_seconds``, each
+    through the image encoder named by ``model`` (one PEFT method, weights shared by every
+    frame), then a temporal component over the frame embeddings."""
+
+    frames: PositiveInt = Field(8, le=64, description="video: frames read from each clip (fewer in a shorter clip: masked)")
+    fps: Optional[PositiveFloat] = Field(None, le=120, description="video: read one frame every 1/fps seconds from the start "
+                                         "(at most `frames`); null: `frames` spread uniformly over the clip")
+    max_seconds: PositiveFloat = Field(10.0, le=600, description="video: only this much of a clip is decoded")
+    temporal: Literal["mean", "transformer", "tdconv"] = Field(
+        "mean", description="video: over the frame embeddings, mean pooling (CLIP4Clip meanP), a temporal transformer with "
+        "learned frame positions (CLIP4Clip seqTransf) or a temporal-difference 1-D convolution; trained with the heads")
+    layers: PositiveInt = Field(2, le=12, description="video: temporal transformer layers")
+    heads: PositiveInt = Field(4, le=64, description="video: temporal transformer attention heads (must divide the width)")
+    width: Optional[PositiveInt] = Field(None, le=8192, description="video: transformer / tdconv width (frame embeddings are "
+                                         "projected to it; null: the image encoder's width)")
+
+
 class EncoderConfig(Strict):
     """One frozen pretrained encoder and the PEFT method attached to it."""
 
     model: str = Field(..., description="zoo short name (minilm, efficientnet-lite0, efficientnet-lite0-audio), hub id or local directory")
-    modality: Optional[Literal["text", "image", "audio"]] = Field(
-        None, description="what the encoder reads; inferred from the model when omitted"
+    modality: Optional[Literal["text", "image", "audio", "video"]] = Field(
+        None, description="what the encoder reads; inferred from the model when omitted (video: an image encoder's "
+        "model read frame by frame, always given)"
     )
     revision: Optional[str] = Field(None, description="hub revision (branch, tag or commit)")
     max_length: PositiveInt = Field(32, le=65536, description="text: maximum number of tokens")
     image_size: Optional[PositiveInt] = Field(None, le=8192, description="image: resize to this square size (default: the model's own)")
     pooling: Literal["auto", "cls", "mean", "pooler"] = Field("auto", description="how token features become one vector")
     audio: AudioConfig = Field(default_factory=AudioConfig, description="audio encoders: how clips are read")
+    video: VideoConfig = Field(default_factory=VideoConfig, description="video encoders: how clips are read and frames combined")
     attention: Literal["auto", "sdpa", "eager"] = Field(
         "auto", description="transformers models: attention implementation (auto: the library's choice, SDPA where supported)")
     peft: dict[str, Any] = Field(
@@ -81,7 +101,7 @@ class EncoderConfig(Strict):
 
 class DataConfig(Strict):
     source: str = Field("manifest", description="where rows come from: a registered data source (manifest, huggingface, "
-                        "easy_vqa, easy_vqa_captions, vqa_rad, fsdd; easy_vqa_captions: one caption per easy-VQA image, "
+                        "easy_vqa, easy_vqa_captions, vqa_rad, fsdd, moving_shapes, moving_shapes_captions; easy_vqa_captions: one caption per easy-VQA image, "
                         "\"a red circle\", its class the answer)")
     path: Optional[str] = Field(None, description="huggingface: a datasets save_to_disk folder, a .parquet / .arrow file or a "
                                 "folder of them, or an imagefolder / audiofolder folder (relative paths in a recipe file are "
@@ -95,6 +115,8 @@ class DataConfig(Strict):
     pair_images: bool = Field(False, description="fsdd: give each recording a handwritten image of its digit (scikit-learn's digits; disjoint image halves for train and test, seeded)")
     text: str = Field("", max_length=1000, description="fsdd: the text of every row (for recipes with a text encoder)")
     holdout_speakers: list[str] = Field(default_factory=list, max_length=16, description="fsdd: these speakers' recordings are the test set (speaker-independent split); empty: the official split (indices 0-4 of every digit and speaker)")
+    clips: PositiveInt = Field(600, le=100_000, description="moving_shapes: generated training clips (validation: a quarter "
+                               "as many, test: half as many)")
     train: Optional[str] = Field(None, description="manifest: training file (.jsonl, .csv or .json); relative paths in a recipe file are read from its folder (or data.root)")
     eval: Optional[str] = Field(None, description="manifest: validation file; default: a held-out part of train")
     test: Optional[str] = Field(None, description="manifest: test file; huggingface: a second dataset for the test rows")
@@ -102,6 +124,7 @@ class DataConfig(Strict):
     text_field: str = Field("question", description="manifest column holding the text")
     label_field: str = Field("answer", description="manifest column holding the answer / label")
     audio_field: str = Field("audio", description="manifest column holding the audio path (relative to the manifest)")
+    video_field: str = Field("video", description="manifest column holding the video path (relative to the manifest)")
     encoder_fields: dict[str, str] = Field(
         default_factory=dict, max_length=64, description="manifest: {encoder name: column} for an encoder that reads a "
         "column of its own instead of its modality's image_field / text_field / audio_field (e.g. two image encoders on "
@@ -109,6 +132,7 @@ class DataConfig(Strict):
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of train held out for validation when no eval file")
     on_bad_image: Literal["error", "skip"] = Field("error", description="a missing or unreadable image stops the run, or its rows are skipped")
     on_bad_audio: Literal["error", "skip"] = Field("error", description="a missing, unreadable, empty or zero-length audio file stops the run, or its rows are skipped")
+    on_bad_video: Literal["error", "skip"] = Field("error", description="a missing, unreadable, damaged or zero-length video stops the run, or its rows are skipped")
     image_cache_mb: PositiveInt = Field(8192, le=1_000_000, description="decoded images and their pixels kept in memory, "
                                         "at most this many MiB (the least recently used are dropped, and decoded again when needed)")
     max_train_samples: Optional[PositiveInt] = Field(None, description="use only the first N training rows (after shuffling)")

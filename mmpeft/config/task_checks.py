@@ -82,7 +82,7 @@ def validate_tasks(raw: dict, encoders: list[str]):
 
 
 # settings of how batches are made and kept, one for the whole run: the recipe's data: has them
-RUN_WIDE_DATA = ("image_cache_mb", "augment", "group_by_image", "on_bad_image", "on_bad_audio")
+RUN_WIDE_DATA = ("image_cache_mb", "augment", "group_by_image", "on_bad_image", "on_bad_audio", "on_bad_video")
 
 
 def _task_data(block, where: str, several: bool):

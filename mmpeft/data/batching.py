@@ -1,4 +1,4 @@
-"""The image and audio cache, and batching: rows into the tensors each encoder reads (rows
+"""The image, audio and video cache, and batching: rows into the tensors each encoder reads (rows
 and splits: :mod:`.splits`; file checks: :mod:`.checks`). The one part of ``mmpeft.data``
 that needs torch: the package itself does not import it."""
 
@@ -12,7 +12,9 @@ from PIL import Image
 
 from ..tasks import TASK_INPUTS, Task
 from .audio import read_audio
-from .checks import BAD_AUDIO_HINT, BAD_IMAGE_HINT, MAX_IMAGE_PIXELS, bad_files, clip_seconds, open_image, raise_first_bad, skip_bad
+from .checks import (BAD_AUDIO_HINT, BAD_IMAGE_HINT, BAD_VIDEO_HINT, MAX_IMAGE_PIXELS, bad_files, clip_seconds, open_image,
+                     raise_first_bad, skip_bad)
+from .video import read_video
 from .sampling import DatasetBatches, ImageGroupedBatches
 from .samples import Sample, input_of
 
@@ -24,11 +26,13 @@ class ImageStore:
     needed (same values: the cache changes speed, never numbers). Images put in by hand
     (uploads, probes) have no file to be read again from, so they are never dropped.
     Audio clips are read (:func:`~mmpeft.data.audio.read_audio`) and their spectrograms
-    cached per encoder the same way, within the same budget."""
+    cached per encoder the same way, within the same budget; so are video clips' sampled
+    frames (:func:`~mmpeft.data.video.read_video`) and each video encoder's pixels of them."""
 
     def __init__(self, max_side: int = 512, max_pixels: int = MAX_IMAGE_PIXELS, cache_mb: int = 8192,
-                 max_audio_seconds: float | None = None):
+                 max_audio_seconds: float | None = None, video_readers: tuple = ()):
         self.max_side = max_side
+        self.video_readers = tuple(video_readers)  # (frames, fps, max_seconds) of each video encoder
         self.max_pixels = max_pixels
         self.max_audio_seconds = max_audio_seconds  # the shortest audio encoder's limit: longer clips are counted
         self.budget = cache_mb * 2**20
@@ -41,8 +45,11 @@ class ImageStore:
         """Keep decoded images at twice the largest image input (at least 256 px)."""
         encoders = list(encoders)
         largest = max((e.image_size for e in encoders if e.modality == "image"), default=0)
+        largest = max([largest] + [e.image_size for e in encoders if e.modality == "video"])
         limits = [e.audio.max_seconds for e in encoders if e.modality == "audio"]
-        return cls(max_side=max(256, 2 * largest), cache_mb=cache_mb, max_audio_seconds=min(limits) if limits else None)
+        readers = dict.fromkeys(e.video_reader for e in encoders if e.modality == "video")
+        return cls(max_side=max(256, 2 * largest), cache_mb=cache_mb, max_audio_seconds=min(limits) if limits else None,
+                   video_readers=tuple(readers))
 
     def _lookup(self, key):
         entry = self._cache.get(key)
@@ -113,14 +120,43 @@ class ImageStore:
         """Keep a decoded mono waveform (at the encoders' sample rate) under ``key``, never dropped."""
         self._keep(("wave", key), wave, wave.nbytes, pinned=True)
 
+    def clip(self, path: str, reader: tuple) -> list[Image.Image]:
+        """The frames ``reader`` (``(frames, fps, max_seconds)``) samples from the clip at ``path``."""
+        key = ("clip", path, reader)
+        frames = self._lookup(key)
+        if frames is None:
+            count, fps, seconds = reader
+            frames, _ = read_video(path, count, seconds, fps, max_side=self.max_side)
+            frames = self._keep(key, frames, sum(3 * f.width * f.height for f in frames))
+        return frames
+
+    def put_clip(self, key: str, frames: list[Image.Image]) -> None:
+        """Keep frames made elsewhere (a probe) under ``key`` for every video reader, never
+        dropped (already sampled: each reader takes its first ``frames`` of them)."""
+        for reader in self.video_readers:
+            kept = [self._prepare(f) for f in frames[: reader[0]]]
+            self._keep(("clip", key, reader), kept, sum(3 * f.width * f.height for f in kept), pinned=True)
+
+    def video_pixels_for(self, name: str, encoder, path: str) -> tuple[torch.Tensor, int]:
+        """``encoder``'s ``([frames, 3, S, S] pixels, real frames)`` of the clip at ``path`` (cached per encoder)."""
+        found = self._lookup(("video", name, path))
+        if found is None:
+            frames = self.clip(path, encoder.video_reader)
+            pixels = torch.zeros(encoder.video.frames, 3, *encoder.pixel_shape)
+            for i, frame in enumerate(frames):
+                pixels[i] = encoder.pixels(frame)
+            found = self._keep(("video", name, path), (pixels, len(frames)), pixels.numel() * pixels.element_size())
+        return found
+
     @property
     def pixels(self) -> dict:
         """The cached pixel tensors, ``{(encoder name, path): tensor}``."""
         return {key[1:]: value for key, (value, _) in self._cache.items() if key[0] == "pixels"}
 
     def check(self, splits: dict[str, list[Sample]], on_bad_image: str, hint: str = BAD_IMAGE_HINT,
-              on_bad_audio: str = "error") -> dict[str, list[Sample]]:
-        """Open every image and read every audio header before training. ``error``: stop at
+              on_bad_audio: str = "error", on_bad_video: str = "error") -> dict[str, list[Sample]]:
+        """Open every image, read every audio header and decode every video clip's frames (as
+        each video encoder samples them: kept in the cache) before training. ``error``: stop at
         the first bad file with its row; ``skip``: drop rows with bad files and report how
         many. Clips longer than the audio encoders read are counted and reported."""
         bad = bad_files(splits, "image", self.get, "checking images")
@@ -143,6 +179,16 @@ class ImageStore:
             if long:
                 print(f"audio: {long} of {len(lengths)} clip(s) are longer than {self.max_audio_seconds:g} s and are cut "
                       "to that length (encoders.<name>.audio.max_seconds)")
+
+        def decode(path: str) -> None:
+            for reader in self.video_readers:
+                self.clip(path, reader)
+
+        bad = bad_files(splits, "video", decode, "checking videos")
+        if bad:
+            if on_bad_video == "error":
+                raise_first_bad(splits, "video", bad, BAD_VIDEO_HINT if hint == BAD_IMAGE_HINT else hint)
+            splits = skip_bad(splits, "video", bad, "data.on_bad_video")
         return splits
 
 

@@ -1,5 +1,5 @@
 """Checking a run's input files before anything trains: every image opened (within a pixel
-bound), every audio header read, and a bad file reported with its row, or its rows skipped."""
+bound), every audio and video header read, and a bad file reported with its row, or its rows skipped."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import DataError
 from ..progress import progress
 from .audio import BadAudio, audio_info
+from .video import BadVideo, video_info
 from .samples import Sample, files_of
 
 BAD_IMAGE_HINT = "fix the file or set data.on_bad_image: skip to leave such rows out"
 BAD_AUDIO_HINT = "fix the file or set data.on_bad_audio: skip to leave such rows out"
+BAD_VIDEO_HINT = "fix the file or set data.on_bad_video: skip to leave such rows out"
 
 
 # PIL's own limit (about 89 million pixels): larger is a decompression bomb, not a scan.
@@ -46,8 +48,9 @@ def open_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     return image
 
 
-def probe_images(splits: dict[str, list[Sample]], on_bad_image: str, on_bad_audio: str = "error") -> Optional[int]:
-    """Before any model loads: every image and audio file exists and has a readable header, so a
+def probe_images(splits: dict[str, list[Sample]], on_bad_image: str, on_bad_audio: str = "error",
+                 on_bad_video: str = "error") -> Optional[int]:
+    """Before any model loads: every image, audio and video file exists and has a readable header, so a
     wrong path fails in seconds (``error`` mode; ``skip`` reports after the full check).
     Returns the median longer side of the images, in pixels (None when not probed or none)."""
     sides: list[int] = []
@@ -64,6 +67,10 @@ def probe_images(splits: dict[str, list[Sample]], on_bad_image: str, on_bad_audi
         bad = bad_files(splits, "audio", audio_info, "looking for audio")
         if bad:
             raise_first_bad(splits, "audio", bad, BAD_AUDIO_HINT)
+    if on_bad_video == "error":
+        bad = bad_files(splits, "video", video_info, "looking for videos")
+        if bad:
+            raise_first_bad(splits, "video", bad, BAD_VIDEO_HINT)
     return int(statistics.median(sides)) if sides else None
 
 
@@ -73,7 +80,7 @@ def clip_seconds(path: str) -> float:
 
 
 def bad_files(splits: dict[str, list[Sample]], kind: str, open_one, desc: str) -> dict[str, str]:
-    """``{path: why}`` for the rows' ``kind`` ("image" / "audio") files that ``open_one`` refuses."""
+    """``{path: why}`` for the rows' ``kind`` ("image" / "audio" / "video") files that ``open_one`` refuses."""
     paths = sorted({p for rows in splits.values() for s in rows for p in files_of(s, kind)})
     bad: dict[str, str] = {}
     for path in progress(paths, desc=desc, unit="file", leave=False, disable=len(paths) < 200):
@@ -81,14 +88,14 @@ def bad_files(splits: dict[str, list[Sample]], kind: str, open_one, desc: str) -
             open_one(path)
         except FileNotFoundError:
             bad[path] = "file not found"
-        except (BadImage, BadAudio) as exc:
+        except (BadImage, BadAudio, BadVideo) as exc:
             bad[path] = str(exc)
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             bad[path] = f"unreadable {kind} ({type(exc).__name__})"
     return bad
 
 
-NOUNS = {"image": "image(s)", "audio": "audio file(s)"}  # as the messages name each kind
+NOUNS = {"image": "image(s)", "audio": "audio file(s)", "video": "video(s)"}  # as the messages name each kind
 
 
 def _row_number(where: str) -> tuple[str, int]:

@@ -104,7 +104,7 @@ def blob_file(data: bytes, name_hint: str, where: str) -> str:
 
 
 def _media_value(value, base: Path, where: str, column: str):
-    """An image / audio cell as a file path: embedded bytes become a cached file, a path stays."""
+    """An image / audio / video cell as a file path: embedded bytes become a cached file, a path stays."""
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
         if value.get("bytes"):
             return blob_file(bytes(value["bytes"]), value.get("path") or "", f"{where}, column {column!r}")
@@ -112,8 +112,8 @@ def _media_value(value, base: Path, where: str, column: str):
     if value is None or value == "":
         return value
     if not isinstance(value, str):
-        raise DataError(f"{where}: column {column!r} holds {type(value).__name__}; an image or audio column holds an "
-                        "Image / Audio feature, {bytes, path}, or a file path")
+        raise DataError(f"{where}: column {column!r} holds {type(value).__name__}; an image, audio or video column holds an "
+                        "Image / Audio / Video feature, {bytes, path}, or a file path")
     path = Path(value)
     return str(path if path.is_absolute() else base / path)
 
@@ -127,6 +127,8 @@ def undecoded(split, media: list[str]):
             split = split.cast_column(column, ds.Image(decode=False))
         elif isinstance(feature, ds.Audio):
             split = split.cast_column(column, ds.Audio(decode=False))
+        elif isinstance(feature, getattr(ds, "Video", ())):
+            split = split.cast_column(column, ds.Video(decode=False))
     return split
 
 
@@ -146,8 +148,8 @@ def _label_names(split) -> dict:
 def split_samples(data, path: Path, split_name: str, key: str, request) -> list[Sample]:
     """The rows of one split as samples (``request``: what the recipe reads, as for a manifest)."""
     split = pick_split(open_dataset(path, key), split_name, key, path)
-    columns = {"image": data.image_field, "audio": data.audio_field}
-    media = [columns[m] for m in ("image", "audio") if m in request.inputs]
+    columns = {"image": data.image_field, "audio": data.audio_field, "video": data.video_field}
+    media = [columns[m] for m in ("image", "audio", "video") if m in request.inputs]
     media += [c for m, c in (request.own or {}).values() if m != "text"]
     split = undecoded(split, [c for c in media if c in split.column_names])
     labels = _label_names(split)
@@ -167,7 +169,8 @@ def split_samples(data, path: Path, split_name: str, key: str, request) -> list[
             yield number, row
 
     return samples_from_rows(rows(), base, name, data.image_field, data.text_field, data.label_field, request.group_fields,
-                             data.audio_field, request.inputs, request.targets, request.label_required, request.own)
+                             data.audio_field, request.inputs, request.targets, request.label_required, request.own,
+                             video_field=data.video_field)
 
 
 def huggingface_splits(data, request) -> tuple[list[Sample], Optional[list[Sample]], list[Sample]]:

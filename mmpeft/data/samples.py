@@ -35,6 +35,7 @@ class Sample:
     # encoders reading a column of their own (data.encoder_fields): {encoder: (modality, column, value)},
     # image and audio values absolute paths
     inputs: dict = field(default_factory=dict)
+    video: str = ""  # absolute path of the row's video clip ("" for none)
 
 
 def input_of(sample: Sample, encoder: str, modality: str) -> str:
@@ -44,7 +45,7 @@ def input_of(sample: Sample, encoder: str, modality: str) -> str:
 
 
 def files_of(sample: Sample, kind: str) -> list[str]:
-    """A row's ``kind`` ("image" / "audio") file paths: its modality's, then its encoders' own columns'."""
+    """A row's ``kind`` ("image" / "audio" / "video") file paths: its modality's, then its encoders' own columns'."""
     paths = [getattr(sample, kind)] if getattr(sample, kind) else []
     return paths + [value for modality, _, value in sample.inputs.values() if modality == kind and value]
 
@@ -63,6 +64,7 @@ def load_manifest(
     targets: Sequence[str] = (),
     label_required: bool = True,
     own: Optional[dict[str, tuple[str, str]]] = None,
+    video_field: str = "video",
 ) -> list[Sample]:
     """Read a JSONL, CSV or JSON-list manifest. Image and audio paths are relative to the
     manifest. ``inputs`` are the modalities the recipe's encoders read: their columns must
@@ -79,21 +81,22 @@ def load_manifest(
     if not path.is_file():
         raise DataError(f"data file not found: {path} (check data.train / data.eval / data.test in the recipe)")
     return samples_from_rows(iter_rows(path), path.parent, str(path), image_field, text_field, label_field, group_fields,
-                             audio_field, inputs, targets, label_required, own)
+                             audio_field, inputs, targets, label_required, own, video_field=video_field)
 
 
 def samples_from_rows(rows, base: Path, name: str, image_field: str = "image", text_field: str = "question",
                       label_field: str = "answer", group_fields: Sequence[str] = (), audio_field: str = "audio",
                       inputs: Sequence[str] = ("image", "text"), targets: Sequence[str] = (), label_required: bool = True,
-                      own: Optional[dict[str, tuple[str, str]]] = None, row_word: str = "row") -> list[Sample]:
+                      own: Optional[dict[str, tuple[str, str]]] = None, row_word: str = "row",
+                      video_field: str = "video") -> list[Sample]:
     """:func:`load_manifest`'s rows from ``(number, row)`` pairs of any source with named
     columns; file paths relative to ``base``; errors name ``"{name}, {row_word} {number}"``."""
-    columns = {"image": image_field, "text": text_field, "audio": audio_field}
+    columns = {"image": image_field, "text": text_field, "audio": audio_field, "video": video_field}
     own = own or {}
-    required = [columns[m] for m in ("image", "text", "audio") if m in inputs] + ([label_field] if label_required else [])
+    required = [columns[m] for m in ("image", "text", "audio", "video") if m in inputs] + ([label_field] if label_required else [])
     required += [c for _, c in own.values() if c not in required]
     raw_label = label_field in targets
-    paths = [f for f in (image_field, audio_field) if f in required] + [c for m, c in own.values() if m != "text"]
+    paths = [f for f in (image_field, audio_field, video_field) if f in required] + [c for m, c in own.values() if m != "text"]
     samples = []
     resolved: dict[str, str] = {}  # one string per distinct file path (many rows share an image)
     answers: dict[str, str] = {}
@@ -105,16 +108,16 @@ def samples_from_rows(rows, base: Path, name: str, image_field: str = "image", t
         if missing:
             raise DataError(
                 f"{where}: missing field(s) {', '.join(map(repr, missing))} (set data.image_field / data.text_field / "
-                f"data.audio_field / data.label_field / data.encoder_fields to this file's column names; it has: "
+                f"data.audio_field / data.video_field / data.label_field / data.encoder_fields to this file's column names; it has: "
                 f"{', '.join(map(str, row))})"
             )
         wrong = [f for f in required if not (raw_label and f == label_field) and
                  (not isinstance(row[f], (str, int, float)) or f in paths and not isinstance(row[f], str))]
         if wrong:
-            raise DataError(f"{where}: field(s) {', '.join(map(repr, wrong))} must be text (images and audio: a file path), "
+            raise DataError(f"{where}: field(s) {', '.join(map(repr, wrong))} must be text (images, audio and video: a file path), "
                             f"not {', '.join(type(row[f]).__name__ for f in wrong)}")
         groups = {g: str(row.get(g, "")).strip() for g in group_fields} if group_fields else NO_GROUPS
-        files = [_absolute(row.get(f), base, resolved) if f in paths else "" for f in (image_field, audio_field)]
+        files = [_absolute(row.get(f), base, resolved) if f in paths else "" for f in (image_field, audio_field, video_field)]
         extras = {name: (m, c, _absolute(row[c], base, resolved) if m != "text" else str(row[c]))
                   for name, (m, c) in own.items()} if own else NO_GROUPS
         text = str(row[text_field]) if row.get(text_field) not in (None, "") else ""
@@ -122,7 +125,7 @@ def samples_from_rows(rows, base: Path, name: str, image_field: str = "image", t
         answer = normalize_answer(label) if isinstance(label, (str, int, float)) and label != "" else ""
         extra = {f: row[f] for f in targets if row.get(f) not in (None, "")} if targets else NO_GROUPS
         samples.append(Sample(files[0], text, answers.setdefault(answer, answer), groups, where, files[1], extra,
-                              inputs=extras))
+                              inputs=extras, video=files[2]))
     return samples
 
 

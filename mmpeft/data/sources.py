@@ -10,7 +10,8 @@ from typing import Optional
 from ..config.paths import manifest_path
 from ..registry import Registry
 from .conversations import conversation_samples
-from .huggingface import huggingface_splits  # imports datasets (pyarrow, pandas) only when it reads
+from .huggingface import huggingface_splits
+from .moving_shapes import moving_shapes_caption_samples, moving_shapes_samples  # imports datasets (pyarrow, pandas) only when it reads
 from .samples import Sample, easy_vqa_caption_samples, easy_vqa_samples, fsdd_samples, load_manifest, vqa_rad_samples
 
 
@@ -48,7 +49,7 @@ class ManifestReader(DatasetReader):
         def one(path):
             return load_manifest(manifest_path(data, path), data.image_field, data.text_field, data.label_field,
                                  request.group_fields, data.audio_field, request.inputs, request.targets,
-                                 request.label_required, request.own)
+                                 request.label_required, request.own, video_field=data.video_field)
 
         return one(data.train), one(data.eval) if data.eval else None, one(data.test)
 
@@ -91,3 +92,15 @@ class FsddReader(DatasetReader):
     def read(self, data, request: RowRequest) -> Rows:
         train, test = fsdd_samples(data.root, data.holdout_speakers, data.pair_images, request.seed, data.text)
         return train, None, test
+
+
+@DATASETS.register("moving_shapes")
+class MovingShapesReader(DatasetReader):
+    def read(self, data, request: RowRequest) -> Rows:
+        return tuple(moving_shapes_samples(split, data.clips) for split in ("train", "eval", "test"))
+
+
+@DATASETS.register("moving_shapes_captions")
+class MovingShapesCaptionsReader(DatasetReader):
+    def read(self, data, request: RowRequest) -> Rows:
+        return tuple(moving_shapes_caption_samples(split, data.clips) for split in ("train", "eval", "test"))

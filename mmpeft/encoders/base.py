@@ -71,6 +71,16 @@ class Encoder(nn.Module):
         """Positions of the longest input (for the dry run's memory estimate)."""
         raise NotImplementedError
 
+    @property
+    def output_width(self) -> int:
+        """The width of what the heads read of it (a video encoder's temporal width)."""
+        return self.hidden_size
+
+    def temporal_stage(self) -> Optional[nn.Module]:
+        """A trainable module over its output that runs with the heads (a video encoder's
+        temporal component: :mod:`.video`); None for encoders without one."""
+        return None
+
     def export_preprocessing(self, name: str) -> dict:
         """What a consumer of an exported graph must do to raw inputs before feeding it."""
         raise NotImplementedError

@@ -10,10 +10,12 @@ from __future__ import annotations
 from typing import Optional
 
 from ..config.inputs import zoo_name
+from ..config.schema import VideoConfig
 from ..errors import RecipeError
 from ..quant import respect_compute_dtype
 from .base import Encoder
 from .families import EncoderOptions, family_for
+from .video import as_video
 from .zoo import minilm_path
 
 
@@ -37,6 +39,7 @@ def build_encoder(
     device: str = "cpu",
     attention: str = "auto",
     audio=None,
+    video=None,
 ) -> Encoder:
     """Load a frozen pretrained encoder.
 
@@ -44,6 +47,8 @@ def build_encoder(
         model: zoo name, local directory or hub id.
         modality: "text", "image" or "audio"; inferred from the model config when None.
         audio: an :class:`~mmpeft.config.AudioConfig` for audio encoders (how clips are read).
+        video: a :class:`~mmpeft.config.VideoConfig` for video encoders (``modality: video``:
+            the image encoder ``model`` read frame by frame, :mod:`.video`).
         quantization: a :class:`~mmpeft.config.QuantizationConfig` or None.
         device: where quantized weights are placed (bitsandbytes quantizes on load).
 
@@ -51,12 +56,17 @@ def build_encoder(
         An :class:`Encoder` with every base parameter frozen (``requires_grad=False``).
     """
     source = resolve_source(model)
+    # a video encoder is an image encoder read frame by frame: the model's own config says it reads images
+    reads_video, modality = modality == "video", (None if modality == "video" else modality)
     options = EncoderOptions(modality, revision, max_length, image_size, pooling, quantization, device, attention, audio)
     encoder = family_for(model, source).build(model, source, options)
     if quantization is not None:
         respect_compute_dtype(encoder.model, quantization)
     if modality and encoder.modality != modality:
-        raise RecipeError([f"encoder {model!r} reads {encoder.modality}, but the recipe says modality: {modality}"])
+        raise RecipeError([f"encoder {model!r} reads {encoder.modality}, but the recipe says modality: "
+                           f"{'video (frames through an image encoder)' if reads_video else modality}"])
+    if reads_video:
+        as_video(encoder, video or VideoConfig())
     for param in encoder.parameters():
         param.requires_grad_(False)
     encoder.eval()

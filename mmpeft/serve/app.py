@@ -33,7 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from ..data.checks import MAX_IMAGE_PIXELS
 from ..version import __version__
 from .batching import Batcher
-from .inputs import (ClientError, DecodeBudget, audio_file, decode_image, from_base64, own_input, parse_multipart,
+from .inputs import (ClientError, DecodeBudget, audio_file, video_file, decode_image, from_base64, own_input, parse_multipart,
                      decoded_cost, valid_text)
 from .openai_api import OpenAIError, add_openai_routes
 
@@ -117,19 +117,21 @@ def create_app(pool, settings: ServeSettings | None = None) -> FastAPI:
         "multipart/form-data": {"schema": {"type": "object", "required": ["image", "question"], "properties": {
             "image": {"type": "string", "format": "binary"}, "question": {"type": "string", "minLength": 1, "maxLength": 2000},
             "audio": {"type": "string", "format": "binary", "description": "bundles with an audio encoder"},
+            "video": {"type": "string", "format": "binary", "description": "bundles with a video encoder"},
             "bundle": {"type": "string", "description": "a name from /bundles; optional when one bundle is served"},
             "top_k": {"type": "integer", "minimum": 1, "default": 3}}}},
         "application/json": {"schema": {"type": "object", "required": ["image_base64", "question"], "properties": {
             "image_base64": {"type": "string", "format": "byte"},
             "question": {"type": "string", "minLength": 1, "maxLength": 2000, "pattern": "\\S"},
             "audio_base64": {"type": "string", "format": "byte", "description": "bundles with an audio encoder"},
+            "video_base64": {"type": "string", "format": "byte", "description": "bundles with a video encoder"},
             "bundle": {"type": "string"}, "top_k": {"type": "integer", "minimum": 1, "default": 3}}}}}}}
     error = {"content": {"application/json": {"schema": {"type": "object", "required": ["error", "field"], "properties": {
         "error": {"type": "string"}, "field": {"type": "string"}}}}}}
     openapi["responses"] = {str(code): {"description": why, **error} for code, why in (
         (400, "a body that cannot be read: not JSON, not UTF-8, bad base64, a damaged image"),
         (404, "no bundle of that name"), (413, "too large: the body, an image's pixels, its decoded bytes, fields or parts"),
-        (415, "another content type, or a file that is not an image / audio"),
+        (415, "another content type, or a file that is not an image / audio / video"),
         (422, "a field missing, empty or out of range"), (503, "images in flight fill the decode budget: retry (Retry-After)"))}
 
     @app.post("/predict", openapi_extra=openapi)
@@ -174,6 +176,11 @@ def create_app(pool, settings: ServeSettings | None = None) -> FastAPI:
                 if fields.get("audio") is None:
                     raise ClientError(422, "audio is required for this bundle (a file field, or audio_base64 in a JSON body)", "audio")
                 clip = await asyncio.to_thread(audio_file, fields["audio"])
+            footage = None
+            if "video" in reads:
+                if fields.get("video") is None:
+                    raise ClientError(422, "video is required for this bundle (a file field, or video_base64 in a JSON body)", "video")
+                footage = await asyncio.to_thread(video_file, fields["video"], served.video_readers)
             own = {}
             try:
                 unknown = sorted(k for k in fields if k.startswith("input.") and k[len("input."):] not in served.own)
@@ -182,9 +189,9 @@ def create_app(pool, settings: ServeSettings | None = None) -> FastAPI:
                                            f"({'those are: ' + ', '.join(served.own) if served.own else 'it has none'})", unknown[0])
                 for enc_name, (modality, _) in served.own.items():
                     own[enc_name] = await asyncio.to_thread(own_input, fields, enc_name, modality, settings)
-                answer = await batcher.submit(name, decoded, question if "text" in reads else "", top_k, clip, own)
+                answer = await batcher.submit(name, decoded, question if "text" in reads else "", top_k, clip, own, footage)
             finally:
-                for path in [clip] + [v for n, v in own.items() if served.own[n][0] == "audio"]:
+                for path in [clip, footage] + [v for n, v in own.items() if served.own[n][0] == "audio"]:
                     if path is not None:
                         Path(path).unlink(missing_ok=True)
         reply = {"answer": answer["answer"], "top_k": answer["top_k"]} if served.top_k_answers else \
@@ -237,7 +244,7 @@ async def _read_request(request: Request, settings: ServeSettings) -> dict:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         raw = await asyncio.to_thread(parse_multipart, body, content_type)  # the loop keeps serving meanwhile
-        files = [k for k in raw if k in ("image", "audio") or k.startswith("input.")]  # kept as bytes
+        files = [k for k in raw if k in ("image", "audio", "video") or k.startswith("input.")]  # kept as bytes
         fields = {k: v.decode("utf-8", "replace") for k, v in raw.items() if k not in files}
         fields.update({k: raw[k] for k in files})
         return fields
@@ -263,7 +270,7 @@ async def _read_request(request: Request, settings: ServeSettings) -> dict:
         fields.update({f"input.{k}": v for k, v in inputs.items()})
         if "bundle" in fields and not isinstance(fields["bundle"], str):
             raise ClientError(422, "bundle must be a name (text)", "bundle")
-        for kind in ("image", "audio"):
+        for kind in ("image", "audio", "video"):
             key = f"{kind}_base64"
             if key in data:
                 fields[kind] = from_base64(data[key], key, kind)

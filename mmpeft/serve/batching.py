@@ -22,6 +22,7 @@ class Job:
     top_k: int
     future: asyncio.Future
     audio: str | None = None  # path of the uploaded clip (bundles with an audio encoder)
+    video: str | None = None  # path of the uploaded video (bundles with a video encoder)
     own: dict = field(default_factory=dict)  # encoders reading an input of their own: {name: image, text or clip path}
     queued: float = field(default_factory=time.perf_counter)
 
@@ -50,9 +51,9 @@ class Batcher:
         await asyncio.gather(*self.workers, return_exceptions=True)
 
     async def submit(self, bundle: str, image, question: str, top_k: int, audio: str | None = None,
-                     own: dict | None = None) -> dict:
+                     own: dict | None = None, video: str | None = None) -> dict:
         future = asyncio.get_running_loop().create_future()
-        await self.queues[bundle].put(Job(image, question, top_k, future, audio=audio, own=own or {}))
+        await self.queues[bundle].put(Job(image, question, top_k, future, audio=audio, own=own or {}, video=video))
         return await future
 
     async def _answer(self, bundle: str, jobs: list[Job]) -> None:
@@ -61,7 +62,8 @@ class Batcher:
         top_k = max(job.top_k for job in jobs)  # each answer is cut to its own top_k below
         try:
             answers = await asyncio.to_thread(self.pool.answer, bundle, [j.image for j in jobs], [j.question for j in jobs],
-                                              top_k, [j.audio for j in jobs], [j.own for j in jobs])
+                                              top_k, [j.audio for j in jobs], [j.own for j in jobs],
+                                              [j.video for j in jobs])
         except Exception as exc:  # noqa: BLE001 - the requests learn of it
             if len(jobs) == 1:
                 if not jobs[0].future.done():

@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from ..data.audio import BadAudio, audio_info, read_audio
+from ..data.video import BadVideo, read_video
 
 
 class ClientError(Exception):
@@ -156,6 +157,25 @@ def audio_file(data: bytes, field: str = "audio") -> str:
         rate, _, _ = audio_info(path)
         read_audio(path, rate, MAX_CLIP_SECONDS)  # decoded once here: a clip of NaN is this request's error, not its batch's
     except BadAudio as exc:
+        Path(path).unlink(missing_ok=True)
+        raise ClientError(415, f"{field} is {exc}", field) from None
+    return path
+
+
+def video_file(data: bytes, readers, field: str = "video") -> str:
+    """An uploaded video, written to a private temporary file (removed once answered) and
+    decoded here as each of the bundle's video encoders reads it (``readers``: their
+    ``(frames, fps, max_seconds)``; bounded as training data is), so that a damaged clip is
+    this request's error, not its batch's."""
+    if not data:
+        raise ClientError(422, f"{field} is empty", field)
+    handle, path = tempfile.mkstemp(prefix="mmpeft-upload-", suffix=".video")
+    with os.fdopen(handle, "wb") as out:
+        out.write(data)
+    try:
+        for frames, fps, seconds in readers:
+            read_video(path, frames, seconds, fps)
+    except BadVideo as exc:
         Path(path).unlink(missing_ok=True)
         raise ClientError(415, f"{field} is {exc}", field) from None
     return path

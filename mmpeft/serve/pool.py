@@ -69,6 +69,11 @@ class Served:
         any other bundle answers its tasks' own ``result`` (as ``mmpeft predict`` prints it)."""
         return len(self.tasks) == 1 and next(iter(self.tasks.values())).settings.single_answer
 
+    @property
+    def video_readers(self) -> list:
+        """How its video encoders decode a clip (checked on upload as they will read it)."""
+        return list(dict.fromkeys(e.video_reader for e in self.model.encoders.values() if e.modality == "video"))
+
 
 def describe(name: str, path: Path, manifest: dict, recipe, vocab_size: int, version: str, inputs=(), own=None) -> dict:
     """What ``GET /bundles`` says of a bundle: the inputs it reads (``inputs``: modalities; ``own``:
@@ -86,7 +91,7 @@ def describe(name: str, path: Path, manifest: dict, recipe, vocab_size: int, ver
                 metrics[f"{field_name}={value}"] = group["accuracy"]
     return {"name": name, "version": version, "digest": bundle_digest(manifest), "created": manifest.get("created"),
             "task": manifest["task"],
-            "inputs": [m for m in ("image", "text", "audio") if m in inputs],
+            "inputs": [m for m in ("image", "text", "audio", "video") if m in inputs],
             "encoder_inputs": {n: modality for n, (modality, _) in (own or {}).items()},
             "methods": {n: e["method"] for n, e in manifest["encoders"].items()}, "head": manifest["head"]["type"],
             "vocabulary_size": vocab_size, "data": recipe.data.source, "test_rows": test_rows, "metrics": metrics, "card": card,
@@ -173,7 +178,7 @@ class AdapterPool:
                 shared.active = served.name
 
     def answer(self, name: str, images: list, questions: list[str], top_k: int, audios: list | None = None,
-               owns: list | None = None) -> list[dict]:
+               owns: list | None = None, videos: list | None = None) -> list[dict]:
         """Answers for decoded images (PIL, or None for a bundle without an image encoder),
         questions and uploaded clips (file paths), and the inputs of encoders reading one of
         their own (``owns``: per request ``{encoder: image, text or clip path}``), with bundle
@@ -181,8 +186,9 @@ class AdapterPool:
         served = self.bundles[name]
         store = ImageStore.for_encoders(served.model.encoders.values())  # per batch: nothing outlives the request
         rows = []
-        for i, (image, question, audio, own) in enumerate(zip(images, questions, audios or [None] * len(images),
-                                                             owns or [{}] * len(images))):
+        for i, (image, question, audio, own, video) in enumerate(zip(images, questions, audios or [None] * len(images),
+                                                                    owns or [{}] * len(images),
+                                                                    videos or [None] * len(images))):
             key = f"<upload {i}>"
             if image is not None:
                 store.put(key, image)
@@ -194,7 +200,7 @@ class AdapterPool:
                     value = f"<upload {i} {enc_name}>"
                 inputs[enc_name] = (modality, column, value)
             rows.append(Sample(key if image is not None else "", question, "", {}, f"request {i + 1}", audio or "",
-                               inputs=inputs))
+                               inputs=inputs, video=video or ""))
         with self._lock:
             self._activate(served)
             return answer_rows(served.model, served.tasks, served.recipe, rows, store, top_k, self.device,
