@@ -276,3 +276,22 @@ def test_bad_video_row_is_named_or_skipped(assets, clips, tmp_path):
     res = runner.invoke(app, ["finetune", str(path), "data.on_bad_video=skip"])
     assert res.exit_code == 0 and "data.on_bad_video=skip: skipped" in res.output, res.output
     assert load_recipe(path).encoders["video"].video.temporal == "transformer"
+
+
+def test_bench_video_records_each_configuration_once(assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("MMPEFT_CACHE", str(tmp_path / "cache"))
+    overrides = [f"encoders.video.model={assets['effnet']}", "encoders.video.image_size=32", f"encoders.text.model={assets['bert']}",
+                 "encoders.video.video.width=16", "encoders.video.video.heads=2", "fusion.hidden_size=16", "data.clips=24",
+                 "train.epochs=1", "train.batch_size=8"]
+    out = tmp_path / "bench"
+    args = ["bench", "video", "--out", str(out), "--seeds", "0", "--configs", "middle frame,temporal transformer", *overrides]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    result = json.loads((out / "video.json").read_text())
+    assert [(r["config"], r["seed"]) for r in result["runs"]] == [("middle frame", 0), ("temporal transformer", 0)]
+    assert all(0 <= r["direction"] <= 1 and r["epochs"] == 1 for r in result["runs"])
+    assert result["decoding"]["frames_per_s"] > 0 and "| temporal transformer | 0 |" in (out / "video.md").read_text()
+    again = runner.invoke(app, args)  # nothing is trained, or scored, twice
+    assert again.exit_code == 0 and json.loads((out / "video.json").read_text())["runs"] == result["runs"]
+    bad = runner.invoke(app, ["bench", "video", "--out", str(tmp_path / "b2"), "--configs", "middle", *overrides])
+    assert bad.exit_code == 2 and "unknown" in bad.output

@@ -11,7 +11,7 @@ import typer
 from ..errors import UsageError
 from .common import OVERRIDES, console, friendly
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: methods, memory, VQA-RAD, searches, contrastive, generate, throughput, serving, faults.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: methods, memory, VQA-RAD, searches, contrastive, generate, video, throughput, serving, faults.")
 
 
 @bench_app.command("quickstart")
@@ -46,6 +46,26 @@ def bench_generate(recipe: str = typer.Option(..., help="a recipe with a generat
     run(recipe, out, overrides or [], bundle=bundle, rows=rows, qlora_rows=qlora_rows)
     console.print((Path(out) / "generate.md").read_text())
     console.print(f"written to {out}/generate.json and generate.md")
+
+
+@bench_app.command("video")
+@friendly
+def bench_video(recipe: Optional[str] = typer.Option(None, help="a recipe with a video encoder named video (default: the "
+                                                     "shipped moving_shapes_video)"),
+                out: str = typer.Option(..., help="folder for video.json / .md"),
+                seeds: str = typer.Option("0,1,2", help="comma-separated seeds"),
+                configs: str = typer.Option("middle frame,mean of 8 frames,temporal transformer",
+                                            help="comma-separated: middle frame, mean of 8 frames, temporal transformer, tdconv"),
+                overrides: Optional[List[str]] = typer.Argument(None, metavar=OVERRIDES, help="dotted key=value overrides")):
+    """Middle frame vs mean pooling vs the temporal transformer on moving shapes: accuracy per question type."""
+    from ..bench.common import parse_seeds
+    from ..bench.video import run
+    from .recipes import shipped
+
+    path = recipe or str(shipped()["moving_shapes_video"])
+    run(path, out, parse_seeds(seeds), tuple(c.strip() for c in configs.split(",")), overrides or [])
+    console.print((Path(out) / "video.md").read_text())
+    console.print(f"written to {out}/video.json and video.md")
 
 
 @bench_app.command("contrastive")
