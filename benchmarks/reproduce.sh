@@ -31,9 +31,10 @@ case "$name" in
   contrastive-sigmoid) mmpeft bench contrastive --recipe recipes/easy_vqa_contrastive.yaml --out $R/contrastive_sigmoid \
                          task.loss=sigmoid "$@" ;;
   caption) mmpeft bench generate --recipe recipes/easy_vqa_caption.yaml --out $R/caption "$@" ;;
+  video-contrastive) mmpeft bench contrastive --recipe recipes/moving_shapes_contrastive.yaml --out $R/video_contrastive "$@" ;;
   video) mmpeft bench video --recipe recipes/moving_shapes_video.yaml --out $R/video "$@" ;;
   faults) mmpeft bench faults --recipe recipes/quickstart.yaml --out $R/faults "$@" ;;
   list) echo "quickstart methods memory vqa-rad vqa-rad-search vqa-rad-multitask audio-visual task-sampling serve throughput"\
-             "contrastive contrastive-sigmoid caption video faults" ;;
+             "contrastive contrastive-sigmoid caption video video-contrastive faults" ;;
   *) echo "unknown benchmark '$name'; run: bash benchmarks/reproduce.sh list" >&2; exit 2 ;;
 esac

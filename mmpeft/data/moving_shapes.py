@@ -112,9 +112,10 @@ def moving_shapes_samples(split: str, clips: int) -> list[Sample]:
 
 
 def moving_shapes_caption_samples(split: str, clips: int) -> list[Sample]:
-    """One caption per clip (``"a red circle moves left"``), its class the answer; groups
+    """One caption per clip (``"a red circle moves left"``), its class the answer (``"red circle
+    moving left"``, 48 classes); groups
     ``color``, ``shape`` and ``direction``."""
-    return [Sample("", f"a {color} {shape} moves {direction}", f"{color} {shape} {direction}",
+    return [Sample("", f"a {color} {shape} moves {direction}", f"{color} {shape} moving {direction}",
                    {"color": color, "shape": shape, "direction": direction}, f"moving_shapes captions {split}, clip {i}",
                    video=path)
             for i, (path, color, shape, direction) in enumerate(clip_files(split, clips))]
