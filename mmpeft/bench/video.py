@@ -19,7 +19,8 @@ from ..data import recipe_splits
 from ..data.video import read_video
 from ..errors import UsageError
 from ..train import finetune
-from .common import bundle_folder, machine_info, output_folder, write_atomic
+from .common import (bundle_folder, machine_info, output_folder, previous_results, recipe_fingerprint, resolved_settings,
+                     write_atomic)
 
 # what each configuration changes in the recipe's video encoder
 CONFIGS = {
@@ -52,10 +53,10 @@ def run(recipe_path: str, out: str, seeds=(0, 1, 2), configs=("middle frame", "m
         raise UsageError(f"{recipe_path}: needs a video encoder named 'video' (recipes/moving_shapes_video.yaml)")
     folder = output_folder(out)
     cache = folder / "video.json"
-    result = json.loads(cache.read_text()) if cache.is_file() else {}
-    if result and (result.get("recipe") != recipe_path or result.get("overrides") != list(overrides)):
-        raise UsageError(f"{cache} holds runs of another recipe or overrides; pass another --out")
-    result.update({"recipe": recipe_path, "overrides": list(overrides), "machine": machine_info(),
+    fingerprint = recipe_fingerprint(recipe)  # resumes only into runs of the same settings
+    result = previous_results(cache, recipe_path, list(overrides), fingerprint) or {}
+    result.update({"recipe": recipe_path, "overrides": list(overrides), "recipe_sha256": fingerprint,
+                   "recipe_resolved": resolved_settings(recipe), "machine": machine_info(),
                    "decoding": decoding_speed(recipe)})
     runs = result.setdefault("runs", [])
     runs_dir = bundle_folder(out, "benchmarks/results/video_runs")

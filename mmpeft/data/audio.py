@@ -12,10 +12,10 @@ header claims. Multi-channel audio is mixed down to mono by averaging the channe
 
 from __future__ import annotations
 
-import os
-import stat
 
 import numpy as np
+
+from .media import require_media_file
 
 MAX_CHANNELS = 32  # more is not a recording this toolkit can use: refused before decoding
 
@@ -34,16 +34,7 @@ def _soundfile():
 
 def audio_info(path: str) -> tuple[int, int, int]:
     """``(sample rate, frames, channels)`` from the file's header, or :class:`BadAudio`."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise BadAudio(f"not readable ({exc.strerror or exc})") from None
-    if not stat.S_ISREG(mode):
-        raise BadAudio("not a regular file")
-    if os.path.getsize(path) == 0:
-        raise BadAudio("empty file")
+    require_media_file(path, BadAudio)
     sf = _soundfile()
     try:
         info = sf.info(path)

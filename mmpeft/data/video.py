@@ -17,14 +17,14 @@ frames) is ever decoded, whatever its header claims.
 
 from __future__ import annotations
 
-import os
-import stat
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Optional
 
 import numpy as np
 from PIL import Image
+
+from .media import require_media_file
 
 MAX_FRAME_PIXELS = 4096 * 4096  # one frame; beyond is not footage this toolkit can use
 MAX_DECODED_FRAMES = 3600  # per clip: two minutes at 30 fps, however long max_seconds is
@@ -55,16 +55,7 @@ def _av():
 
 
 def _open(path: str):
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise BadVideo(f"not readable ({exc.strerror or exc})") from None
-    if not stat.S_ISREG(mode):
-        raise BadVideo("not a regular file (a folder, FIFO or device?)")
-    if os.path.getsize(path) == 0:
-        raise BadVideo("empty file")
+    require_media_file(path, BadVideo)
     av = _av()
     try:
         container = av.open(path, mode="r", metadata_errors="ignore")

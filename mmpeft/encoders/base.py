@@ -156,14 +156,10 @@ class ImageEncoder(Encoder):
         # model index rows into it (``row_index``). With augmentation each unique image gets one
         # random view per batch, shared by its questions: a view per question would encode the
         # same image ~10 times (VQA-RAD); augmented views must never hit the feature cache.
-        unique = list(dict.fromkeys(values))
+        unique, rows = unique_rows(values)
         pixels = torch.stack([self.pixels(augment(store.get(p), rng)) if rng is not None else store.pixels_for(name, self, p)
                               for p in unique])
-        tensors = {"pixel_values": pixels}
-        if len(unique) != len(values):
-            position = {p: i for i, p in enumerate(unique)}
-            tensors["row_index"] = torch.tensor([position[p] for p in values], dtype=torch.long)
-        return tensors, (unique if rng is None else None)
+        return {"pixel_values": pixels, **rows}, (unique if rng is None else None)
 
     def preprocess(self, items: list[Any]) -> dict[str, torch.Tensor]:
         return {"pixel_values": torch.stack([self.pixels(im) for im in items])}
@@ -180,6 +176,17 @@ class ImageEncoder(Encoder):
 
     def encode_pixels(self, pixel_values: torch.Tensor) -> EncoderOutput:
         raise NotImplementedError
+
+
+def unique_rows(values: list) -> tuple[list, dict[str, torch.Tensor]]:
+    """The distinct ``values`` in order, and ``{"row_index": [B]}`` mapping each row to its
+    value's position among them (empty when every value is distinct): a file read by many
+    rows (one image, many questions) is encoded once."""
+    unique = list(dict.fromkeys(values))
+    if len(unique) == len(values):
+        return unique, {}
+    position = {v: i for i, v in enumerate(unique)}
+    return unique, {"row_index": torch.tensor([position[v] for v in values], dtype=torch.long)}
 
 
 def audio_batch(encoder, name: str, values: list, store) -> tuple[dict[str, torch.Tensor], list]:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import RecipeError
-from .base import EncoderOutput, masked_mean
+from .base import EncoderOutput, masked_mean, unique_rows
 
 _CLASSES: dict[type, type] = {}
 # Frame positions are drawn at the scale of the normalised frame embeddings they are added to:
@@ -68,14 +68,10 @@ class VideoFrames:
     def batch(self, name: str, values: list, store, rng=None):
         # several questions per clip: each clip is decoded and encoded once (as images are);
         # no augmentation: a crop or jitter per frame would be noise in time
-        unique = list(dict.fromkeys(values))
+        unique, rows = unique_rows(values)
         clips = [store.video_pixels_for(name, self, path) for path in unique]
-        tensors = {"pixel_values": torch.stack([p for p, _ in clips]),
-                   "frames": torch.tensor([n for _, n in clips], dtype=torch.long)}
-        if len(unique) != len(values):
-            position = {p: i for i, p in enumerate(unique)}
-            tensors["row_index"] = torch.tensor([position[p] for p in values], dtype=torch.long)
-        return tensors, unique
+        return {"pixel_values": torch.stack([p for p, _ in clips]),
+                "frames": torch.tensor([n for _, n in clips], dtype=torch.long), **rows}, unique
 
     def preprocess(self, items: list) -> dict[str, torch.Tensor]:
         """Clips as lists of PIL frames -> ``pixel_values [B, frames, 3, S, S]`` and ``frames [B]``."""

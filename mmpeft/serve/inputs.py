@@ -145,40 +145,41 @@ def decode_image(data: bytes, max_pixels: int, field: str = "image"):
                           field) from None
 
 
-def audio_file(data: bytes, field: str = "audio") -> str:
-    """An uploaded clip, written to a private temporary file (removed once answered) and
-    checked the way training data is (header first, regular file, bounded decoding)."""
+def _checked_upload(data: bytes, field: str, suffix: str, check, bad: type[Exception]) -> str:
+    """``data`` written to a private temporary file (the caller removes it once answered) and
+    decoded by ``check(path)`` the way training data is, so that a damaged file is this
+    request's error (415, its ``bad`` message), not its batch's."""
     if not data:
         raise ClientError(422, f"{field} is empty", field)
-    handle, path = tempfile.mkstemp(prefix="mmpeft-upload-", suffix=".audio")
+    handle, path = tempfile.mkstemp(prefix="mmpeft-upload-", suffix=suffix)
     with os.fdopen(handle, "wb") as out:
         out.write(data)
     try:
-        rate, _, _ = audio_info(path)
-        read_audio(path, rate, MAX_CLIP_SECONDS)  # decoded once here: a clip of NaN is this request's error, not its batch's
-    except BadAudio as exc:
+        check(path)
+    except bad as exc:
         Path(path).unlink(missing_ok=True)
         raise ClientError(415, f"{field} is {exc}", field) from None
     return path
+
+
+def audio_file(data: bytes, field: str = "audio") -> str:
+    """An uploaded clip, checked as training data is (header first, regular file, bounded
+    decoding; a clip of NaN fails here)."""
+    def check(path: str) -> None:
+        rate, _, _ = audio_info(path)
+        read_audio(path, rate, MAX_CLIP_SECONDS)
+
+    return _checked_upload(data, field, ".audio", check, BadAudio)
 
 
 def video_file(data: bytes, readers, field: str = "video") -> str:
-    """An uploaded video, written to a private temporary file (removed once answered) and
-    decoded here as each of the bundle's video encoders reads it (``readers``: their
-    ``(frames, fps, max_seconds)``; bounded as training data is), so that a damaged clip is
-    this request's error, not its batch's."""
-    if not data:
-        raise ClientError(422, f"{field} is empty", field)
-    handle, path = tempfile.mkstemp(prefix="mmpeft-upload-", suffix=".video")
-    with os.fdopen(handle, "wb") as out:
-        out.write(data)
-    try:
+    """An uploaded video, decoded as each of the bundle's video encoders reads it
+    (``readers``: their ``(frames, fps, max_seconds)``; bounded as training data is)."""
+    def check(path: str) -> None:
         for frames, fps, seconds in readers:
             read_video(path, frames, seconds, fps)
-    except BadVideo as exc:
-        Path(path).unlink(missing_ok=True)
-        raise ClientError(415, f"{field} is {exc}", field) from None
-    return path
+
+    return _checked_upload(data, field, ".video", check, BadVideo)
 
 
 def from_base64(value, what: str, field: str) -> bytes:
