@@ -220,13 +220,14 @@ def json_fingerprint(data) -> str:
 
 
 # Sealed folders mmpeft writes: their manifest file and the format it declares.
-SEALED_MANIFESTS = {"manifest.json": "mmpeft-bundle", "export.json": "mmpeft-onnx-export", "checkpoint.json": "mmpeft-checkpoint"}
+SEALED_MANIFESTS = {"manifest.json": ("mmpeft-bundle",), "export.json": ("mmpeft-onnx-export", "mmpeft-llava-export"),
+                    "checkpoint.json": ("mmpeft-checkpoint",)}
 
 
 def written_by_mmpeft(folder: Path) -> bool:
     """True when ``folder`` is a sealed folder mmpeft wrote and holds nothing else (every
     file in it is listed in its manifest): only such a folder may be replaced."""
-    for name, form in SEALED_MANIFESTS.items():
+    for name, forms in SEALED_MANIFESTS.items():
         path = Path(folder) / name
         if not path.is_file():
             continue
@@ -234,7 +235,7 @@ def written_by_mmpeft(folder: Path) -> bool:
             manifest = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return False
-        if not isinstance(manifest, dict) or manifest.get("format") != form or not isinstance(manifest.get("files"), dict):
+        if not isinstance(manifest, dict) or manifest.get("format") not in forms or not isinstance(manifest.get("files"), dict):
             return False
         present = {p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if not p.is_dir()}
         return present - {name} <= set(manifest["files"])

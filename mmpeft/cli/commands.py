@@ -267,12 +267,23 @@ def merge(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle dire
 @friendly
 def export(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle directory"),
            out: Path = typer.Option(..., "--out", help="output directory"),
-           format: str = typer.Option("onnx", "--format", help="onnx"),
+           format: str = typer.Option("onnx", "--format", help="onnx, or llava (a generate bundle with a CLIP vision "
+                                      "tower: a transformers LlavaForConditionalGeneration folder)"),
            opset: int = typer.Option(17, help="ONNX opset"),
            overwrite: bool = typer.Option(False, "--overwrite")):
-    """Export the merged model (text + image in, answer logits out)."""
+    """Export the merged model: ONNX (the encoders' inputs in, every task's outputs out) or LLaVA."""
+    if format == "llava":
+        from ..bundle.llava_export import export_llava
+
+        result = export_llava(bundle, out, overwrite=overwrite)
+        check = result["check"]
+        console.print(f"LLaVA checkpoint written to {out} (task {result['task']}, vision tower from encoder "
+                      f"{result['vision_encoder']}); loaded back with transformers: {check['tokens_equal']} of "
+                      f"{check['rows']} probe rows ({check['probe']}) generated the same greedy tokens, max |first-step "
+                      f"logit diff| {check['max_abs_first_logit_diff']:.2e}", soft_wrap=True)
+        return
     if format != "onnx":
-        raise UsageError(f"--format: unknown export format {format!r}; available: onnx")
+        raise UsageError(f"--format: unknown export format {format!r}; available: onnx, llava")
     from ..bundle.export import export_onnx
 
     result = export_onnx(bundle, out, opset=opset, overwrite=overwrite)

@@ -32,6 +32,8 @@ class Task:
     feeds_head: ClassVar[bool] = False
     #: its output is one forward pass of fixed width, which an ONNX graph can hold (generation is a loop)
     exports_onnx: ClassVar[bool] = True
+    #: True when the task's head is a LLaVA-style projector + decoder (``mmpeft export --format llava``).
+    exports_llava: ClassVar[bool] = False
 
     def __init__(self, name: str, settings: TaskSettings, state: dict, label_field: str = "answer"):
         self.name = name

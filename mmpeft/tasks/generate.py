@@ -37,6 +37,7 @@ class GenerateTask(Task):
     Settings = GenerateSettings
     feeds_head = True
     exports_onnx = False
+    exports_llava = True
     label_smoothing = 0.0
     eval_batch_size = 64
 
