@@ -148,7 +148,7 @@ class Predictor:
         inputs = send_to_device(batch["inputs"], self.device)
         with inference_autocast(self.bundle.recipe, self.device):
             outputs = self.model.encode(inputs)
-            self.tasks[name].stream(self.model.task_head(name), outputs, inputs[TASK_INPUTS][name], on_text)
+            self.tasks[name].stream(self.model.task_head(name), outputs, inputs[TASK_INPUTS][name], [on_text])
 
     @torch.no_grad()
     def predict(self, images: Sequence[str], texts: Sequence[str], top_k: int = 3, batch_size: int = 32,

@@ -72,3 +72,31 @@ def test_client_mistakes_are_4xx_in_openais_shape(served):
         assert 400 <= caught.value.status_code < 500 and message in caught.value.message, (kwargs, caught.value.message)
     reply = http.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert reply.status_code == 400 and reply.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_requests_arriving_together_are_generated_as_one_batch_with_their_own_replies(served, tmp_path):
+    """Eight clients at once (half streamed, two images, two prompts): one batch of generation
+    where they share settings, each reply equal to the request's own greedy reply alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = [served["image"], served["image"].with_name("test_1.png")]
+    prompts = ["what color is the shape ?", "a red circle"]
+    predictor = Predictor(served["bundle"])
+    want = {(i, p): predictor.predict([str(images[i])], [p])[0]["text"] for i in range(2) for p in prompts}
+    settings = ServeSettings(max_batch=16, max_wait_ms=400)
+    with TestClient(create_app(AdapterPool({"captioner": served["bundle"]}, log=lambda m: None), settings)) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+
+        def ask(k):
+            key = (k % 2, prompts[(k // 2) % 2])
+            messages = user(key[1], images[key[0]])
+            if k < 4:
+                return key, client.chat.completions.create(model="captioner", messages=messages).choices[0].message.content
+            chunks = client.chat.completions.create(model="captioner", messages=messages, stream=True)
+            return key, "".join(c.choices[0].delta.content or "" for c in chunks)
+
+        with ThreadPoolExecutor(8) as threads:
+            replies = list(threads.map(ask, range(8)))
+        health = http.get("/health").json()
+    assert [text for _, text in replies] == [want[key] for key, _ in replies]
+    assert health["chat_requests"] == 8 and health["chat_batches"] < 8  # some requests shared a batch

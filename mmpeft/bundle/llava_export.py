@@ -273,7 +273,8 @@ def export_llava(bundle, out: Path, *, overwrite: bool = False, tolerance: float
     out = Path(out)
     if out.exists() and not overwrite:
         raise UsageError(f"--out {out} already exists; pass --overwrite or choose another --out")
-    merged, report, _ = merge_in_memory(bundle, allow_base_mismatch=allow_base_mismatch)
+    # a decoder's logits run to tens: folding LoRA moves them by rounding more than a classifier's
+    merged, report, _ = merge_in_memory(bundle, tolerance=tolerance, allow_base_mismatch=allow_base_mismatch)
     task, head, enc_name, enc = llava_parts(merged, report)
     model, processor = build_llava(task, head, enc)
     rows, store, source = probe_rows(merged, probe_size)

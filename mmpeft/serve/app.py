@@ -32,7 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from ..data.checks import MAX_IMAGE_PIXELS
 from ..version import __version__
-from .batching import Batcher
+from .batching import Batcher, ChatBatcher
 from .inputs import (ClientError, DecodeBudget, audio_file, video_file, decode_image, from_base64, own_input, parse_multipart,
                      decoded_cost, valid_text)
 from .openai_api import OpenAIError, add_openai_routes
@@ -56,12 +56,15 @@ def create_app(pool, settings: ServeSettings | None = None) -> FastAPI:
     """The app answering with ``pool`` (an :class:`~mmpeft.serve.pool.AdapterPool`)."""
     settings = settings or ServeSettings()
     batcher = Batcher(pool, settings.max_batch, settings.max_wait_ms)
+    chat_batcher = ChatBatcher(pool, settings.max_batch, settings.max_wait_ms)
     budget = DecodeBudget(settings.max_decoded_bytes)
 
     async def lifespan(app):
         batcher.start()
+        chat_batcher.start(pool.generating())
         yield
         await batcher.stop()  # requests in flight are answered before the workers stop
+        await chat_batcher.stop()
 
     app = FastAPI(title="mmpeft serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Answers questions about images with mmpeft bundles.")
@@ -94,7 +97,7 @@ def create_app(pool, settings: ServeSettings | None = None) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok", "bundles": len(pool.bundles), "requests": batcher.requests, "batches": batcher.batches,
-                "weights": weights}
+                "chat_requests": chat_batcher.requests, "chat_batches": chat_batcher.batches, "weights": weights}
 
     @app.get("/bundles")
     async def bundles():
@@ -220,7 +223,7 @@ def create_app(pool, settings: ServeSettings | None = None) -> FastAPI:
         except ClientError as exc:
             raise OpenAIError(exc.status, exc.message, "messages") from None
 
-    add_openai_routes(app, pool, settings, read_json, decode)
+    add_openai_routes(app, pool, settings, read_json, decode, chat_batcher)
     return app
 
 

@@ -5,7 +5,7 @@ requests of the same bundle until ``max_batch`` are there or ``max_wait_ms`` hav
 since the first, runs them as one batch in a worker thread (the event loop keeps
 accepting requests meanwhile) and hands each request its own answer. ``max_batch=1`` turns
 batching off (every request is its own forward pass), which ``mmpeft bench serve`` measures
-against.
+against. Chat requests (:class:`ChatBatcher`) are batched the same way for generation.
 """
 
 from __future__ import annotations
@@ -96,5 +96,100 @@ class Batcher:
             finally:
                 self.batches += 1
                 self.requests += len(jobs)
+                for _ in jobs:
+                    queue.task_done()
+
+
+@dataclass
+class ChatJob:
+    request: tuple  # (image or None, text, history)
+    options: dict  # decoding settings: only requests asking for the same ones share a batch
+    future: asyncio.Future
+    on_text: object = None  # called with each piece of the reply (a streamed request), from the worker thread
+    started: bool = False  # a piece was already sent: the request cannot be answered again alone
+    queued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def key(self) -> str:
+        return repr(sorted(self.options.items()))
+
+
+class ChatBatcher:
+    """Chat requests to one bundle that arrive within ``max_wait_ms`` of each other and ask for
+    the same decoding settings are generated as one batch (left-padded, so greedy replies are
+    the ones each request gets alone); ``max_batch=1`` generates each request alone."""
+
+    def __init__(self, pool, max_batch: int = 16, max_wait_ms: float = 5.0):
+        self.pool = pool
+        self.max_batch = max(1, max_batch)
+        self.max_wait = max_wait_ms / 1000
+        self.queues: dict[str, asyncio.Queue] = {}
+        self.workers: list[asyncio.Task] = []
+        self.batches = 0
+        self.requests = 0
+
+    def start(self, names) -> None:
+        for name in names:
+            self.queues[name] = asyncio.Queue()
+            self.workers.append(asyncio.create_task(self._work(name), name=f"chat batcher {name}"))
+
+    async def stop(self) -> None:
+        for queue in self.queues.values():
+            await queue.join()
+        for worker in self.workers:
+            worker.cancel()
+        await asyncio.gather(*self.workers, return_exceptions=True)
+
+    async def submit(self, bundle: str, request: tuple, options: dict, on_text=None) -> dict:
+        future = asyncio.get_running_loop().create_future()
+        await self.queues[bundle].put(ChatJob(request, options, future, on_text))
+        return await future
+
+    async def _generate(self, bundle: str, jobs: list[ChatJob]) -> None:
+        def sender(job):
+            def send(piece):
+                job.started = True
+                if job.on_text is not None:
+                    job.on_text(piece)
+            return send
+
+        try:
+            replies = await asyncio.to_thread(self.pool.chat, bundle, [j.request for j in jobs], jobs[0].options,
+                                              [sender(j) for j in jobs])
+        except Exception as exc:  # noqa: BLE001 - the requests learn of it
+            if len(jobs) == 1 or any(j.started for j in jobs):
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                return
+            for job in jobs:  # one request's failure stays its own
+                await self._generate(bundle, [job])
+            return
+        for job, reply in zip(jobs, replies):
+            if not job.future.done():
+                job.future.set_result({**reply, "batch_size": len(jobs)})
+
+    async def _work(self, bundle: str) -> None:
+        queue = self.queues[bundle]
+        while True:
+            jobs = [await queue.get()]
+            deadline = jobs[0].queued + self.max_wait
+            while len(jobs) < self.max_batch:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                try:
+                    jobs.append(await asyncio.wait_for(queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            groups: dict[str, list[ChatJob]] = {}
+            for job in jobs:
+                groups.setdefault(job.key, []).append(job)
+            try:
+                for group in groups.values():
+                    await self._generate(bundle, group)
+                    self.batches += 1
+                    self.requests += len(group)
+            finally:
                 for _ in jobs:
                     queue.task_done()

@@ -4,8 +4,8 @@
 server-sent events, ``usage`` counts), so that client code written for the OpenAI API talks
 to ``mmpeft serve`` unchanged. Errors come in OpenAI's shape, ``{"error": {"message",
 "type", "param", "code"}}``, a 4xx for every client mistake. Images come as ``data:`` URLs
-(base64); the server never fetches an http URL. Requests are answered one at a time per
-server (generation is not batched here yet), each with its own decoding settings.
+(base64); the server never fetches an http URL. Requests that arrive together and ask for
+the same decoding settings are generated as one batch (:class:`~mmpeft.serve.batching.ChatBatcher`).
 """
 
 from __future__ import annotations
@@ -85,29 +85,27 @@ def parse_messages(messages, max_chars: int) -> tuple[list[dict], str, list]:
     return history, turns[-1]["content"], images
 
 
-def add_openai_routes(app: FastAPI, pool, settings, read_body, decode_image) -> None:
-    """The ``/v1`` routes on ``app`` (``read_body(request)``: the bounded JSON body)."""
+def add_openai_routes(app: FastAPI, pool, settings, read_body, decode_image, batcher) -> None:
+    """The ``/v1`` routes on ``app`` (``read_body(request)``: the bounded JSON body; ``batcher``: a
+    :class:`~mmpeft.serve.batching.ChatBatcher`, started with the app)."""
 
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, exc: OpenAIError):
         return JSONResponse({"error": {"message": exc.message, "type": "invalid_request_error", "param": exc.param or None,
                                        "code": exc.code}}, status_code=exc.status)
 
-    def generating() -> list[str]:
-        return [n for n, b in pool.bundles.items() if any(t.feeds_head for t in b.tasks.values())]
-
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "mmpeft"}
-                                           for n in generating()]}
+                                           for n in pool.generating()]}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await read_body(request)
         name = body.get("model")
-        if not isinstance(name, str) or name not in generating():
+        if not isinstance(name, str) or name not in pool.generating():
             raise OpenAIError(404, f"model {str(name)[:100]!r} is not served here (generating bundles: "
-                                   f"{', '.join(generating()) or 'none'})", "model", "model_not_found")
+                                   f"{', '.join(pool.generating()) or 'none'})", "model", "model_not_found")
         request.state.bundle = name
         history, text, urls = parse_messages(body.get("messages"), settings.max_question_chars)
         if _number(body, "n", int, 1, 128, 1) != 1:
@@ -132,14 +130,14 @@ def add_openai_routes(app: FastAPI, pool, settings, read_body, decode_image) -> 
             return {"id": ident, "object": extra.pop("object", "chat.completion"), "created": created, "model": name,
                     "choices": [choice], **extra}
 
-        def run(on_text=None) -> dict:
+        async def run(on_text=None) -> dict:
             try:
-                return pool.chat(name, image, text, history, options, on_text)
+                return await batcher.submit(name, (image, text, history), options, on_text)
             except ValueError as exc:  # a decoding setting the task refuses (UsageError is one)
                 raise OpenAIError(400, str(exc)) from None
 
         if not body.get("stream"):
-            out = await asyncio.to_thread(run)
+            out = await run()
             usage = {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
                      "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
             return reply({"index": 0, "message": {"role": "assistant", "content": out["text"]},
@@ -147,29 +145,19 @@ def add_openai_routes(app: FastAPI, pool, settings, read_body, decode_image) -> 
 
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
-        def worker():
-            try:
-                out = run(lambda piece: loop.call_soon_threadsafe(queue.put_nowait, ("text", piece)))
-                loop.call_soon_threadsafe(queue.put_nowait, ("end", out))
-            except Exception as exc:  # noqa: BLE001 - said in the stream: its 200 header is already sent
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
-
         async def events():
             chunk = {"object": "chat.completion.chunk"}
             yield f"data: {json.dumps(reply({'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}, **chunk))}\n\n"
-            task = asyncio.create_task(asyncio.to_thread(worker))
-            while True:
-                kind, value = await queue.get()
-                if kind == "text":
-                    yield f"data: {json.dumps(reply({'index': 0, 'delta': {'content': value}, 'finish_reason': None}, **chunk))}\n\n"
-                elif kind == "end":
-                    yield f"data: {json.dumps(reply({'index': 0, 'delta': {}, 'finish_reason': value['finish_reason']}, **chunk))}\n\n"
-                    break
-                else:
-                    message = value.message if isinstance(value, OpenAIError) else f"{type(value).__name__}: {str(value)[:300]}"
-                    yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
-                    break
-            await task
+            job = asyncio.ensure_future(run(lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece)))
+            job.add_done_callback(lambda _: queue.put_nowait(None))  # after every piece the generation sent
+            while (piece := await queue.get()) is not None:
+                yield f"data: {json.dumps(reply({'index': 0, 'delta': {'content': piece}, 'finish_reason': None}, **chunk))}\n\n"
+            try:
+                out = job.result()
+                yield f"data: {json.dumps(reply({'index': 0, 'delta': {}, 'finish_reason': out['finish_reason']}, **chunk))}\n\n"
+            except Exception as exc:  # noqa: BLE001 - said in the stream: its 200 header is already sent
+                message = exc.message if isinstance(exc, OpenAIError) else f"{type(exc).__name__}: {str(exc)[:300]}"
+                yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")

@@ -206,39 +206,49 @@ class AdapterPool:
             return answer_rows(served.model, served.tasks, served.recipe, rows, store, top_k, self.device,
                                batch_size=max(1, len(rows)), where=name)
 
-    def chat(self, name: str, image, text: str, history: list, options: dict, on_text=None) -> dict:
-        """One generated reply of bundle ``name``'s generating task to ``text`` (an image decoded,
-        or None; ``history``: earlier ``{role, content}`` turns; ``options``: decoding settings for
-        this request only), each piece passed to ``on_text`` as it comes. Returns the text and
-        OpenAI's ``usage`` counts and ``finish_reason``."""
+    def generating(self) -> list[str]:
+        """The bundles with a task that generates text (those the chat API serves)."""
+        return [n for n, b in self.bundles.items() if any(t.feeds_head for t in b.tasks.values())]
+
+    def chat(self, name: str, requests: list[tuple], options: dict, on_texts: list | None = None) -> list[dict]:
+        """Bundle ``name``'s generating task's replies to ``requests`` (``(image decoded or None,
+        text, history of earlier {role, content} turns)`` each), generated as one batch with the
+        decoding settings ``options`` (for this call only); reply ``i``'s pieces go to
+        ``on_texts[i]`` as they come. Returns each reply's text, OpenAI ``usage`` counts and
+        ``finish_reason``."""
         served = self.bundles[name]
         task_name = next(n for n, t in served.tasks.items() if t.feeds_head)
         task = served.tasks[task_name]
         store = ImageStore.for_encoders(served.model.encoders.values())
-        if image is not None:
-            store.put("<upload 0>", image)
-        row = Sample("<upload 0>" if image is not None else "", text, "", {}, "request 1", extra={"messages": history})
-        pieces = []
+        rows, pieces = [], [[] for _ in requests]
+        for i, (image, text, history) in enumerate(requests):
+            if image is not None:
+                store.put(f"<upload {i}>", image)
+            rows.append(Sample(f"<upload {i}>" if image is not None else "", text, "", {}, f"request {i + 1}",
+                               extra={"messages": history}))
 
-        def take(piece: str) -> None:
-            pieces.append(piece)
-            if on_text is not None:
-                on_text(piece)
+        def taker(i: int):
+            def take(piece: str) -> None:
+                pieces[i].append(piece)
+                if on_texts is not None and on_texts[i] is not None:
+                    on_texts[i](piece)
+            return take
 
         with self._lock:
             before = task.settings
             try:
                 task.decode_with(**options)
                 self._activate(served)
-                batch = Collator([row], dict(served.model.encoders.items()), served.tasks, store)([0])
+                batch = Collator(rows, dict(served.model.encoders.items()), served.tasks, store)(list(range(len(rows))))
                 inputs = send_to_device(batch["inputs"], self.device)
                 fed = inputs[TASK_INPUTS][task_name]
                 with torch.no_grad(), inference_autocast(served.recipe, self.device):
                     outputs = served.model.encode(inputs)
-                    usage = task.stream(served.model.task_head(task_name), outputs, fed, take)
+                    usage = task.stream(served.model.task_head(task_name), outputs, fed,
+                                        [taker(i) for i in range(len(rows))])
             finally:
                 task.decode_with(**before.model_dump())
-        return {"text": "".join(pieces), **usage}
+        return [{"text": "".join(p), **u} for p, u in zip(pieces, usage)]
 
     def weight_bytes(self) -> dict:
         """Bytes of the shared encoders' tensors and of what each bundle keeps for itself."""

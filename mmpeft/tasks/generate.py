@@ -217,18 +217,19 @@ class GenerateTask(Task):
         if self.head is not None:
             self.head.settings = self.settings
 
-    def stream(self, head, outputs, fed, on_text):
-        """Greedy / sampled decoding of one row through transformers' ``TextStreamer`` protocol;
-        returns OpenAI's counts: prompt tokens (prefix + prompt), completion tokens, finish reason."""
+    def stream(self, head, outputs, fed, on_texts):
+        """Greedy / sampled decoding of a batch, row ``i``'s text passed to ``on_texts[i]`` piece by
+        piece as transformers' streamer protocol hands the tokens over; returns each row's OpenAI
+        counts: prompt tokens (prefix + prompt), completion tokens, finish reason."""
         task, stops = self, list(self.settings.stop)
         hold = max((len(x) for x in stops), default=1) - 1
+        eos = self.tokenizer.eos_token_id
 
-        class Pieces:  # put() gets token ids as generate makes them; end() once it stops
-            def __init__(self):
-                self.ids, self.shown = [], ""
+        class Row:
+            def __init__(self, on_text):
+                self.on_text, self.ids, self.shown, self.ended = on_text, [], "", False
 
-            def put(self, value, final=False):
-                self.ids += [t for t in value.flatten().tolist() if t != task.tokenizer.eos_token_id]
+            def show(self, final=False):
                 text = task.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()  # as predict strips it
                 cut = cut_at_stop(text, stops)
                 if cut == text and not final:  # hold back what could be the start of a stop string
@@ -236,19 +237,33 @@ class GenerateTask(Task):
                 if final:
                     cut = cut.rstrip()
                 if len(cut) > len(self.shown) and not cut.endswith("\ufffd"):  # whole characters only
-                    on_text(cut[len(self.shown):])
+                    self.on_text(cut[len(self.shown):])
                     self.shown = cut
 
+        class Pieces:  # put() gets each step's token per row as generate makes them; end() once it stops
+            def __init__(self):
+                self.rows = [Row(f) for f in on_texts]
+
+            def put(self, value):
+                if value.dim() != 1:  # the prompt's ids (none: the decoder reads embeddings)
+                    return
+                for row, token in zip(self.rows, value.tolist()):
+                    if row.ended:  # padding after the row's end
+                        continue
+                    row.ended = token == eos
+                    if not row.ended:
+                        row.ids.append(token)
+                        row.show()
+
             def end(self):
-                self.put(torch.zeros(0, dtype=torch.long), final=True)
+                for row in self.rows:
+                    row.show(final=True)
 
         prefix, mask = head.prefix(outputs)
-        pieces = Pieces()
-        new, _ = head.generate(prefix, mask, fed["prompt_ids"], fed["prompt_mask"], streamer=pieces)
-        made = int((new[0] >= 0).sum())
-        ended = bool((new[0] == self.tokenizer.eos_token_id).any())
-        prompt = int(mask[0].sum()) + int(fed["prompt_mask"][0].sum())
-        return {"prompt_tokens": prompt, "completion_tokens": made, "finish_reason": "stop" if ended else "length"}
+        new, _ = head.generate(prefix, mask, fed["prompt_ids"], fed["prompt_mask"], streamer=Pieces())
+        prompt = mask.sum(1) + fed["prompt_mask"].sum(1)
+        return [{"prompt_tokens": int(prompt[i]), "completion_tokens": int((new[i] >= 0).sum()),
+                 "finish_reason": "stop" if bool((new[i] == eos).any()) else "length"} for i in range(len(on_texts))]
 
     def save_files(self, head, bundle_dir, folder):
         """The decoder's method as the method saves it for an encoder: LoRA / IA3 in peft's format
