@@ -5,6 +5,7 @@ unknown model, an http image URL and bad settings come back as 4xx in OpenAI's e
 from __future__ import annotations
 
 import base64
+import json
 
 import openai
 import pytest
@@ -46,6 +47,10 @@ def test_models_and_completions_equal_predict(served):
     pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model="captioner", messages=user("what color is the shape ?", image), stream=True)]
     assert "".join(pieces) == want
+    chunks = list(client.chat.completions.create(model="captioner", messages=user("what color is the shape ?", image),
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == done.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1]) and "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == want
     short = client.chat.completions.create(model="captioner", messages=user("what color is the shape ?", image), max_tokens=1)
     assert short.usage.completion_tokens == 1 and want.startswith(short.choices[0].message.content)
     sampled = client.chat.completions.create(model="captioner", messages=user("x", image), temperature=0.8, top_p=0.9)
@@ -100,3 +105,27 @@ def test_requests_arriving_together_are_generated_as_one_batch_with_their_own_re
         health = http.get("/health").json()
     assert [text for _, text in replies] == [want[key] for key, _ in replies]
     assert health["chat_requests"] == 8 and health["chat_batches"] < 8  # some requests shared a batch
+
+
+def test_bench_serve_chat_rows_and_soak(served, tmp_path):
+    """`mmpeft bench serve --chat`: streamed load with batching on and off, then a soak of valid
+    and invalid chat requests against a real server process: no 5xx, every client mistake a
+    4xx, every valid reply equal to predict's."""
+    from typer.testing import CliRunner
+
+    from mmpeft.cli import app
+
+    res = CliRunner().invoke(app, ["bench", "serve", "--chat", str(served["bundle"]), "--images",
+                                   str(served["image"].parent), "--image-count", "2", "--chat-prompts", "a|b",
+                                   "--chat-clients", "1,3", "--chat-requests", "6", "--chat-soak", "40",
+                                   "--out", str(tmp_path / "bench")])
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "bench" / "serve_chat.json").read_text())
+    assert [(r["mode"], r["clients"]) for r in result["load"]] == [
+        ("batching off", 1), ("batching off", 3), ("batching on", 1), ("batching on", 3)]
+    assert all(r["errors"] == 0 and r["requests"] == 6 and r["tokens"] >= 6 for r in result["load"])
+    soak = result["soak"]
+    assert soak["5xx"] == 0 and soak["valid"] + soak["invalid"] == 40
+    assert soak["valid_equal_to_predict"] == soak["valid"] > 0 and soak["invalid_4xx"] == soak["invalid"] > 0
+    assert set(result["batching_gain"]) == {"1", "3"}
+    assert "tokens/s" in (tmp_path / "bench" / "serve_chat.md").read_text()

@@ -3,6 +3,7 @@ in ``mmpeft.bench``, which imports torch only when the command runs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -176,7 +177,7 @@ def bench_throughput(recipe: str = typer.Option(..., help="the recipe to run (re
 
 @bench_app.command("serve")
 @friendly
-def bench_serve(bundles: str = typer.Option(..., help="comma-separated bundles over one base (benchmarks/reproduce.sh serve: "
+def bench_serve(bundles: str = typer.Option("", help="comma-separated bundles over one base (benchmarks/reproduce.sh serve: "
                                             "three of the repository's VQA-RAD bundles)"),
                 images: str = typer.Option(..., help="a folder of test images (the first --image-count)"),
                 image_count: int = typer.Option(8, help="images used"),
@@ -185,19 +186,36 @@ def bench_serve(bundles: str = typer.Option(..., help="comma-separated bundles o
                 clients: str = typer.Option("1,4,16,64", help="concurrent clients per level"),
                 requests: int = typer.Option(256, help="requests per level"),
                 soak: int = typer.Option(2000, help="requests of the soak"),
-                out: str = typer.Option(..., help="folder for serve.json and serve.md")):
+                chat: str = typer.Option("", help="a bundle with a generate task: the chat API's rows (streamed tokens/s, "
+                                         "time to first token, batching gain, a soak), in serve_chat.json / .md"),
+                chat_prompts: str = typer.Option("Caption:|describe the image", help="chat prompts, separated by |"),
+                chat_clients: str = typer.Option("1,4,16", help="concurrent chat clients per level"),
+                chat_requests: int = typer.Option(48, help="chat requests per level"),
+                chat_soak: int = typer.Option(1000, help="chat requests of the chat soak"),
+                out: str = typer.Option(..., help="folder for serve.json / serve.md (and serve_chat.json / .md)")):
     """Load test, memory and soak of `mmpeft serve` on 127.0.0.1 (it starts and stops its own servers)."""
-    from ..bench.common import parse_ints
+    from ..bench.common import machine_info, output_folder, parse_ints, write_atomic
     from ..bench.serve import run
+    from ..bench.serve_chat import chat_markdown, run_chat
 
-    levels = list(parse_ints(clients, "--clients", "1,4,16"))
+    if not bundles and not chat:
+        raise UsageError("--bundles and --chat: give bundles to answer questions, a generating bundle, or both")
     folder = Path(images)
     if not folder.is_dir():
         raise UsageError(f"--images {images}: not a folder of images")
-    picked = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:image_count]
-    run([b for b in bundles.split(",") if b], out, [str(p) for p in picked], [q for q in questions.split("|") if q.strip()],
-        levels, requests, soak)
-    console.print((Path(out) / "serve.md").read_text())
+    picked = [str(p) for p in sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:image_count]]
+    if bundles:
+        run([b for b in bundles.split(",") if b], out, picked, [q for q in questions.split("|") if q.strip()],
+            list(parse_ints(clients, "--clients", "1,4,16")), requests, soak)
+        console.print((Path(out) / "serve.md").read_text())
+    if chat:
+        levels = list(parse_ints(chat_clients, "--chat-clients", "1,4,16"))
+        result = {"machine": machine_info(), **run_chat(chat, picked, [p for p in chat_prompts.split("|") if p.strip()],
+                                                        levels, chat_requests, chat_soak)}
+        folder_out = output_folder(out)
+        write_atomic(folder_out / "serve_chat.json", json.dumps(result, indent=2))
+        write_atomic(folder_out / "serve_chat.md", chat_markdown(result, result["machine"]))
+        console.print((folder_out / "serve_chat.md").read_text())
 
 
 @bench_app.command("faults")

@@ -1,8 +1,8 @@
 """An OpenAI-compatible chat API for generating bundles: ``GET /v1/models`` and ``POST
 /v1/chat/completions`` (``messages`` whose content is text or parts of ``text`` and
 ``image_url``, ``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``n``, ``stream`` as
-server-sent events, ``usage`` counts), so that client code written for the OpenAI API talks
-to ``mmpeft serve`` unchanged. Errors come in OpenAI's shape, ``{"error": {"message",
+server-sent events with ``stream_options.include_usage``, ``usage`` counts), so that client
+code written for the OpenAI API talks to ``mmpeft serve`` unchanged. Errors come in OpenAI's shape, ``{"error": {"message",
 "type", "param", "code"}}``, a 4xx for every client mistake. Images come as ``data:`` URLs
 (base64); the server never fetches an http URL. Requests that arrive together and ask for
 the same decoding settings are generated as one batch (:class:`~mmpeft.serve.batching.ChatBatcher`).
@@ -136,12 +136,18 @@ def add_openai_routes(app: FastAPI, pool, settings, read_body, decode_image, bat
             except ValueError as exc:  # a decoding setting the task refuses (UsageError is one)
                 raise OpenAIError(400, str(exc)) from None
 
+        def usage(out: dict) -> dict:
+            return {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+                    "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
+
         if not body.get("stream"):
             out = await run()
-            usage = {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-                     "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
             return reply({"index": 0, "message": {"role": "assistant", "content": out["text"]},
-                          "finish_reason": out["finish_reason"]}, usage=usage)
+                          "finish_reason": out["finish_reason"]}, usage=usage(out))
+        stream_options = body.get("stream_options") or {}
+        if not isinstance(stream_options, dict):
+            raise OpenAIError(400, "stream_options must be an object", "stream_options")
+        include_usage = stream_options.get("include_usage") is True
 
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
@@ -155,6 +161,8 @@ def add_openai_routes(app: FastAPI, pool, settings, read_body, decode_image, bat
             try:
                 out = job.result()
                 yield f"data: {json.dumps(reply({'index': 0, 'delta': {}, 'finish_reason': out['finish_reason']}, **chunk))}\n\n"
+                if include_usage:  # OpenAI's stream_options.include_usage: one last chunk, no choices, the counts
+                    yield f"data: {json.dumps({**reply({}, **chunk), 'choices': [], 'usage': usage(out)})}\n\n"
             except Exception as exc:  # noqa: BLE001 - said in the stream: its 200 header is already sent
                 message = exc.message if isinstance(exc, OpenAIError) else f"{type(exc).__name__}: {str(exc)[:300]}"
                 yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
