@@ -21,7 +21,7 @@ from tests.test_tasks import write_rows
 def served(assets, tmp_path_factory):
     root = tmp_path_factory.mktemp("openai")
     rows = write_rows(root / "rows")
-    bundle = trained(assets, rows, root, epochs=2, prompt="describe: {}")
+    bundle = trained(assets, rows, root, epochs=2, prompt="describe: {}", group_fields=["kind"])
     image = rows["test"].parent / "images/test_0.png"
     with TestClient(create_app(AdapterPool({"captioner": bundle}, log=lambda m: None), ServeSettings())) as http:
         client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
@@ -57,6 +57,16 @@ def test_models_and_completions_equal_predict(served):
     assert isinstance(sampled.choices[0].message.content, str)
     again = client.chat.completions.create(model="captioner", messages=user("what color is the shape ?", image))
     assert again.choices[0].message.content == want  # a request's sampling settings do not stay behind
+
+
+def test_bundles_lists_a_captioners_own_metrics(served):
+    """GET /bundles reads the task's headline (exact match, not a classifier's accuracy) per group."""
+    listed = served["http"].get("/bundles").json()
+    metrics = next(b for b in listed["bundles"] if b["name"] == "captioner")["metrics"]
+    stored = json.loads((served["bundle"] / "metrics.json").read_text())["test"]
+    assert metrics["exact_match"] == stored["exact_match"] and metrics["cider"] == stored["cider"]
+    assert {k: v for k, v in metrics.items() if k.startswith("kind=")} == \
+        {f"kind={k}": g["exact_match"] for k, g in stored["groups"]["kind"].items()} and len(stored["groups"]["kind"]) == 2
 
 
 def test_client_mistakes_are_4xx_in_openais_shape(served):

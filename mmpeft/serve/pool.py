@@ -75,20 +75,27 @@ class Served:
         return list(dict.fromkeys(e.video_reader for e in self.model.encoders.values() if e.modality == "video"))
 
 
-def describe(name: str, path: Path, manifest: dict, recipe, vocab_size: int, version: str, inputs=(), own=None) -> dict:
+def describe(name: str, path: Path, manifest: dict, recipe, vocab_size: int, version: str, inputs=(), own=None,
+             task=None) -> dict:
     """What ``GET /bundles`` says of a bundle: the inputs it reads (``inputs``: modalities; ``own``:
-    encoders reading an input of their own, by name), methods, metrics, data, its model card."""
+    encoders reading an input of their own, by name), methods, ``task``'s headline metrics (and its
+    first one per group), data, its model card."""
     card = (path / "README.md").read_text(errors="replace")[:4000] if (path / "README.md").is_file() else ""
     metrics, test_rows = {}, None
     if (path / "metrics.json").is_file():
         stored = stored_metrics(path)
         test = stored["test"]
-        metrics = {k: test[k] for k in ("accuracy", "macro_f1") if k in test}
+        try:  # the kind names its numbers (accuracy for a classifier, exact match for a captioner)
+            metrics = {k: v for k, v in task.headline(test).items() if isinstance(v, (int, float))} if task else {}
+        except (KeyError, TypeError):
+            metrics = {}
         test_rows = test.get("count")
+        primary = next(iter(metrics), None)
         first = (stored.get("group_fields") or list(test.get("groups", {})))[:1]  # e.g. answer_type: open / closed
         for field_name in first:
             for value, group in test.get("groups", {}).get(field_name, {}).items():
-                metrics[f"{field_name}={value}"] = group["accuracy"]
+                if isinstance(group, dict) and isinstance(group.get(primary), (int, float)):
+                    metrics[f"{field_name}={value}"] = group[primary]
     return {"name": name, "version": version, "digest": bundle_digest(manifest), "created": manifest.get("created"),
             "task": manifest["task"],
             "inputs": [m for m in ("image", "text", "audio", "video") if m in inputs],
@@ -162,7 +169,8 @@ class AdapterPool:
         own = recipe_own_columns(recipe)
         self.bundles[name] = Served(name, bundle, manifest, recipe, Vocabulary(vocab), tasks, model, shared_of, version,
                                     describe(name, bundle, manifest, recipe, len(vocab), version,
-                                             {e.modality for n, e in model.encoders.items() if n not in own}, own), own)
+                                             {e.modality for n, e in model.encoders.items() if n not in own}, own,
+                                             first), own)
 
     @staticmethod
     def _copy_in(shared: Shared, state: dict) -> None:
