@@ -303,3 +303,22 @@ def test_a_line_per_request_names_method_path_status_time_and_bundle(pool, bundl
     assert re.fullmatch(r"POST /predict 404 \d+ ms", lines[1]) and re.fullmatch(r"GET /bundles 200 \d+ ms", lines[2]), lines
     with client_for(pool) as client:  # quiet by default in the library (the CLI logs unless --quiet)
         assert client.get("/bundles").status_code == 200
+
+
+def test_a_batch_takes_every_request_that_waited_while_the_last_one_ran():
+    """Requests queued longer ago than max_wait (they arrived while a batch was being answered)
+    join the next batch at once, up to max_batch, instead of going one at a time."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from mmpeft.serve.batching import take_batch
+
+    async def scenario():
+        queue = asyncio.Queue()
+        for i in range(5):
+            queue.put_nowait(SimpleNamespace(i=i, queued=time.perf_counter() - 10.0))
+        first = await take_batch(queue, 3, 0.005)
+        second = await take_batch(queue, 16, 0.005)
+        return [j.i for j in first], [j.i for j in second], queue.empty()
+
+    assert asyncio.run(scenario()) == ([0, 1, 2], [3, 4], True)

@@ -170,3 +170,44 @@ def test_page_asks_for_each_encoders_own_input(assets, tmp_path):
         WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "answer").text or
                                         "first" not in (d.find_element(By.ID, "error").text or "first"))
         assert driver.find_element(By.ID, "answer").text == api["answer"] and not driver.find_element(By.ID, "error").text
+
+
+def test_page_streams_a_generating_bundles_reply(assets, tmp_path):
+    """A captioning bundle: the page shows a prompt box and the reply length instead of answer
+    bars, sends the chat API a streamed request, shows the text piece by piece as it arrives
+    (more than one partial text seen), ending in ``predict``'s greedy text; a file that is not
+    an image shows the server's OpenAI-shaped error."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from mmpeft.inference import Predictor
+    from tests.test_generate import trained
+    from tests.test_tasks import write_rows
+
+    rows = write_rows(tmp_path / "rows")
+    bundle = trained(assets, rows, tmp_path, epochs=2, prompt="describe: {}", max_new_tokens=6)
+    image = rows["test"].parent / "images/test_0.png"
+    want = Predictor(bundle).predict([str(image)], ["what color is the shape ?"])[0]["text"]
+    with served(bundle) as (driver, url):
+        driver.get(url)
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "bundle").text.strip())
+        assert driver.find_element(By.ID, "question-label").text == "Prompt"
+        assert not driver.find_element(By.ID, "topk").is_displayed()
+        assert driver.find_element(By.ID, "max-tokens").get_attribute("value") == "6"
+        driver.execute_script("""window.seen = []; new MutationObserver(() => window.seen.push(
+            document.getElementById('answer').textContent)).observe(document.getElementById('answer'),
+            {childList: true, characterData: true, subtree: true});""")
+        driver.find_element(By.ID, "file").send_keys(str(image))
+        driver.find_element(By.ID, "question").send_keys("what color is the shape ?")
+        driver.find_element(By.ID, "ask").click()
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "timing").text or d.find_element(By.ID, "error").text)
+        assert driver.find_element(By.ID, "answer").text == want.strip() and not driver.find_element(By.ID, "error").text
+        seen = [s for s in driver.execute_script("return window.seen") if s]
+        assert len(set(seen)) >= 2 and all(want.startswith(s) for s in seen), seen  # pieces, in order, as they came
+        assert "first text after" in driver.find_element(By.ID, "timing").text
+        not_an_image = tmp_path / "notes.txt"
+        not_an_image.write_text("not an image")
+        driver.find_element(By.ID, "file").send_keys(str(not_an_image))
+        driver.find_element(By.ID, "ask").click()
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "error").text)
+        assert "image" in driver.find_element(By.ID, "error").text and not driver.find_element(By.ID, "answer").text

@@ -191,7 +191,7 @@ def run_chat(bundle: str, images: list[str], prompts: list[str], clients, reques
 def chat_markdown(r: dict, machine: dict) -> str:
     m = machine
     lines = [f"`mmpeft bench serve --chat {r['bundle']}` on {m['cuda'] or m['processor']} ({m['cpu_count']} cores, torch "
-             f"{m['torch']}); server and clients on the same machine (127.0.0.1); {r['images']} images x "
+             f"{m['torch']}, {m['torch_threads']} torch threads in the server); server and clients on the same machine (127.0.0.1); {r['images']} images x "
              f"{len(r['prompts'])} prompts; {r['settings']['requests_per_level']} streamed requests per level; greedy, the "
              f"bundle's max_new_tokens.", "",
              "| batching | clients | requests | errors | tokens | tokens/s | replies/s | TTFT p50 ms | TTFT p95 ms | "

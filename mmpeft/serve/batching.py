@@ -81,16 +81,7 @@ class Batcher:
     async def _work(self, bundle: str) -> None:
         queue = self.queues[bundle]
         while True:
-            jobs = [await queue.get()]
-            deadline = jobs[0].queued + self.max_wait
-            while len(jobs) < self.max_batch:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                try:
-                    jobs.append(await asyncio.wait_for(queue.get(), remaining))
-                except asyncio.TimeoutError:
-                    break
+            jobs = await take_batch(queue, self.max_batch, self.max_wait)
             try:
                 await self._answer(bundle, jobs)
             finally:
@@ -98,6 +89,24 @@ class Batcher:
                 self.requests += len(jobs)
                 for _ in jobs:
                     queue.task_done()
+
+
+async def take_batch(queue: asyncio.Queue, max_batch: int, max_wait: float) -> list:
+    """The next batch: the first job, every job already waiting (those that queued while the
+    last batch ran, however long ago), then those arriving within ``max_wait`` of the first."""
+    jobs = [await queue.get()]
+    while len(jobs) < max_batch and not queue.empty():
+        jobs.append(queue.get_nowait())
+    deadline = jobs[0].queued + max_wait
+    while len(jobs) < max_batch:
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0:
+            break
+        try:
+            jobs.append(await asyncio.wait_for(queue.get(), remaining))
+        except asyncio.TimeoutError:
+            break
+    return jobs
 
 
 @dataclass
@@ -172,16 +181,7 @@ class ChatBatcher:
     async def _work(self, bundle: str) -> None:
         queue = self.queues[bundle]
         while True:
-            jobs = [await queue.get()]
-            deadline = jobs[0].queued + self.max_wait
-            while len(jobs) < self.max_batch:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                try:
-                    jobs.append(await asyncio.wait_for(queue.get(), remaining))
-                except asyncio.TimeoutError:
-                    break
+            jobs = await take_batch(queue, self.max_batch, self.max_wait)
             groups: dict[str, list[ChatJob]] = {}
             for job in jobs:
                 groups.setdefault(job.key, []).append(job)

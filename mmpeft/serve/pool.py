@@ -76,10 +76,11 @@ class Served:
 
 
 def describe(name: str, path: Path, manifest: dict, recipe, vocab_size: int, version: str, inputs=(), own=None,
-             task=None) -> dict:
+             task=None, generates: int | None = None) -> dict:
     """What ``GET /bundles`` says of a bundle: the inputs it reads (``inputs``: modalities; ``own``:
     encoders reading an input of their own, by name), methods, ``task``'s headline metrics (and its
-    first one per group), data, its model card."""
+    first one per group), whether it generates text (``generates``: its reply length in tokens; the
+    chat API serves it), data, its model card."""
     card = (path / "README.md").read_text(errors="replace")[:4000] if (path / "README.md").is_file() else ""
     metrics, test_rows = {}, None
     if (path / "metrics.json").is_file():
@@ -101,7 +102,8 @@ def describe(name: str, path: Path, manifest: dict, recipe, vocab_size: int, ver
             "inputs": [m for m in ("image", "text", "audio", "video") if m in inputs],
             "encoder_inputs": {n: modality for n, (modality, _) in (own or {}).items()},
             "methods": {n: e["method"] for n, e in manifest["encoders"].items()}, "head": manifest["head"]["type"],
-            "vocabulary_size": vocab_size, "data": recipe.data.source, "test_rows": test_rows, "metrics": metrics, "card": card,
+            "vocabulary_size": vocab_size, "generates": generates is not None,
+            "max_new_tokens": generates, "data": recipe.data.source, "test_rows": test_rows, "metrics": metrics, "card": card,
             "intended_use": "research; not a medical device, not for diagnosis"}
 
 
@@ -166,11 +168,12 @@ class AdapterPool:
         load_head(model.head, bundle, manifest)
         model.to(self.device).train(False)
         version = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()[:12]
+        generating = next((t.settings.max_new_tokens for t in tasks.values() if t.feeds_head), None)
         own = recipe_own_columns(recipe)
         self.bundles[name] = Served(name, bundle, manifest, recipe, Vocabulary(vocab), tasks, model, shared_of, version,
                                     describe(name, bundle, manifest, recipe, len(vocab), version,
                                              {e.modality for n, e in model.encoders.items() if n not in own}, own,
-                                             first), own)
+                                             first, generating), own)
 
     @staticmethod
     def _copy_in(shared: Shared, state: dict) -> None:
