@@ -26,6 +26,9 @@ case "$name" in
   task-sampling) mmpeft bench search benchmarks/task_sampling_search.yaml --out $R/task_sampling --jobs 2 --threads 1 "$@" ;;
   serve) mmpeft bench serve --bundles adapters/vqa_rad_bitfit_hadamard_all40,adapters/vqa_rad_bitfit_hadamard,adapters/vqa_rad_bitfit_hadamard_25ep \
            --images "${MMPEFT_VQA_RAD_ROOT:-../shared/vqa_rad}/images" --out $R/serve "$@" ;;
+  serve-chat) [ -f adapters/easy_vqa_caption/manifest.json ] || mmpeft finetune recipes/easy_vqa_caption.yaml
+              mmpeft bench serve --chat adapters/easy_vqa_caption --out $R/serve_chat \
+                --images "$(python -c 'import easy_vqa, os; print(os.path.dirname(easy_vqa.__file__))')/data/test/images" "$@" ;;
   throughput) mmpeft bench throughput --recipe recipes/quickstart.yaml --out $R/throughput "$@" ;;
   contrastive) mmpeft bench contrastive --recipe recipes/easy_vqa_contrastive.yaml --out $R/contrastive "$@" ;;
   contrastive-sigmoid) mmpeft bench contrastive --recipe recipes/easy_vqa_contrastive.yaml --out $R/contrastive_sigmoid \
@@ -34,7 +37,7 @@ case "$name" in
   video-contrastive) mmpeft bench contrastive --recipe recipes/moving_shapes_contrastive.yaml --out $R/video_contrastive "$@" ;;
   video) mmpeft bench video --recipe recipes/moving_shapes_video.yaml --out $R/video "$@" ;;
   faults) mmpeft bench faults --recipe recipes/quickstart.yaml --out $R/faults "$@" ;;
-  list) echo "quickstart methods memory vqa-rad vqa-rad-search vqa-rad-multitask audio-visual task-sampling serve throughput"\
+  list) echo "quickstart methods memory vqa-rad vqa-rad-search vqa-rad-multitask audio-visual task-sampling serve serve-chat throughput"\
              "contrastive contrastive-sigmoid caption video video-contrastive faults" ;;
   *) echo "unknown benchmark '$name'; run: bash benchmarks/reproduce.sh list" >&2; exit 2 ;;
 esac

@@ -139,3 +139,35 @@ def test_bench_serve_chat_rows_and_soak(served, tmp_path):
     assert soak["valid_equal_to_predict"] == soak["valid"] > 0 and soak["invalid_4xx"] == soak["invalid"] > 0
     assert set(result["batching_gain"]) == {"1", "3"}
     assert "tokens/s" in (tmp_path / "bench" / "serve_chat.md").read_text()
+
+
+def test_bundles_over_one_decoder_share_it(served, assets, tmp_path):
+    """Two captioners over the same base decoder (LoRA of the same shape): the pool holds one
+    decoder module, each bundle's LoRA tensors swapped in for its requests, so each reply equals
+    that bundle's own `predict` whichever bundle ran before; each bundle keeps its LoRA and
+    connector only (less than the decoder's size)."""
+    import torch
+
+    from tests.test_generate import trained
+    from tests.test_tasks import write_rows
+
+    other = trained(assets, write_rows(tmp_path / "rows", seed=1), tmp_path, epochs=1, prompt="describe: {}")
+    pool = AdapterPool({"a": served["bundle"], "b": other}, log=lambda m: None)
+    decoders = {id(t.decoder) for b in pool.bundles.values() for t in b.tasks.values()}
+    assert len(decoders) == 1
+    shared = next(s for key, s in pool._encoders.items() if key.startswith("decoder "))
+    assert shared.users == ["a", "b"] and shared.active == "a"
+    assert any(not torch.equal(shared.states["a"][k], shared.states["b"][k]) for k in shared.states["a"])
+    from PIL import Image
+
+    image = Image.open(served["image"]).convert("RGB")
+    want = {n: Predictor(p).predict([str(served["image"])], ["what color is the shape ?"])[0]["text"]
+            for n, p in (("a", served["bundle"]), ("b", other))}
+    for name in ("b", "a", "b"):
+        got = pool.chat(name, [(image, "what color is the shape ?", [])], {})[0]["text"]
+        assert got == want[name] and shared.active == name
+        live = shared.method.trainable_state(shared.encoder)
+        assert all(torch.equal(live[k], shared.states[name][k]) for k in live)
+    sizes = pool.weight_bytes()
+    decoder = sum(t.numel() * t.element_size() for t in shared.encoder.state_dict().values())
+    assert all(own < decoder for own in sizes["bundles"].values()), (sizes, decoder)  # not counted per bundle

@@ -18,6 +18,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -48,8 +49,10 @@ class Server:
 
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # its log (a line per request) goes to a file: a pipe nobody reads fills after ~64 KB and stops the server
+        self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "mmpeft.cli", "serve", *bundles, "--host", "127.0.0.1",
-                                      "--port", str(self.port), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                      "--port", str(self.port), *args], stdout=self.log, stderr=subprocess.STDOUT, text=True)
         for _ in range(600):
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
@@ -59,7 +62,8 @@ class Server:
                     break
                 time.sleep(0.25)
         self.stop()
-        raise MMPeftError("the server did not start:\n" + (self.proc.stdout.read() if self.proc.stdout else ""))
+        self.log.seek(0)
+        raise MMPeftError("the server did not start:\n" + self.log.read()[-20_000:])
 
     def rss(self) -> float:
         return _rss_mib(self.proc.pid)
@@ -71,6 +75,7 @@ class Server:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        self.log.close()
 
 
 def _ask(client, url: str, image: bytes, question: str, bundle: str, top_k: int = 3):

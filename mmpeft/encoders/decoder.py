@@ -76,6 +76,10 @@ class Decoder(nn.Module):
         inner = self.model
         return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
+    def base_model(self) -> nn.Module:
+        """As an encoder's: the pretrained model under whatever a method added."""
+        return self.base
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.base.get_input_embeddings()(ids)
 

@@ -125,7 +125,8 @@ class AdapterPool:
         self.device = device
         self.log = log
         self.bundles: dict[str, Served] = {}
-        self._encoders: dict[str, Shared] = {}
+        self._encoders: dict[str, Shared] = {}  # and the decoders that heads share
+        self._parts: dict = {}  # a task's cache of shareable head parts (GenerateTask: its adapted decoder)
         self._lock = threading.Lock()  # one forward at a time: it uses every core anyway
         for name, path in paths.items():
             self._add(name, Path(path), (digests or {}).get(name))
@@ -164,8 +165,21 @@ class AdapterPool:
             shared.users.append(name)
             encoders[enc_name], methods[enc_name], shared_of[enc_name] = shared.encoder, shared.method, shared
         check_head_size(recipe, encoders, methods, tasks, bundle, manifest)
+        for task in tasks.values():
+            task.share_parts(self._parts)
+        before = {key: part.active for key, part in self._encoders.items()}
         model = assemble(recipe, encoders, methods, tasks)
         load_head(model.head, bundle, manifest)
+        for task_name, task in tasks.items():  # a decoder of another bundle: keep this one's tensors, restore that one's
+            for key, (module, method) in task.shared_parts.items():
+                shared = self._encoders.setdefault(key, Shared(module, method, shareable=True))
+                shared.states[name] = _own_copy(method.trainable_state(module))
+                if before.get(key) is not None:
+                    self._copy_in(shared, shared.states[before[key]])
+                else:
+                    shared.active = name
+                shared.users.append(name)
+                shared_of[f"{task_name} decoder"] = shared
         model.to(self.device).train(False)
         version = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()[:12]
         generating = next((t.settings.max_new_tokens for t in tasks.values() if t.feeds_head), None)
@@ -262,9 +276,10 @@ class AdapterPool:
         return [{"text": "".join(p), **u} for p, u in zip(pieces, usage)]
 
     def weight_bytes(self) -> dict:
-        """Bytes of the shared encoders' tensors and of what each bundle keeps for itself."""
+        """Bytes of the shared encoders' (and decoders') tensors and of what each bundle keeps for itself."""
+        held = {t.data_ptr() for s in self._encoders.values() for t in s.encoder.state_dict().values()}
         base = sum(t.numel() * t.element_size() for s in self._encoders.values() for t in s.encoder.state_dict().values())
         own = {name: sum(t.numel() * t.element_size() for s in b.shared.values() for t in s.states[name].values())
-               + sum(t.numel() * t.element_size() for t in b.model.head.state_dict().values())
+               + sum(t.numel() * t.element_size() for t in b.model.head.state_dict().values() if t.data_ptr() not in held)
                for name, b in self.bundles.items()}
         return {"encoders": base, "bundles": own}

@@ -123,6 +123,18 @@ class Task:
         """Told the head the model holds for it (a fusion head, or its own :meth:`build_head`)."""
         self.head = head
 
+    def share_parts(self, cache: dict) -> None:
+        """Told, before its head is built, a cache of frozen parts that heads of other models
+        may share with its own (``serve``, several bundles in one process). A kind whose head
+        holds such a part (a decoder) takes it from there, or puts its own there, and lists it
+        in :attr:`shared_parts`; other kinds hold nothing worth sharing."""
+
+    @property
+    def shared_parts(self) -> dict:
+        """``{key: (module, method)}``: the parts of its head taken from :meth:`share_parts`'s
+        cache; each holds the trained tensors of one model at a time."""
+        return {}
+
     def build_head(self, dims: dict[str, int], encoders: Optional[dict] = None):
         """The task's own head over encoders of these widths (``encoders``: the built encoders,
         by name), or None for a fusion head (``fusion:``)."""

@@ -46,6 +46,15 @@ class GenerateTask(Task):
         self.decoder: Decoder | None = None
         self._tokenizer = None
         self._ids: dict = {}
+        self._cache: dict | None = None
+        self._shared: dict = {}
+
+    def share_parts(self, cache):
+        self._cache = cache
+
+    @property
+    def shared_parts(self):
+        return self._shared
 
     def configure(self, train) -> None:
         self.label_smoothing = train.label_smoothing
@@ -360,19 +369,41 @@ class GenerateTask(Task):
     # --- the head --------------------------------------------------------------------
     def build_head(self, dims, encoders=None):
         s = self.settings
-        decoder = load_decoder(s.decoder, s.gguf_file)
-        fingerprint = fingerprint_module(decoder.model)
+        # what makes two heads' decoders the same module, their trained tensors aside
+        quantization = s.decoder_quantization
+        key = "decoder " + json.dumps([s.decoder, s.gguf_file, s.decoder_peft,
+                                       quantization and quantization.model_dump(mode="json")], sort_keys=True, default=str)
+        if self._cache is not None and key in self._cache:
+            decoder, method = self._cache[key]
+            self._check_fingerprint(decoder.base_fingerprint)
+        else:
+            decoder, method = self._adapted_decoder()
+            if self._cache is not None and method.keeps_base_frozen:  # BitFit trains the base's own biases
+                self._cache[key] = (decoder, method)
+        if self._cache is not None and key in self._cache:
+            self._shared = {key: (decoder, method)}
+        connectors = {name: CONNECTORS[s.connector](width, decoder.hidden_size, s) for name, width in dims.items()}
+        self.decoder = decoder
+        return GenerativeHead(connectors, decoder, method, s)
+
+    def _check_fingerprint(self, fingerprint: str) -> None:
+        s = self.settings
         stored = self.state.get("decoder_fingerprint")
         if stored and stored != fingerprint:
             raise BundleError(f"task {self.name!r}: the decoder {s.decoder!r} loaded here has fingerprint "
                               f"{fingerprint[:19]}..., but the bundle was trained on one with {stored[:19]}... "
                               "(another checkpoint or revision)")
         self.state["decoder_fingerprint"] = fingerprint
+
+    def _adapted_decoder(self):
+        """The decoder loaded, checked against the bundle's fingerprint, quantized and adapted."""
+        s = self.settings
+        decoder = load_decoder(s.decoder, s.gguf_file)
+        fingerprint = fingerprint_module(decoder.model)
+        self._check_fingerprint(fingerprint)
         decoder.base_fingerprint = fingerprint
         if s.decoder_quantization is not None:
             decoder.quantized = quantize_decoder(decoder, s.decoder_quantization)
         method = build_method(s.decoder_peft, where=f"tasks.{self.name}.decoder_peft")
         method.attach(decoder)
-        connectors = {name: CONNECTORS[s.connector](width, decoder.hidden_size, s) for name, width in dims.items()}
-        self.decoder = decoder
-        return GenerativeHead(connectors, decoder, method, s)
+        return decoder, method
