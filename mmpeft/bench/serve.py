@@ -83,24 +83,21 @@ def _ask(client, url: str, image: bytes, question: str, bundle: str, top_k: int 
                        data={"question": question, "bundle": bundle, "top_k": str(top_k)}, timeout=120)
 
 
-def _load(server: Server, bundle: str, inputs: list, clients: int, requests: int) -> dict:
-    """``requests`` requests from ``clients`` threads; latencies and errors."""
+def run_clients(clients: int, requests: int, ask) -> tuple[list, float]:
+    """``requests`` calls of ``ask(http_client, rng)`` shared out over ``clients`` threads, each
+    with its own connection and a random draw seeded by its index: their results, wall seconds."""
     import httpx
 
-    latencies, errors, lock = [], [0], threading.Lock()
+    results, lock = [], threading.Lock()
     per_client = [requests // clients + (1 if i < requests % clients else 0) for i in range(clients)]
 
     def client_loop(index: int, count: int):
         rng = random.Random(index)
         with httpx.Client() as client:
             for _ in range(count):
-                image, question = inputs[rng.randrange(len(inputs))]
-                start = time.perf_counter()
-                reply = _ask(client, server.url, image, question, bundle)
-                elapsed = time.perf_counter() - start
+                out = ask(client, rng)
                 with lock:
-                    latencies.append(elapsed)
-                    errors[0] += reply.status_code != 200
+                    results.append(out)
 
     start = time.perf_counter()
     threads = [threading.Thread(target=client_loop, args=(i, n)) for i, n in enumerate(per_client) if n]
@@ -108,14 +105,33 @@ def _load(server: Server, bundle: str, inputs: list, clients: int, requests: int
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
-    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [latencies[0]] * 99
-    return {"clients": clients, "requests": len(latencies), "errors": errors[0], "seconds": round(wall, 2),
-            "throughput": round(len(latencies) / wall, 2), "p50_ms": round(1000 * q[49], 1), "p95_ms": round(1000 * q[94], 1),
-            "p99_ms": round(1000 * q[98], 1)}
+    return results, time.perf_counter() - start
 
 
-def _inputs(images: list[Path], questions: list[str]) -> list:
+def quantile_ms(seconds: list, q: int) -> float:
+    """The ``q``-th percentile of ``seconds``, in milliseconds (NaN of none)."""
+    if not seconds:
+        return float("nan")
+    cuts = statistics.quantiles(seconds, n=100) if len(seconds) > 1 else [seconds[0]] * 99
+    return round(1000 * cuts[q - 1], 1)
+
+
+def _load(server: Server, bundle: str, inputs: list, clients: int, requests: int) -> dict:
+    """``requests`` requests from ``clients`` threads; latencies and errors."""
+    def ask(client, rng):
+        image, question = inputs[rng.randrange(len(inputs))]
+        start = time.perf_counter()
+        reply = _ask(client, server.url, image, question, bundle)
+        return time.perf_counter() - start, reply.status_code != 200
+
+    results, wall = run_clients(clients, requests, ask)
+    latencies = [seconds for seconds, _ in results]
+    return {"clients": clients, "requests": len(latencies), "errors": sum(failed for _, failed in results),
+            "seconds": round(wall, 2), "throughput": round(len(latencies) / wall, 2), "p50_ms": quantile_ms(latencies, 50),
+            "p95_ms": quantile_ms(latencies, 95), "p99_ms": quantile_ms(latencies, 99)}
+
+
+def load_inputs(images: list[Path], questions: list[str]) -> list:
     return [(Path(i).read_bytes(), q) for i in images for q in questions]
 
 
@@ -183,7 +199,7 @@ def run(bundles: list[str], out: str, images: list[str], questions: list[str], c
     out_path = output_folder(out)
     first = bundles[0]
     names = [Path(b).name for b in bundles]
-    inputs = _inputs([Path(i) for i in images], questions)
+    inputs = load_inputs([Path(i) for i in images], questions)
     result = {"machine": machine_info(), "bundles": bundles, "images": len(images), "questions": questions,
               "settings": {"requests_per_level": requests, "max_batch": 16, "max_wait_ms": 5}}
 

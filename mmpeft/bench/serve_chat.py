@@ -16,13 +16,12 @@ from __future__ import annotations
 import base64
 import json
 import random
-import statistics
 import threading
 import time
 from pathlib import Path
 
 from ..inference import Predictor
-from .serve import Server
+from .serve import Server, load_inputs, quantile_ms, run_clients
 
 
 def _messages(image: bytes, prompt: str) -> list:
@@ -55,43 +54,21 @@ def _stream(client, url: str, body: dict) -> dict:
     return {"status": 200, "text": "".join(text), "ttft": first, "seconds": time.perf_counter() - start, "tokens": tokens}
 
 
-def _quantile(values: list, q: int) -> float:
-    if not values:
-        return float("nan")
-    cuts = statistics.quantiles(values, n=100) if len(values) > 1 else [values[0]] * 99
-    return round(1000 * cuts[q - 1], 1)
-
-
 def chat_load(server: Server, bundle: str, inputs: list, clients: int, requests: int) -> dict:
-    import httpx
+    """``requests`` streamed completions from ``clients`` threads: tokens/s, TTFT, latency."""
+    def ask(client, rng):
+        image, prompt = inputs[rng.randrange(len(inputs))]
+        return _stream(client, server.url, {"model": bundle, "messages": _messages(image, prompt)})
 
-    results, lock = [], threading.Lock()
-    per_client = [requests // clients + (1 if i < requests % clients else 0) for i in range(clients)]
-
-    def client_loop(index: int, count: int):
-        rng = random.Random(index)
-        with httpx.Client() as client:
-            for _ in range(count):
-                image, prompt = inputs[rng.randrange(len(inputs))]
-                out = _stream(client, server.url, {"model": bundle, "messages": _messages(image, prompt)})
-                with lock:
-                    results.append(out)
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client_loop, args=(i, n)) for i, n in enumerate(per_client) if n]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    results, wall = run_clients(clients, requests, ask)
     done = [r for r in results if r["status"] == 200]
     tokens = sum(r["tokens"] for r in done)
+    first = [r["ttft"] for r in done if r["ttft"] is not None]
     return {"clients": clients, "requests": len(results), "errors": len(results) - len(done), "seconds": round(wall, 2),
             "tokens": tokens, "tokens_per_s": round(tokens / wall, 2), "replies_per_s": round(len(done) / wall, 2),
-            "ttft_p50_ms": _quantile([r["ttft"] for r in done if r["ttft"] is not None], 50),
-            "ttft_p95_ms": _quantile([r["ttft"] for r in done if r["ttft"] is not None], 95),
-            "latency_p50_ms": _quantile([r["seconds"] for r in done], 50),
-            "latency_p95_ms": _quantile([r["seconds"] for r in done], 95)}
+            "ttft_p50_ms": quantile_ms(first, 50), "ttft_p95_ms": quantile_ms(first, 95),
+            "latency_p50_ms": quantile_ms([r["seconds"] for r in done], 50),
+            "latency_p95_ms": quantile_ms([r["seconds"] for r in done], 95)}
 
 
 MISTAKES = {  # a client mistake -> how it changes a valid request body (None: the body is not JSON)
@@ -166,7 +143,7 @@ def run_chat(bundle: str, images: list[str], prompts: list[str], clients, reques
              max_wait_ms: float = 10.0) -> dict:
     """The chat rows: load with batching on and off, then the soak (on the batching server)."""
     name = Path(bundle).name
-    inputs = [(Path(i).read_bytes(), p) for i in images for p in prompts]
+    inputs = load_inputs(images, prompts)
     result = {"bundle": bundle, "images": len(images), "prompts": prompts,
               "settings": {"requests_per_level": requests, "max_batch": 16, "max_wait_ms": max_wait_ms}, "load": []}
     for label, args in (("batching off", ["--max-batch", "1"]),

@@ -167,15 +167,14 @@ class AdapterPool:
         check_head_size(recipe, encoders, methods, tasks, bundle, manifest)
         for task in tasks.values():
             task.share_parts(self._parts)
-        before = {key: part.active for key, part in self._encoders.items()}
         model = assemble(recipe, encoders, methods, tasks)
         load_head(model.head, bundle, manifest)
         for task_name, task in tasks.items():  # a decoder of another bundle: keep this one's tensors, restore that one's
             for key, (module, method) in task.shared_parts.items():
                 shared = self._encoders.setdefault(key, Shared(module, method, shareable=True))
                 shared.states[name] = _own_copy(method.trainable_state(module))
-                if before.get(key) is not None:
-                    self._copy_in(shared, shared.states[before[key]])
+                if shared.active is not None:
+                    self._copy_in(shared, shared.states[shared.active])
                 else:
                     shared.active = name
                 shared.users.append(name)
@@ -277,8 +276,9 @@ class AdapterPool:
 
     def weight_bytes(self) -> dict:
         """Bytes of the shared encoders' (and decoders') tensors and of what each bundle keeps for itself."""
-        held = {t.data_ptr() for s in self._encoders.values() for t in s.encoder.state_dict().values()}
-        base = sum(t.numel() * t.element_size() for s in self._encoders.values() for t in s.encoder.state_dict().values())
+        shared = [t for s in self._encoders.values() for t in s.encoder.state_dict().values()]
+        held = {t.data_ptr() for t in shared}
+        base = sum(t.numel() * t.element_size() for t in shared)
         own = {name: sum(t.numel() * t.element_size() for s in b.shared.values() for t in s.states[name].values())
                + sum(t.numel() * t.element_size() for t in b.model.head.state_dict().values() if t.data_ptr() not in held)
                for name, b in self.bundles.items()}

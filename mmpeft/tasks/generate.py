@@ -47,14 +47,13 @@ class GenerateTask(Task):
         self._tokenizer = None
         self._ids: dict = {}
         self._cache: dict | None = None
-        self._shared: dict = {}
 
     def share_parts(self, cache):
         self._cache = cache
 
     @property
     def shared_parts(self):
-        return self._shared
+        return {key: part for key, part in (self._cache or {}).items() if part[0] is self.decoder}
 
     def configure(self, train) -> None:
         self.label_smoothing = train.label_smoothing
@@ -373,15 +372,14 @@ class GenerateTask(Task):
         quantization = s.decoder_quantization
         key = "decoder " + json.dumps([s.decoder, s.gguf_file, s.decoder_peft,
                                        quantization and quantization.model_dump(mode="json")], sort_keys=True, default=str)
-        if self._cache is not None and key in self._cache:
-            decoder, method = self._cache[key]
+        part = (self._cache or {}).get(key)
+        if part is not None:
+            decoder, method = part
             self._check_fingerprint(decoder.base_fingerprint)
         else:
             decoder, method = self._adapted_decoder()
             if self._cache is not None and method.keeps_base_frozen:  # BitFit trains the base's own biases
                 self._cache[key] = (decoder, method)
-        if self._cache is not None and key in self._cache:
-            self._shared = {key: (decoder, method)}
         connectors = {name: CONNECTORS[s.connector](width, decoder.hidden_size, s) for name, width in dims.items()}
         self.decoder = decoder
         return GenerativeHead(connectors, decoder, method, s)
